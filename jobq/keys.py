@@ -1,0 +1,77 @@
+"""The names of jobq's Redis keys: one place, so Python and the Lua scripts agree.
+
+Every key of a namespace starts with ``{prefix}``: the braces are a Redis Cluster hash tag,
+so all keys of one namespace live in one slot and a Lua script may touch any of them.
+
+=========================  ======  ==========================================================
+key                        type    holds
+=========================  ======  ==========================================================
+{ns}:jobs                  hash    id -> job spec (JSON), while the job is not finished
+{ns}:state                 hash    id -> mutable state (attempts, errors, status), if any
+{ns}:q:<queue>             zset    the non-empty priority levels of a queue
+{ns}:q:<queue>:<prio>      list    ids waiting at one priority level, FIFO
+{ns}:wake:<queue>          list    wake tokens; idle workers block on them (BLPOP)
+{ns}:queues                set     every queue name ever used
+{ns}:suspended             set     queues that workers do not claim from
+{ns}:active                hash    id -> worker id, for jobs a worker holds
+{ns}:held:<worker>         hash    id -> queue, the jobs one worker holds
+{ns}:leases                zset    worker id -> lease deadline (ms)
+{ns}:scheduled             zset    id -> due time (ms): delayed jobs and retries
+{ns}:r:<id>                string  final record (completed/failed/cancelled), with a TTL
+{ns}:dlq:<queue>           zset    id -> time failed: the dead-letter queue
+{ns}:recent:<queue>        list    the latest finished ids, capped
+{ns}:stats:<queue>         hash    counters: pending, processing, completed, failed, ...
+{ns}:waiting               hash    id -> number of clients blocked on its completion
+{ns}:done:<id>             list    a token per waiter, pushed when the job finishes
+{ns}:workers               hash    worker id -> description (host, pid, queues, started)
+=========================  ======  ==========================================================
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key names of one namespace."""
+
+    __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
+                 "scheduled", "waiting", "workers")
+
+    def __init__(self, prefix: str = "jobq") -> None:
+        self.base = "{" + prefix + "}"
+        b = self.base
+        self.jobs = f"{b}:jobs"
+        self.state = f"{b}:state"
+        self.queues = f"{b}:queues"
+        self.suspended = f"{b}:suspended"
+        self.active = f"{b}:active"
+        self.leases = f"{b}:leases"
+        self.scheduled = f"{b}:scheduled"
+        self.waiting = f"{b}:waiting"
+        self.workers = f"{b}:workers"
+
+    def levels(self, queue: str) -> str:
+        return f"{self.base}:q:{queue}"
+
+    def level(self, queue: str, priority: int) -> str:
+        return f"{self.base}:q:{queue}:{priority}"
+
+    def wake(self, queue: str) -> str:
+        return f"{self.base}:wake:{queue}"
+
+    def held(self, worker: str) -> str:
+        return f"{self.base}:held:{worker}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.base}:r:{job_id}"
+
+    def dlq(self, queue: str) -> str:
+        return f"{self.base}:dlq:{queue}"
+
+    def recent(self, queue: str) -> str:
+        return f"{self.base}:recent:{queue}"
+
+    def stats(self, queue: str) -> str:
+        return f"{self.base}:stats:{queue}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.base}:done:{job_id}"

@@ -1,0 +1,112 @@
+-- release.lua: give back every job a worker held, because it died or its lease lapsed.
+--
+-- KEYS[1]  the jobs hash ({ns}:jobs)
+-- ARGV[1]  key base, e.g. "{jobq}"
+-- ARGV[2]  worker id
+-- ARGV[3]  now (ms since the epoch)
+-- ARGV[4]  cause, recorded in the job's errors ("worker killed by signal 9 (SIGKILL)", ...)
+-- ARGV[5]  id of the job the worker was running, "" when unknown (lease lapsed: every held
+--          job may have started), "-" when it was running none
+-- ARGV[6]  max deliveries: a job whose holder vanished this many times is failed as poison
+-- ARGV[7]  how long failed records are kept (s)
+-- ARGV[8]  dead-letter queue cap per queue
+-- ARGV[9]  cap on wake tokens per queue
+-- ARGV[10] "1": only if the worker's lease has lapsed (the reaper), "0": unconditionally
+-- ARGV[11] default max_retries (for specs that do not carry one)
+--
+-- The running job counts one attempt and one delivery (the worker died under it); with the
+-- running job unknown every held job counts one delivery. Jobs prefetched but not started go
+-- back to the front of their level untouched. A job out of attempts, or out of deliveries
+-- (poison), is failed into its queue's dead-letter queue with the cause.
+-- Returns {requeued ids}, {failed ids}; or false when the lease had not lapsed.
+local B = ARGV[1]
+local worker = ARGV[2]
+local now = tonumber(ARGV[3])
+local cause = ARGV[4]
+local current = ARGV[5]
+local max_deliveries = tonumber(ARGV[6])
+local failed_ttl = tonumber(ARGV[7])
+local dlq_cap = tonumber(ARGV[8])
+local wake_cap = tonumber(ARGV[9])
+local default_retries = tonumber(ARGV[11])
+local jobs = KEYS[1]
+local held_key = B .. ':held:' .. worker
+if ARGV[10] == '1' then
+  local deadline = redis.call('ZSCORE', B .. ':leases', worker)
+  if deadline and tonumber(deadline) > now then return false end
+end
+local held = redis.call('HGETALL', held_key)
+local requeued, failed = {}, {}
+for i = 1, #held, 2 do
+  local id, q = held[i], held[i + 1]
+  local spec = redis.call('HGET', jobs, id)
+  local raw_state = redis.call('HGET', B .. ':state', id)
+  local ok_spec, job = pcall(cjson.decode, spec or 'null')
+  if not ok_spec or type(job) ~= 'table' then job = nil end
+  local st = {}
+  if raw_state then
+    local ok, decoded = pcall(cjson.decode, raw_state)
+    if ok and type(decoded) == 'table' then st = decoded end
+  end
+  if type(st.e) ~= 'table' then st.e = {} end
+  local started = current == '' or current == id
+  local reason = nil
+  if started then
+    st.d = (tonumber(st.d) or 0) + 1
+    if current ~= '' then
+      st.n = (tonumber(st.n) or 0) + 1
+      table.insert(st.e, {type = 'WorkerLost', msg = cause, t = now / 1000})
+    end
+    local retries = job and tonumber(job.r) or default_retries
+    if job == nil then
+      reason = 'job data is missing or not a JSON object'
+    elseif (tonumber(st.n) or 0) > retries then
+      reason = cause
+    elseif st.d >= max_deliveries then
+      reason = 'poison job: delivered ' .. st.d .. ' times and its holder vanished each time ('
+        .. cause .. ')'
+    end
+  end
+  local stats = B .. ':stats:' .. q
+  redis.call('HINCRBY', stats, 'processing', -1)
+  if reason then
+    st.s = 'failed'
+    st.fin = now / 1000
+    st.w = worker
+    st.err = {type = 'WorkerLost', msg = reason}
+    local enc = cjson.encode(st)
+    local spec_json = job and spec or 'null'
+    redis.call('SET', B .. ':r:' .. id, '{"spec":' .. spec_json .. ',' .. string.sub(enc, 2),
+      'EX', failed_ttl)
+    redis.call('HDEL', jobs, id)
+    redis.call('HDEL', B .. ':state', id)
+    local dlq = B .. ':dlq:' .. q
+    redis.call('ZADD', dlq, now, id)
+    if redis.call('ZCARD', dlq) > dlq_cap then
+      redis.call('ZREMRANGEBYRANK', dlq, 0, -dlq_cap - 1)
+    end
+    redis.call('HINCRBY', stats, 'failed', 1)
+    local n = tonumber(redis.call('HGET', B .. ':waiting', id) or '0')
+    for _ = 1, n do redis.call('RPUSH', B .. ':done:' .. id, '1') end
+    if n > 0 then redis.call('EXPIRE', B .. ':done:' .. id, 300) end
+    failed[#failed + 1] = id
+  else
+    if started then
+      st.s = 'retry'
+      redis.call('HSET', B .. ':state', id, cjson.encode(st))
+      redis.call('HINCRBY', stats, 'retried', 1)
+    end
+    local prio = tostring(job and tonumber(job.p) or 0)
+    local levels = B .. ':q:' .. q
+    redis.call('LPUSH', levels .. ':' .. prio, id)
+    redis.call('ZADD', levels, prio, prio)
+    redis.call('HINCRBY', stats, 'pending', 1)
+    local wk = B .. ':wake:' .. q
+    if redis.call('LLEN', wk) < wake_cap then redis.call('LPUSH', wk, '1') end
+    requeued[#requeued + 1] = id
+  end
+  redis.call('HDEL', B .. ':active', id)
+end
+redis.call('DEL', held_key)
+redis.call('ZREM', B .. ':leases', worker)
+return {requeued, failed}

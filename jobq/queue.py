@@ -1,0 +1,236 @@
+"""The producer's side: enqueue jobs, read them back, wait for them, cancel them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import redis
+
+from . import registry, serialization
+from .config import Config, load_config
+from .connection import connect, resolve_url
+from .exceptions import UnknownJob
+from .job import BadJob, Job, JobStatus, decode
+from .keys import Keys
+from .scripts import Scripts
+
+#: Job options ``enqueue`` accepts as keywords (anything else is an error).
+JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue"})
+#: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
+WAKE_CAP = 64
+#: Jobs per enqueue script call in enqueue_many (bounded so one call stays short).
+ENQUEUE_CHUNK = 1000
+
+_STATUS_COUNTERS = ("pending", "processing", "scheduled", "deferred", "completed", "failed",
+                    "cancelled", "retried", "enqueued")
+
+
+class JobQueue:
+    """A named queue on a Redis/Valkey server: ``JobQueue("default", redis_url=None)``.
+
+    With no URL, the URL comes from ``JOBQ_REDIS_URL``, then the config file
+    (``JOBQ_CONFIG``), else jobq's embedded server is used (and started if needed).
+    """
+
+    def __init__(self, name: str = "default", redis_url: str | None = None, *,
+                 config: Config | None = None, prefix: str | None = None,
+                 connection: redis.Redis | None = None) -> None:
+        from .job import QUEUE_NAME
+
+        if not isinstance(name, str) or not QUEUE_NAME.match(name):
+            raise ValueError(f"queue name {name!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        self.name = name
+        self.config = config or load_config()
+        if redis_url:
+            self.config = self.config.replace(redis_url=redis_url)
+        self.url = resolve_url(self.config)
+        self.redis = connection or connect(self.url)
+        self.keys = Keys(prefix or self.config.prefix)
+        self.scripts = Scripts(self.redis)
+
+    def __repr__(self) -> str:
+        return f"<JobQueue {self.name}>"
+
+    # -- enqueue -----------------------------------------------------------------------------
+    def enqueue(self, job: Job | Callable[..., Any] | str, *args: Any,
+                kwargs: dict[str, Any] | None = None, **options: Any) -> Job:
+        """Enqueue a :class:`Job`, or ``func(*args, **kwargs)`` with job ``options``.
+
+        Positional arguments go to the task, its keyword arguments in ``kwargs=``; every
+        other keyword is a job option (priority, timeout, max_retries, result_ttl, queue, id).
+        Returns the job. Enqueueing an id that is already queued does nothing (idempotent).
+        """
+        job = self._build(job, args, kwargs, options)
+        encoded = self._encode(job)
+        self.scripts.run("enqueue", [self.keys.jobs],
+                         [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority, encoded])
+        return job
+
+    def enqueue_many(self, jobs: Iterable[Job] | Callable[..., Any] | str,
+                     arg_list: Iterable[Sequence[Any]] | None = None, **options: Any) -> list[Job]:
+        """Enqueue many jobs in few round trips.
+
+        Either ``enqueue_many([job, ...])`` or ``enqueue_many(func, [args, ...], **options)``.
+        Jobs are sent in chunks; each chunk is added atomically.
+        """
+        if arg_list is not None:
+            built = [self._build(jobs, tuple(a), None, options) for a in arg_list]  # type: ignore[arg-type]
+        else:
+            if options:
+                raise TypeError("job options go on the Job objects when enqueueing Jobs")
+            built = [self._build(j, (), None, {}) for j in jobs]  # type: ignore[union-attr]
+        pipe = self.redis.pipeline(transaction=False)
+        for start in range(0, len(built), ENQUEUE_CHUNK):
+            argv: list[Any] = [self.keys.base, WAKE_CAP]
+            for job in built[start:start + ENQUEUE_CHUNK]:
+                argv += (job.id, job.queue, job.priority, self._encode(job))
+            self.scripts.enqueue(keys=[self.keys.jobs], args=argv, client=pipe)
+        pipe.execute()
+        return built
+
+    def _build(self, job: Any, args: Sequence[Any], kwargs: dict[str, Any] | None,
+               options: dict[str, Any]) -> Job:
+        if isinstance(job, Job):
+            if args or kwargs or options:
+                raise TypeError("pass arguments and options to Job(...), not to enqueue()")
+        else:
+            unknown = set(options) - JOB_OPTIONS
+            if unknown:
+                raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+            defaults = dict(getattr(job, "job_options", {}))
+            defaults.update(options)
+            job = Job(job, args, kwargs, **defaults)
+        registry.check_enqueueable(job.task)
+        if job.queue is None:
+            job.queue = self.name
+        job._queue = self
+        return job
+
+    def _encode(self, job: Job) -> str:
+        return serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
+
+    # -- read --------------------------------------------------------------------------------
+    def get_job(self, job_id: str) -> Job | None:
+        """The job with its current status, attempts, errors and result; None if unknown."""
+        k = self.keys
+        final, spec, state, holder = (
+            self.redis.pipeline(transaction=False)
+            .get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
+            .hget(k.active, job_id).execute()
+        )
+        job = read_job(job_id, final, spec, state, holder)
+        if job is not None:
+            job._queue = self
+        return job
+
+    def get_status(self, job_id: str) -> str | None:
+        """The job's status as a string ("pending", "completed", ...), None if unknown."""
+        job = self.get_job(job_id)
+        return job.status.value if job else None
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block (on the server, not polling) until the job finishes; return it.
+
+        Raises :class:`TimeoutError` after ``timeout`` seconds, :class:`UnknownJob` if no such
+        job exists.
+        """
+        k = self.keys
+        self.redis.hincrby(k.waiting, job_id, 1)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                job = self.get_job(job_id)
+                if job is None:
+                    raise UnknownJob(f"no job with id {job_id!r}")
+                if job.status.finished:
+                    return job
+                left = 0.0 if deadline is None else deadline - time.monotonic()
+                if deadline is not None and left <= 0:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                # BLPOP timeout 0 blocks for good; the token is pushed when the job finishes
+                self.redis.blpop([k.done(job_id)], timeout=max(left, 0.01) if deadline else 0)
+        finally:
+            self._unwait(job_id)
+
+    def _unwait(self, job_id: str) -> None:
+        k = self.keys
+        left = self.redis.hincrby(k.waiting, job_id, -1)
+        if left <= 0:
+            self.redis.hdel(k.waiting, job_id)
+
+    def wait_for_completion(self, job_id: str, timeout: float | None = None) -> bool:
+        """True once the job finished (completed, failed or cancelled), False on timeout."""
+        try:
+            self.wait(job_id, timeout)
+        except (TimeoutError, UnknownJob):
+            return False
+        return True
+
+    def get_stats(self) -> dict[str, int]:
+        """Counts for this queue: current pending/processing/scheduled/deferred, and totals
+        since the queue was created for completed/failed/cancelled/retried/enqueued.
+        ``retry`` (the tutorial's name) is the total of retries."""
+        raw = self.redis.hgetall(self.keys.stats(self.name))
+        stats = {name: max(0, int(raw.get(name, 0))) for name in _STATUS_COUNTERS}
+        stats["retry"] = stats["retried"]
+        return stats
+
+    def size(self) -> int:
+        """Jobs waiting in this queue (pending, including retries waiting for a worker)."""
+        return max(0, int(self.redis.hget(self.keys.stats(self.name), "pending") or 0))
+
+    __len__ = size
+
+    # -- cancel ------------------------------------------------------------------------------
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> bool:
+        """Cancel a job that has not started: it will never run. False if it is running,
+        finished, or unknown."""
+        outcome = self.scripts.cancel(
+            keys=[self.keys.jobs],
+            args=[self.keys.base, job_id, int(time.time() * 1000),
+                  max(self.config.failed_ttl, 86400), reason])
+        return bool(outcome == "cancelled")
+
+
+Queue = JobQueue
+
+
+def read_job(job_id: str, final: str | None, spec: str | None, state: str | None,
+             holder: str | None) -> Job | None:
+    """Assemble a Job from what Redis holds about it (see :mod:`jobq.keys`)."""
+    if final is not None:
+        record = decode(final)
+        if not isinstance(record, dict):
+            raise BadJob(f"final record of {job_id} is not a JSON object")
+        job = _job_from(job_id, record.get("spec"))
+        job.apply_state(record)
+        return job
+    if spec is None:
+        return None
+    job = _job_from(job_id, decode(spec))
+    if state is not None:
+        job.apply_state(decode(state))
+    job.status = JobStatus.PROCESSING if holder else job.status
+    return job
+
+
+def _job_from(job_id: str, spec: Any) -> Job:
+    try:
+        return Job.from_spec(job_id, spec)
+    except BadJob as exc:
+        job = Job("jobq.invalid:job", (), id=job_id)
+        job.error = str(exc)
+        return job
+
+
+_default_queues: dict[str | None, JobQueue] = {}
+
+
+def default_queue(name: str | None = None) -> JobQueue:
+    """A shared JobQueue for ``Task.delay``: configured from the environment."""
+    queue = _default_queues.get(name)
+    if queue is None:
+        queue = _default_queues[name] = JobQueue(name or "default")
+    return queue

@@ -1,0 +1,134 @@
+"""Tasks: what a worker is allowed to run, found by name, never imported on a job's say-so.
+
+A task is a function registered with :func:`task` in a module the worker imported at boot
+(``-I/--import MODULE`` or ``imports = [...]``), or a ``module:function`` name whose module is
+in that list and whose function is defined there. Anything else (``os:system``, a typo, a
+module nobody allowed, a name starting with ``_``) is refused without importing anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import types
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from .exceptions import TaskNotAllowed
+from .job import TASK_NAME, Job
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Tasks registered with @task in this process, by name.
+REGISTRY: dict[str, Task[Any, Any]] = {}
+
+#: Set when this process started a worker pool itself: its workers are forked from it, so
+#: functions of ``__main__`` exist there too and may be enqueued.
+main_tasks_allowed = False
+
+_OPTIONS = ("queue", "priority", "max_retries", "timeout", "result_ttl")
+
+
+class Task(Generic[P, R]):
+    """A function registered as a task: call it to run it here, ``.delay()`` to enqueue it."""
+
+    def __init__(self, fn: Callable[P, R], name: str, options: dict[str, Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.task_name = name
+        self.job_options = options
+        self.default_queue = options.get("queue")
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def options(self, **options: Any) -> Task[P, R]:
+        """A variant of this task that enqueues with other job options."""
+        unknown = set(options) - set(_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+        variant = Task(self.fn, self.task_name, {**self.job_options, **options})
+        return variant
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Enqueue this task with these arguments on the default connection; return the job."""
+        from .queue import default_queue
+
+        opts = dict(self.job_options)
+        queue = default_queue(opts.pop("queue", None))
+        return queue.enqueue(self, *args, kwargs=kwargs, **opts)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.task_name}>"
+
+
+def task(fn: Callable[P, R] | None = None, *, name: str | None = None,
+         **options: Any) -> Any:
+    """Register a function as a task: ``@task`` or ``@task(queue=..., priority=..., ...)``."""
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+
+    def register(f: Callable[P, R]) -> Task[P, R]:
+        task_name = name or f"{f.__module__}:{f.__qualname__}"
+        if not TASK_NAME.match(task_name):
+            raise ValueError(f"task name {task_name!r} is not of the form 'module:function'")
+        t = Task(f, task_name, options)
+        REGISTRY[task_name] = t
+        return t
+
+    return register(fn) if fn is not None else register
+
+
+def check_enqueueable(name: str) -> None:
+    """Refuse, at enqueue time, a task of ``__main__`` that no worker can have."""
+    if name.startswith("__main__:") and not main_tasks_allowed:
+        raise TaskNotAllowed(
+            f"task {name!r} is defined in the __main__ script, which workers cannot import: "
+            "move it to a module and start workers with -I that.module "
+            "(or start the WorkerPool from this script, so its workers are forked from it)"
+        )
+
+
+class TaskResolver:
+    """The allow-list of one worker: imports the allowed modules once, resolves names."""
+
+    def __init__(self, imports: Iterable[str], *, allow_main: bool = False) -> None:
+        self.modules: dict[str, types.ModuleType] = {}
+        for module in imports:
+            self.modules[module] = importlib.import_module(module)
+        if allow_main:
+            self.modules["__main__"] = sys.modules["__main__"]
+        self._cache: dict[str, Callable[..., Any]] = {}
+
+    def resolve(self, name: str) -> Callable[..., Any]:
+        fn = self._cache.get(name)
+        if fn is None:
+            fn = self._cache[name] = self._lookup(name)
+        return fn
+
+    def _lookup(self, name: str) -> Callable[..., Any]:
+        registered = REGISTRY.get(name)
+        if registered is not None:  # registered by a module this worker imported
+            return registered.fn
+        if not TASK_NAME.match(name):
+            raise TaskNotAllowed(f"task name {name!r} is not of the form 'module:function'")
+        module_name, attr = name.split(":")
+        module = self.modules.get(module_name)
+        if module is None:
+            raise TaskNotAllowed(
+                f"task {name!r} is not allowed: module {module_name!r} is not among this "
+                f"worker's imports ({', '.join(sorted(self.modules)) or 'none'})"
+            )
+        if attr.startswith("_"):
+            raise TaskNotAllowed(f"task {name!r} is not allowed: private names never run")
+        obj = getattr(module, attr, None)
+        fn = obj.fn if isinstance(obj, Task) else obj
+        if not isinstance(fn, types.FunctionType) or fn.__module__ != module.__name__:
+            raise TaskNotAllowed(
+                f"task {name!r} is not allowed: {module_name} has no function {attr!r} "
+                "defined in it"
+            )
+        return fn

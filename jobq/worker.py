@@ -1,0 +1,409 @@
+"""One worker process: claim jobs, run each under its own SIGALRM timer, settle the outcome.
+
+The loop, for a worker on queues ``high,default``::
+
+    ┌─► exchange: one round trip = ack.lua (results of the jobs run since the last one)
+    │             + claim.lua (the next batch: size adapted to how long jobs take)
+    │   got jobs? ── no ──► BLPOP the queues' wake lists (idle: no polling) ──┐
+    │      │ yes                                                               │
+    │      ▼                                                                   │
+    │   run each job: setitimer(timeout) → task(*args, **kwargs) → setitimer(0)│
+    └──────┴───────────────────────────────────────────────────────────────────┘
+
+Short jobs are claimed in batches and acknowledged in batches (their results become
+visible within ``FLUSH_INTERVAL``); long jobs one at a time, so that no worker holds
+unstarted jobs while another idles. Under a master the worker reports the job it runs in
+shared memory (see :mod:`jobq.slots`) and the master renews its lease; alone (``jobq worker``)
+it renews the lease from a small thread.
+
+Signals: TERM/INT stop after the current job (unstarted prefetched jobs are given back);
+ALRM raises :class:`JobTimeout` inside the running job; USR1 raises :class:`JobCancelled`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback as tb
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from . import recovery, serialization
+from .config import Config
+from .connection import connect, describe_error
+from .exceptions import JobCancelled, JobTimeout, SerializationError, TaskNotAllowed
+from .job import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BadJob, decode
+from .keys import Keys
+from .queue import WAKE_CAP
+from .registry import TaskResolver
+from .scripts import Scripts
+
+if TYPE_CHECKING:
+    from .slots import Slot
+
+log = logging.getLogger("jobq.worker")
+
+#: Aim for a claimed batch to take about this long to run (seconds).
+BATCH_TARGET = 0.004
+#: Most jobs claimed in one round trip.
+BATCH_MAX = 128
+#: Results of finished jobs are sent at the latest this long after the job ended (seconds).
+FLUSH_INTERVAL = 0.005
+#: How long an idle worker blocks before it looks around (heartbeat, lapsed leases).
+IDLE_TICK = 1.0
+#: Errors kept on a job (the latest ones); the attempt count keeps counting.
+MAX_ERRORS_KEPT = 10
+#: Reconnect back-off after a lost server connection (seconds): first, cap.
+RECONNECT_FIRST, RECONNECT_CAP = 0.05, 2.0
+
+#: Finished job ids remembered per queue (for listings), newest first.
+RECENT_MAX = 1000
+
+#: Exit codes of a worker process.
+RET_OK = 0
+RET_IMPORT = 4
+
+
+class _Interrupt(BaseException):
+    """Raised by the TERM handler while the worker blocks idle, to leave BLPOP at once."""
+
+
+def worker_name(slot: int | None = None) -> str:
+    host = socket.gethostname().split(".")[0] or "host"
+    suffix = f".{slot}" if slot is not None else ""
+    return f"{host}.{os.getpid()}{suffix}.{os.urandom(2).hex()}"
+
+
+class Worker:
+    """Runs jobs from ``queues`` (strict priority between them) until stopped."""
+
+    def __init__(self, queues: Sequence[str], *, config: Config, url: str,
+                 resolver: TaskResolver, name: str | None = None, burst: bool = False,
+                 slot: Slot | None = None, renew_leases: bool = True) -> None:
+        self.queues = list(queues)
+        self.config = config
+        self.url = url
+        self.resolver = resolver
+        self.name = name or worker_name()
+        self.burst = burst
+        self.slot = slot
+        self.renew_leases = renew_leases
+        self.redis = connect(url)
+        self.keys = Keys(config.prefix)
+        self.scripts = Scripts(self.redis)
+        self.jobs_done = 0
+        self._buffer: deque[tuple[str, str, str | None, str | None]] = deque()
+        self._acks: list[Any] = []
+        self._first_ack_at = 0.0
+        self._avg = BATCH_TARGET  # running average of a job's duration (seconds)
+        self._stopping = False
+        self._idle = False
+        self._running: str | None = None
+        self._cancel_requested = False
+        self._wake_keys = [self.keys.wake(q) for q in self.queues]
+        self._title = ""
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        lease_thread = self._start_lease_thread() if self.renew_leases else None
+        log.info("worker %s started on %s", self.name, ",".join(self.queues))
+        try:
+            while not self._stopping:
+                if not self._buffer and not self._exchange():
+                    if self.burst:
+                        break
+                    self._wait_for_work()
+                    continue
+                self._run_one(*self._buffer.popleft())
+                if self._acks and time.monotonic() - self._first_ack_at > FLUSH_INTERVAL:
+                    self._exchange(claim=False)
+        finally:
+            self._shutdown(lease_thread)
+        return RET_OK
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _exchange(self, claim: bool = True) -> bool:
+        """Send pending acks and (with ``claim``) claim the next batch, in one round trip.
+
+        A lost connection is retried with back-off until it comes back (or the worker is
+        told to stop); acks are kept until they are through, so no result is dropped."""
+        want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
+        delay = RECONNECT_FIRST
+        logged = False
+        while True:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                if self._acks:
+                    self.scripts.ack(keys=[self.keys.jobs], args=[
+                        self.keys.base, self.name, int(time.time() * 1000),
+                        RECENT_MAX,
+                        self.config.dlq_max, WAKE_CAP, *self._acks], client=pipe)
+                if want:
+                    lease = int((time.time() + self.config.lease_time) * 1000)
+                    self.scripts.claim(keys=[self.keys.jobs], args=[
+                        self.keys.base, self.name, lease, want, *self.queues], client=pipe)
+                results = pipe.execute() if (self._acks or want) else []
+                break
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if not logged:
+                    log.warning("lost the server (%s); reconnecting",
+                                describe_error(exc, self.url))
+                    logged = True
+                if self._stopping and not self._acks:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_CAP)
+        if logged:
+            log.warning("reconnected to the server")
+        if self._acks:
+            stale = results[0]
+            if stale:
+                log.warning("results of %d job(s) dropped: their lease lapsed and they were "
+                            "given back (%s)", len(stale), ", ".join(stale[:5]))
+            self._acks = []
+        if not want:
+            return False
+        claimed = results[-1]
+        for i in range(0, len(claimed), 4):
+            self._buffer.append((claimed[i], claimed[i + 1], claimed[i + 2], claimed[i + 3]))
+        return bool(claimed)
+
+    def _wait_for_work(self) -> None:
+        """Block until a job is enqueued on one of our queues (or IDLE_TICK passes)."""
+        if self.slot is not None:
+            self.slot.idle()
+        self._set_title("idle")
+        self._idle = True
+        try:
+            if self._stopping:
+                return
+            got = self.redis.blpop(self._wake_keys, timeout=IDLE_TICK)
+        except _Interrupt:
+            self.redis.connection_pool.disconnect()  # a reply may be half read
+            return
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.warning("idle wait failed (%s); retrying", describe_error(exc, self.url))
+            time.sleep(RECONNECT_FIRST)
+            return
+        finally:
+            self._idle = False
+        if got is None and self.renew_leases:
+            # nobody else may be looking after lapsed leases when we run without a master
+            try:
+                recovery.reap(self.redis, self.scripts, self.keys, self.config)
+            except redis.RedisError as exc:
+                log.warning("reaping lapsed leases failed: %s", exc)
+
+    # -- one job -----------------------------------------------------------------------------
+    def _run_one(self, job_id: str, queue: str, spec_raw: str | None,
+                 state_raw: str | None) -> None:
+        started = time.time()
+        try:
+            if spec_raw is None:
+                raise BadJob("job data is missing (the id was queued without a job record)")
+            spec = decode(spec_raw)
+            if not isinstance(spec, dict):
+                raise BadJob(f"job data is a JSON {type(spec).__name__}, not an object")
+            task = spec.get("t")
+            args = spec.get("a", ())
+            kwargs = spec.get("k") or {}
+            timeout = spec.get("to", DEFAULT_TIMEOUT)
+            if not isinstance(task, str):
+                raise BadJob(f"job data has no task name (field 't' is {task!r})")
+            if args == {}:
+                args = ()
+            if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+                raise BadJob("job args must be a list and kwargs an object")
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+                raise BadJob(f"job timeout must be a positive number, got {timeout!r}")
+            fn = self.resolver.resolve(task)
+        except (BadJob, TaskNotAllowed) as exc:
+            self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
+                                 permanent=True, task="?")
+            return
+        self._running = job_id
+        self._cancel_requested = False
+        if self.slot is not None:
+            self.slot.begin(job_id, started, started + timeout)
+        if self._title_every_job:
+            self._set_title(f"{queue} {task} {job_id}")
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: B036 - a job's failure is data, not our crash
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._running = None
+            if isinstance(exc, KeyboardInterrupt | SystemExit | _Interrupt):
+                exc = RuntimeError(f"the task raised {type(exc).__name__}")
+            if isinstance(exc, JobTimeout) and not exc.args:
+                exc = JobTimeout(f"job exceeded its time limit of {timeout:g} s")
+            permanent = isinstance(exc, TypeError) and _bad_arguments(fn, args, kwargs)
+            self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
+                                 permanent=permanent, task=task)
+            return
+        finally:
+            self._running = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        finished = time.time()
+        self._avg = 0.5 * self._avg + 0.5 * (finished - started)
+        self.jobs_done += 1
+        ttl = spec.get("ttl", self.config.result_ttl)
+        record = ""
+        if ttl:
+            try:
+                res = serialization.encode_result(result)
+            except SerializationError as exc:
+                self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
+                                     permanent=True, task=task)
+                return
+            state = decode(state_raw) if state_raw else {}
+            state = state if isinstance(state, dict) else {}
+            state.update(s="completed", st=round(started, 6), fin=round(finished, 6),
+                         w=self.name)
+            record = f'{{"spec":{spec_raw},"res":{res},{serialization.dumps(state)[1:]}'
+        self._ack("done", job_id, queue, spec.get("p", 0), ttl or 0, record)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s %s completed in %.3f s", job_id, task, finished - started)
+
+    def _settle_failure(self, job_id: str, queue: str, spec_raw: str | None,
+                        state_raw: str | None, exc: BaseException, started: float, *,
+                        permanent: bool, task: str) -> None:
+        finished = time.time()
+        self._avg = 0.5 * self._avg + 0.5 * (finished - started)
+        try:
+            spec = decode(spec_raw) if spec_raw else None
+        except BadJob:
+            spec = None
+        spec = spec if isinstance(spec, dict) else None
+        try:
+            state = decode(state_raw) if state_raw else {}
+        except BadJob:
+            state = {}
+        state = state if isinstance(state, dict) else {}
+        errors = state.get("e") if isinstance(state.get("e"), list) else []
+        attempts = int(state.get("n", 0) or 0) + 1
+        error = {"type": type(exc).__name__, "msg": str(exc)[:2000],
+                 "tb": "".join(tb.format_exception(exc))[-8000:], "t": round(finished, 3),
+                 "w": self.name}
+        errors = (errors + [error])[-MAX_ERRORS_KEPT:]
+        max_retries = spec.get("r", DEFAULT_MAX_RETRIES) if spec else 0
+        if not isinstance(max_retries, int):
+            max_retries = 0
+        retry = not permanent and attempts <= max_retries
+        state.update(n=attempts, e=errors)
+        priority = spec.get("p", 0) if spec else 0
+        if retry:
+            state["s"] = "retry"
+            self._ack("retry", job_id, queue, priority, 0, serialization.dumps(state))
+            log.warning("job %s %s failed (attempt %d of %d), retrying: %s: %s", job_id, task,
+                        attempts, max_retries + 1, error["type"], error["msg"][:200])
+            return
+        state.update(s="failed", st=round(started, 6), fin=round(finished, 6), w=self.name,
+                     err=error)
+        spec_json = spec_raw if spec is not None else "null"
+        record = f'{{"spec":{spec_json},{serialization.dumps(state)[1:]}'
+        self._ack("fail", job_id, queue, priority, self.config.failed_ttl, record)
+        log.warning("job %s %s failed%s: %s: %s", job_id, task,
+                    "" if permanent else f" after {attempts} attempt(s)", error["type"],
+                    error["msg"][:200])
+
+    def _ack(self, kind: str, job_id: str, queue: str, priority: Any, ttl: int,
+             payload: str) -> None:
+        if not self._acks:
+            self._first_ack_at = time.monotonic()
+        self._acks += (kind, job_id, queue, priority, ttl, payload)
+        if self.slot is not None:
+            self.slot.end()
+
+    # -- process plumbing --------------------------------------------------------------------
+    _title_every_job = True
+
+    def _set_title(self, what: str) -> None:
+        if what != self._title:
+            self._title = what
+            set_title(f"jobq worker {self.name}: {what}")
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.signal(signal.SIGUSR1, self._on_cancel)
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+        if self._idle:
+            raise _Interrupt()
+
+    def _on_alarm(self, signum: int, frame: Any) -> None:
+        if self._running is not None:
+            raise JobTimeout()
+
+    def _on_cancel(self, signum: int, frame: Any) -> None:
+        if self._running is not None:
+            raise JobCancelled(f"job {self._running} was cancelled")
+
+    def _start_lease_thread(self) -> threading.Thread:
+        """Renew this worker's lease while it holds jobs (used when no master does it)."""
+        stop = self._lease_stop = threading.Event()
+        client = connect(self.url)
+
+        def renew() -> None:
+            period = self.config.lease_time / 3
+            while not stop.wait(period):
+                try:
+                    client.zadd(self.keys.leases, {
+                        self.name: int((time.time() + self.config.lease_time) * 1000)}, xx=True)
+                except redis.RedisError:
+                    pass  # the main loop reports a lost server
+
+        thread = threading.Thread(target=renew, name="jobq-lease", daemon=True)
+        thread.start()
+        return thread
+
+    def _shutdown(self, lease_thread: threading.Thread | None) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            if self._acks:
+                self._exchange(claim=False)
+            # give back what was claimed but not started: it runs elsewhere, untouched
+            recovery.release(self.redis, self.scripts, self.keys, self.config, self.name,
+                             cause="worker stopped", current="-")
+        except redis.RedisError as exc:
+            log.warning("could not give back unstarted jobs (%s); they return when the "
+                        "lease lapses", describe_error(exc, self.url))
+        if lease_thread is not None:
+            self._lease_stop.set()
+        log.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
+
+
+def _bad_arguments(fn: Any, args: Any, kwargs: Any) -> bool:
+    """True if ``fn`` cannot be called with these arguments at all (a permanent failure)."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
+def set_title(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - a declared dependency
+        return
+    setproctitle.setproctitle(title)
