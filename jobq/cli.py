@@ -1,0 +1,245 @@
+"""The ``jobq`` command line (click). Errors are one readable line and a documented exit code
+(:mod:`jobq.exitcodes`); ``--debug`` shows the traceback as well."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+import redis
+
+from . import exitcodes
+from . import log as jobq_log
+from .config import Config, ConfigError, load_config
+from .connection import describe_error
+
+_connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
+
+
+class CliError(click.ClickException):
+    """An error shown as one line, with its exit code."""
+
+    def __init__(self, message: str, code: int = exitcodes.FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"jobq: error: {self.format_message()}", err=True)
+
+
+class State:
+    """What the group's options set up, shared by every command (``ctx.obj``)."""
+
+    def __init__(self, redis_url: str | None, config_path: str | None, debug: bool,
+                 log_level: str | None, log_format: str | None) -> None:
+        self.redis_url = redis_url
+        self.config_path = config_path
+        self.debug = debug
+        self.log_level = log_level
+        self.log_format = log_format
+        self._config: Config | None = None
+
+    def config(self, **overrides: Any) -> Config:
+        if self._config is None or overrides:
+            self._config = load_config(self.config_path, redis_url=self.redis_url,
+                                       log_level=self.log_level, log_format=self.log_format,
+                                       **overrides)
+        return self._config
+
+    def url(self) -> str:
+        from .connection import resolve_url
+        from .server import ServerError
+
+        try:
+            return resolve_url(self.config())
+        except ServerError as exc:
+            raise CliError(f"cannot start the embedded server: {exc}", exitcodes.SERVER) from exc
+
+
+def run_guarded(fn: Callable[[], Any], debug: bool, url: str = "") -> Any:
+    """Run ``fn``; turn the errors users cause into one line and an exit code."""
+    try:
+        return fn()
+    except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+        raise
+    except ConfigError as exc:
+        _fail(debug, str(exc), exitcodes.USAGE)
+    except _connection_errors as exc:
+        _fail(debug, describe_error(exc, url or "the server"), exitcodes.CONNECT)
+    except redis.ResponseError as exc:
+        text = str(exc)
+        if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            _fail(debug, describe_error(exc, url or "the server"), exitcodes.CONNECT)
+        _fail(debug, f"server error: {text}", exitcodes.FAILURE)
+    except KeyboardInterrupt:
+        _fail(debug, "interrupted", 130)
+    except Exception as exc:
+        from .connection import redact
+
+        message = f"{type(exc).__name__}: {exc}"
+        if url:
+            message = message.replace(url, redact(url))
+        _fail(debug, message, exitcodes.FAILURE)
+
+
+def _fail(debug: bool, message: str, code: int) -> NoReturn:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"jobq: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def redis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--redis-url/--config on a command too (they also work before the command name)."""
+    fn = click.option("--config", "config_path", metavar="FILE", default=None,
+                      help="TOML config file (default: $JOBQ_CONFIG).",
+                      expose_value=True)(fn)
+    fn = click.option("--redis-url", default=None, metavar="URL",
+                      help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, "
+                           "else the embedded server.")(fn)
+    return fn
+
+
+def _merge(state: State, redis_url: str | None, config_path: str | None) -> State:
+    if redis_url:
+        state.redis_url = redis_url
+        state._config = None
+    if config_path:
+        state.config_path = config_path
+        state._config = None
+    return state
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--redis-url", default=None, metavar="URL", envvar=None,
+              help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, else the "
+                   "embedded server.")
+@click.option("--config", "config_path", default=None, metavar="FILE",
+              help="TOML config file (default: $JOBQ_CONFIG).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.version_option(package_name="jobq")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, config_path: str | None,
+         log_level: str | None, log_format: str | None, debug: bool) -> None:
+    """jobq: a durable Redis job queue with a pre-fork master."""
+    ctx.obj = State(redis_url, config_path, debug, log_level, log_format)
+
+
+# -- jobq worker --------------------------------------------------------------------------------
+@main.command()
+@click.option("-q", "--queues", default=None, metavar="Q1,Q2",
+              help="Queues to take jobs from, highest priority first (default: the config's).")
+@click.option("-I", "--import", "imports", multiple=True, metavar="MODULE",
+              help="Module whose tasks may run (repeatable; adds to the config's imports).")
+@click.option("--burst", is_flag=True, help="Exit 0 once the queues are empty.")
+@redis_options
+@click.pass_obj
+def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bool,
+           redis_url: str | None, config_path: str | None) -> None:
+    """Run one worker in the foreground (jobq-master runs a supervised pool of them)."""
+    state = _merge(state, redis_url, config_path)
+
+    def go() -> int:
+        from .registry import TaskResolver
+        from .worker import Worker
+
+        overrides: dict[str, Any] = {}
+        if queues:
+            overrides["queues"] = [q.strip() for q in queues.split(",") if q.strip()]
+        cfg = state.config(**overrides)
+        jobq_log.setup(cfg.log_level, cfg.log_format, cfg.log_file)
+        all_imports = list(dict.fromkeys([*cfg.imports, *imports]))
+        sys.path.insert(0, os.getcwd())
+        try:
+            resolver = TaskResolver(all_imports)
+        except Exception as exc:  # any error raised while importing a task module
+            raise CliError(f"cannot import task module: {type(exc).__name__}: {exc}",
+                           exitcodes.IMPORT) from exc
+        url = state.url()
+        return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
+
+    sys.exit(run_guarded(go, state.debug, state.redis_url or ""))
+
+
+# -- jobq server --------------------------------------------------------------------------------
+@main.group()
+def server() -> None:
+    """The embedded Valkey server (used when no Redis URL is configured)."""
+
+
+@server.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def server_status(as_json: bool) -> None:
+    """Is the embedded server running, where, with which pid."""
+    from .server import EmbeddedServer
+
+    srv = EmbeddedServer()
+    running = srv.is_running()
+    info = {"running": running, "url": srv.url, "pid": srv.pid() if running else None,
+            "home": str(srv.home)}
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"{'running' if running else 'stopped'}  {srv.url}"
+                   + (f"  pid {info['pid']}" if running else "") + f"  home {srv.home}")
+    sys.exit(0 if running else 1)
+
+
+@server.command("start")
+def server_start() -> None:
+    """Start the embedded server (detached); nothing happens if it runs."""
+    from .server import EmbeddedServer, ServerError
+
+    try:
+        url = EmbeddedServer().start()
+    except ServerError as exc:
+        raise CliError(str(exc), exitcodes.SERVER) from exc
+    click.echo(url)
+
+
+@server.command("stop")
+def server_stop() -> None:
+    """Stop the embedded server (its AOF keeps the queued jobs for the next start)."""
+    from .server import EmbeddedServer, ServerError
+
+    try:
+        EmbeddedServer().stop()
+    except ServerError as exc:
+        raise CliError(str(exc), exitcodes.SERVER) from exc
+    click.echo("stopped")
+
+
+# -- jobq demo ----------------------------------------------------------------------------------
+@main.command()
+@click.option("--jobs", default=40, show_default=True, help="How many jobs the batch has.")
+@click.option("--workers", default=2, show_default=True)
+@redis_options
+@click.pass_obj
+def demo(state: State, jobs: int, workers: int, redis_url: str | None,
+         config_path: str | None) -> None:
+    """Run jobq's main job: a CPU-heavy batch with a few failing jobs, then a report."""
+    state = _merge(state, redis_url, config_path)
+    from .demo import run_demo
+
+    sys.exit(run_guarded(lambda: run_demo(state.config(), state.url(), jobs, workers),
+                         state.debug, state.redis_url or ""))
+
+
+def master_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``jobq-master``."""
+    from .master.cli import master_command
+
+    master_command.main(args=argv, prog_name="jobq-master")
+
+
+if __name__ == "__main__":
+    main()

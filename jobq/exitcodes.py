@@ -1,0 +1,20 @@
+"""Exit codes of jobq's commands and processes (documented in the README)."""
+
+#: Success.
+OK = 0
+#: A command's work failed (a job waited on with --wait failed, a worker crashed).
+FAILURE = 1
+#: Bad usage or configuration: unknown option, bad JSON, a config key with a bad value.
+USAGE = 2
+#: The Redis/Valkey server cannot be reached, or refused our credentials.
+CONNECT = 3
+#: A task module (-I/--import, imports = [...]) failed to import.
+IMPORT = 4
+#: The job, queue or schedule named does not exist.
+NOT_FOUND = 5
+#: The pidfile names a running master.
+PIDFILE = 6
+#: Workers keep dying right after they start (the master's crash-rate breaker tripped).
+WORKER_BOOT = 7
+#: The embedded server could not be started.
+SERVER = 8
