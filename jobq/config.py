@@ -1,0 +1,367 @@
+"""jobq's configuration: one frozen dataclass, loaded from TOML, the environment and overrides.
+
+Precedence, highest first: explicit overrides (the command line) > ``JOBQ_REDIS_URL`` (for
+``redis_url`` only) > the TOML file > the defaults. Every value is checked against one table,
+:data:`_RULES`; any problem raises :class:`ConfigError` with a one-line message that names the
+source, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Environment variable naming the config file when ``load_config`` gets no path.
+CONFIG_ENV = "JOBQ_CONFIG"
+#: Environment variable overriding ``redis_url`` from the file.
+REDIS_URL_ENV = "JOBQ_REDIS_URL"
+#: URL schemes :func:`jobq.connection.connect` understands.
+URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+#: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
+QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A key prefix: like a queue name, plus ':' for namespaces such as ``app:jobq``.
+PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+#: Allowed ``log_level`` values.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Allowed ``log_format`` values.
+LOG_FORMATS = ("text", "json")
+#: The TOML key of a field whose name differs in the file: ``[[schedule]]`` tables.
+TOML_NAMES = {"schedules": "schedule"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line: ``source: key: problem``."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings of a jobq deployment (see ``etc/jobq.toml`` for each key)."""
+
+    redis_url: str = ""
+    prefix: str = "jobq"
+    queues: list[str] = field(default_factory=lambda: ["default"])
+    imports: list[str] = field(default_factory=list)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    log_level: str = "info"
+    log_file: str = ""
+    log_format: str = "text"
+    pidfile: str = ""
+
+    default_timeout: float = 300.0
+    default_max_retries: int = 3
+    result_ttl: int = 300
+    failed_ttl: int = 604800
+    dlq_max: int = 10000
+    max_payload_bytes: int = 1048576
+
+    lease_time: float = 15.0
+    max_deliveries: int = 5
+
+    graceful_timeout: float = 30.0
+    hard_timeout_grace: float = 5.0
+    memory_soft_limit_mb: int = 0
+    memory_hard_limit_mb: int = 0
+    heartbeat_timeout: float = 60.0
+    max_jobs_per_worker: int = 0
+    max_jobs_jitter: float = 0.1
+
+    scheduler_tick: float = 1.0
+    leader_lease: float = 5.0
+
+    retry_backoff_base: float = 1.0
+    retry_backoff_cap: float = 300.0
+    retry_jitter: float = 0.25
+
+    schedules: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        values = _validate({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # store normalized values (floats, copies)
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a validated copy with ``changes`` applied."""
+        for name in changes:
+            if name not in _RULES:
+                raise ConfigError(f"Config.replace: {_unknown(name, _RULES)}")
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+    """Load the configuration from ``path`` (default: ``$JOBQ_CONFIG``, else no file).
+
+    ``overrides`` are field names (usually command-line options); those that are None are
+    ignored. Raises :class:`ConfigError` on any problem.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is not None:
+        source = os.fspath(path)
+        for name, value in _read_toml(source).items():
+            values[name] = value
+            sources[name] = source
+
+    env_url = os.environ.get(REDIS_URL_ENV)
+    if env_url:
+        values["redis_url"] = env_url
+        sources["redis_url"] = REDIS_URL_ENV
+
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in _RULES:
+            raise ConfigError(f"command line: {_unknown(name, _RULES)}")
+        values[name] = value
+        sources[name] = "command line"
+
+    return Config(**_validate(values, sources))
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    """Parse the file into field name -> raw value; reject unknown keys."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
+
+    by_toml_name = {TOML_NAMES.get(name, name): name for name in _RULES}
+    values = {}
+    for key, value in data.items():
+        if key not in by_toml_name:
+            raise ConfigError(f"{path}: {_unknown(key, by_toml_name)}")
+        values[by_toml_name[key]] = value
+    return values
+
+
+def _unknown(key: str, known: Mapping[str, object]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _validate(values: dict[str, Any], sources: Mapping[str, str]) -> dict[str, Any]:
+    """Check and normalize each value by its rule, then the rules that tie fields together."""
+    out = {}
+    for name, value in values.items():
+        label = TOML_NAMES.get(name, name) if name in sources and _is_file(sources[name]) else name
+        try:
+            out[name] = _RULES[name](value)
+        except _Invalid as exc:
+            raise ConfigError(f"{sources.get(name, 'Config')}: {label}: {exc}") from None
+    for names, check in _CROSS_RULES:
+        problem = check(*(out.get(n, _DEFAULTS[n]) for n in names))
+        if problem:
+            name = next((n for n in reversed(names) if n in sources), names[-1])
+            raise ConfigError(f"{sources.get(name, 'Config')}: {name}: {problem}")
+    return out
+
+
+def _is_file(source: str) -> bool:
+    return source not in (REDIS_URL_ENV, "command line")
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A value broke its rule; the message is the problem, e.g. 'expected ..., got ...'."""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict):
+        text = "a table"
+    else:
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Number:
+    """An int (``integer=True``) or a float (which also accepts an int) within bounds."""
+
+    def __init__(self, expect: str, *, integer: bool, low: float | None = None,
+                 high: float | None = None, low_open: bool = False) -> None:
+        self.expect, self.integer = expect, integer
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def __call__(self, value: Any) -> int | float:
+        types: tuple[type, ...] = (int,) if self.integer else (int, float)
+        ok = isinstance(value, types) and not isinstance(value, bool)
+        if ok and not self.integer:
+            ok = math.isfinite(value)
+        if ok and self.low is not None:
+            ok = value > self.low if self.low_open else value >= self.low
+        if ok and self.high is not None:
+            ok = value <= self.high
+        if not ok:
+            raise _Invalid(f"expected {self.expect}, got {_show(value)}")
+        return int(value) if self.integer else float(value)
+
+
+class _Str:
+    """A string, optionally one of ``choices`` or matching ``check``."""
+
+    def __init__(self, expect: str = "a string", *, choices: tuple[str, ...] = (),
+                 check: Callable[[str], bool] | None = None, secret: bool = False) -> None:
+        self.expect, self.choices, self.check, self.secret = expect, choices, check, secret
+
+    def __call__(self, value: Any) -> str:
+        ok = isinstance(value, str)
+        if ok and self.choices:
+            ok = value in self.choices
+        if ok and self.check is not None:
+            ok = self.check(value)
+        if not ok:
+            shown = _show(value)
+            if self.secret and isinstance(value, str):
+                from jobq.connection import redact  # lazy: config must not need redis to load
+
+                shown = _show(redact(value))
+            raise _Invalid(f"expected {self.expect}, got {shown}")
+        return str(value)
+
+
+class _StrList:
+    """A list of strings, each checked by ``item``; optionally non-empty and unique."""
+
+    def __init__(self, expect: str, item: _Str, *, nonempty: bool = False) -> None:
+        self.expect, self.item, self.nonempty = expect, item, nonempty
+
+    def __call__(self, value: Any) -> list[str]:
+        if not isinstance(value, list | tuple) or (self.nonempty and not value):
+            raise _Invalid(f"expected {self.expect}, got {_show(value)}")
+        for i, entry in enumerate(value):
+            try:
+                self.item(entry)
+            except _Invalid as exc:
+                raise _Invalid(f"item {i + 1}: {exc}") from None
+        dupes = sorted({v for v in value if list(value).count(v) > 1})
+        if dupes:
+            raise _Invalid(f"duplicate entry {dupes[0]!r}")
+        return list(value)
+
+
+class _Schedules:
+    """A list of tables, each with a non-empty string ``name`` (the scheduler checks the rest)."""
+
+    def __call__(self, value: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, list | tuple):
+            raise _Invalid(f"expected an array of tables ([[schedule]]), got {_show(value)}")
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                raise _Invalid(f"entry {i + 1}: expected a table, got {_show(entry)}")
+            if "name" not in entry:
+                raise _Invalid(f"entry {i + 1}: missing 'name'")
+            if not isinstance(entry["name"], str) or not entry["name"]:
+                raise _Invalid(f"entry {i + 1}: name: expected a non-empty string, "
+                               f"got {_show(entry['name'])}")
+        return [dict(entry) for entry in value]
+
+
+def _valid_url(url: str) -> bool:
+    scheme, sep, _ = url.partition("://")
+    return url == "" or (bool(sep) and scheme.lower() in URL_SCHEMES)
+
+
+def _dotted_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _positive_int() -> _Number:
+    return _Number("a positive integer", integer=True, low=1)
+
+
+def _count() -> _Number:
+    return _Number("an integer >= 0", integer=True, low=0)
+
+
+def _seconds(*, zero: bool) -> _Number:
+    return _Number("a number of seconds >= 0" if zero else "a number of seconds > 0",
+                   integer=False, low=0, low_open=not zero)
+
+
+def _fraction() -> _Number:
+    return _Number("a number between 0 and 1", integer=False, low=0, high=1)
+
+
+_QUEUE_NAME = _Str("a queue name (1-64 chars of A-Za-z0-9_.-)",
+                   check=lambda s: QUEUE_NAME_RE.fullmatch(s) is not None)
+
+#: Field name -> the rule that checks and normalizes its value.
+_RULES: dict[str, Callable[[Any], Any]] = {
+    "redis_url": _Str(f"a URL with scheme {', '.join(s + '://' for s in URL_SCHEMES)} or ''",
+                      check=_valid_url, secret=True),
+    "prefix": _Str("a key prefix (1-64 chars of A-Za-z0-9_.:-)",
+                   check=lambda s: PREFIX_RE.fullmatch(s) is not None),
+    "queues": _StrList("a non-empty list of queue names", _QUEUE_NAME, nonempty=True),
+    "imports": _StrList("a list of module names",
+                        _Str("a dotted module name", check=_dotted_name)),
+    "workers": _positive_int(),
+    "log_level": _Str(f"one of {', '.join(LOG_LEVELS)}", choices=LOG_LEVELS),
+    "log_file": _Str(),
+    "log_format": _Str(f"one of {', '.join(LOG_FORMATS)}", choices=LOG_FORMATS),
+    "pidfile": _Str(),
+    "default_timeout": _seconds(zero=False),
+    "default_max_retries": _count(),
+    "result_ttl": _count(),
+    "failed_ttl": _count(),
+    "dlq_max": _count(),
+    "max_payload_bytes": _positive_int(),
+    "lease_time": _Number("a number of seconds > 0 and <= 300", integer=False, low=0, high=300,
+                          low_open=True),
+    "max_deliveries": _positive_int(),
+    "graceful_timeout": _seconds(zero=True),
+    "hard_timeout_grace": _seconds(zero=True),
+    "memory_soft_limit_mb": _count(),
+    "memory_hard_limit_mb": _count(),
+    "heartbeat_timeout": _seconds(zero=False),
+    "max_jobs_per_worker": _count(),
+    "max_jobs_jitter": _fraction(),
+    "scheduler_tick": _seconds(zero=False),
+    "leader_lease": _seconds(zero=False),
+    "retry_backoff_base": _seconds(zero=True),
+    "retry_backoff_cap": _seconds(zero=True),
+    "retry_jitter": _fraction(),
+    "schedules": _Schedules(),
+}
+
+
+def _hard_over_soft(soft: int, hard: int) -> str | None:
+    if soft and hard and hard < soft:
+        return f"must be >= memory_soft_limit_mb ({soft}) when both are set, got {hard}"
+    return None
+
+
+def _cap_over_base(base: float, cap: float) -> str | None:
+    return f"must be >= retry_backoff_base ({base:g}), got {cap:g}" if cap < base else None
+
+
+#: Rules that tie fields together: (field names, check returning a problem or None).
+_CROSS_RULES: list[tuple[tuple[str, ...], Callable[..., str | None]]] = [
+    (("memory_soft_limit_mb", "memory_hard_limit_mb"), _hard_over_soft),
+    (("retry_backoff_base", "retry_backoff_cap"), _cap_over_base),
+]
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(Config)
+}
+
+if set(_RULES) != set(_DEFAULTS):  # a field added without a rule, or the reverse
+    raise RuntimeError(f"config rules out of sync: {set(_RULES) ^ set(_DEFAULTS)}")
