@@ -1,0 +1,199 @@
+"""The master's decisions, as pure functions of ``now`` and what it knows: no processes,
+no Redis, no clock of its own. The master (:mod:`jobq.master.arbiter`) carries them out;
+tests drive them with a fake clock.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from dataclasses import dataclass, field
+
+from .. import exitcodes
+
+#: A worker that dies before it reports ready is a boot failure; restarts of its slot back
+#: off from BOOT_BACKOFF_FIRST doubling to BOOT_BACKOFF_CAP, and reset once a worker of that
+#: slot comes up.
+BOOT_BACKOFF_FIRST = 0.05
+BOOT_BACKOFF_CAP = 10.0
+#: The crash-rate breaker: this many workers exiting with an error before they were ready,
+#: within BREAKER_WINDOW seconds, stop the master (something is broken, not unlucky).
+BREAKER_COUNT = 10
+BREAKER_WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The master's knobs (from the config)."""
+
+    hard_timeout_grace: float = 5.0
+    heartbeat_timeout: float = 60.0
+    memory_soft_mb: float = 0.0
+    memory_hard_mb: float = 0.0
+    graceful_timeout: float = 30.0
+
+
+@dataclass
+class WorkerState:
+    """What the master knows of one live worker (from the fork, its slot and psutil)."""
+
+    slot: int
+    pid: int
+    name: str
+    born: float
+    generation: int = 0
+    ready: bool = False
+    busy: bool = False
+    job_id: str | None = None
+    job_started: float = 0.0
+    deadline: float = 0.0
+    heartbeat: float = 0.0
+    memory_mb: float | None = None
+    jobs_done: int = 0
+    retiring_since: float | None = None  # asked to stop after its current job
+    killing: str | None = None  # why we killed it, once we did
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Kill the worker's whole process group now; its job is resolved with ``cause``."""
+
+    pid: int
+    cause: str
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Ask the worker to stop after its current job (SIGTERM); a new one takes its slot."""
+
+    pid: int
+    reason: str
+
+
+Action = Kill | Retire
+
+
+def check_workers(now: float, workers: list[WorkerState], limits: Limits) -> list[Action]:
+    """What to do about live workers: the ones past their hard limit (time, memory), hung,
+    or bloated."""
+    actions: list[Action] = []
+    for w in workers:
+        if w.killing:
+            continue
+        if w.busy and w.deadline and now > w.deadline + limits.hard_timeout_grace:
+            actions.append(Kill(w.pid, (
+                f"hard time limit: job {w.job_id} ran {now - w.job_started:.1f} s, past its "
+                f"timeout plus {limits.hard_timeout_grace:g} s grace, and did not stop on "
+                "SIGALRM; its worker was killed")))
+        elif limits.memory_hard_mb and w.memory_mb and w.memory_mb > limits.memory_hard_mb:
+            actions.append(Kill(w.pid, (
+                f"memory hard limit: worker used {w.memory_mb:.0f} MB, over "
+                f"{limits.memory_hard_mb:g} MB; it was killed")))
+        elif (w.ready and not w.busy and w.heartbeat
+              and now - w.heartbeat > limits.heartbeat_timeout):
+            actions.append(Kill(w.pid, (
+                f"no heartbeat for {now - w.heartbeat:.0f} s while idle (hung?); killed")))
+        elif (w.retiring_since is not None
+              and now - w.retiring_since > limits.graceful_timeout + limits.hard_timeout_grace):
+            actions.append(Kill(w.pid, "did not stop within graceful_timeout after SIGTERM"))
+        elif (w.retiring_since is None and limits.memory_soft_mb and w.memory_mb
+              and w.memory_mb > limits.memory_soft_mb):
+            actions.append(Retire(w.pid, (
+                f"memory soft limit: {w.memory_mb:.0f} MB > {limits.memory_soft_mb:g} MB; "
+                "recycled after its current job")))
+    return actions
+
+
+def next_check(now: float, workers: list[WorkerState], limits: Limits,
+               tick: float = 1.0) -> float:
+    """When the master must look again at the latest (a hard deadline may come sooner)."""
+    wake = now + tick
+    for w in workers:
+        if w.busy and w.deadline:
+            wake = min(wake, w.deadline + limits.hard_timeout_grace + 0.01)
+    return max(wake, now + 0.01)
+
+
+def describe_exit(status: int) -> tuple[str, int | None, int | None]:
+    """(text, exit code, signal) for a waitpid status."""
+    if hasattr(status, "__index__") and status >= 0:
+        import os
+
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+            return f"killed by signal {sig} ({name}){hint}", None, sig
+        if os.WIFEXITED(status):
+            code = os.WEXITSTATUS(status)
+            return f"exited with code {code}", code, None
+    return f"ended with status {status}", None, None
+
+
+@dataclass
+class SlotHistory:
+    """Boot failures of one slot, for its restart back-off."""
+
+    failures: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class CrashBreaker:
+    """Trips when too many workers fail at boot within a window (fork-loop protection)."""
+
+    count: int = BREAKER_COUNT
+    window: float = BREAKER_WINDOW
+    times: list[float] = field(default_factory=list)
+
+    def record(self, now: float) -> bool:
+        self.times = [t for t in self.times if now - t < self.window] + [now]
+        return len(self.times) >= self.count
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    """What follows a worker's exit."""
+
+    cause: str  # recorded on the job it held, if any
+    respawn_at: float | None  # None: do not respawn this slot
+    stop_master: tuple[int, str] | None = None  # (exit code, one-line reason)
+    unexpected: bool = True
+
+
+def on_exit(now: float, worker: WorkerState, status: int, history: SlotHistory,
+            breaker: CrashBreaker, *, stopping: bool, boot_error: str = "") -> ExitDecision:
+    """Decide what a worker's exit means: restart at once, back off, or stop the master."""
+    text, code, sig = describe_exit(status)
+    cause = worker.killing or f"worker {text}"
+    if worker.memory_mb and not worker.killing:
+        cause += f"; last memory reading {worker.memory_mb:.0f} MB"
+    if stopping:
+        return ExitDecision(cause, None, unexpected=False)
+    planned = worker.retiring_since is not None or (code == 0 and sig is None)
+    if code == exitcodes.IMPORT:
+        reason = boot_error or "a worker could not import its task modules"
+        return ExitDecision(cause, None, (exitcodes.IMPORT, reason))
+    if not worker.ready and not planned:
+        history.failures += 1
+        delay = min(BOOT_BACKOFF_CAP, BOOT_BACKOFF_FIRST * 2 ** (history.failures - 1))
+        history.not_before = now + delay
+        if sig is None and breaker.record(now):
+            reason = (f"workers keep failing at boot ({breaker.count} within "
+                      f"{breaker.window:g} s); last one {text}"
+                      + (f": {boot_error}" if boot_error else ""))
+            return ExitDecision(cause, None, (exitcodes.WORKER_BOOT, reason))
+        return ExitDecision(cause, history.not_before)
+    history.failures = 0
+    return ExitDecision(cause, now, unexpected=not planned)
+
+
+def max_jobs_for(base: int, jitter: float, rng: random.Random) -> int:
+    """A worker's job budget: ``base`` spread by ±``jitter`` so workers recycle apart."""
+    if base <= 0:
+        return 0
+    spread = int(base * jitter)
+    return max(1, base + rng.randint(-spread, spread))
