@@ -36,9 +36,11 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_QUEUE = "default"
 
 #: What a queue name may look like (it becomes part of Redis key names).
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 #: "package.module:function" (``module:Class.method`` is not a task name).
-TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+#: ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
+TASK_NAME = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class JobStatus(str, Enum):
