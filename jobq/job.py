@@ -149,6 +149,8 @@ class Job:
         self.error: str | None = None
         self.traceback: str | None = None
         self.errors: list[dict[str, Any]] = []
+        #: the error that ended the job (type, msg, tb), from the final record
+        self.final_error: dict[str, Any] = {}
         self.retry_count = 0
         self.deliveries = 0
         self.worker: str | None = None
@@ -195,7 +197,7 @@ class Job:
         self.__dict__.update({k: v for k, v in job.__dict__.items() if k != "_queue"})
         if job.status is JobStatus.COMPLETED:
             return job.return_value
-        last = (job.errors or [{}])[-1]
+        last = job.final_error or (job.errors or [{}])[-1]
         raise JobFailed(job.id, last.get("type", "Error"), last.get("msg", job.error or ""),
                         last.get("tb", ""), status=job.status.value)
 
@@ -272,6 +274,7 @@ class Job:
         self.errors = list(errors) if isinstance(errors, list) else []
         err = state.get("err")
         if isinstance(err, dict):
+            self.final_error = dict(err)
             self.error = f"{err.get('type', 'Error')}: {err.get('msg', '')}"
             self.traceback = err.get("tb")
         elif self.errors:
