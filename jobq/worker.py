@@ -244,9 +244,12 @@ class Worker:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self._running = None
             if isinstance(exc, KeyboardInterrupt | SystemExit | _Interrupt):
-                exc = RuntimeError(f"the task raised {type(exc).__name__}")
+                exc = RuntimeError(f"the task raised {type(exc).__name__}").with_traceback(
+                    exc.__traceback__)
             if isinstance(exc, JobTimeout) and not exc.args:
-                exc = JobTimeout(f"job exceeded its time limit of {timeout:g} s")
+                # keep the traceback: it shows where the job was when its time ran out
+                exc = JobTimeout(f"job exceeded its time limit of {timeout:g} s").with_traceback(
+                    exc.__traceback__)
             permanent = isinstance(exc, TypeError) and _bad_arguments(fn, args, kwargs)
             self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
                                  permanent=permanent, task=task)
