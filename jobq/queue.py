@@ -65,7 +65,7 @@ class JobQueue:
         job = self._build(job, args, kwargs, options)
         encoded = self._encode(job)
         self.scripts.run("enqueue", [self.keys.jobs],
-                         [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority, encoded])
+                         [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority, 0, encoded])
         return job
 
     def enqueue_many(self, jobs: Iterable[Job] | Callable[..., Any] | str,
@@ -85,7 +85,7 @@ class JobQueue:
         for start in range(0, len(built), ENQUEUE_CHUNK):
             argv: list[Any] = [self.keys.base, WAKE_CAP]
             for job in built[start:start + ENQUEUE_CHUNK]:
-                argv += (job.id, job.queue, job.priority, self._encode(job))
+                argv += (job.id, job.queue, job.priority, 0, self._encode(job))
             self.scripts.enqueue(keys=[self.keys.jobs], args=argv, client=pipe)
         pipe.execute()
         return built

@@ -17,11 +17,14 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-NAMES = ("enqueue", "claim", "ack", "release", "cancel")
+NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader")
 
 
 def _source(name: str) -> str:
-    return resources.files("jobq").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    """A script with the shared helpers of lib.lua in front (each call stays atomic)."""
+    lua = resources.files("jobq").joinpath("lua")
+    return lua.joinpath("lib.lua").read_text("utf-8") + lua.joinpath(f"{name}.lua").read_text(
+        "utf-8")
 
 
 class Scripts:
@@ -66,3 +69,6 @@ class Scripts:
     ack: Any
     release: Any
     cancel: Any
+    promote: Any
+    fire: Any
+    leader: Any

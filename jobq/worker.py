@@ -16,8 +16,9 @@ unstarted jobs while another idles. Under a master the worker reports the job it
 shared memory (see :mod:`jobq.slots`) and the master renews its lease; alone (``jobq worker``)
 it renews the lease from a small thread.
 
-Signals: TERM/INT stop after the current job (unstarted prefetched jobs are given back);
-ALRM raises :class:`JobTimeout` inside the running job; USR1 raises :class:`JobCancelled`.
+Signals: TERM (and INT, when not under a master) stop after the current job (unstarted
+prefetched jobs are given back); ALRM raises :class:`JobTimeout` inside the running job;
+USR2 raises :class:`JobCancelled` inside it; USR1 reopens log files.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback as tb
@@ -86,7 +88,8 @@ class Worker:
 
     def __init__(self, queues: Sequence[str], *, config: Config, url: str,
                  resolver: TaskResolver, name: str | None = None, burst: bool = False,
-                 slot: Slot | None = None, renew_leases: bool = True) -> None:
+                 slot: Slot | None = None, renew_leases: bool = True, max_jobs: int = 0,
+                 master_pid: int | None = None, title: str = "") -> None:
         self.queues = list(queues)
         self.config = config
         self.url = url
@@ -95,6 +98,9 @@ class Worker:
         self.burst = burst
         self.slot = slot
         self.renew_leases = renew_leases
+        self.max_jobs = max_jobs
+        self.master_pid = master_pid
+        self.title_prefix = f"jobq worker {title or self.name}"
         self.redis = connect(url)
         self.keys = Keys(config.prefix)
         self.scripts = Scripts(self.redis)
@@ -115,8 +121,14 @@ class Worker:
         self._install_signals()
         lease_thread = self._start_lease_thread() if self.renew_leases else None
         log.info("worker %s started on %s", self.name, ",".join(self.queues))
+        if self.slot is not None:
+            self.slot.idle()  # tells the master this worker is up
         try:
             while not self._stopping:
+                if self.max_jobs and self.jobs_done >= self.max_jobs:
+                    log.info("worker %s recycles itself after %d jobs", self.name,
+                             self.jobs_done)
+                    break
                 if not self._buffer and not self._exchange():
                     if self.burst:
                         break
@@ -137,6 +149,10 @@ class Worker:
 
         A lost connection is retried with back-off until it comes back (or the worker is
         told to stop); acks are kept until they are through, so no result is dropped."""
+        if self.master_pid is not None and os.getppid() != self.master_pid:
+            # an orphan: nobody renews our lease any more, so claim nothing new
+            self._stopping = True
+            claim = False
         want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
         delay = RECONNECT_FIRST
         logged = False
@@ -183,6 +199,10 @@ class Worker:
         if self.slot is not None:
             self.slot.idle()
         self._set_title("idle")
+        if self.master_pid is not None and os.getppid() != self.master_pid:
+            log.warning("worker %s: its master is gone; stopping", self.name)
+            self._stopping = True
+            return
         self._idle = True
         try:
             if self._stopping:
@@ -334,13 +354,15 @@ class Worker:
     def _set_title(self, what: str) -> None:
         if what != self._title:
             self._title = what
-            set_title(f"jobq worker {self.name}: {what}")
+            set_title(f"{self.title_prefix}: {what}")
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
+        if self.master_pid is None:  # under a master, Ctrl-C is the master's to handle
+            signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGALRM, self._on_alarm)
-        signal.signal(signal.SIGUSR1, self._on_cancel)
+        signal.signal(signal.SIGUSR1, self._on_reopen_logs)
+        signal.signal(signal.SIGUSR2, self._on_cancel)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self._stopping = True
@@ -350,6 +372,11 @@ class Worker:
     def _on_alarm(self, signum: int, frame: Any) -> None:
         if self._running is not None:
             raise JobTimeout()
+
+    def _on_reopen_logs(self, signum: int, frame: Any) -> None:
+        from . import log as jobq_log
+
+        jobq_log.reopen()
 
     def _on_cancel(self, signum: int, frame: Any) -> None:
         if self._running is not None:
@@ -410,3 +437,102 @@ def set_title(title: str) -> None:
     except ImportError:  # pragma: no cover - a declared dependency
         return
     setproctitle.setproctitle(title)
+
+
+class WorkerPool:
+    """A supervised pool of worker processes, started from Python (the tutorial's API).
+
+    ``WorkerPool(queue, num_workers=2).start()`` forks a jobq master from this process, so
+    functions defined in this script (``__main__``) can be enqueued and run: the workers are
+    forked from it. ``stop()`` stops it gracefully (running jobs finish) and waits.
+    """
+
+    def __init__(self, queue: Any, num_workers: int = 4, *, queues: Sequence[str] | None = None,
+                 imports: Sequence[str] = ()) -> None:
+        self.queue = queue
+        self.num_workers = num_workers
+        self.queues = list(queues or [queue.name])
+        self.imports = list(imports)
+        self.pid = 0
+
+    @property
+    def workers(self) -> list[int]:
+        """Pids of the live worker processes."""
+        import psutil
+
+        if not self.pid:
+            return []
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        return [p.pid for p in children if "jobq worker" in " ".join(p.cmdline())]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Fork the master and wait until its workers are up."""
+        from . import registry
+        from .master.arbiter import Master, Options
+
+        if self.pid:
+            raise RuntimeError("this pool is already started")
+        config = self.queue.config.replace(
+            workers=self.num_workers, queues=self.queues,
+            imports=list(dict.fromkeys([*self.queue.config.imports, *self.imports])),
+            redis_url=self.queue.url)
+        registry.main_tasks_allowed = True
+        ready_r, ready_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the master
+            code = 1
+            try:
+                os.close(ready_r)
+                os.setsid()  # Ctrl-C in the terminal reaches the script, which stops us
+                options = Options(allow_main=True,
+                                  on_ready=lambda: os.write(ready_w, b"1") and None)
+                code = Master(config, options).run()
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        self.pid = pid
+        import select
+
+        ready, _, _ = select.select([ready_r], [], [], timeout)
+        got = os.read(ready_r, 1) if ready else b""
+        os.close(ready_r)
+        if got != b"1":
+            self.stop(timeout=5)
+            raise RuntimeError("the worker pool did not start (see its log)")
+        log.info("started %d workers", self.num_workers)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop gracefully: running jobs finish (killed and re-queued after ``timeout``)."""
+        from .scheduler import drop_owned_schedules
+
+        if not self.pid:
+            return
+        pid, self.pid = self.pid, 0
+        wait = self.queue.config.graceful_timeout + 5 if timeout is None else timeout
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGQUIT)  # the master re-queues what still runs
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        drop_owned_schedules(self.queue)
+        log.info("all workers stopped")
+
+    def __enter__(self) -> WorkerPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

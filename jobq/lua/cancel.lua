@@ -20,31 +20,20 @@ if not spec then
   if redis.call('EXISTS', B .. ':r:' .. id) == 1 then return 'finished' end
   return 'unknown'
 end
-local st = {}
-local raw = redis.call('HGET', B .. ':state', id)
-if raw then
-  local ok, decoded = pcall(cjson.decode, raw)
-  if ok and type(decoded) == 'table' then st = decoded end
-end
+local st = decode_state(redis.call('HGET', B .. ':state', id))
 local ok, job = pcall(cjson.decode, spec)
 local q = (ok and type(job) == 'table' and job.q) or 'default'
-local stats = B .. ':stats:' .. q
 if redis.call('ZREM', B .. ':scheduled', id) == 1 then
-  redis.call('HINCRBY', stats, 'scheduled', -1)
+  count(B, q, 'scheduled', -1)
 elseif st.s == 'deferred' then
-  redis.call('HINCRBY', stats, 'deferred', -1)
+  count(B, q, 'deferred', -1)
 else
-  redis.call('HINCRBY', stats, 'pending', -1)
+  count(B, q, 'pending', -1)  -- its id stays in the list as a tombstone; claim.lua drops it
 end
 st.s = 'cancelled'
 st.fin = now / 1000
 st.err = {type = 'Cancelled', msg = ARGV[5]}
-redis.call('SET', B .. ':r:' .. id, '{"spec":' .. spec .. ',' .. string.sub(cjson.encode(st), 2),
-  'EX', tonumber(ARGV[4]))
-redis.call('HDEL', jobs, id)
-redis.call('HDEL', B .. ':state', id)
-redis.call('HINCRBY', stats, 'cancelled', 1)
-local n = tonumber(redis.call('HGET', B .. ':waiting', id) or '0')
-for _ = 1, n do redis.call('RPUSH', B .. ':done:' .. id, '1') end
-if n > 0 then redis.call('EXPIRE', B .. ':done:' .. id, 300) end
+finish(B, id, final_record(spec, st), tonumber(ARGV[4]))
+count(B, q, 'cancelled', 1)
+notify_done(B, {id})
 return 'cancelled'

@@ -54,11 +54,8 @@ for i = 5, #ARGV do
         end
       end
     end
-    if got > 0 then
-      local st = B .. ':stats:' .. q
-      redis.call('HINCRBY', st, 'pending', -got)
-      redis.call('HINCRBY', st, 'processing', got)
-    end
+    count(B, q, 'pending', -got)
+    count(B, q, 'processing', got)
   end
 end
 if #held > 0 then

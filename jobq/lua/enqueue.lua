@@ -1,44 +1,52 @@
--- enqueue.lua: add jobs to their queues, atomically and idempotently by id.
+-- enqueue.lua: add jobs, atomically and idempotently by id.
 --
 -- KEYS[1]  the jobs hash ({ns}:jobs): id -> job spec (JSON, written once, never rewritten)
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  cap on wake tokens per queue
--- ARGV[3..] groups of 4: id, queue, priority, spec
+-- ARGV[3..] groups of 5: id, queue, priority, due (ms since the epoch; 0 = now), spec
 --
--- A job lives in the list {ns}:q:<queue>:<priority> (FIFO); the sorted set {ns}:q:<queue>
--- holds the non-empty priority levels, so a claim finds the best level in O(log levels).
--- Each enqueue leaves a token in {ns}:wake:<queue>, where idle workers block (BLPOP).
+-- A ready job goes to the end of the list {ns}:q:<queue>:<priority>; the sorted set
+-- {ns}:q:<queue> holds the non-empty priority levels, so a claim finds the best level in
+-- O(log levels). Each ready job leaves a token in {ns}:wake:<queue> for an idle worker.
+-- A job due later waits in {ns}:scheduled (score: due time) and wakes the scheduler.
 -- Returns the number of jobs added (an id already present is skipped).
 local B = ARGV[1]
 local wake_cap = tonumber(ARGV[2])
 local jobs = KEYS[1]
-local per_level = {}   -- level key -> {ids}
-local level_of = {}    -- level key -> {queue, priority}
-local per_queue = {}   -- queue -> count added
+local per_level, level_of, ready, later = {}, {}, {}, {}
 local added = 0
-for i = 3, #ARGV, 4 do
-  local id, q, prio, spec = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 3, #ARGV, 5 do
+  local id, q, prio, due, spec = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]),
+    ARGV[i + 4]
   if redis.call('HSETNX', jobs, id, spec) == 1 then
-    local lk = B .. ':q:' .. q .. ':' .. prio
-    if not per_level[lk] then per_level[lk] = {}; level_of[lk] = {q, prio} end
-    table.insert(per_level[lk], id)
-    per_queue[q] = (per_queue[q] or 0) + 1
     added = added + 1
+    if due > 0 then
+      redis.call('ZADD', B .. ':scheduled', due, id)
+      later[q] = (later[q] or 0) + 1
+    else
+      local lk = q .. ':' .. prio
+      if not per_level[lk] then per_level[lk] = {}; level_of[lk] = {q, prio} end
+      table.insert(per_level[lk], id)
+      ready[q] = (ready[q] or 0) + 1
+    end
   end
 end
 for lk, ids in pairs(per_level) do
-  redis.call('RPUSH', lk, unpack(ids))
-  local q, prio = level_of[lk][1], level_of[lk][2]
-  redis.call('ZADD', B .. ':q:' .. q, prio, prio)
+  push_ready(B, level_of[lk][1], level_of[lk][2], ids, false)
 end
-for q, n in pairs(per_queue) do
+for q, n in pairs(ready) do
   redis.call('SADD', B .. ':queues', q)
-  local st = B .. ':stats:' .. q
-  redis.call('HINCRBY', st, 'pending', n)
-  redis.call('HINCRBY', st, 'enqueued', n)
-  local wk = B .. ':wake:' .. q
-  local room = wake_cap - redis.call('LLEN', wk)
-  if room > n then room = n end
-  for _ = 1, room do redis.call('LPUSH', wk, '1') end
+  count(B, q, 'pending', n)
+  count(B, q, 'enqueued', n)
+  wake(B, q, n, wake_cap)
+end
+for q, n in pairs(later) do
+  redis.call('SADD', B .. ':queues', q)
+  count(B, q, 'scheduled', n)
+  count(B, q, 'enqueued', n)
+end
+if next(later) then
+  local sk = B .. ':sched:wake'
+  if redis.call('LLEN', sk) < 4 then redis.call('LPUSH', sk, '1') end
 end
 return added

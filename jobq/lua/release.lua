@@ -40,14 +40,9 @@ local requeued, failed = {}, {}
 for i = 1, #held, 2 do
   local id, q = held[i], held[i + 1]
   local spec = redis.call('HGET', jobs, id)
-  local raw_state = redis.call('HGET', B .. ':state', id)
   local ok_spec, job = pcall(cjson.decode, spec or 'null')
   if not ok_spec or type(job) ~= 'table' then job = nil end
-  local st = {}
-  if raw_state then
-    local ok, decoded = pcall(cjson.decode, raw_state)
-    if ok and type(decoded) == 'table' then st = decoded end
-  end
+  local st = decode_state(redis.call('HGET', B .. ':state', id))
   if type(st.e) ~= 'table' then st.e = {} end
   local started = current == '' or current == id
   local reason = nil
@@ -67,46 +62,30 @@ for i = 1, #held, 2 do
         .. cause .. ')'
     end
   end
-  local stats = B .. ':stats:' .. q
-  redis.call('HINCRBY', stats, 'processing', -1)
+  count(B, q, 'processing', -1)
   if reason then
     st.s = 'failed'
     st.fin = now / 1000
     st.w = worker
     st.err = {type = 'WorkerLost', msg = reason}
-    local enc = cjson.encode(st)
-    local spec_json = job and spec or 'null'
-    redis.call('SET', B .. ':r:' .. id, '{"spec":' .. spec_json .. ',' .. string.sub(enc, 2),
-      'EX', failed_ttl)
-    redis.call('HDEL', jobs, id)
-    redis.call('HDEL', B .. ':state', id)
-    local dlq = B .. ':dlq:' .. q
-    redis.call('ZADD', dlq, now, id)
-    if redis.call('ZCARD', dlq) > dlq_cap then
-      redis.call('ZREMRANGEBYRANK', dlq, 0, -dlq_cap - 1)
-    end
-    redis.call('HINCRBY', stats, 'failed', 1)
-    local n = tonumber(redis.call('HGET', B .. ':waiting', id) or '0')
-    for _ = 1, n do redis.call('RPUSH', B .. ':done:' .. id, '1') end
-    if n > 0 then redis.call('EXPIRE', B .. ':done:' .. id, 300) end
+    finish(B, id, final_record(job and spec or nil, st), failed_ttl)
+    to_dlq(B, q, id, now, dlq_cap)
+    count(B, q, 'failed', 1)
     failed[#failed + 1] = id
   else
     if started then
       st.s = 'retry'
       redis.call('HSET', B .. ':state', id, cjson.encode(st))
-      redis.call('HINCRBY', stats, 'retried', 1)
+      count(B, q, 'retried', 1)
     end
-    local prio = tostring(job and tonumber(job.p) or 0)
-    local levels = B .. ':q:' .. q
-    redis.call('LPUSH', levels .. ':' .. prio, id)
-    redis.call('ZADD', levels, prio, prio)
-    redis.call('HINCRBY', stats, 'pending', 1)
-    local wk = B .. ':wake:' .. q
-    if redis.call('LLEN', wk) < wake_cap then redis.call('LPUSH', wk, '1') end
+    push_ready(B, q, tostring(job and tonumber(job.p) or 0), {id}, true)
+    count(B, q, 'pending', 1)
+    wake(B, q, 1, wake_cap)
     requeued[#requeued + 1] = id
   end
   redis.call('HDEL', B .. ':active', id)
 end
+notify_done(B, failed)
 redis.call('DEL', held_key)
 redis.call('ZREM', B .. ':leases', worker)
 return {requeued, failed}

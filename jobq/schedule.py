@@ -1,0 +1,210 @@
+"""Schedules and time: pure functions of ``now`` (next fire times, misfires, retry back-off).
+
+No Redis and no clock here: the scheduler process (:mod:`jobq.scheduler`) passes ``now`` in,
+and tests pass a fake one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from .job import QUEUE_NAME, TASK_NAME
+
+#: What a schedule may be named (it becomes part of job ids).
+SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+#: Misfire policies: what a schedule does about runs missed while no scheduler ran.
+MISFIRE = ("skip", "catch_up", "all")
+#: A fire this late (seconds) still counts as on time, not as a misfire.
+ON_TIME = 5.0
+#: Most missed runs fired at once by the "all" policy.
+MAX_BURST = 1000
+#: The names of the five (or six, with seconds) cron fields, for errors.
+CRON_FIELDS_5 = ("minute", "hour", "day of month", "month", "day of week")
+CRON_FIELDS_6 = (*CRON_FIELDS_5, "second")
+
+
+class ScheduleError(ValueError):
+    """A schedule definition is invalid; the message names the field."""
+
+
+@dataclass
+class ScheduleDef:
+    """A named schedule: enqueue ``task(*args, **kwargs)`` once, every ``interval`` seconds,
+    or on a ``cron`` expression (in ``timezone``)."""
+
+    name: str
+    task: str
+    kind: str  # "once" | "interval" | "cron"
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # max_retries, timeout, result_ttl
+    at: float | None = None  # once: epoch seconds
+    interval: float | None = None  # interval: seconds
+    start: float | None = None  # interval: the anchor of its fire times (epoch seconds)
+    cron: str | None = None
+    timezone: str = "UTC"
+    misfire: str = "skip"
+    paused: bool = False
+    source: str = "api"  # "api", "config", "cli"
+    owner: str = ""  # a master id when the task lives in that master's __main__
+
+    def validate(self) -> ScheduleDef:
+        where = f"schedule {self.name!r}"
+        if not isinstance(self.name, str) or not SCHEDULE_NAME.match(self.name):
+            raise ScheduleError(f"schedule name {self.name!r}: use 1-100 of A-Z a-z 0-9 _ . : -")
+        if not isinstance(self.task, str) or not TASK_NAME.match(self.task):
+            raise ScheduleError(f"{where}: task: {self.task!r} is not 'module:function'")
+        if not isinstance(self.queue, str) or not QUEUE_NAME.match(self.queue):
+            raise ScheduleError(f"{where}: queue: {self.queue!r} is not a valid queue name")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ScheduleError(f"{where}: priority: expected an integer, got {self.priority!r}")
+        if not isinstance(self.args, list) or not isinstance(self.kwargs, dict):
+            raise ScheduleError(f"{where}: args must be a list and kwargs a table")
+        if self.misfire not in MISFIRE:
+            raise ScheduleError(f"{where}: misfire: expected one of {', '.join(MISFIRE)}, "
+                                f"got {self.misfire!r}")
+        zone(self.timezone, where)
+        if self.kind == "once":
+            if not _number(self.at):
+                raise ScheduleError(f"{where}: at: a time is required for a one-off schedule")
+        elif self.kind == "interval":
+            if not _number(self.interval) or not self.interval > 0:  # type: ignore[operator]
+                raise ScheduleError(f"{where}: interval: expected seconds > 0, "
+                                    f"got {self.interval!r}")
+            if self.start is not None and not _number(self.start):
+                raise ScheduleError(f"{where}: start: expected a time, got {self.start!r}")
+        elif self.kind == "cron":
+            check_cron(self.cron, where)
+        else:
+            raise ScheduleError(f"{where}: one of at, interval or cron is required")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScheduleDef:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def zone(name: str, where: str = "schedule") -> tzinfo:
+    try:
+        return UTC if name in ("UTC", "utc") else ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ScheduleError(f"{where}: timezone: unknown time zone {name!r}") from None
+
+
+def check_cron(expr: Any, where: str = "schedule") -> None:
+    """Refuse an invalid cron expression, naming the field at fault."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise ScheduleError(f"{where}: cron: expected a cron expression, got {expr!r}")
+    parts = expr.split()
+    if len(parts) not in (5, 6):
+        raise ScheduleError(f"{where}: cron: {expr!r} has {len(parts)} fields; expected 5 "
+                            "(minute hour day-of-month month day-of-week) or 6 (+ seconds)")
+    names = CRON_FIELDS_6 if len(parts) == 6 else CRON_FIELDS_5
+    for i, part in enumerate(parts):
+        probe = ["*"] * len(parts)
+        probe[i] = part
+        if not croniter.is_valid(" ".join(probe)):
+            raise ScheduleError(f"{where}: cron: field {i + 1} ({names[i]}) {part!r} is "
+                                f"invalid in {expr!r}")
+    if not croniter.is_valid(expr):
+        raise ScheduleError(f"{where}: cron: {expr!r} is invalid")
+
+
+def next_fire(d: ScheduleDef, after: float) -> float | None:
+    """The first fire time strictly after ``after`` (epoch seconds); None when done."""
+    if d.kind == "once":
+        return d.at if d.at is not None and d.at > after else None
+    if d.kind == "interval":
+        assert d.interval is not None
+        anchor = d.start if d.start is not None else after
+        if after < anchor:
+            return anchor
+        steps = math.floor((after - anchor) / d.interval) + 1
+        return anchor + steps * d.interval
+    tz = zone(d.timezone)
+    base = datetime.fromtimestamp(after, tz)
+    nxt = croniter(d.cron, base).get_next(datetime)
+    return float(nxt.timestamp())
+
+
+def first_due(d: ScheduleDef, now: float) -> float | None:
+    """When a new schedule first fires: interval schedules fire at their start (now by
+    default), the others at their next fire time."""
+    if d.kind == "interval":
+        return d.start if d.start is not None else now
+    if d.kind == "once":
+        return d.at
+    return next_fire(d, now - 1e-6)
+
+
+@dataclass(frozen=True)
+class Fire:
+    """What to do for a schedule that is due: fire these runs, then wait for ``next_due``."""
+
+    runs: list[float]  # the due times fired now (empty: missed runs skipped)
+    next_due: float | None
+
+
+def plan_fire(d: ScheduleDef, due: float, now: float) -> Fire:
+    """Fire a due schedule. On time (within ON_TIME) it fires once; after downtime its
+    misfire policy decides: "skip" the missed runs, "catch_up" with one run, or "all"."""
+    if now - due <= ON_TIME:
+        return Fire([due], _after(d, due, now))
+    missed = [due]
+    t = due
+    while len(missed) < MAX_BURST:
+        nxt = next_fire(d, t)
+        if nxt is None or nxt > now:
+            break
+        missed.append(nxt)
+        t = nxt
+    upcoming = _after(d, missed[-1], now)
+    if d.misfire == "all":
+        return Fire(missed, upcoming)
+    if d.misfire == "catch_up":
+        return Fire([missed[-1]], upcoming)
+    return Fire([], upcoming)
+
+
+def _after(d: ScheduleDef, due: float, now: float) -> float | None:
+    """The next due time after ``due`` that is not already in the past."""
+    nxt = next_fire(d, due)
+    while nxt is not None and nxt <= now - ON_TIME:
+        nxt = next_fire(d, nxt)
+    return nxt
+
+
+def backoff(attempt: int, base: float, cap: float, jitter: float,
+            rng: random.Random | None = None) -> float:
+    """Delay before retry number ``attempt`` (1, 2, ...): ``base * 2**(attempt-1)``, at most
+    ``cap``, less a random part of up to ``jitter`` of it (so retries of many jobs spread)."""
+    delay = min(cap, base * 2 ** max(0, attempt - 1))
+    return delay * (1 - jitter * (rng or random).random())
+
+
+def to_epoch(value: datetime | float | int) -> float:
+    """A due time as epoch seconds; a naive datetime is local time."""
+    if isinstance(value, datetime):
+        return value.timestamp()  # naive: Python treats it as local time
+    if _number(value):
+        return float(value)
+    raise TypeError(f"expected a datetime or epoch seconds, got {value!r}")
