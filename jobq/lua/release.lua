@@ -37,7 +37,8 @@ if ARGV[10] == '1' then
 end
 local held = redis.call('HGETALL', held_key)
 local requeued, failed = {}, {}
-for i = 1, #held, 2 do
+-- last claimed first: each is pushed to the front of its level, so they keep their order
+for i = #held - 1, 1, -2 do
   local id, q = held[i], held[i + 1]
   local spec = redis.call('HGET', jobs, id)
   local ok_spec, job = pcall(cjson.decode, spec or 'null')
