@@ -123,6 +123,8 @@ class Job:
         *,
         queue: str | None = None,
         result_ttl: int | None = None,
+        retry_on: Sequence[type[BaseException] | str] = (),
+        dont_retry_on: Sequence[type[BaseException] | str] = (),
     ) -> None:
         self.func = func
         self.task = task_name(func)
@@ -141,6 +143,11 @@ class Job:
         if self.queue is not None and not QUEUE_NAME.match(self.queue):
             raise ValueError(f"queue name {self.queue!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         self.result_ttl = None if result_ttl is None else _check_int("result_ttl", result_ttl, 0)
+        #: Exception names: only these are retried / these are never retried
+        self.retry_on = exception_names(retry_on, "retry_on")
+        self.dont_retry_on = exception_names(dont_retry_on, "dont_retry_on")
+        #: When a delayed job is due (epoch seconds), None to run as soon as possible
+        self.due_at: float | None = None
         self.status = JobStatus.PENDING
         self.created_at: datetime = datetime.now(UTC)
         self.started_at: datetime | None = None
@@ -183,6 +190,7 @@ class Job:
             "retry_count": self.retry_count,
             "deliveries": self.deliveries,
             "worker": self.worker,
+            "due_at": _ts(self.due_at).isoformat() if self.due_at else None,
         }
 
     def result(self, timeout: float | None = None) -> Any:
@@ -231,6 +239,10 @@ class Job:
             spec["to"] = self.timeout
         if self.result_ttl is not None:
             spec["ttl"] = self.result_ttl
+        if self.retry_on:
+            spec["ro"] = self.retry_on
+        if self.dont_retry_on:
+            spec["dro"] = self.dont_retry_on
         spec["c"] = round(self.created_at.timestamp(), 3)
         return spec
 
@@ -255,7 +267,8 @@ class Job:
                       priority=spec.get("p", DEFAULT_PRIORITY),
                       max_retries=spec.get("r", DEFAULT_MAX_RETRIES),
                       timeout=spec.get("to", DEFAULT_TIMEOUT),
-                      queue=spec.get("q") or DEFAULT_QUEUE, result_ttl=spec.get("ttl"))
+                      queue=spec.get("q") or DEFAULT_QUEUE, result_ttl=spec.get("ttl"),
+                      retry_on=spec.get("ro", ()), dont_retry_on=spec.get("dro", ()))
             created = spec.get("c")
             if created is not None:
                 job.created_at = _ts(_check_number("created", created)) or job.created_at
@@ -285,6 +298,33 @@ class Job:
         self.completed_at = _ts(state.get("fin"))
         self.return_value = state.get("res")
         self.worker = state.get("w")
+
+
+def exception_names(types: Sequence[type[BaseException] | str], option: str) -> list[str]:
+    """Exception classes as names (``ValueError``, ``package.module.MyError``) for a spec."""
+    if isinstance(types, str | type):
+        types = [types]
+    names = []
+    for t in types:
+        if isinstance(t, str) and t:
+            names.append(t)
+        elif isinstance(t, type) and issubclass(t, BaseException):
+            names.append(exception_name(t))
+        else:
+            raise TypeError(f"{option} takes exception classes or their names, got {t!r}")
+    return names
+
+
+def exception_name(t: type[BaseException]) -> str:
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def exception_matches(exc: BaseException, names: Sequence[str]) -> bool:
+    """True if ``exc`` is an instance of a class named in ``names`` (or of a subclass)."""
+    for cls in type(exc).__mro__:
+        if exception_name(cls) in names or cls.__qualname__ in names:
+            return True
+    return False
 
 
 def new_id() -> str:

@@ -17,7 +17,8 @@ from .keys import Keys
 from .scripts import Scripts
 
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
-JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue"})
+JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
+                         "retry_on", "dont_retry_on", "delay", "at"})
 #: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
 WAKE_CAP = 64
 #: Jobs per enqueue script call in enqueue_many (bounded so one call stays short).
@@ -65,7 +66,8 @@ class JobQueue:
         job = self._build(job, args, kwargs, options)
         encoded = self._encode(job)
         self.scripts.run("enqueue", [self.keys.jobs],
-                         [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority, 0, encoded])
+                         [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority,
+                          _due_ms(job), encoded])
         return job
 
     def enqueue_many(self, jobs: Iterable[Job] | Callable[..., Any] | str,
@@ -85,7 +87,7 @@ class JobQueue:
         for start in range(0, len(built), ENQUEUE_CHUNK):
             argv: list[Any] = [self.keys.base, WAKE_CAP]
             for job in built[start:start + ENQUEUE_CHUNK]:
-                argv += (job.id, job.queue, job.priority, 0, self._encode(job))
+                argv += (job.id, job.queue, job.priority, _due_ms(job), self._encode(job))
             self.scripts.enqueue(keys=[self.keys.jobs], args=argv, client=pipe)
         pipe.execute()
         return built
@@ -101,7 +103,9 @@ class JobQueue:
                 raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
             defaults = dict(getattr(job, "job_options", {}))
             defaults.update(options)
+            delay, at = defaults.pop("delay", None), defaults.pop("at", None)
             job = Job(job, args, kwargs, **defaults)
+            job.due_at = _due(delay, at)
         registry.check_enqueueable(job.task)
         if job.queue is None:
             job.queue = self.name
@@ -115,12 +119,12 @@ class JobQueue:
     def get_job(self, job_id: str) -> Job | None:
         """The job with its current status, attempts, errors and result; None if unknown."""
         k = self.keys
-        final, spec, state, holder = (
+        final, spec, state, holder, due = (
             self.redis.pipeline(transaction=False)
             .get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
-            .hget(k.active, job_id).execute()
+            .hget(k.active, job_id).zscore(k.scheduled, job_id).execute()
         )
-        job = read_job(job_id, final, spec, state, holder)
+        job = read_job(job_id, final, spec, state, holder, due)
         if job is not None:
             job._queue = self
         return job
@@ -197,8 +201,30 @@ class JobQueue:
 Queue = JobQueue
 
 
+def _due(delay: float | None, at: Any) -> float | None:
+    """The due time of ``delay=seconds`` or ``at=datetime`` (naive: local time)."""
+    from .schedule import to_epoch
+
+    if delay is not None and at is not None:
+        raise TypeError("give either delay or at, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+            raise ValueError(f"delay must be a number of seconds >= 0, got {delay!r}")
+        return time.time() + delay if delay > 0 else None
+    if at is not None:
+        return to_epoch(at)
+    return None
+
+
+def _due_ms(job: Job) -> int:
+    if job.due_at is None or job.due_at <= time.time():
+        return 0
+    job.status = JobStatus.SCHEDULED
+    return int(job.due_at * 1000)
+
+
 def read_job(job_id: str, final: str | None, spec: str | None, state: str | None,
-             holder: str | None) -> Job | None:
+             holder: str | None, due: float | None = None) -> Job | None:
     """Assemble a Job from what Redis holds about it (see :mod:`jobq.keys`)."""
     if final is not None:
         record = decode(final)
@@ -212,7 +238,12 @@ def read_job(job_id: str, final: str | None, spec: str | None, state: str | None
     job = _job_from(job_id, decode(spec))
     if state is not None:
         job.apply_state(decode(state))
-    job.status = JobStatus.PROCESSING if holder else job.status
+    if holder:
+        job.status = JobStatus.PROCESSING
+    elif due is not None:
+        job.due_at = due / 1000
+        if job.status is not JobStatus.RETRY:
+            job.status = JobStatus.SCHEDULED
     return job
 
 

@@ -28,7 +28,8 @@ REGISTRY: dict[str, Task[Any, Any]] = {}
 #: functions of ``__main__`` exist there too and may be enqueued.
 main_tasks_allowed = False
 
-_OPTIONS = ("queue", "priority", "max_retries", "timeout", "result_ttl")
+_OPTIONS = ("queue", "priority", "max_retries", "timeout", "result_ttl", "retry_on",
+            "dont_retry_on")
 
 
 class Task(Generic[P, R]):

@@ -24,6 +24,8 @@ SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
 MISFIRE = ("skip", "catch_up", "all")
 #: A fire this late (seconds) still counts as on time, not as a misfire.
 ON_TIME = 5.0
+#: Two times closer than this (seconds) are the same due time (Redis keeps milliseconds).
+EPSILON = 0.002
 #: Most missed runs fired at once by the "all" policy.
 MAX_BURST = 1000
 #: The names of the five (or six, with seconds) cron fields, for errors.
@@ -60,6 +62,11 @@ class ScheduleDef:
 
     def validate(self) -> ScheduleDef:
         where = f"schedule {self.name!r}"
+        # due times are kept in whole milliseconds in Redis: keep the definition's the same
+        if _number(self.at):
+            self.at = round(self.at, 3)  # type: ignore[arg-type]
+        if _number(self.start):
+            self.start = round(self.start, 3)  # type: ignore[arg-type]
         if not isinstance(self.name, str) or not SCHEDULE_NAME.match(self.name):
             raise ScheduleError(f"schedule name {self.name!r}: use 1-100 of A-Z a-z 0-9 _ . : -")
         if not isinstance(self.task, str) or not TASK_NAME.match(self.task):
@@ -131,6 +138,7 @@ def check_cron(expr: Any, where: str = "schedule") -> None:
 
 def next_fire(d: ScheduleDef, after: float) -> float | None:
     """The first fire time strictly after ``after`` (epoch seconds); None when done."""
+    after += EPSILON  # "strictly after", robust to the millisecond rounding of due times
     if d.kind == "once":
         return d.at if d.at is not None and d.at > after else None
     if d.kind == "interval":
@@ -139,7 +147,7 @@ def next_fire(d: ScheduleDef, after: float) -> float | None:
         if after < anchor:
             return anchor
         steps = math.floor((after - anchor) / d.interval) + 1
-        return anchor + steps * d.interval
+        return round(anchor + steps * d.interval, 3)
     tz = zone(d.timezone)
     base = datetime.fromtimestamp(after, tz)
     nxt = croniter(d.cron, base).get_next(datetime)

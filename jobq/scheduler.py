@@ -286,6 +286,7 @@ class SchedulerProcess:
         self.token = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.leading = False
         self.stopping = False
+        self.blocking = False
         self.reload = False
         self.next_owner_check = 0.0
 
@@ -396,16 +397,20 @@ class SchedulerProcess:
         if not self.leading:
             _interruptible_sleep(timeout, lambda: self.stopping)
             return
+        self.blocking = True
         try:
             self.redis.blpop([self.k["wake"]], timeout=timeout)
         except _Wake:
-            self.redis.connection_pool.disconnect()
+            self.redis.connection_pool.disconnect()  # a reply may be half read
         except redis.RedisError:
             _interruptible_sleep(min(timeout, 1.0), lambda: self.stopping)
+        finally:
+            self.blocking = False
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
-        raise _Wake()
+        if self.blocking:  # leave BLPOP at once; anywhere else the loop sees the flag
+            raise _Wake()
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload = True
@@ -454,10 +459,7 @@ def _interruptible_sleep(seconds: float, stop: Callable[[], bool]) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        try:
-            time.sleep(min(left, 0.1))
-        except _Wake:
-            return
+        time.sleep(min(left, 0.1))
 
 
 def scheduler_main(config: Config, url: str, options: Any = None) -> int:

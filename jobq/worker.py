@@ -40,11 +40,12 @@ import redis
 from . import recovery, serialization
 from .config import Config
 from .connection import connect, describe_error
-from .exceptions import JobCancelled, JobTimeout, SerializationError, TaskNotAllowed
-from .job import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BadJob, decode
+from .exceptions import JobCancelled, JobTimeout, Retry, SerializationError, TaskNotAllowed
+from .job import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BadJob, decode, exception_matches
 from .keys import Keys
 from .queue import WAKE_CAP
 from .registry import TaskResolver
+from .schedule import backoff
 from .scripts import Scripts
 
 if TYPE_CHECKING:
@@ -58,8 +59,10 @@ BATCH_TARGET = 0.004
 BATCH_MAX = 128
 #: Results of finished jobs are sent at the latest this long after the job ended (seconds).
 FLUSH_INTERVAL = 0.005
-#: How long an idle worker blocks before it looks around (heartbeat, lapsed leases).
+#: How long an idle worker blocks before it looks around (heartbeat, its master).
 IDLE_TICK = 1.0
+#: A worker without a master promotes due jobs and reaps lapsed leases this often (s).
+HOUSEKEEP_EVERY = 0.25
 #: Errors kept on a job (the latest ones); the attempt count keeps counting.
 MAX_ERRORS_KEPT = 10
 #: Reconnect back-off after a lost server connection (seconds): first, cap.
@@ -115,6 +118,7 @@ class Worker:
         self._cancel_requested = False
         self._wake_keys = [self.keys.wake(q) for q in self.queues]
         self._title = ""
+        self._next_housekeeping = 0.0
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -129,8 +133,10 @@ class Worker:
                     log.info("worker %s recycles itself after %d jobs", self.name,
                              self.jobs_done)
                     break
+                if self.renew_leases and time.monotonic() >= self._next_housekeeping:
+                    self._housekeep()
                 if not self._buffer and not self._exchange():
-                    if self.burst:
+                    if self.burst and not self._scheduled_work():
                         break
                     self._wait_for_work()
                     continue
@@ -207,7 +213,8 @@ class Worker:
         try:
             if self._stopping:
                 return
-            got = self.redis.blpop(self._wake_keys, timeout=IDLE_TICK)
+            tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
+            got = self.redis.blpop(self._wake_keys, timeout=tick)
         except _Interrupt:
             self.redis.connection_pool.disconnect()  # a reply may be half read
             return
@@ -217,12 +224,24 @@ class Worker:
             return
         finally:
             self._idle = False
-        if got is None and self.renew_leases:
-            # nobody else may be looking after lapsed leases when we run without a master
-            try:
-                recovery.reap(self.redis, self.scripts, self.keys, self.config)
-            except redis.RedisError as exc:
-                log.warning("reaping lapsed leases failed: %s", exc)
+
+    def _housekeep(self) -> None:
+        """Without a master (so maybe without a scheduler), promote due retries and delayed
+        jobs and give back the jobs of workers whose lease lapsed."""
+        self._next_housekeeping = time.monotonic() + HOUSEKEEP_EVERY
+        try:
+            self.scripts.run("promote", [self.keys.jobs], [
+                self.keys.base, int(time.time() * 1000), 2000, WAKE_CAP])
+            recovery.reap(self.redis, self.scripts, self.keys, self.config)
+        except redis.RedisError as exc:
+            log.warning("housekeeping failed: %s", describe_error(exc, self.url))
+
+    def _scheduled_work(self) -> bool:
+        """Whether jobs of our queues wait for a later time (a burst worker waits for them)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for q in self.queues:
+            pipe.hget(self.keys.stats(q), "scheduled")
+        return any(int(n or 0) > 0 for n in pipe.execute())
 
     # -- one job -----------------------------------------------------------------------------
     def _run_one(self, job_id: str, queue: str, spec_raw: str | None,
@@ -322,14 +341,26 @@ class Worker:
         max_retries = spec.get("r", DEFAULT_MAX_RETRIES) if spec else 0
         if not isinstance(max_retries, int):
             max_retries = 0
+        if spec and not permanent:
+            permanent = not retryable(exc, spec.get("ro"), spec.get("dro"))
         retry = not permanent and attempts <= max_retries
         state.update(n=attempts, e=errors)
         priority = spec.get("p", 0) if spec else 0
         if retry:
+            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff(
+                attempts, self.config.retry_backoff_base, self.config.retry_backoff_cap,
+                self.config.retry_jitter)
             state["s"] = "retry"
-            self._ack("retry", job_id, queue, priority, 0, serialization.dumps(state))
-            log.warning("job %s %s failed (attempt %d of %d), retrying: %s: %s", job_id, task,
-                        attempts, max_retries + 1, error["type"], error["msg"][:200])
+            if delay > 0:
+                due = finished + delay
+                state["due"] = round(due, 3)
+                self._ack("later", job_id, queue, priority, int(due * 1000),
+                          serialization.dumps(state))
+            else:
+                self._ack("retry", job_id, queue, priority, 0, serialization.dumps(state))
+            log.warning("job %s %s failed (attempt %d of %d), retry in %.2f s: %s: %s", job_id,
+                        task, attempts, max_retries + 1, delay, error["type"],
+                        error["msg"][:200])
             return
         state.update(s="failed", st=round(started, 6), fin=round(finished, 6), w=self.name,
                      err=error)
@@ -416,6 +447,17 @@ class Worker:
         if lease_thread is not None:
             self._lease_stop.set()
         log.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
+
+
+def retryable(exc: BaseException, retry_on: Any, dont_retry_on: Any) -> bool:
+    """Whether a job's failure may be retried, by its retry_on/dont_retry_on names."""
+    if isinstance(exc, Retry):
+        return True
+    if isinstance(dont_retry_on, list) and exception_matches(exc, dont_retry_on):
+        return False
+    if isinstance(retry_on, list) and retry_on:
+        return exception_matches(exc, retry_on)
+    return True
 
 
 def _bad_arguments(fn: Any, args: Any, kwargs: Any) -> bool:
