@@ -23,7 +23,12 @@ key                        type    holds
 {ns}:stats:<queue>         hash    counters: pending, processing, completed, failed, ...
 {ns}:waiting               hash    id -> number of clients blocked on its completion
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
-{ns}:workers               hash    worker id -> description (host, pid, queues, started)
+{ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
+{ns}:sched:defs            hash    schedule name -> definition (JSON)
+{ns}:sched:due             zset    schedule name -> next due time (ms)
+{ns}:sched:last            hash    schedule name -> last fire (JSON)
+{ns}:sched:leader          string  the leading scheduler's token, with a TTL (the lease)
+{ns}:sched:wake            list    tokens that wake the leading scheduler early
 =========================  ======  ==========================================================
 """
 
@@ -34,7 +39,7 @@ class Keys:
     """Key names of one namespace."""
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
-                 "scheduled", "waiting", "workers")
+                 "scheduled", "waiting", "masters")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -47,7 +52,7 @@ class Keys:
         self.leases = f"{b}:leases"
         self.scheduled = f"{b}:scheduled"
         self.waiting = f"{b}:waiting"
-        self.workers = f"{b}:workers"
+        self.masters = f"{b}:masters"
 
     def levels(self, queue: str) -> str:
         return f"{self.base}:q:{queue}"

@@ -56,7 +56,7 @@ def sched_keys(keys: Keys) -> dict[str, str]:
     b = keys.base
     return {"defs": f"{b}:sched:defs", "due": f"{b}:sched:due", "last": f"{b}:sched:last",
             "leader": f"{b}:sched:leader", "wake": f"{b}:sched:wake",
-            "masters": f"{b}:masters"}
+            "masters": keys.masters}
 
 
 class Scheduler:

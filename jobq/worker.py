@@ -521,7 +521,10 @@ class WorkerPool:
             workers=self.num_workers, queues=self.queues,
             imports=list(dict.fromkeys([*self.queue.config.imports, *self.imports])),
             redis_url=self.queue.url)
+        from .scheduler import owner_id
+
         registry.main_tasks_allowed = True
+        owner = owner_id()
         ready_r, ready_w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -531,7 +534,7 @@ class WorkerPool:
             try:
                 os.close(ready_r)
                 os.setsid()  # Ctrl-C in the terminal reaches the script, which stops us
-                options = Options(allow_main=True,
+                options = Options(allow_main=True, owner=owner,
                                   on_ready=lambda: os.write(ready_w, b"1") and None)
                 code = Master(config, options).run()
             finally:

@@ -77,6 +77,8 @@ SERVER_EVERY = 5.0
 RELOAD_READY_WAIT = 10.0
 #: Restart delay of a scheduler process that died.
 SCHEDULER_RESTART = 1.0
+#: How often the master describes itself and its workers in Redis (``jobq info``).
+HEARTBEAT_EVERY = 2.0
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Options:
     allow_main: bool = False  # workers may run functions of __main__ (WorkerPool)
     pidfile: str = ""
     on_ready: Callable[[], None] | None = None
+    owner: str = ""  # the script that forked this master (schedules of its __main__ tasks)
 
 
 class Master:
@@ -113,7 +116,9 @@ class Master:
         self.reload_started: float | None = None
         self.to_retire: list[int] = []
         self.unreleased: list[tuple[str, str, str]] = []  # (worker, current job, cause)
-        self.next_memory = self.next_renew = self.next_server = 0.0
+        self.next_memory = self.next_renew = self.next_server = self.next_heartbeat = 0.0
+        self.started = time.time()
+        self.id = ""
         self.rng = random.Random()
         self.host = socket.gethostname().split(".")[0] or "host"
         self.slots = SlotTable(max(64, 8 * config.workers))
@@ -147,6 +152,7 @@ class Master:
                 return exitcodes.PIDFILE
         try:
             self.url = resolve_url(self.config)
+            self.id = f"{self.host}.{os.getpid()}"
             self.redis = connect(self.url)
             self.scripts = Scripts(self.redis)
             self._install_signals()
@@ -167,7 +173,8 @@ class Master:
                     log.info("master ready: %d worker(s)", len(self.workers))
                 if self.stopping and not self.workers and not self.scheduler_pid:
                     break
-                self._wait(policy.next_check(now, list(self.workers.values()), self.limits))
+                wake = policy.next_check(now, list(self.workers.values()), self.limits)
+                self._wait(wake if ready_sent else min(wake, now + 0.02))
                 self._handle_signals()
                 self._reap()
                 self._tick(time.time())
@@ -211,6 +218,9 @@ class Master:
         if now >= self.next_renew:
             self.next_renew = now + self.config.lease_time / 3
             self._renew_leases(now)
+        if now >= self.next_heartbeat and not self.stopping:
+            self.next_heartbeat = now + HEARTBEAT_EVERY
+            self._heartbeat(now)
         if self.unreleased:
             self._retry_releases()
         if self.embedded and now >= self.next_server and not self.stopping:
@@ -524,6 +534,27 @@ class Master:
         except redis.RedisError as exc:
             log.warning("cannot renew leases (%s)", describe_error(exc, self.url))
 
+    def _heartbeat(self, now: float) -> None:
+        """Describe this master and what each worker does, for ``jobq info`` and the
+        scheduler (which drops the schedules of a pool that is gone)."""
+        if self.redis is None:
+            return
+        from .. import serialization
+
+        workers = [{"slot": w.slot, "pid": w.pid, "name": w.name, "job": w.job_id,
+                    "since": w.job_started if w.busy else None,
+                    "memory_mb": round(w.memory_mb, 1) if w.memory_mb else None,
+                    "jobs_done": w.jobs_done, "state": "busy" if w.busy else "idle"}
+                   for w in sorted(self.workers.values(), key=lambda w: w.slot)]
+        info = {"host": self.host, "pid": os.getpid(), "started": self.started, "ts": now,
+                "queues": self.config.queues, "target": self.target,
+                "generation": self.generation, "owner": self.options.owner,
+                "scheduler_pid": self.scheduler_pid, "workers": workers}
+        try:
+            self.redis.hset(self.keys.masters, self.id, serialization.dumps(info))
+        except redis.RedisError as exc:
+            log.debug("heartbeat failed: %s", exc)
+
     # -- the scheduler and the server ----------------------------------------------------------
     def _spawn_scheduler(self) -> None:
         from ..scheduler import scheduler_main
@@ -550,6 +581,11 @@ class Master:
                   f" gen={self.generation}")
 
     def _cleanup(self) -> None:
+        if self.redis is not None and self.id:
+            try:
+                self.redis.hdel(self.keys.masters, self.id)
+            except redis.RedisError:
+                pass
         for pid in list(self.workers):
             _killpg(pid)
         if self.scheduler_pid:
