@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -50,7 +51,22 @@ def connect(url: str, *, decode_responses: bool = True, **kw: Any) -> redis.Redi
     if target != "unix":
         options.update(TCP_DEFAULTS)
     options.update(kw)
-    return redis.Redis.from_url(f"{target}://{rest}", **options)
+    client = redis.Redis.from_url(f"{target}://{rest}", **options)
+    _clients.add(client)
+    return client
+
+
+#: Every client this process made, so it can tell its own connections from others' at exit.
+_clients: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close every connection this process holds (see :func:`jobq.server.ensure_server`)."""
+    for client in list(_clients):
+        try:
+            client.connection_pool.disconnect()
+        except Exception:
+            pass
 
 
 def redact(url: str) -> str:

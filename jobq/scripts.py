@@ -60,7 +60,7 @@ class Scripts:
     def _connection(self) -> Any:
         """A connection of our own, made anew in a forked child (sockets are not shared)."""
         if self._conn is None or self._pid != os.getpid():
-            self._conn = self.client.connection_pool.make_connection()
+            self._conn = self.client.connection_pool.get_connection()  # kept, never released
             self._pid = os.getpid()
         return self._conn
 

@@ -7,6 +7,8 @@ socket (no TCP listener) and persisted with an append-only file.
 
 from __future__ import annotations
 
+import atexit
+
 import contextlib
 import fcntl
 import logging
@@ -21,6 +23,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psutil
+import redis
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +306,36 @@ class EmbeddedServer:
 
 def ensure_server(home: Path | str | None = None) -> str:
     """Start the embedded server for ``home`` (default :func:`default_home`) if needed; return
-    its URL."""
-    return EmbeddedServer(home).ensure_running()
+    its URL.
+
+    A process that had to start it stops it again when it exits, if no other client is
+    connected by then (a script leaves nothing running behind it; the AOF keeps the data).
+    ``jobq server start`` starts one that stays.
+    """
+    server = EmbeddedServer(home)
+    if server.is_running():
+        return server.url
+    url = server.ensure_running()
+    atexit.register(_stop_if_unused, server, os.getpid())
+    return url
+
+
+def _stop_if_unused(server: EmbeddedServer, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child exiting normally: the server is its parent's business
+    from .connection import close_all
+
+    close_all()  # our own connections do not count as users
+    try:
+        client = redis.Redis(unix_socket_path=str(server.socket_path), socket_timeout=2)
+        try:
+            others = int(client.info("clients")["connected_clients"]) - 1
+        finally:
+            client.close()
+        if others <= 0:
+            server.stop()
+    except Exception:  # best effort at interpreter exit
+        pass
 
 
 def _is_ready(reply: bytes | None) -> bool:
