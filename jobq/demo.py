@@ -43,15 +43,13 @@ def run_demo(config: Config, url: str, jobs: int, workers: int) -> int:
     started = time.time()
     batch = queue.enqueue_many(count_primes, [(n,) for n in limits])
     click.echo(f"enqueued {len(batch)} jobs on queue {QUEUE!r} at {_where(url)}; "
-               f"running them on {workers} worker processes")
-    procs = _start_workers(url, workers)
+               f"running them on a jobq-master with {workers} workers")
+    master = _start_master(url, workers)
     try:
         done = [queue.wait(job.id, timeout=300) for job in batch]
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+        master.terminate()  # SIGTERM: a graceful stop
+        master.wait(timeout=60)
     elapsed = time.time() - started
     ok = [j for j in done if j.status is JobStatus.COMPLETED]
     failed = [j for j in done if j.status is JobStatus.FAILED]
@@ -65,11 +63,12 @@ def run_demo(config: Config, url: str, jobs: int, workers: int) -> int:
     return 0 if len(ok) + len(failed) == len(done) else 1
 
 
-def _start_workers(url: str, count: int) -> list[subprocess.Popen[bytes]]:
+def _start_master(url: str, workers: int) -> subprocess.Popen[bytes]:
+    """The same jobq-master users run, as a child process."""
     env = {**os.environ, "JOBQ_REDIS_URL": url}
-    cmd = [sys.executable, "-m", "jobq.cli", "--log-level", "error", "worker",
-           "-q", QUEUE, "-I", __name__]
-    return [subprocess.Popen(cmd, env=env) for _ in range(count)]
+    cmd = [sys.executable, "-m", "jobq.master", "--workers", str(workers), "-q", QUEUE,
+           "-I", __name__, "--log-level", "error"]
+    return subprocess.Popen(cmd, env=env)
 
 
 def _where(url: str) -> str:
