@@ -25,7 +25,7 @@ WAKE_CAP = 64
 ENQUEUE_CHUNK = 1000
 
 _STATUS_COUNTERS = ("pending", "processing", "scheduled", "deferred", "completed", "failed",
-                    "cancelled", "retried", "enqueued")
+                    "cancelled", "retried", "enqueued", "requeued")
 
 
 class JobQueue:
@@ -196,6 +196,91 @@ class JobQueue:
             args=[self.keys.base, job_id, int(time.time() * 1000),
                   max(self.config.failed_ttl, 86400), reason])
         return bool(outcome == "cancelled")
+
+
+    # -- operations: dead letters, requeue, empty, suspend ------------------------------------
+    def failed_jobs(self, limit: int = 100, offset: int = 0) -> list[Job]:
+        """This queue's dead-letter queue, newest first."""
+        ids = self.redis.zrevrange(self.keys.dlq(self.name), offset, offset + limit - 1)
+        jobs = [self.get_job(i) for i in ids]
+        return [j for j in jobs if j is not None]
+
+    def failed_count(self) -> int:
+        return int(self.redis.zcard(self.keys.dlq(self.name)))
+
+    def requeue(self, job_id: str) -> bool:
+        """Put a failed (or cancelled, or completed) job back in its queue with fresh attempts;
+        its history of errors is kept. False if it is unknown, live, or gone."""
+        raw = self.redis.get(self.keys.result(job_id))
+        if raw is None:
+            return False
+        record = serialization.loads(raw)
+        spec = record.get("spec") if isinstance(record, dict) else None
+        if not isinstance(spec, dict) or record.get("s") == "cancelled":
+            # a cancelled job's id may still sit in its queue list as a tombstone: requeueing
+            # that id would run it twice; enqueue the task again instead
+            return False
+        queue = spec.get("q") or "default"
+        priority = spec.get("p", 0)
+        errors = record.get("e") if isinstance(record.get("e"), list) else []
+        err = record.get("err")
+        if isinstance(err, dict) and err not in errors:
+            errors = [*errors, err]
+        state = {"s": "pending", "e": errors[-10:],
+                 "rq": int(record.get("rq", 0) or 0) + 1}
+        return bool(self.scripts.run("requeue", [self.keys.jobs], [
+            self.keys.base, job_id, raw, queue, priority, serialization.dumps(spec),
+            serialization.dumps(state), WAKE_CAP]))
+
+    def requeue_failed(self) -> int:
+        """Requeue every job in this queue's dead-letter queue; returns how many."""
+        count = 0
+        while True:
+            ids = self.redis.zrange(self.keys.dlq(self.name), 0, 999)
+            if not ids:
+                return count
+            moved = sum(self.requeue(i) for i in ids)
+            if not moved:  # records gone (expired): drop their ids
+                self.redis.zrem(self.keys.dlq(self.name), *ids)
+            count += moved
+
+    def purge_failed(self) -> int:
+        """Delete this queue's dead-letter queue and the records of its jobs."""
+        ids = self.redis.zrange(self.keys.dlq(self.name), 0, -1)
+        pipe = self.redis.pipeline()
+        for start in range(0, len(ids), 1000):
+            pipe.delete(*[self.keys.result(i) for i in ids[start:start + 1000]])
+        pipe.delete(self.keys.dlq(self.name))
+        pipe.execute()
+        return len(ids)
+
+    def empty(self) -> int:
+        """Delete every pending job of this queue (running jobs finish); returns how many."""
+        total = 0
+        while True:
+            n = self.scripts.run("empty", [self.keys.jobs], [self.keys.base, self.name, 1000])
+            total += n
+            if n == 0:
+                return total
+
+    def suspend(self) -> None:
+        """Workers stop claiming from this queue (running jobs finish)."""
+        self.redis.sadd(self.keys.suspended, self.name)
+
+    def resume(self) -> None:
+        self.redis.srem(self.keys.suspended, self.name)
+
+    @property
+    def suspended(self) -> bool:
+        return bool(self.redis.sismember(self.keys.suspended, self.name))
+
+    def exists(self) -> bool:
+        """Whether this queue was ever used on this server."""
+        return bool(self.redis.sismember(self.keys.queues, self.name))
+
+    def queues(self) -> list[str]:
+        """Every queue name used on this server."""
+        return sorted(self.redis.smembers(self.keys.queues))
 
 
 Queue = JobQueue

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from . import recovery, serialization
+from . import info, recovery, serialization
 from .config import Config, load_config
 from .connection import connect, describe_error
 from .job import Job
@@ -45,6 +45,8 @@ PROMOTE_BATCH = 2000
 OWNER_CHECK_EVERY = 10.0
 #: A master that has not written its heartbeat for this long is gone (seconds).
 MASTER_STALE = 15.0
+#: ... and is no longer listed by ``jobq info`` after this long.
+MASTER_FORGOTTEN = 600.0
 
 
 def owner_id() -> str:
@@ -191,10 +193,10 @@ class Scheduler:
         out = []
         for name in sorted(defs):
             d = serialization.loads(defs[name])
-            info = serialization.loads(last[name]) if name in last else {}
-            job_id = info.get("job")
+            fired = serialization.loads(last[name]) if name in last else {}
+            job_id = fired.get("job")
             d.update(next_run=due[name] / 1000 if name in due else None,
-                     last_run=info.get("fired"), last_job=job_id,
+                     last_run=fired.get("fired"), last_job=job_id,
                      last_status=self.queue.get_status(job_id) if job_id else None,
                      leader=leader.rsplit(".", 2)[0] if leader else None)
             out.append(d)
@@ -289,6 +291,7 @@ class SchedulerProcess:
         self.blocking = False
         self.reload = False
         self.next_owner_check = 0.0
+        self.next_snapshot = 0.0
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
@@ -327,6 +330,9 @@ class SchedulerProcess:
         if now >= self.next_owner_check:
             self.next_owner_check = now + OWNER_CHECK_EVERY
             self.drop_orphaned_schedules(now)
+        if now >= self.next_snapshot:
+            self.next_snapshot = now + info.SNAPSHOT_EVERY
+            info.snapshot(self.redis, self.keys, now)
         return min(x for x in (renew_at, next_job, next_fire) if x is not None)
 
     def promote(self, now: float) -> float | None:
@@ -380,10 +386,13 @@ class SchedulerProcess:
     def drop_orphaned_schedules(self, now: float) -> None:
         """Schedules of a ``__main__`` task die with the pool that could run it."""
         owners = set()
-        for raw in self.redis.hvals(self.k["masters"]):
-            info = serialization.loads(raw)
-            if now - info.get("ts", 0) < MASTER_STALE:
-                owners.add(info.get("owner"))
+        for master, raw in self.redis.hgetall(self.k["masters"]).items():
+            described = serialization.loads(raw)
+            age = now - described.get("ts", 0)
+            if age < MASTER_STALE:
+                owners.add(described.get("owner"))
+            elif age > MASTER_FORGOTTEN:
+                self.redis.hdel(self.k["masters"], master)
         for name, raw in self.redis.hgetall(self.k["defs"]).items():
             owner = serialization.loads(raw).get("owner")
             if owner and owner not in owners:

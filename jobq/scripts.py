@@ -17,7 +17,8 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader")
+NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
+         "requeue", "empty")
 
 
 def _source(name: str) -> str:
@@ -72,3 +73,5 @@ class Scripts:
     promote: Any
     fire: Any
     leader: Any
+    requeue: Any
+    empty: Any

@@ -51,7 +51,7 @@ for k = 1, #ids do
       if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
       finished[#finished + 1] = id
       c[3] = c[3] + 1
-      to_dlq(B, q, id, now, dlq_cap)
+      to_dlq(B, q, id, now, dlq_cap, ttl)
     elseif kind == 'retry' then
       c[4] = c[4] + 1
       c[5] = c[5] + 1

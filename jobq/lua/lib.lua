@@ -21,10 +21,12 @@ local function wake(B, q, n, cap)
   for _ = 1, room do redis.call('LPUSH', wk, '1') end
 end
 
--- Put a failed job's id in its queue's dead-letter queue, keeping at most cap.
-local function to_dlq(B, q, id, now, cap)
+-- Put a failed job's id in its queue's dead-letter queue, keeping at most cap ids, none
+-- older than ttl seconds (their records have expired too).
+local function to_dlq(B, q, id, now, cap, ttl)
   local dlq = B .. ':dlq:' .. q
   redis.call('ZADD', dlq, now, id)
+  redis.call('ZREMRANGEBYSCORE', dlq, '-inf', now - ttl * 1000)
   if redis.call('ZCARD', dlq) > cap then
     redis.call('ZREMRANGEBYRANK', dlq, 0, -cap - 1)
   end

@@ -70,7 +70,7 @@ for i = #held - 1, 1, -2 do
     st.w = worker
     st.err = {type = 'WorkerLost', msg = reason}
     finish(B, id, final_record(job and spec or nil, st), failed_ttl)
-    to_dlq(B, q, id, now, dlq_cap)
+    to_dlq(B, q, id, now, dlq_cap, failed_ttl)
     count(B, q, 'failed', 1)
     failed[#failed + 1] = id
   else

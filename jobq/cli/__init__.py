@@ -12,10 +12,10 @@ from typing import Any, NoReturn
 import click
 import redis
 
-from . import exitcodes
-from . import log as jobq_log
-from .config import Config, ConfigError, load_config
-from .connection import describe_error
+from .. import exitcodes
+from .. import log as jobq_log
+from ..config import Config, ConfigError, load_config
+from ..connection import describe_error
 
 _connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
 
@@ -51,8 +51,8 @@ class State:
         return self._config
 
     def url(self) -> str:
-        from .connection import resolve_url
-        from .server import ServerError
+        from ..connection import resolve_url
+        from ..server import ServerError
 
         try:
             return resolve_url(self.config())
@@ -78,7 +78,7 @@ def run_guarded(fn: Callable[[], Any], debug: bool, url: str = "") -> Any:
     except KeyboardInterrupt:
         _fail(debug, "interrupted", 130)
     except Exception as exc:
-        from .connection import redact
+        from ..connection import redact
 
         message = f"{type(exc).__name__}: {exc}"
         if url:
@@ -149,8 +149,8 @@ def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bo
     state = _merge(state, redis_url, config_path)
 
     def go() -> int:
-        from .registry import TaskResolver
-        from .worker import Worker
+        from ..registry import TaskResolver
+        from ..worker import Worker
 
         overrides: dict[str, Any] = {}
         if queues:
@@ -180,7 +180,7 @@ def server() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def server_status(as_json: bool) -> None:
     """Is the embedded server running, where, with which pid."""
-    from .server import EmbeddedServer
+    from ..server import EmbeddedServer
 
     srv = EmbeddedServer()
     running = srv.is_running()
@@ -197,7 +197,7 @@ def server_status(as_json: bool) -> None:
 @server.command("start")
 def server_start() -> None:
     """Start the embedded server (detached); nothing happens if it runs."""
-    from .server import EmbeddedServer, ServerError
+    from ..server import EmbeddedServer, ServerError
 
     try:
         url = EmbeddedServer().start()
@@ -209,7 +209,7 @@ def server_start() -> None:
 @server.command("stop")
 def server_stop() -> None:
     """Stop the embedded server (its AOF keeps the queued jobs for the next start)."""
-    from .server import EmbeddedServer, ServerError
+    from ..server import EmbeddedServer, ServerError
 
     try:
         EmbeddedServer().stop()
@@ -228,7 +228,7 @@ def demo(state: State, jobs: int, workers: int, redis_url: str | None,
          config_path: str | None) -> None:
     """Run jobq's main job: a CPU-heavy batch with a few failing jobs, then a report."""
     state = _merge(state, redis_url, config_path)
-    from .demo import run_demo
+    from ..demo import run_demo
 
     sys.exit(run_guarded(lambda: run_demo(state.config(), state.url(), jobs, workers),
                          state.debug, state.redis_url or ""))
@@ -236,7 +236,7 @@ def demo(state: State, jobs: int, workers: int, redis_url: str | None,
 
 def master_main(argv: list[str] | None = None) -> None:
     """Entry point of ``jobq-master``."""
-    from .master.cli import master_command
+    from ..master.cli import master_command
 
     master_command.main(args=argv, prog_name="jobq-master")
 

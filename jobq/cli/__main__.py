@@ -1,0 +1,6 @@
+"""``python -m jobq.cli``: the same as ``jobq``."""
+
+from . import main
+
+if __name__ == "__main__":
+    main(prog_name="jobq")
