@@ -85,3 +85,22 @@ def registered(x: int) -> int:
 
 def _private() -> str:
     return "never"
+
+
+def mark_first_run_hangs(key: str, seconds: float) -> str:
+    """Record the start (with the pid); the first run then sleeps ``seconds`` (a run to kill),
+    later runs return at once."""
+    runs = _redis().rpush(f"test:{key}", str(os.getpid()))
+    if runs == 1:
+        time.sleep(seconds)
+    return f"run {runs}"
+
+
+def mark_then_wait(key: str, gate: str, seconds: float = 30) -> str:
+    """Record the start (with the pid), then block until the test pushes to ``test:<gate>``:
+    a job that runs exactly as long as the test wants."""
+    client = _redis()
+    client.rpush(f"test:{key}", str(os.getpid()))
+    if client.blpop([f"test:{gate}"], timeout=seconds) is None:
+        raise TimeoutError(f"nobody opened the gate {gate!r} within {seconds} s")
+    return "released"

@@ -1,0 +1,485 @@
+"""The producer API (JobQueue) and the claim order, against a real server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import jobq_testtasks as tasks
+import pytest
+import redis
+from conftest import wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobq import recovery, registry
+from jobq.config import Config
+from jobq.exceptions import JobFailed, PayloadTooLarge, SerializationError, TaskNotAllowed
+from jobq.job import Job, JobStatus
+from jobq.queue import JobQueue
+from jobq.registry import TaskResolver
+from jobq.worker import Worker
+
+Spawn = Callable[..., subprocess.Popen[str]]
+LEASE_MS = 4102444800000  # far in the future: the claims below are never reaped
+
+
+def run_worker(config: Config, url: str, queues: tuple[str, ...] = ("default",)) -> Worker:
+    """Run a burst Worker in this process; put back the signal handlers it replaces
+    (pytest-timeout's SIGALRM among them)."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1)
+    saved = {s: signal.getsignal(s) for s in signums}
+    timer = signal.getitimer(signal.ITIMER_REAL)
+    try:
+        worker = Worker(list(queues), config=config, url=url,
+                        resolver=TaskResolver(["jobq_testtasks"]), burst=True)
+        worker.run()
+        return worker
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, *timer)
+
+
+def burst_worker(spawn: Spawn, *queues: str) -> subprocess.Popen[str]:
+    args = ["worker", "-I", "jobq_testtasks", "--burst"]
+    if queues:
+        args += ["-q", ",".join(queues)]
+    return spawn(*args)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 30) -> int:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return proc.returncode
+
+
+def claim(queue: JobQueue, count: int, *queues: str, worker: str = "w1") -> list[str]:
+    out = queue.scripts.run("claim", [queue.keys.jobs],
+                            [queue.keys.base, worker, LEASE_MS, count, *(queues or ("default",))])
+    return [out[i] for i in range(0, len(out), 4)]
+
+
+# -- enqueue and read back ---------------------------------------------------------------------
+
+def test_enqueue_writes_the_job(queue: JobQueue, r: redis.Redis) -> None:
+    job = queue.enqueue(tasks.add, 1, 2)
+    k = queue.keys
+    assert json.loads(r.hget(k.jobs, job.id))["a"] == [1, 2]
+    assert r.lrange(k.level("default", 0), 0, -1) == [job.id]
+    assert r.zrange(k.levels("default"), 0, -1, withscores=True) == [("0", 0.0)]
+    assert r.smembers(k.queues) == {"default"}
+    assert r.llen(k.wake("default")) == 1
+    assert job.queue == "default"
+    assert queue.size() == len(queue) == 1
+
+
+def test_get_job_and_status(queue: JobQueue) -> None:
+    job = queue.enqueue(tasks.echo, 1, "x", kwargs={"k": [True]}, priority=4, max_retries=1,
+                        timeout=9)
+    got = queue.get_job(job.id)
+    assert got is not None
+    assert (got.id, got.task, got.args, got.kwargs) == (
+        job.id, "jobq_testtasks:echo", (1, "x"), {"k": [True]})
+    assert (got.priority, got.max_retries, got.timeout, got.queue) == (4, 1, 9.0, "default")
+    assert got.status is JobStatus.PENDING
+    assert queue.get_status(job.id) == "pending"
+    assert job.get_status() is JobStatus.PENDING
+
+
+def test_unknown_job(queue: JobQueue) -> None:
+    assert queue.get_job("nope") is None
+    assert queue.get_status("nope") is None
+
+
+def test_status_of_a_claimed_job_is_processing(queue: JobQueue) -> None:
+    job = queue.enqueue(tasks.noop)
+    assert claim(queue, 1) == [job.id]
+    assert queue.get_status(job.id) == "processing"
+
+
+def test_get_stats(queue: JobQueue) -> None:
+    for _ in range(3):
+        queue.enqueue(tasks.noop)
+    queue.enqueue(tasks.noop, queue="other")
+    stats = queue.get_stats()
+    assert stats["pending"] == stats["enqueued"] == 3
+    for name in ("processing", "scheduled", "deferred", "completed", "failed", "cancelled",
+                 "retried", "retry"):
+        assert stats[name] == 0, name
+    claim(queue, 2)
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["processing"]) == (1, 2)
+    assert queue.size() == 1
+    assert JobQueue("other", queue.url).size() == 1
+
+
+def test_enqueue_job_object(queue: JobQueue, r: redis.Redis) -> None:
+    job = Job(tasks.add, (1, 2), priority=-2, id="given-id")
+    assert queue.enqueue(job) is job
+    assert job.queue == "default"
+    assert r.lrange(queue.keys.level("default", -2), 0, -1) == ["given-id"]
+
+
+def test_enqueue_function_with_args_kwargs_and_options(queue: JobQueue, r: redis.Redis) -> None:
+    job = queue.enqueue(tasks.echo, 1, 2, kwargs={"priority": "a task kwarg"}, priority=5,
+                        queue="high", result_ttl=7, timeout=3, max_retries=0)
+    spec = json.loads(r.hget(queue.keys.jobs, job.id))
+    assert spec["a"] == [1, 2]
+    assert spec["k"] == {"priority": "a task kwarg"}
+    assert (spec["p"], spec["q"], spec["ttl"], spec["to"], spec["r"]) == (5, "high", 7, 3, 0)
+    assert r.lrange(queue.keys.level("high", 5), 0, -1) == [job.id]
+
+
+def test_enqueue_by_name(queue: JobQueue) -> None:
+    job = queue.enqueue("jobq_testtasks:add", 1, 2)
+    assert queue.get_job(job.id).task == "jobq_testtasks:add"  # type: ignore[union-attr]
+
+
+def test_registered_task_options_apply(queue: JobQueue, r: redis.Redis) -> None:
+    job = queue.enqueue(tasks.registered.options(priority=3), 1)
+    assert r.lrange(queue.keys.level("default", 3), 0, -1) == [job.id]
+
+
+def test_unknown_option_is_a_type_error(queue: JobQueue, r: redis.Redis) -> None:
+    with pytest.raises(TypeError, match="unknown job option.*retries"):
+        queue.enqueue(tasks.add, 1, 2, retries=3)
+    with pytest.raises(TypeError, match="pass arguments and options to Job"):
+        queue.enqueue(Job(tasks.add, (1, 2)), priority=1)
+    assert r.dbsize() == 0
+
+
+def test_unserializable_argument_writes_nothing(queue: JobQueue, r: redis.Redis) -> None:
+    with pytest.raises(SerializationError, match=r"^argument 1: object is not JSON"):
+        queue.enqueue(tasks.echo, "fine", object())
+    with pytest.raises(SerializationError, match=r"^keyword argument 'when': datetime"):
+        queue.enqueue(tasks.echo, kwargs={"when": datetime.now()})
+    assert r.keys("*") == []
+
+
+def test_payload_too_large_writes_nothing(redis_url: str, r: redis.Redis, config: Config) -> None:
+    small = JobQueue("default", config=config.replace(max_payload_bytes=200))
+    with pytest.raises(PayloadTooLarge):
+        small.enqueue(tasks.echo, "x" * 300)
+    assert r.keys("*") == []
+    small.enqueue(tasks.echo, "x" * 10)
+    assert small.size() == 1
+
+
+def test_bad_queue_names(redis_url: str) -> None:
+    for name in ("a b", "a:b", "q\n", ""):
+        with pytest.raises(ValueError, match="queue name"):
+            JobQueue(name, redis_url)
+
+
+def test_idempotent_enqueue_by_id(queue: JobQueue, r: redis.Redis) -> None:
+    first = queue.enqueue(tasks.add, 1, 2, id="once")
+    again = queue.enqueue(tasks.add, 5, 5, id="once")
+    assert first.id == again.id == "once"
+    assert r.lrange(queue.keys.level("default", 0), 0, -1) == ["once"]
+    assert queue.get_job("once").args == (1, 2)  # type: ignore[union-attr]  # never rewritten
+    assert queue.get_stats()["enqueued"] == queue.size() == 1
+    # nor while it is held by a worker
+    claim(queue, 1)
+    queue.enqueue(tasks.add, 1, 2, id="once")
+    assert r.llen(queue.keys.level("default", 0)) == 0
+    assert queue.get_stats()["pending"] == 0
+
+
+def test_enqueue_many_jobs(queue: JobQueue, r: redis.Redis) -> None:
+    jobs = [Job(tasks.add, (i, i), priority=i % 2) for i in range(6)]
+    assert queue.enqueue_many(jobs) == jobs
+    assert all(j.queue == "default" for j in jobs)
+    assert queue.size() == 6
+    assert r.lrange(queue.keys.level("default", 0), 0, -1) == [j.id for j in jobs[0::2]]
+    assert r.lrange(queue.keys.level("default", 1), 0, -1) == [j.id for j in jobs[1::2]]
+    assert queue.get_job(jobs[3].id).args == (3, 3)  # type: ignore[union-attr]
+
+
+def test_enqueue_many_function_and_arg_list(queue: JobQueue, r: redis.Redis) -> None:
+    jobs = queue.enqueue_many(tasks.add, [(1, 2), [3, 4], (5, 6)], priority=-1, max_retries=0)
+    assert [j.args for j in jobs] == [(1, 2), (3, 4), (5, 6)]
+    assert r.lrange(queue.keys.level("default", -1), 0, -1) == [j.id for j in jobs]
+    assert all(json.loads(r.hget(queue.keys.jobs, j.id))["r"] == 0 for j in jobs)
+
+
+def test_enqueue_many_refuses_options_with_job_objects(queue: JobQueue, r: redis.Redis) -> None:
+    with pytest.raises(TypeError, match="job options go on the Job objects"):
+        queue.enqueue_many([Job(tasks.noop)], priority=1)
+    assert r.dbsize() == 0
+
+
+def test_enqueue_many_over_several_chunks_writes_nothing_on_a_bad_argument(
+        queue: JobQueue, r: redis.Redis) -> None:
+    args: list[tuple[Any, ...]] = [(i,) for i in range(1500)]
+    args[-1] = (object(),)
+    with pytest.raises(SerializationError, match="argument 0: object"):
+        queue.enqueue_many(tasks.echo, args)
+    assert r.dbsize() == 0
+    args[-1] = (1499,)
+    jobs = queue.enqueue_many(tasks.echo, args)
+    assert queue.size() == 1500
+    assert claim(queue, 2000) == [j.id for j in jobs]
+
+
+def test_main_task_is_refused_at_enqueue(queue: JobQueue, r: redis.Redis,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def script_task() -> None:
+        pass
+
+    script_task.__module__ = "__main__"
+    script_task.__qualname__ = "script_task"
+    monkeypatch.setattr(registry, "main_tasks_allowed", False)
+    with pytest.raises(TaskNotAllowed, match=r"'__main__:script_task' is defined in the "
+                                             r"__main__ script.*-I"):
+        queue.enqueue(script_task)
+    with pytest.raises(TaskNotAllowed):
+        queue.enqueue("__main__:script_task")
+    with pytest.raises(TaskNotAllowed):
+        queue.enqueue_many([Job(script_task)])
+    assert r.dbsize() == 0
+    monkeypatch.setattr(registry, "main_tasks_allowed", True)
+    assert queue.enqueue(script_task).task == "__main__:script_task"
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+def test_cancelled_job_never_runs(queue: JobQueue, r: redis.Redis, config: Config,
+                                  redis_url: str) -> None:
+    doomed = queue.enqueue(tasks.record, "doomed", "ran")
+    control = queue.enqueue(tasks.record, "control", "ran")
+    assert queue.cancel(doomed.id) is True
+    assert queue.get_status(doomed.id) == "cancelled"
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["cancelled"]) == (1, 1)
+    worker = run_worker(config, redis_url)
+    assert worker.jobs_done == 1
+    assert r.lrange("test:control", 0, -1) == ["ran"]
+    assert r.exists("test:doomed") == 0
+    assert queue.get_status(doomed.id) == "cancelled"
+    assert queue.get_status(control.id) == "completed"
+    assert r.llen(queue.keys.level("default", 0)) == 0  # the tombstone was dropped
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["processing"], stats["completed"]) == (0, 0, 1)
+
+
+def test_cancel_outcomes(queue: JobQueue) -> None:
+    assert queue.cancel("unknown") is False
+    held = queue.enqueue(tasks.noop)
+    claim(queue, 1)
+    assert queue.cancel(held.id) is False  # running: not this call's business
+    assert queue.get_status(held.id) == "processing"
+    job = queue.enqueue(tasks.noop)
+    assert queue.cancel(job.id, reason="changed my mind") is True
+    assert queue.cancel(job.id) is False  # already finished
+    got = queue.get_job(job.id)
+    assert got is not None and got.status is JobStatus.CANCELLED
+    assert got.error == "Cancelled: changed my mind"
+
+
+def test_cancelled_job_result_raises(queue: JobQueue) -> None:
+    job = queue.enqueue(tasks.noop)
+    queue.cancel(job.id, reason="not today")
+    with pytest.raises(JobFailed) as info:
+        job.result(timeout=5)
+    assert info.value.status == "cancelled"
+    assert info.value.exc_type == "Cancelled"
+    assert info.value.message == "not today"
+
+
+def test_cancel_wakes_a_waiter(queue: JobQueue) -> None:
+    job = queue.enqueue(tasks.noop)
+    outcome: list[bool] = []
+    waiter = threading.Thread(target=lambda: outcome.append(queue.wait_for_completion(job.id)),
+                              daemon=True)
+    waiter.start()
+    wait_until(lambda: queue.redis.hget(queue.keys.waiting, job.id) == "1",
+               message="the waiter to register")
+    queue.cancel(job.id)
+    waiter.join(timeout=10)
+    assert outcome == [True]
+    assert queue.redis.hexists(queue.keys.waiting, job.id) == 0
+
+
+# -- waiting and results -----------------------------------------------------------------------
+
+def test_wait_for_completion_with_a_worker_process(queue: JobQueue, spawn: Spawn) -> None:
+    job = queue.enqueue(tasks.add, 20, 22)
+    outcome: list[bool] = []
+    # no timeout: only the token pushed by the worker's ack can end this wait
+    waiter = threading.Thread(target=lambda: outcome.append(queue.wait_for_completion(job.id)),
+                              daemon=True)
+    waiter.start()
+    wait_until(lambda: queue.redis.hget(queue.keys.waiting, job.id) == "1",
+               message="the waiter to register")
+    finish(burst_worker(spawn))
+    waiter.join(timeout=20)
+    assert outcome == [True]
+    assert queue.get_status(job.id) == "completed"
+    assert queue.get_job(job.id).return_value == 42  # type: ignore[union-attr]
+    assert queue.redis.hexists(queue.keys.waiting, job.id) == 0
+    assert queue.wait_for_completion(job.id, timeout=1) is True  # already finished
+
+
+def test_wait_for_completion_times_out(queue: JobQueue) -> None:
+    job = queue.enqueue(tasks.noop)
+    assert queue.wait_for_completion(job.id, timeout=0.2) is False
+    assert queue.redis.hexists(queue.keys.waiting, job.id) == 0  # no registration left behind
+    assert queue.get_status(job.id) == "pending"
+    assert queue.wait_for_completion("no-such-job", timeout=0.2) is False
+    with pytest.raises(TimeoutError):
+        job.result(timeout=0.2)
+
+
+def test_result_value_and_remote_failure(queue: JobQueue, spawn: Spawn) -> None:
+    ok = queue.enqueue(tasks.add, 2, 3)
+    bad = queue.enqueue(tasks.boom, "kaput", max_retries=0)
+    finish(burst_worker(spawn))
+    assert ok.result(timeout=20) == 5
+    assert ok.status is JobStatus.COMPLETED
+    with pytest.raises(JobFailed) as info:
+        bad.result(timeout=20)
+    exc = info.value
+    assert (exc.job_id, exc.exc_type, exc.message, exc.status) == (
+        bad.id, "ValueError", "kaput", "failed")
+    assert "Traceback" in exc.traceback
+    assert "jobq_testtasks.py" in exc.traceback
+    assert "raise ValueError(message)" in exc.traceback
+    assert str(exc) == f"job {bad.id} failed: ValueError: kaput"
+    assert bad.status is JobStatus.FAILED
+
+
+def test_result_of_a_job_not_enqueued() -> None:
+    with pytest.raises(RuntimeError, match="not enqueued"):
+        Job(tasks.noop).result()
+
+
+def test_result_ttl_expiry(queue: JobQueue, r: redis.Redis, config: Config,
+                           redis_url: str) -> None:
+    short = queue.enqueue(tasks.add, 1, 1, result_ttl=1)
+    kept = queue.enqueue(tasks.add, 2, 2)
+    run_worker(config, redis_url)
+    assert 0 < r.pttl(queue.keys.result(short.id)) <= 1000
+    assert r.ttl(queue.keys.result(kept.id)) > 1
+    wait_until(lambda: queue.get_job(short.id) is None, timeout=10,
+               message="the short-lived record to expire")
+    assert queue.get_job(kept.id).return_value == 4  # type: ignore[union-attr]
+
+
+def test_result_ttl_zero_keeps_nothing(queue: JobQueue, r: redis.Redis, config: Config,
+                                       redis_url: str) -> None:
+    job = queue.enqueue(tasks.record, "ttl0", "ran", result_ttl=0)
+    run_worker(config, redis_url)
+    assert r.lrange("test:ttl0", 0, -1) == ["ran"]
+    assert queue.get_job(job.id) is None
+    assert r.exists(queue.keys.result(job.id)) == 0
+    assert queue.get_stats()["completed"] == 1
+
+
+def test_memory_per_queued_job(queue: JobQueue, r: redis.Redis) -> None:
+    before = r.info("memory")["used_memory"]
+    queue.enqueue_many(tasks.noop, [()] * 20_000)
+    used = r.info("memory")["used_memory"] - before
+    assert queue.size() == 20_000
+    assert used / 20_000 < 400, f"{used / 20_000:.0f} bytes per queued job"
+
+
+# -- claim order -------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(priorities=st.lists(st.integers(-3, 3), max_size=40),
+       batches=st.lists(st.integers(1, 7), min_size=1, max_size=10))
+def test_claim_order_is_priority_then_fifo(queue: JobQueue, priorities: list[int],
+                                           batches: list[int]) -> None:
+    queue.redis.flushall()
+    ids = [queue.enqueue(tasks.noop, priority=p).id for p in priorities]
+    expected = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (priorities[i], i))]
+    claimed: list[str] = []
+    rounds = 0
+    while len(claimed) < len(ids):
+        got = claim(queue, batches[rounds % len(batches)])
+        assert got, "claim returned nothing while jobs were pending"
+        assert len(got) <= batches[rounds % len(batches)]
+        claimed += got
+        rounds += 1
+    assert claimed == expected
+    assert claim(queue, 5) == []
+    assert queue.redis.exists(queue.keys.levels("default")) == 0  # no empty level left behind
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["processing"]) == (0, len(ids))
+
+
+Op = tuple[str, Any]
+
+
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("enqueue"), st.integers(-3, 3)),
+    st.tuples(st.just("many"), st.lists(st.integers(-3, 3), min_size=1, max_size=5)),
+    st.tuples(st.just("claim"), st.integers(1, 6)),
+), max_size=30))
+def test_interleaved_enqueues_and_claims_follow_a_priority_queue(queue: JobQueue,
+                                                                 ops: list[Op]) -> None:
+    queue.redis.flushall()
+    model: list[tuple[int, int, str]] = []  # (priority, enqueue index, id)
+    seq = 0
+    for op, arg in ops:
+        if op == "enqueue":
+            model.append((arg, seq, queue.enqueue(tasks.noop, priority=arg).id))
+            seq += 1
+        elif op == "many":
+            for job in queue.enqueue_many([Job(tasks.noop, priority=p) for p in arg]):
+                model.append((job.priority, seq, job.id))
+                seq += 1
+        else:
+            model.sort()
+            expected = [entry[2] for entry in model[:arg]]
+            del model[:arg]
+            assert claim(queue, arg) == expected
+    model.sort()
+    assert claim(queue, 1000) == [entry[2] for entry in model]
+
+
+def test_strict_priority_between_queues(queue: JobQueue, r: redis.Redis) -> None:
+    low = [queue.enqueue(tasks.noop, priority=p) for p in (-9, 0)]
+    high = [queue.enqueue(tasks.noop, priority=p, queue="high") for p in (9, 5, 5)]
+    # a better priority number in a later queue does not jump ahead of an earlier queue
+    assert claim(queue, 2, "high", "default") == [high[1].id, high[2].id]
+    assert claim(queue, 3, "high", "default") == [high[0].id, low[0].id, low[1].id]
+    assert JobQueue("high", queue.url).get_stats()["processing"] == 3
+    assert queue.get_stats()["processing"] == 2
+    # the claiming worker's bookkeeping
+    held = r.hgetall(queue.keys.held("w1"))
+    assert held == {high[0].id: "high", high[1].id: "high", high[2].id: "high",
+                    low[0].id: "default", low[1].id: "default"}
+    assert set(r.hgetall(queue.keys.active).values()) == {"w1"}
+    assert r.zscore(queue.keys.leases, "w1") == LEASE_MS
+
+
+def test_suspended_queue_is_skipped(queue: JobQueue, r: redis.Redis) -> None:
+    low = queue.enqueue(tasks.noop)
+    high = queue.enqueue(tasks.noop, queue="high")
+    r.sadd(queue.keys.suspended, "high")
+    assert claim(queue, 5, "high", "default") == [low.id]
+    r.srem(queue.keys.suspended, "high")
+    assert claim(queue, 5, "high", "default") == [high.id]
+
+
+def test_jobs_given_back_unstarted_keep_their_order(queue: JobQueue, r: redis.Redis) -> None:
+    # what a stopping worker does with the jobs it prefetched but did not start
+    jobs = [queue.enqueue(tasks.noop, priority=p) for p in (0, 1, 0, 1, 0, 0)]
+    assert claim(queue, 4) == [jobs[i].id for i in (0, 2, 4, 5)]
+    requeued, failed = recovery.release(queue.redis, queue.scripts, queue.keys, queue.config,
+                                        "w1", cause="worker stopped", current="-") or ([], [])
+    assert (len(requeued), failed) == (4, [])
+    assert claim(queue, 10, worker="w2") == [jobs[i].id for i in (0, 2, 4, 5, 1, 3)]
+    assert r.exists(queue.keys.held("w1")) == 0
+    assert queue.get_job(jobs[0].id).deliveries == 0  # type: ignore[union-attr]  # untouched

@@ -1,0 +1,274 @@
+"""Real ``jobq worker`` processes: running jobs, failures, time limits, signals, lost workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import jobq_testtasks as tasks
+import redis
+from conftest import subprocess_env, wait_until
+
+from jobq.job import Job, JobStatus
+from jobq.queue import JobQueue
+
+Spawn = Callable[..., subprocess.Popen[str]]
+
+
+def start_worker(spawn: Spawn, *args: str, config: Path | None = None) -> subprocess.Popen[str]:
+    env = subprocess_env(JOBQ_CONFIG=str(config)) if config else None
+    return spawn("worker", "-I", "jobq_testtasks", *args, env=env)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    """Wait for the process to exit; its exit code and stderr."""
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def burst(spawn: Spawn, *args: str, config: Path | None = None) -> str:
+    code, err = finish(start_worker(spawn, "--burst", *args, config=config))
+    assert code == 0, err
+    return err
+
+
+def get(queue: JobQueue, job_id: str) -> Job:
+    job = queue.get_job(job_id)
+    assert job is not None, f"job {job_id} is unknown"
+    return job
+
+
+def write_config(tmp_path: Path, **values: float) -> Path:
+    path = tmp_path / "jobq.toml"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))
+    return path
+
+
+def runs(r: redis.Redis, key: str) -> list[str]:
+    return r.lrange(f"test:{key}", 0, -1)
+
+
+def key() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+# -- running jobs ------------------------------------------------------------------------------
+
+def test_burst_worker_drains_the_queues_in_order_and_exits_0(queue: JobQueue, r: redis.Redis,
+                                                              spawn: Spawn) -> None:
+    high = JobQueue("high", queue.url)
+    order = key()
+    # enqueued worst first: the worker must reorder them
+    for i, prio in enumerate([5, 0, -5, 0, 5]):
+        queue.enqueue(tasks.record, order, f"default:{prio}:{i}", priority=prio)
+    for i, prio in enumerate([9, 1, 1]):
+        high.enqueue(tasks.record, order, f"high:{prio}:{i}", priority=prio)
+    expected = ["high:1:1", "high:1:2", "high:9:0",
+                "default:-5:2", "default:0:1", "default:0:3", "default:5:0", "default:5:4"]
+    add = queue.enqueue(tasks.add, 2, 40)
+    echo = queue.enqueue(tasks.echo, 1, [2], kwargs={"x": {"y": None}})
+    reg = queue.enqueue(tasks.registered, 21)
+
+    burst(spawn, "-q", "high,default")
+
+    assert runs(r, order) == expected
+    assert get(queue, add.id).return_value == 42
+    assert get(queue, echo.id).return_value == {"args": [1, [2]], "kwargs": {"x": {"y": None}}}
+    assert get(queue, reg.id).return_value == 42
+    done = get(queue, add.id)
+    assert done.status is JobStatus.COMPLETED
+    assert done.started_at is not None and done.completed_at is not None
+    assert done.started_at <= done.completed_at
+    assert done.worker
+    assert queue.size() == high.size() == 0
+    stats = queue.get_stats()
+    assert (stats["completed"], stats["processing"], stats["failed"]) == (8, 0, 0)
+    assert high.get_stats()["completed"] == 3
+    assert r.hlen(queue.keys.active) == 0
+    assert r.hlen(queue.keys.jobs) == 0  # finished jobs live on only as final records
+    assert r.keys(f"{queue.keys.base}:held:*") == []
+    assert set(r.lrange(queue.keys.recent("default"), 0, -1)) >= {add.id, echo.id, reg.id}
+
+
+def test_burst_worker_on_empty_queues_exits_0(redis_url: str, spawn: Spawn) -> None:
+    err = burst(spawn, "-q", "high,default")
+    assert "stopped after 0 job(s)" in err
+
+
+def test_failing_job_is_retried_then_failed(queue: JobQueue, r: redis.Redis,
+                                            spawn: Spawn, tmp_path: Path) -> None:
+    job = queue.enqueue(tasks.boom, "kaput", max_retries=2)
+    burst(spawn, config=write_config(tmp_path, retry_backoff_base=0.0))
+    failed = get(queue, job.id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.retry_count == 3  # the first attempt and two retries
+    assert failed.error == "ValueError: kaput"
+    assert len(failed.errors) == 3
+    for entry in failed.errors:
+        assert entry["type"] == "ValueError"
+        assert entry["msg"] == "kaput"
+        assert "Traceback" in entry["tb"] and "raise ValueError(message)" in entry["tb"]
+    assert failed.traceback and "raise ValueError(message)" in failed.traceback
+    assert r.zscore(queue.keys.dlq("default"), job.id) is not None
+    stats = queue.get_stats()
+    assert (stats["failed"], stats["retried"], stats["completed"], stats["pending"]) == (
+        1, 2, 0, 0)
+
+
+def test_refused_task_never_runs(queue: JobQueue, r: redis.Redis, spawn: Spawn,
+                                 tmp_path: Path) -> None:
+    target = tmp_path / f"pwned-{key()}"
+    shell = queue.enqueue("os:system", f"touch {target}")
+    evil = queue.enqueue("builtins:eval", f"__import__('os').system('touch {target}')")
+    private = queue.enqueue("jobq_testtasks:_private")
+    imported = queue.enqueue("jobq_testtasks:connect", "redis://localhost")
+    control = queue.enqueue(tasks.record, "control", "ran")  # proves the worker ran jobs
+    burst(spawn)
+    assert runs(r, "control") == ["ran"]
+    assert get(queue, control.id).status is JobStatus.COMPLETED
+    assert not target.exists()
+    for job in (shell, evil, private, imported):
+        refused = get(queue, job.id)
+        assert refused.status is JobStatus.FAILED
+        assert refused.error is not None
+        assert refused.error.startswith("TaskNotAllowed: ")
+        assert "not allowed" in refused.error
+        assert refused.retry_count == 1  # never retried
+        assert r.zscore(queue.keys.dlq("default"), job.id) is not None
+    assert "module 'os' is not among this worker's imports" in get(queue, shell.id).error
+    assert "private names never run" in get(queue, private.id).error
+
+
+def test_wrong_arguments_fail_without_retries(queue: JobQueue, spawn: Spawn,
+                                              tmp_path: Path) -> None:
+    missing = queue.enqueue(tasks.add, 1)
+    extra = queue.enqueue(tasks.add, 1, 2, kwargs={"c": 3})
+    # a TypeError raised inside the task is an ordinary failure: it is retried
+    inside = queue.enqueue(tasks.add, 1, "x", max_retries=1)
+    burst(spawn, config=write_config(tmp_path, retry_backoff_base=0.0))
+    for job in (missing, extra):
+        failed = get(queue, job.id)
+        assert failed.status is JobStatus.FAILED
+        assert failed.retry_count == 1
+        assert failed.error is not None and failed.error.startswith("TypeError: add()")
+    failed = get(queue, inside.id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.retry_count == 2
+
+
+def test_unserializable_result_fails_clearly(queue: JobQueue, spawn: Spawn) -> None:
+    job = queue.enqueue(tasks.unserializable)
+    burst(spawn)
+    failed = get(queue, job.id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.retry_count == 1
+    assert failed.error is not None
+    assert failed.error.startswith("SerializationError: the task returned a object, which JSON "
+                                   "cannot carry")
+
+
+def test_timeout_interrupts_the_job(queue: JobQueue, r: redis.Redis, spawn: Spawn) -> None:
+    k = key()
+    job = queue.enqueue(tasks.spin, 5, k, timeout=0.3, max_retries=0)
+    after = queue.enqueue(tasks.add, 1, 1)
+    burst(spawn)
+    assert runs(r, k) == ["JobTimeout"]  # raised inside the job, which could clean up
+    failed = get(queue, job.id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.error == "JobTimeout: job exceeded its time limit of 0.3 s"
+    assert failed.final_error["type"] == "JobTimeout"
+    assert "spin" in (failed.traceback or "")
+    # the timer is off again: the next job runs normally
+    assert get(queue, after.id).return_value == 2
+
+
+# -- signals and lost workers ------------------------------------------------------------------
+
+def test_sigterm_stops_after_the_current_job(queue: JobQueue, r: redis.Redis,
+                                             spawn: Spawn) -> None:
+    k, gate = key(), key()
+    proc = start_worker(spawn)
+    job = queue.enqueue(tasks.mark_then_wait, k, gate)
+    wait_until(lambda: runs(r, k), message="the job to start")
+    assert runs(r, k) == [str(proc.pid)]
+    behind = queue.enqueue(tasks.record, "behind", "ran")
+    os.kill(proc.pid, signal.SIGTERM)
+    r.rpush(f"test:{gate}", "go")  # the job ends only now, after the signal
+    code, err = finish(proc)
+    assert code == 0, err
+    done = get(queue, job.id)
+    assert done.status is JobStatus.COMPLETED
+    assert done.return_value == "released"
+    # the job behind it was not started, and nothing is left held by the stopped worker
+    assert r.exists("test:behind") == 0
+    assert queue.get_status(behind.id) == "pending"
+    assert r.hlen(queue.keys.active) == 0
+    assert queue.get_stats()["processing"] == 0
+
+
+def test_sigterm_of_an_idle_worker(redis_url: str, spawn: Spawn, r: redis.Redis) -> None:
+    proc = start_worker(spawn)
+    wait_until(lambda: any(c.get("cmd") == "blpop" for c in r.client_list()),
+               message="the worker to idle")
+    os.kill(proc.pid, signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "stopped after 0 job(s)" in err
+
+
+def test_killed_worker_job_is_redelivered(queue: JobQueue, r: redis.Redis, spawn: Spawn,
+                                          tmp_path: Path) -> None:
+    config = write_config(tmp_path, lease_time=1.0)
+    k = key()
+    job = queue.enqueue(tasks.mark_first_run_hangs, k, 60)
+    first = start_worker(spawn, config=config)
+    wait_until(lambda: runs(r, k), message="the first run to start")
+    assert runs(r, k) == [str(first.pid)]  # the job runs in the worker process itself
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(timeout=10) == -signal.SIGKILL
+    assert queue.get_status(job.id) == "processing"  # held by a dead worker, until...
+
+    second = start_worker(spawn, config=config)
+    wait_until(lambda: queue.get_status(job.id) == "completed", timeout=20,
+               message="the job to be redelivered and complete")
+    assert runs(r, k) == [str(first.pid), str(second.pid)]
+    done = get(queue, job.id)
+    assert done.return_value == "run 2"
+    assert done.deliveries == 1  # one delivery whose holder vanished
+    assert queue.get_stats()["retried"] == 1
+    assert queue.get_stats()["completed"] == 1
+    # the dead worker's lease is gone with what it held
+    assert not [w for w in r.zrange(queue.keys.leases, 0, -1) if f".{first.pid}." in w]
+    assert r.keys(f"{queue.keys.base}:held:*.{first.pid}.*") == []
+    assert second.poll() is None  # the second worker carries on
+
+
+def test_poison_job_fails_after_max_deliveries(queue: JobQueue, r: redis.Redis, spawn: Spawn,
+                                               tmp_path: Path) -> None:
+    config = write_config(tmp_path, lease_time=1.0, max_deliveries=2)
+    k = key()
+    job = queue.enqueue(tasks.mark_then_sleep, k, 60, max_retries=100)
+    pids = []
+    for run in (1, 2):
+        proc = start_worker(spawn, config=config)
+        wait_until(lambda n=run: len(runs(r, k)) == n, timeout=20, message=f"run {run} to start")
+        assert runs(r, k)[-1] == str(proc.pid)
+        pids.append(str(proc.pid))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    start_worker(spawn, config=config)  # reaps the second lease, and must not run the job
+    wait_until(lambda: queue.get_status(job.id) == "failed", timeout=20,
+               message="the poison job to fail")
+    failed = get(queue, job.id)
+    assert failed.error is not None and "poison" in failed.error
+    assert failed.final_error["type"] == "WorkerLost"
+    assert failed.deliveries == 2
+    assert runs(r, k) == pids  # never a third run
+    assert r.zscore(queue.keys.dlq("default"), job.id) is not None
+    stats = queue.get_stats()
+    assert (stats["failed"], stats["pending"], stats["processing"]) == (1, 0, 0)
