@@ -37,6 +37,7 @@ CHLD    reap exited children
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -406,10 +407,15 @@ class Master:
         slot = self.slots.slot(slot_index)
         slot.boot(os.getpid())
         set_title(f"jobq worker {slot_index}: booting")
+        module = ""
         try:
+            for module in self.config.imports:  # one by one, to name the one that fails
+                importlib.import_module(module)
+            module = ""
             resolver = TaskResolver(self.config.imports, allow_main=self.options.allow_main)
         except BaseException as exc:
-            message = f"cannot import task module: {type(exc).__name__}: {exc}"
+            where = f" {module!r}" if module else ""
+            message = f"cannot import task module{where}: {type(exc).__name__}: {exc}"
             slot.fail_boot(message)
             log.error("worker %d: %s", slot_index, message)
             return exitcodes.IMPORT
