@@ -22,6 +22,7 @@ key                        type    holds
 {ns}:recent:<queue>        list    the latest finished ids, capped
 {ns}:stats:<queue>         hash    counters: pending, processing, completed, failed, ...
 {ns}:waiting               hash    id -> number of clients blocked on its completion
+{ns}:cancel                hash    id -> reason, for running jobs asked to stop
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
 {ns}:sched:defs            hash    schedule name -> definition (JSON)
@@ -39,7 +40,7 @@ class Keys:
     """Key names of one namespace."""
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
-                 "scheduled", "waiting", "masters")
+                 "scheduled", "waiting", "masters", "cancel")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -53,6 +54,7 @@ class Keys:
         self.scheduled = f"{b}:scheduled"
         self.waiting = f"{b}:waiting"
         self.masters = f"{b}:masters"
+        self.cancel = f"{b}:cancel"
 
     def levels(self, queue: str) -> str:
         return f"{self.base}:q:{queue}"

@@ -189,13 +189,20 @@ class JobQueue:
 
     # -- cancel ------------------------------------------------------------------------------
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> bool:
-        """Cancel a job that has not started: it will never run. False if it is running,
-        finished, or unknown."""
-        outcome = self.scripts.cancel(
-            keys=[self.keys.jobs],
-            args=[self.keys.base, job_id, int(time.time() * 1000),
-                  max(self.config.failed_ttl, 86400), reason])
-        return bool(outcome == "cancelled")
+        """Cancel a job: one that has not started never runs; a running one is interrupted
+        (``jobq.JobCancelled`` is raised inside it). False if it finished or is unknown."""
+        return self.cancel_job(job_id, reason) in ("cancelled", "interrupting")
+
+    def cancel_job(self, job_id: str, reason: str = "cancelled by request") -> str:
+        """Like :meth:`cancel`; returns "cancelled", "interrupting" (it was running: its
+        master signals its worker), "finished" or "unknown"."""
+        outcome = self.scripts.run("cancel", [self.keys.jobs], [
+            self.keys.base, job_id, int(time.time() * 1000),
+            max(self.config.failed_ttl, 86400), reason])
+        if outcome == "running":
+            self.redis.hset(self.keys.cancel, job_id, reason)
+            return "interrupting"
+        return str(outcome)
 
 
     # -- operations: dead letters, requeue, empty, suspend ------------------------------------

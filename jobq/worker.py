@@ -61,6 +61,8 @@ BATCH_MAX = 128
 FLUSH_INTERVAL = 0.005
 #: How long an idle worker blocks before it looks around (heartbeat, its master).
 IDLE_TICK = 1.0
+#: A worker without a master looks for a cancel request of its running job this often (s).
+CANCEL_CHECK_EVERY = 0.25
 #: A worker without a master promotes due jobs and reaps lapsed leases this often (s).
 HOUSEKEEP_EVERY = 0.25
 #: Errors kept on a job (the latest ones); the attempt count keeps counting.
@@ -341,6 +343,14 @@ class Worker:
         max_retries = spec.get("r", DEFAULT_MAX_RETRIES) if spec else 0
         if not isinstance(max_retries, int):
             max_retries = 0
+        if isinstance(exc, JobCancelled):
+            state.update(n=attempts, e=errors, s="cancelled", st=round(started, 6),
+                         fin=round(finished, 6), w=self.name, err=error)
+            record = f'{{"spec":{spec_raw or "null"},{serialization.dumps(state)[1:]}'
+            self._ack("cancel", job_id, queue, spec.get("p", 0) if spec else 0,
+                      self.config.failed_ttl, record)
+            log.warning("job %s %s cancelled while running", job_id, task)
+            return
         if spec and not permanent:
             permanent = not retryable(exc, spec.get("ro"), spec.get("dro"))
         retry = not permanent and attempts <= max_retries
@@ -411,7 +421,8 @@ class Worker:
 
     def _on_cancel(self, signum: int, frame: Any) -> None:
         if self._running is not None:
-            raise JobCancelled(f"job {self._running} was cancelled")
+            job_id, self._running = self._running, None  # raise it once
+            raise JobCancelled(f"job {job_id} was cancelled")
 
     def _start_lease_thread(self) -> threading.Thread:
         """Renew this worker's lease while it holds jobs (used when no master does it)."""
@@ -420,10 +431,17 @@ class Worker:
 
         def renew() -> None:
             period = self.config.lease_time / 3
-            while not stop.wait(period):
+            next_renewal = 0.0
+            while not stop.wait(CANCEL_CHECK_EVERY):
                 try:
-                    client.zadd(self.keys.leases, {
-                        self.name: int((time.time() + self.config.lease_time) * 1000)}, xx=True)
+                    if time.monotonic() >= next_renewal:
+                        next_renewal = time.monotonic() + period
+                        client.zadd(self.keys.leases, {
+                            self.name: int((time.time() + self.config.lease_time) * 1000)},
+                            xx=True)
+                    running = self._running
+                    if running and client.hexists(self.keys.cancel, running):
+                        os.kill(os.getpid(), signal.SIGUSR2)  # JobCancelled in the job
                 except redis.RedisError:
                     pass  # the main loop reports a lost server
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -60,8 +61,10 @@ class State:
             raise CliError(f"cannot start the embedded server: {exc}", exitcodes.SERVER) from exc
 
 
-def run_guarded(fn: Callable[[], Any], debug: bool, url: str = "") -> Any:
+def run_guarded(fn: Callable[[], Any], state: State) -> Any:
     """Run ``fn``; turn the errors users cause into one line and an exit code."""
+    debug = state.debug
+    url = state.redis_url or (state._config.redis_url if state._config else "") or ""
     try:
         return fn()
     except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
@@ -106,14 +109,22 @@ def redis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _merge(state: State, redis_url: str | None, config_path: str | None) -> State:
-    if redis_url:
-        state.redis_url = redis_url
-        state._config = None
-    if config_path:
-        state.config_path = config_path
-        state._config = None
-    return state
+def with_state(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Pass the :class:`State` first, with the command's own --redis-url/--config applied."""
+
+    @functools.wraps(fn)
+    @click.pass_obj
+    def wrapper(state: State, *args: Any, redis_url: str | None = None,
+                config_path: str | None = None, **kwargs: Any) -> Any:
+        if redis_url:
+            state.redis_url = redis_url
+            state._config = None
+        if config_path:
+            state.config_path = config_path
+            state._config = None
+        return fn(state, *args, **kwargs)
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,11 +153,9 @@ def main(ctx: click.Context, redis_url: str | None, config_path: str | None,
               help="Module whose tasks may run (repeatable; adds to the config's imports).")
 @click.option("--burst", is_flag=True, help="Exit 0 once the queues are empty.")
 @redis_options
-@click.pass_obj
-def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bool,
-           redis_url: str | None, config_path: str | None) -> None:
+@with_state
+def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bool) -> None:
     """Run one worker in the foreground (jobq-master runs a supervised pool of them)."""
-    state = _merge(state, redis_url, config_path)
 
     def go() -> int:
         from ..registry import TaskResolver
@@ -167,7 +176,7 @@ def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bo
         url = state.url()
         return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
 
-    sys.exit(run_guarded(go, state.debug, state.redis_url or ""))
+    sys.exit(run_guarded(go, state))
 
 
 # -- jobq server --------------------------------------------------------------------------------
@@ -223,15 +232,12 @@ def server_stop() -> None:
 @click.option("--jobs", default=40, show_default=True, help="How many jobs the batch has.")
 @click.option("--workers", default=2, show_default=True)
 @redis_options
-@click.pass_obj
-def demo(state: State, jobs: int, workers: int, redis_url: str | None,
-         config_path: str | None) -> None:
+@with_state
+def demo(state: State, jobs: int, workers: int) -> None:
     """Run jobq's main job: a CPU-heavy batch with a few failing jobs, then a report."""
-    state = _merge(state, redis_url, config_path)
     from ..demo import run_demo
 
-    sys.exit(run_guarded(lambda: run_demo(state.config(), state.url(), jobs, workers),
-                         state.debug, state.redis_url or ""))
+    sys.exit(run_guarded(lambda: run_demo(state.config(), state.url(), jobs, workers), state))
 
 
 def master_main(argv: list[str] | None = None) -> None:
@@ -241,5 +247,4 @@ def master_main(argv: list[str] | None = None) -> None:
     master_command.main(args=argv, prog_name="jobq-master")
 
 
-if __name__ == "__main__":
-    main()
+from . import ops  # noqa: E402,F401  (registers the operator's commands)

@@ -10,6 +10,7 @@
 -- ARGV[7..] groups of 6: kind, id, queue, priority, ttl (s) or due (ms), payload
 --   "done"  : payload is the final record, kept ttl seconds (0: not kept)
 --   "fail"  : payload is the final record, kept ttl seconds; the id joins the DLQ
+--   "cancel": payload is the final record (cancelled while running), kept ttl seconds
 --   "retry" : payload is the job's new state; the job goes back to the end of its level
 --   "later" : payload is the job's new state; the job waits in {ns}:scheduled until the
 --             due time (ms) given in place of the ttl, for the scheduler to promote it
@@ -29,7 +30,8 @@ for i = 7, #ARGV, 6 do ids[#ids + 1] = ARGV[i + 1] end
 if #ids == 0 then return {} end
 local is_held = redis.call('HMGET', held, unpack(ids))
 local stale, live, finished = {}, {}, {}
-local delta = {}   -- queue -> {processing, completed, failed, retried, pending, scheduled}
+local delta = {}   -- queue -> {processing, completed, failed, retried, pending, scheduled,
+                   --           cancelled}
 local recent = {}  -- queue -> {ids}
 for k = 1, #ids do
   local i = 7 + (k - 1) * 6
@@ -39,7 +41,7 @@ for k = 1, #ids do
     stale[#stale + 1] = id
   else
     live[#live + 1] = id
-    if not delta[q] then delta[q] = {0, 0, 0, 0, 0, 0}; recent[q] = {} end
+    if not delta[q] then delta[q] = {0, 0, 0, 0, 0, 0, 0}; recent[q] = {} end
     local c = delta[q]
     c[1] = c[1] - 1
     if kind == 'done' then
@@ -52,6 +54,10 @@ for k = 1, #ids do
       finished[#finished + 1] = id
       c[3] = c[3] + 1
       to_dlq(B, q, id, now, dlq_cap, ttl)
+    elseif kind == 'cancel' then
+      if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
+      finished[#finished + 1] = id
+      c[7] = c[7] + 1
     elseif kind == 'retry' then
       c[4] = c[4] + 1
       c[5] = c[5] + 1
@@ -74,6 +80,7 @@ end
 if #finished > 0 then
   redis.call('HDEL', KEYS[1], unpack(finished))
   redis.call('HDEL', B .. ':state', unpack(finished))
+  redis.call('HDEL', B .. ':cancel', unpack(finished))
   notify_done(B, finished)
 end
 for q, c in pairs(delta) do
@@ -83,6 +90,7 @@ for q, c in pairs(delta) do
   count(B, q, 'retried', c[4])
   count(B, q, 'pending', c[5])
   count(B, q, 'scheduled', c[6])
+  count(B, q, 'cancelled', c[7])
   if c[5] > 0 then wake(B, q, c[5], wake_cap) end
   if #recent[q] > 0 and recent_cap > 0 then
     local rk = B .. ':recent:' .. q

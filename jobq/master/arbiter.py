@@ -78,6 +78,8 @@ SERVER_EVERY = 5.0
 RELOAD_READY_WAIT = 10.0
 #: Restart delay of a scheduler process that died.
 SCHEDULER_RESTART = 1.0
+#: How often the master looks for cancel requests of the jobs its workers run (seconds).
+CANCEL_CHECK_EVERY = 0.25
 #: How often the master describes itself and its workers in Redis (``jobq info``).
 HEARTBEAT_EVERY = 2.0
 
@@ -118,6 +120,8 @@ class Master:
         self.to_retire: list[int] = []
         self.unreleased: list[tuple[str, str, str]] = []  # (worker, current job, cause)
         self.next_memory = self.next_renew = self.next_server = self.next_heartbeat = 0.0
+        self.next_cancel_check = 0.0
+        self.interrupted: set[tuple[int, str]] = set()  # (worker pid, job id) signalled
         self.started = time.time()
         self.id = ""
         self.rng = random.Random()
@@ -219,6 +223,9 @@ class Master:
         if now >= self.next_renew:
             self.next_renew = now + self.config.lease_time / 3
             self._renew_leases(now)
+        if now >= self.next_cancel_check:
+            self.next_cancel_check = now + CANCEL_CHECK_EVERY
+            self._interrupt_cancelled()
         if now >= self.next_heartbeat and not self.stopping:
             self.next_heartbeat = now + HEARTBEAT_EVERY
             self._heartbeat(now)
@@ -539,6 +546,23 @@ class Master:
                             {w.name: deadline for w in self.workers.values()}, xx=True)
         except redis.RedisError as exc:
             log.warning("cannot renew leases (%s)", describe_error(exc, self.url))
+
+    def _interrupt_cancelled(self) -> None:
+        """Signal the workers whose running job was cancelled (USR2: JobCancelled)."""
+        busy = [(w.pid, w.job_id) for w in self.workers.values() if w.busy and w.job_id]
+        if not busy or self.redis is None:
+            return
+        try:
+            asked = self.redis.hmget(self.keys.cancel, [job for _, job in busy])
+        except redis.RedisError:
+            return
+        for (pid, job), reason in zip(busy, asked, strict=True):
+            if reason is not None and (pid, job) not in self.interrupted:
+                self.interrupted.add((pid, job))
+                log.info("interrupting job %s in worker %d: %s", job, pid, reason)
+                _signal(pid, signal.SIGUSR2)
+        current = set(busy)
+        self.interrupted &= current
 
     def _heartbeat(self, now: float) -> None:
         """Describe this master and what each worker does, for ``jobq info`` and the

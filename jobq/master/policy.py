@@ -108,6 +108,8 @@ def next_check(now: float, workers: list[WorkerState], limits: Limits,
                tick: float = 1.0) -> float:
     """When the master must look again at the latest (a hard deadline may come sooner)."""
     wake = now + tick
+    if any(w.busy for w in workers):
+        wake = now + min(tick, 0.25)  # cancel requests of running jobs are looked for
     for w in workers:
         if w.busy and w.deadline:
             wake = min(wake, w.deadline + limits.hard_timeout_grace + 0.01)
