@@ -132,6 +132,9 @@ class Job:
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
+        for key in self.kwargs:
+            if not isinstance(key, str):
+                raise TypeError(f"keyword argument names must be strings, got {key!r}")
         self.id = id or new_id()
         if not isinstance(self.id, str) or not 0 < len(self.id) <= 128 or not self.id.isprintable():
             raise ValueError(f"job id must be 1-128 printable characters, got {self.id!r}")

@@ -318,7 +318,7 @@ def _due_ms(job: Job) -> int:
 def read_job(job_id: str, final: str | None, spec: str | None, state: str | None,
              holder: str | None, due: float | None = None) -> Job | None:
     """Assemble a Job from what Redis holds about it (see :mod:`jobq.keys`)."""
-    if final is not None:
+    if final is not None and spec is None:  # a live spec wins: the id was enqueued again
         record = decode(final)
         if not isinstance(record, dict):
             raise BadJob(f"final record of {job_id} is not a JSON object")

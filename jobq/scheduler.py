@@ -298,7 +298,11 @@ class SchedulerProcess:
         signal.signal(signal.SIGHUP, self._on_hup)
         set_title("jobq scheduler")
         self._apply_config()
+        parent = os.getppid()
         while not self.stopping:
+            if os.getppid() != parent:
+                log.warning("scheduler %s: its master is gone; stopping", self.token)
+                break
             try:
                 wake_at = self.step(time.time())
             except redis.RedisError as exc:

@@ -211,8 +211,8 @@ class Worker:
             log.warning("worker %s: its master is gone; stopping", self.name)
             self._stopping = True
             return
-        self._idle = True
         try:
+            self._idle = True  # from here a TERM interrupts the blocking wait
             if self._stopping:
                 return
             tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK

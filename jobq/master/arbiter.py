@@ -396,6 +396,7 @@ class Master:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides on Ctrl-C
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.setpgid(0, 0)  # its own group: killing it kills its children too
+                _die_with_parent()
                 random.seed()
                 code = child()
             except SystemExit as exc:
@@ -628,6 +629,18 @@ class Master:
             from .pidfile import release
 
             release(self._pidfile)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send us SIGTERM when the master dies (even by SIGKILL): an orphaned
+    worker stops after its job instead of running on with nobody renewing its lease."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the getppid() checks of the worker and scheduler loops remain
 
 
 def _noop(signum: int, frame: Any) -> None:
