@@ -176,7 +176,7 @@ def on_exit(now: float, worker: WorkerState, status: int, history: SlotHistory,
     if stopping:
         return ExitDecision(cause, None, unexpected=False)
     planned = worker.retiring_since is not None or (code == 0 and sig is None)
-    if code == exitcodes.IMPORT:
+    if code == exitcodes.IMPORT and not worker.ready:  # only a booting worker imports
         reason = boot_error or "a worker could not import its task modules"
         return ExitDecision(cause, None, (exitcodes.IMPORT, reason))
     if not worker.ready and not planned:
