@@ -151,6 +151,12 @@ class Job:
         self.dont_retry_on = exception_names(dont_retry_on, "dont_retry_on")
         #: When a delayed job is due (epoch seconds), None to run as soon as possible
         self.due_at: float | None = None
+        #: Ids of the jobs this one waits for (``depends_on``), and what a failed one does
+        self.depends_on: list[str] = []
+        self.on_parent_failure = "cancel"
+        #: ``queue.map``: the group this job belongs to, and its index in the input
+        self.group: str | None = None
+        self.group_index: int | None = None
         self.status = JobStatus.PENDING
         self.created_at: datetime = datetime.now(UTC)
         self.started_at: datetime | None = None
@@ -194,6 +200,9 @@ class Job:
             "deliveries": self.deliveries,
             "worker": self.worker,
             "due_at": _ts(self.due_at).isoformat() if self.due_at else None,
+            "depends_on": self.depends_on,
+            "group": self.group,
+            "group_index": self.group_index,
         }
 
     def result(self, timeout: float | None = None) -> Any:
@@ -246,6 +255,13 @@ class Job:
             spec["ro"] = self.retry_on
         if self.dont_retry_on:
             spec["dro"] = self.dont_retry_on
+        if self.depends_on:
+            spec["dep"] = self.depends_on
+            if self.on_parent_failure != "cancel":
+                spec["opf"] = self.on_parent_failure
+        if self.group is not None:
+            spec["g"] = self.group
+            spec["gi"] = self.group_index
         spec["c"] = round(self.created_at.timestamp(), 3)
         return spec
 
@@ -272,6 +288,12 @@ class Job:
                       timeout=spec.get("to", DEFAULT_TIMEOUT),
                       queue=spec.get("q") or DEFAULT_QUEUE, result_ttl=spec.get("ttl"),
                       retry_on=spec.get("ro", ()), dont_retry_on=spec.get("dro", ()))
+            deps = spec.get("dep", [])
+            if isinstance(deps, list):
+                job.depends_on = [str(d) for d in deps]
+            job.on_parent_failure = "run" if spec.get("opf") == "run" else "cancel"
+            if isinstance(spec.get("g"), str):
+                job.group, job.group_index = spec["g"], spec.get("gi")
             created = spec.get("c")
             if created is not None:
                 job.created_at = _ts(_check_number("created", created)) or job.created_at

@@ -23,6 +23,13 @@ key                        type    holds
 {ns}:stats:<queue>         hash    counters: pending, processing, completed, failed, ...
 {ns}:waiting               hash    id -> number of clients blocked on its completion
 {ns}:cancel                hash    id -> reason, for running jobs asked to stop
+{ns}:deps                  hash    deferred id -> how many parents it still waits for
+{ns}:waits:<parent>        set     the deferred jobs waiting for a parent
+{ns}:parents               set     ids that have deferred jobs waiting for them
+{ns}:u:<key>               string  the job holding a unique key, with a TTL
+{ns}:g:<group>             hash    a queue.map group: total, done, failed
+{ns}:gi:<group>            list    a group's job ids in input order
+{ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
 {ns}:sched:defs            hash    schedule name -> definition (JSON)
@@ -40,7 +47,7 @@ class Keys:
     """Key names of one namespace."""
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
-                 "scheduled", "waiting", "masters", "cancel")
+                 "scheduled", "waiting", "masters", "cancel", "deps")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -55,6 +62,7 @@ class Keys:
         self.waiting = f"{b}:waiting"
         self.masters = f"{b}:masters"
         self.cancel = f"{b}:cancel"
+        self.deps = f"{b}:deps"
 
     def levels(self, queue: str) -> str:
         return f"{self.base}:q:{queue}"

@@ -18,7 +18,10 @@ from .scripts import Scripts
 
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
-                         "retry_on", "dont_retry_on", "delay", "at"})
+                         "retry_on", "dont_retry_on", "delay", "at", "depends_on",
+                         "on_parent_failure", "unique_key", "unique_ttl"})
+#: How long a unique key holds by default (seconds).
+UNIQUE_TTL = 3600
 #: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
 WAKE_CAP = 64
 #: Jobs per enqueue script call in enqueue_many (bounded so one call stays short).
@@ -65,9 +68,34 @@ class JobQueue:
         """
         job = self._build(job, args, kwargs, options)
         encoded = self._encode(job)
+        if job.depends_on or getattr(job, "_unique", None):
+            return self._enqueue_one(job, encoded)
         self.scripts.run("enqueue", [self.keys.jobs],
                          [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority,
                           _due_ms(job), encoded])
+        return job
+
+    def _enqueue_one(self, job: Job, encoded: str) -> Job:
+        """A job with parents or a unique key (enqueue_one.lua)."""
+        ukey, uttl = getattr(job, "_unique", None) or ("", 0)
+        outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], [
+            self.keys.base, WAKE_CAP, job.id, job.queue, job.priority, _due_ms(job), encoded,
+            ukey, uttl, int(time.time() * 1000), max(self.config.failed_ttl, 86400),
+            *job.depends_on])
+        if outcome == "unknown_parent":
+            raise UnknownJob(f"depends_on: no job with id {ref!r} (never enqueued, or its "
+                             "record expired: a parent that finished must keep its record, "
+                             "result_ttl > 0)")
+        if outcome == "duplicate":
+            raise ValueError(f"a job with id {job.id!r} already exists")
+        if outcome == "exists":
+            existing = self.get_job(ref)
+            if existing is not None:
+                return existing
+            job.id = ref  # its record expired: the key still holds for the unique TTL
+            return job
+        job.status = {"deferred": JobStatus.DEFERRED, "cancelled": JobStatus.CANCELLED}.get(
+            outcome, job.status)
         return job
 
     def enqueue_many(self, jobs: Iterable[Job] | Callable[..., Any] | str,
@@ -83,11 +111,19 @@ class JobQueue:
             if options:
                 raise TypeError("job options go on the Job objects when enqueueing Jobs")
             built = [self._build(j, (), None, {}) for j in jobs]  # type: ignore[union-attr]
+        special = [j for j in built if j.depends_on or getattr(j, "_unique", None)]
+        if special:
+            if len(special) != len(built):
+                raise TypeError("enqueue_many: jobs with depends_on or unique_key go through "
+                                "enqueue(), one by one")
+            return [self._enqueue_one(j, self._encode(j)) for j in built]
+        encoded = [self._encode(job) for job in built]  # all checked before anything is sent
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(built), ENQUEUE_CHUNK):
             argv: list[Any] = [self.keys.base, WAKE_CAP]
-            for job in built[start:start + ENQUEUE_CHUNK]:
-                argv += (job.id, job.queue, job.priority, _due_ms(job), self._encode(job))
+            for job, text in zip(built[start:start + ENQUEUE_CHUNK],
+                                 encoded[start:start + ENQUEUE_CHUNK], strict=True):
+                argv += (job.id, job.queue, job.priority, _due_ms(job), text)
             self.scripts.enqueue(keys=[self.keys.jobs], args=argv, client=pipe)
         pipe.execute()
         return built
@@ -104,8 +140,25 @@ class JobQueue:
             defaults = dict(getattr(job, "job_options", {}))
             defaults.update(options)
             delay, at = defaults.pop("delay", None), defaults.pop("at", None)
+            depends_on = defaults.pop("depends_on", None)
+            on_parent_failure = defaults.pop("on_parent_failure", "cancel")
+            unique_key = defaults.pop("unique_key", None)
+            unique_ttl = defaults.pop("unique_ttl", UNIQUE_TTL)
             job = Job(job, args, kwargs, **defaults)
             job.due_at = _due(delay, at)
+            job.depends_on = _parent_ids(depends_on)
+            if on_parent_failure not in ("cancel", "run"):
+                raise ValueError(f"on_parent_failure must be 'cancel' or 'run', got "
+                                 f"{on_parent_failure!r}")
+            job.on_parent_failure = on_parent_failure
+            if unique_key is not None:
+                if not isinstance(unique_key, str) or not 0 < len(unique_key) <= 200:
+                    raise ValueError(f"unique_key must be a string of 1-200 characters, got "
+                                     f"{unique_key!r}")
+                if isinstance(unique_ttl, bool) or not isinstance(unique_ttl, int) or \
+                        unique_ttl <= 0:
+                    raise ValueError(f"unique_ttl must be seconds > 0, got {unique_ttl!r}")
+            job._unique = (unique_key, unique_ttl) if unique_key is not None else None
         registry.check_enqueueable(job.task)
         if job.queue is None:
             job.queue = self.name
@@ -119,12 +172,14 @@ class JobQueue:
     def get_job(self, job_id: str) -> Job | None:
         """The job with its current status, attempts, errors and result; None if unknown."""
         k = self.keys
-        final, spec, state, holder, due = (
+        final, spec, state, holder, due, waits_for = (
             self.redis.pipeline(transaction=False)
             .get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
-            .hget(k.active, job_id).zscore(k.scheduled, job_id).execute()
+            .hget(k.active, job_id).zscore(k.scheduled, job_id).hget(k.deps, job_id).execute()
         )
         job = read_job(job_id, final, spec, state, holder, due)
+        if job is not None and waits_for is not None and not holder:
+            job.status = JobStatus.DEFERRED
         if job is not None:
             job._queue = self
         return job
@@ -291,6 +346,22 @@ class JobQueue:
 
 
 Queue = JobQueue
+
+
+def _parent_ids(parents: Any) -> list[str]:
+    if parents is None:
+        return []
+    if isinstance(parents, Job | str):
+        parents = [parents]
+    ids = []
+    for p in parents:
+        if isinstance(p, Job):
+            ids.append(p.id)
+        elif isinstance(p, str) and p:
+            ids.append(p)
+        else:
+            raise TypeError(f"depends_on takes Jobs or job ids, got {p!r}")
+    return list(dict.fromkeys(ids))
 
 
 def _due(delay: float | None, at: Any) -> float | None:

@@ -18,7 +18,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
-         "requeue", "empty")
+         "requeue", "empty", "enqueue_one")
 
 
 def _source(name: str) -> str:
@@ -75,3 +75,4 @@ class Scripts:
     leader: Any
     requeue: Any
     empty: Any
+    enqueue_one: Any

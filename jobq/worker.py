@@ -171,7 +171,8 @@ class Worker:
                     self.scripts.ack(keys=[self.keys.jobs], args=[
                         self.keys.base, self.name, int(time.time() * 1000),
                         RECENT_MAX,
-                        self.config.dlq_max, WAKE_CAP, *self._acks], client=pipe)
+                        self.config.dlq_max, WAKE_CAP, self.config.failed_ttl, *self._acks],
+                        client=pipe)
                 if want:
                     lease = int((time.time() + self.config.lease_time) * 1000)
                     self.scripts.claim(keys=[self.keys.jobs], args=[
@@ -315,7 +316,7 @@ class Worker:
             state.update(s="completed", st=round(started, 6), fin=round(finished, 6),
                          w=self.name)
             record = f'{{"spec":{spec_raw},"res":{res},{serialization.dumps(state)[1:]}'
-        self._ack("done", job_id, queue, spec.get("p", 0), ttl or 0, record)
+        self._ack("done", job_id, queue, spec.get("p", 0), ttl or 0, record, spec.get("g"))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s %s completed in %.3f s", job_id, task, finished - started)
 
@@ -348,7 +349,7 @@ class Worker:
                          fin=round(finished, 6), w=self.name, err=error)
             record = f'{{"spec":{spec_raw or "null"},{serialization.dumps(state)[1:]}'
             self._ack("cancel", job_id, queue, spec.get("p", 0) if spec else 0,
-                      self.config.failed_ttl, record)
+                      self.config.failed_ttl, record, spec.get("g") if spec else None)
             log.warning("job %s %s cancelled while running", job_id, task)
             return
         if spec and not permanent:
@@ -376,16 +377,18 @@ class Worker:
                      err=error)
         spec_json = spec_raw if spec is not None else "null"
         record = f'{{"spec":{spec_json},{serialization.dumps(state)[1:]}'
-        self._ack("fail", job_id, queue, priority, self.config.failed_ttl, record)
+        self._ack("fail", job_id, queue, priority, self.config.failed_ttl, record,
+                  spec.get("g") if spec else None)
         log.warning("job %s %s failed%s: %s: %s", job_id, task,
                     "" if permanent else f" after {attempts} attempt(s)", error["type"],
                     error["msg"][:200])
 
     def _ack(self, kind: str, job_id: str, queue: str, priority: Any, ttl: int,
-             payload: str) -> None:
+             payload: str, group: Any = None) -> None:
         if not self._acks:
             self._first_ack_at = time.monotonic()
-        self._acks += (kind, job_id, queue, priority, ttl, payload)
+        self._acks += (kind, job_id, queue, priority, ttl, payload,
+                       group if isinstance(group, str) else "")
         if self.slot is not None:
             self.slot.end()
 

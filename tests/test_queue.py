@@ -273,8 +273,10 @@ def test_cancel_outcomes(queue: JobQueue) -> None:
     assert queue.cancel("unknown") is False
     held = queue.enqueue(tasks.noop)
     claim(queue, 1)
-    assert queue.cancel(held.id) is False  # running: not this call's business
+    # running: its worker is asked to stop it (the master or the lease thread signals it)
+    assert queue.cancel_job(held.id) == "interrupting"
     assert queue.get_status(held.id) == "processing"
+    assert queue.redis.hexists(queue.keys.cancel, held.id)
     job = queue.enqueue(tasks.noop)
     assert queue.cancel(job.id, reason="changed my mind") is True
     assert queue.cancel(job.id) is False  # already finished

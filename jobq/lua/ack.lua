@@ -7,7 +7,9 @@
 -- ARGV[4]  how many finished ids to keep per queue in {ns}:recent:<queue>
 -- ARGV[5]  how many failed ids to keep per queue in the dead-letter queue {ns}:dlq:<queue>
 -- ARGV[6]  cap on wake tokens per queue
--- ARGV[7..] groups of 6: kind, id, queue, priority, ttl (s) or due (ms), payload
+-- ARGV[7]  how long the records of jobs cancelled because a parent failed are kept (s)
+-- ARGV[8..] groups of 7: kind, id, queue, priority, ttl (s) or due (ms), payload, group id
+--           ("" when the job is not part of a queue.map group)
 --   "done"  : payload is the final record, kept ttl seconds (0: not kept)
 --   "fail"  : payload is the final record, kept ttl seconds; the id joins the DLQ
 --   "cancel": payload is the final record (cancelled while running), kept ttl seconds
@@ -24,19 +26,21 @@ local now = tonumber(ARGV[3])
 local recent_cap = tonumber(ARGV[4])
 local dlq_cap = tonumber(ARGV[5])
 local wake_cap = tonumber(ARGV[6])
+local dlq_ttl = tonumber(ARGV[7])
 local held = B .. ':held:' .. worker
 local ids = {}
-for i = 7, #ARGV, 6 do ids[#ids + 1] = ARGV[i + 1] end
+for i = 8, #ARGV, 7 do ids[#ids + 1] = ARGV[i + 1] end
 if #ids == 0 then return {} end
 local is_held = redis.call('HMGET', held, unpack(ids))
-local stale, live, finished = {}, {}, {}
+local stale, live, finished, oks = {}, {}, {}, {}
 local delta = {}   -- queue -> {processing, completed, failed, retried, pending, scheduled,
                    --           cancelled}
 local recent = {}  -- queue -> {ids}
 for k = 1, #ids do
-  local i = 7 + (k - 1) * 6
-  local kind, id, q, prio, ttl, payload =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
+  local i = 8 + (k - 1) * 7
+  local kind, id, q, prio, ttl, payload, gid =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5],
+    ARGV[i + 6]
   if not is_held[k] then
     stale[#stale + 1] = id
   else
@@ -47,17 +51,23 @@ for k = 1, #ids do
     if kind == 'done' then
       if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
       finished[#finished + 1] = id
+      oks[#oks + 1] = true
       c[2] = c[2] + 1
       table.insert(recent[q], id)
+      group_done(B, gid, 'done')
     elseif kind == 'fail' then
       if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
       finished[#finished + 1] = id
+      oks[#oks + 1] = false
       c[3] = c[3] + 1
       to_dlq(B, q, id, now, dlq_cap, ttl)
+      group_done(B, gid, 'failed')
     elseif kind == 'cancel' then
       if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
       finished[#finished + 1] = id
+      oks[#oks + 1] = false
       c[7] = c[7] + 1
+      group_done(B, gid, 'failed')
     elseif kind == 'retry' then
       c[4] = c[4] + 1
       c[5] = c[5] + 1
@@ -82,6 +92,7 @@ if #finished > 0 then
   redis.call('HDEL', B .. ':state', unpack(finished))
   redis.call('HDEL', B .. ':cancel', unpack(finished))
   notify_done(B, finished)
+  finished_parents(B, finished, oks, now, wake_cap, dlq_ttl)
 end
 for q, c in pairs(delta) do
   count(B, q, 'processing', c[1])

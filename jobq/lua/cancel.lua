@@ -25,7 +25,7 @@ local ok, job = pcall(cjson.decode, spec)
 local q = (ok and type(job) == 'table' and job.q) or 'default'
 if redis.call('ZREM', B .. ':scheduled', id) == 1 then
   count(B, q, 'scheduled', -1)
-elseif st.s == 'deferred' then
+elseif redis.call('HDEL', B .. ':deps', id) == 1 then
   count(B, q, 'deferred', -1)
 else
   count(B, q, 'pending', -1)  -- its id stays in the list as a tombstone; claim.lua drops it
@@ -35,5 +35,7 @@ st.fin = now / 1000
 st.err = {type = 'Cancelled', msg = ARGV[5]}
 finish(B, id, final_record(spec, st), tonumber(ARGV[4]))
 count(B, q, 'cancelled', 1)
+if ok and type(job) == 'table' then group_done(B, job.g, 'failed') end
 notify_done(B, {id})
+finished_parents(B, {id}, {false}, now, 64, tonumber(ARGV[4]))
 return 'cancelled'

@@ -65,3 +65,69 @@ local function finish(B, id, record, ttl)
   redis.call('HDEL', B .. ':jobs', id)
   redis.call('HDEL', B .. ':state', id)
 end
+
+-- Count a finished member of a group (queue.map): "done" or "failed", and wake its waiters.
+local function group_done(B, gid, field)
+  if gid == nil or gid == '' or gid == cjson.null then return end
+  local gk = B .. ':g:' .. gid
+  if redis.call('EXISTS', gk) == 0 then return end
+  redis.call('HINCRBY', gk, field, 1)
+  local wk = B .. ':gw:' .. gid
+  redis.call('RPUSH', wk, '1')
+  redis.call('LTRIM', wk, -16, -1)
+  redis.call('EXPIRE', wk, 3600)
+end
+
+-- A parent finished: completed (ok) or failed/cancelled for good. Its dependents become
+-- pending when their last parent completes; when a parent fails they are cancelled, and
+-- theirs in turn (or they run anyway, with on_parent_failure="run").
+local function resolve_children(B, parent, ok, now, wake_cap, ttl)
+  local stack = {{parent, ok}}
+  while #stack > 0 do
+    local item = table.remove(stack)
+    local pid, pok = item[1], item[2]
+    local wk = B .. ':waits:' .. pid
+    local children = redis.call('SMEMBERS', wk)
+    redis.call('DEL', wk)
+    redis.call('SREM', B .. ':parents', pid)
+    for _, child in ipairs(children) do
+      local spec = redis.call('HGET', B .. ':jobs', child)
+      local left = redis.call('HGET', B .. ':deps', child)
+      if spec and left then
+        local job = cjson.decode(spec)
+        local q = job.q or 'default'
+        if pok or job.opf == 'run' then
+          left = redis.call('HINCRBY', B .. ':deps', child, -1)
+          if left <= 0 then
+            redis.call('HDEL', B .. ':deps', child)
+            redis.call('HDEL', B .. ':state', child)
+            push_ready(B, q, tostring(tonumber(job.p) or 0), {child}, false)
+            count(B, q, 'deferred', -1)
+            count(B, q, 'pending', 1)
+            wake(B, q, 1, wake_cap)
+          end
+        else
+          redis.call('HDEL', B .. ':deps', child)
+          local st = {s = 'cancelled', fin = now / 1000,
+                      err = {type = 'ParentFailed', msg = 'parent job ' .. pid ..
+                             ' did not complete'}}
+          finish(B, child, final_record(spec, st), ttl)
+          count(B, q, 'deferred', -1)
+          count(B, q, 'cancelled', 1)
+          group_done(B, job.g, 'failed')
+          notify_done(B, {child})
+          table.insert(stack, {child, false})
+        end
+      end
+    end
+  end
+end
+
+-- After jobs finished: resolve the dependents of those that have any.
+local function finished_parents(B, ids, oks, now, wake_cap, ttl)
+  if #ids == 0 or redis.call('SCARD', B .. ':parents') == 0 then return end
+  local has = redis.call('SMISMEMBER', B .. ':parents', unpack(ids))
+  for k, id in ipairs(ids) do
+    if has[k] == 1 then resolve_children(B, id, oks[k], now, wake_cap, ttl) end
+  end
+end

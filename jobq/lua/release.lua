@@ -72,6 +72,7 @@ for i = #held - 1, 1, -2 do
     finish(B, id, final_record(job and spec or nil, st), failed_ttl)
     to_dlq(B, q, id, now, dlq_cap, failed_ttl)
     count(B, q, 'failed', 1)
+    if job then group_done(B, job.g, 'failed') end
     failed[#failed + 1] = id
   else
     if started then
@@ -87,6 +88,9 @@ for i = #held - 1, 1, -2 do
   redis.call('HDEL', B .. ':active', id)
 end
 notify_done(B, failed)
+local oks = {}
+for k = 1, #failed do oks[k] = false end
+finished_parents(B, failed, oks, now, wake_cap, failed_ttl)
 redis.call('DEL', held_key)
 redis.call('ZREM', B .. ':leases', worker)
 return {requeued, failed}
