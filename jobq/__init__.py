@@ -19,6 +19,7 @@ from .exceptions import (
     TaskNotAllowed,
     UnknownJob,
 )
+from .context import current_job
 from .job import Job, JobStatus
 from .queue import JobQueue, Queue
 from .registry import Task, task
@@ -26,7 +27,7 @@ from .registry import Task, task
 __version__ = "0.1.0"
 
 __all__ = [
-    "Job", "JobStatus", "JobQueue", "Queue", "Task", "task",
+    "Job", "JobStatus", "JobQueue", "Queue", "Task", "task", "current_job",
     "JobqError", "JobTimeout", "JobCancelled", "JobFailed", "Retry", "SerializationError",
     "PayloadTooLarge", "TaskNotAllowed", "UnknownJob",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -15,6 +15,9 @@ from .exceptions import UnknownJob
 from .job import BadJob, Job, JobStatus, decode
 from .keys import Keys
 from .scripts import Scripts
+
+if TYPE_CHECKING:
+    from .groups import Group
 
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
@@ -167,6 +170,21 @@ class JobQueue:
 
     def _encode(self, job: Job) -> str:
         return serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
+
+    def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
+            chunksize: int | None = None, **options: Any) -> Group:
+        """Enqueue ``func(item)`` for each item (or a job per ``chunksize`` items), pipelined;
+        returns a :class:`~jobq.groups.Group`: ``progress()``, ``wait(progress=True)``,
+        ``results()`` in input order. Job options (priority, timeout, ...) apply to each."""
+        from .groups import enqueue_map
+
+        return enqueue_map(self, func, iterable, chunksize=chunksize, **options)
+
+    def group(self, group_id: str) -> Group:
+        """The handle of a ``map`` group by id."""
+        from .groups import Group
+
+        return Group(self, group_id)
 
     # -- read --------------------------------------------------------------------------------
     def get_job(self, job_id: str) -> Job | None:

@@ -102,6 +102,7 @@ class TaskResolver:
             self.modules[module] = importlib.import_module(module)
         if allow_main:
             self.modules["__main__"] = sys.modules["__main__"]
+        importlib.import_module("jobq.groups")  # registers the map chunk runner
         self._cache: dict[str, Callable[..., Any]] = {}
 
     def resolve(self, name: str) -> Callable[..., Any]:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from . import recovery, serialization
+from . import context, recovery, serialization
 from .config import Config
 from .connection import connect, describe_error
 from .exceptions import JobCancelled, JobTimeout, Retry, SerializationError, TaskNotAllowed
@@ -124,6 +124,7 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
+        context.worker = self
         self._install_signals()
         lease_thread = self._start_lease_thread() if self.renew_leases else None
         log.info("worker %s started on %s", self.name, ",".join(self.queues))
@@ -270,8 +271,9 @@ class Worker:
                 raise BadJob(f"job timeout must be a positive number, got {timeout!r}")
             fn = self.resolver.resolve(task)
         except (BadJob, TaskNotAllowed) as exc:
+            named = spec.get("t") if isinstance(locals().get("spec"), dict) else None
             self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
-                                 permanent=True, task="?")
+                                 permanent=True, task=named if isinstance(named, str) else "?")
             return
         self._running = job_id
         self._cancel_requested = False
@@ -279,6 +281,7 @@ class Worker:
             self.slot.begin(job_id, started, started + timeout)
         if self._title_every_job:
             self._set_title(f"{queue} {task} {job_id}")
+        context.running = (job_id, queue, spec)
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             result = fn(*args, **kwargs)
@@ -298,6 +301,7 @@ class Worker:
             return
         finally:
             self._running = None
+            context.running = None
         signal.setitimer(signal.ITIMER_REAL, 0)
         finished = time.time()
         self._avg = 0.5 * self._avg + 0.5 * (finished - started)

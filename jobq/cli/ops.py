@@ -490,3 +490,33 @@ for _op in ("remove", "pause", "resume", "run-now"):
             sys.exit(run_guarded(lambda: _schedule_op(state, name, op), state))
 
     _make(_op)
+
+
+@main.command("wait")
+@click.argument("group_id")
+@click.option("--timeout", type=float, default=None, metavar="SECONDS")
+@click.option("--json", "as_json", is_flag=True, help="Print the final progress as JSON.")
+@redis_options
+@with_state
+def wait_command(state: State, group_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait for a queue.map group, with a progress bar; exit 1 if any of its jobs failed."""
+
+    def go() -> int:
+        from ..exceptions import UnknownJob
+
+        try:
+            group = _queue(state).group(group_id)
+        except UnknownJob:
+            raise CliError(f"unknown group {group_id!r}", exitcodes.NOT_FOUND) from None
+        finished = group.wait(timeout=timeout, progress=not as_json)
+        p = group.progress()
+        if as_json:
+            _echo_json({"group": group_id, "done": p.done, "failed": p.failed,
+                        "total": p.total, "finished": finished})
+        else:
+            click.echo(f"{p.done} done, {p.failed} failed, of {p.total}")
+        if not finished:
+            raise CliError(f"group {group_id} not finished within {timeout} s", exitcodes.FAILURE)
+        return exitcodes.FAILURE if p.failed else exitcodes.OK
+
+    sys.exit(run_guarded(go, state))
