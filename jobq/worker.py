@@ -251,6 +251,7 @@ class Worker:
     def _run_one(self, job_id: str, queue: str, spec_raw: str | None,
                  state_raw: str | None) -> None:
         started = time.time()
+        spec: Any = None
         try:
             if spec_raw is None:
                 raise BadJob("job data is missing (the id was queued without a job record)")
@@ -271,7 +272,7 @@ class Worker:
                 raise BadJob(f"job timeout must be a positive number, got {timeout!r}")
             fn = self.resolver.resolve(task)
         except (BadJob, TaskNotAllowed) as exc:
-            named = spec.get("t") if isinstance(locals().get("spec"), dict) else None
+            named = spec.get("t") if isinstance(spec, dict) else None
             self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
                                  permanent=True, task=named if isinstance(named, str) else "?")
             return
