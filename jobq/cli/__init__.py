@@ -247,4 +247,4 @@ def master_main(argv: list[str] | None = None) -> None:
     master_command.main(args=argv, prog_name="jobq-master")
 
 
-from . import ops  # noqa: E402,F401  (registers the operator's commands)
+from . import bench, ops  # noqa: E402,F401  (register the other commands)
