@@ -34,6 +34,8 @@ DEFAULT_PRIORITY = 0
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_QUEUE = "default"
+#: The longest time limit a job may have (30 days, in seconds).
+MAX_TIMEOUT = 30 * 86400
 
 #: What a queue name may look like (it becomes part of Redis key names).
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
@@ -141,6 +143,8 @@ class Job:
         self.priority = _check_int("priority", priority)
         self.max_retries = _check_int("max_retries", max_retries, 0)
         self.timeout = _check_number("timeout", timeout)
+        if self.timeout > MAX_TIMEOUT:
+            raise ValueError(f"timeout must be at most {MAX_TIMEOUT} s (30 days), got {timeout}")
         #: None until enqueued: then the queue it was enqueued on
         self.queue: str | None = queue or getattr(func, "default_queue", None)
         if self.queue is not None and not QUEUE_NAME.match(self.queue):

@@ -421,6 +421,7 @@ def read_job(job_id: str, final: str | None, spec: str | None, state: str | None
         job.apply_state(decode(state))
     if holder:
         job.status = JobStatus.PROCESSING
+        job.worker = holder
     elif due is not None:
         job.due_at = due / 1000
         if job.status is not JobStatus.RETRY:

@@ -41,7 +41,14 @@ from . import context, recovery, serialization
 from .config import Config
 from .connection import connect, describe_error
 from .exceptions import JobCancelled, JobTimeout, Retry, SerializationError, TaskNotAllowed
-from .job import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BadJob, decode, exception_matches
+from .job import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    BadJob,
+    decode,
+    exception_matches,
+)
 from .keys import Keys
 from .queue import WAKE_CAP
 from .registry import TaskResolver
@@ -106,6 +113,7 @@ class Worker:
         self.max_jobs = max_jobs
         self.master_pid = master_pid
         self.title_prefix = f"jobq worker {title or self.name}"
+        self._name_json = serialization.dumps(self.name)
         self.redis = connect(url)
         self.keys = Keys(config.prefix)
         self.scripts = Scripts(self.redis)
@@ -268,8 +276,11 @@ class Worker:
                 args = ()
             if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
                 raise BadJob("job args must be a list and kwargs an object")
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-                raise BadJob(f"job timeout must be a positive number, got {timeout!r}")
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
+                    not 0 < timeout <= MAX_TIMEOUT:
+                raise BadJob(f"job timeout must be a number of seconds in (0, {MAX_TIMEOUT}], "
+                             f"got {timeout!r}")
+            _check_options(spec)
             fn = self.resolver.resolve(task)
         except (BadJob, TaskNotAllowed) as exc:
             named = spec.get("t") if isinstance(spec, dict) else None
@@ -316,11 +327,14 @@ class Worker:
                 self._settle_failure(job_id, queue, spec_raw, state_raw, exc, started,
                                      permanent=True, task=task)
                 return
-            state = decode(state_raw) if state_raw else {}
-            state = state if isinstance(state, dict) else {}
-            state.update(s="completed", st=round(started, 6), fin=round(finished, 6),
-                         w=self.name)
-            record = f'{{"spec":{spec_raw},"res":{res},{serialization.dumps(state)[1:]}'
+            if state_raw:  # a retried job: keep its history of attempts
+                state = _decode_state(state_raw)
+                state.update(s="completed", st=round(started, 6), fin=round(finished, 6),
+                             w=self.name)
+                record = f'{{"spec":{spec_raw},"res":{res},{serialization.dumps(state)[1:]}'
+            else:  # the common case, without a dict and a second encode
+                record = (f'{{"spec":{spec_raw},"res":{res},"s":"completed","st":{started:.6f},'
+                          f'"fin":{finished:.6f},"w":{self._name_json}}}')
         self._ack("done", job_id, queue, spec.get("p", 0), ttl or 0, record, spec.get("g"))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s %s completed in %.3f s", job_id, task, finished - started)
@@ -335,13 +349,10 @@ class Worker:
         except BadJob:
             spec = None
         spec = spec if isinstance(spec, dict) else None
-        try:
-            state = decode(state_raw) if state_raw else {}
-        except BadJob:
-            state = {}
-        state = state if isinstance(state, dict) else {}
+        state = _decode_state(state_raw)
         errors = state.get("e") if isinstance(state.get("e"), list) else []
-        attempts = int(state.get("n", 0) or 0) + 1
+        attempts = state.get("n", 0)
+        attempts = (attempts if type(attempts) is int else 0) + 1
         error = {"type": type(exc).__name__, "msg": str(exc)[:2000],
                  "tb": "".join(tb.format_exception(exc))[-8000:], "t": round(finished, 3),
                  "w": self.name}
@@ -362,6 +373,7 @@ class Worker:
         retry = not permanent and attempts <= max_retries
         state.update(n=attempts, e=errors)
         priority = spec.get("p", 0) if spec else 0
+        priority = priority if type(priority) is int else 0
         if retry:
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff(
                 attempts, self.config.retry_backoff_base, self.config.retry_backoff_cap,
@@ -473,6 +485,28 @@ class Worker:
         if lease_thread is not None:
             self._lease_stop.set()
         log.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
+
+
+def _check_options(spec: dict[str, Any]) -> None:
+    """The spec's optional fields the settle scripts use must have their types: data found in
+    Redis is not trusted (a bad value fails the job, it must not break a script)."""
+    p, r, ttl, g = spec.get("p", 0), spec.get("r", 0), spec.get("ttl", 0), spec.get("g")
+    if type(p) is not int or type(r) is not int or r < 0 or type(ttl) is not int or ttl < 0:
+        raise BadJob(f"job options have bad values (priority {p!r}, max_retries {r!r}, "
+                     f"result_ttl {ttl!r})")
+    if g is not None and type(g) is not str:
+        raise BadJob(f"job group (field 'g') must be a string, got {g!r}")
+
+
+def _decode_state(raw: str | None) -> dict[str, Any]:
+    """A job's state (attempts, errors), {} when absent or unreadable."""
+    if not raw:
+        return {}
+    try:
+        state = decode(raw)
+    except BadJob:
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def retryable(exc: BaseException, retry_on: Any, dont_retry_on: Any) -> bool:

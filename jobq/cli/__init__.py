@@ -127,7 +127,31 @@ def with_state(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A click group whose usage errors are one line (``jobq: error: ...``), exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        return one_line_errors(super().main, args, prog_name or "jobq", **extra)
+
+
+def one_line_errors(run: Callable[..., Any], args: Any, prog_name: str, **extra: Any) -> Any:
+    """Run a click entry point; show usage errors as one line instead of click's block."""
+    try:
+        return run(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else prog_name
+        click.echo(f"{prog_name}: error: {exc.format_message()} (see '{command} --help')",
+                   err=True)
+        sys.exit(exitcodes.USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo(f"{prog_name}: aborted", err=True)
+        sys.exit(exitcodes.FAILURE)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--redis-url", default=None, metavar="URL", envvar=None,
               help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, else the "
                    "embedded server.")
@@ -244,7 +268,7 @@ def master_main(argv: list[str] | None = None) -> None:
     """Entry point of ``jobq-master``."""
     from ..master.cli import master_command
 
-    master_command.main(args=argv, prog_name="jobq-master")
+    one_line_errors(master_command.main, argv, "jobq-master")
 
 
 from . import bench, ops  # noqa: E402,F401  (register the other commands)

@@ -3,4 +3,4 @@
 from . import main
 
 if __name__ == "__main__":
-    main(prog_name="jobq")
+    main()

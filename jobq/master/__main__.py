@@ -1,6 +1,6 @@
 """``python -m jobq.master``: the same as ``jobq-master``."""
 
-from .cli import master_command
+from ..cli import master_main
 
 if __name__ == "__main__":
-    master_command(prog_name="jobq-master")
+    master_main()
