@@ -143,7 +143,9 @@ def next_fire(d: ScheduleDef, after: float) -> float | None:
         return d.at if d.at is not None and d.at > after else None
     if d.kind == "interval":
         assert d.interval is not None
-        anchor = d.start if d.start is not None else after
+        # no start: the grid is anchored on the previous due time itself (not on it plus
+        # EPSILON, which would add 2 ms to every interval)
+        anchor = d.start if d.start is not None else after - EPSILON
         if after < anchor:
             return anchor
         steps = math.floor((after - anchor) / d.interval) + 1
