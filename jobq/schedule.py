@@ -152,8 +152,22 @@ def next_fire(d: ScheduleDef, after: float) -> float | None:
         return round(anchor + steps * d.interval, 3)
     tz = zone(d.timezone)
     base = datetime.fromtimestamp(after, tz)
-    nxt = croniter(d.cron, base).get_next(datetime)
-    return float(nxt.timestamp())
+    times = croniter(d.cron, base)
+    fixed = not any(part.startswith("*") for part in str(d.cron).split()[:2])
+    while True:
+        nxt = times.get_next(datetime)
+        # on fall-back day a wall time happens twice: like cron, a job at a fixed time (no
+        # '*' minute or hour) runs at the first one only; frequent ones run through both
+        if not (fixed and _repeated(nxt, tz)):
+            return float(nxt.timestamp())
+
+
+def _repeated(when: datetime, tz: tzinfo) -> bool:
+    """Whether ``when`` is the second occurrence of a wall time (a DST fall-back)."""
+    wall = when.replace(tzinfo=None)
+    first = wall.replace(tzinfo=tz, fold=0).timestamp()
+    second = wall.replace(tzinfo=tz, fold=1).timestamp()
+    return second > first and when.timestamp() == second
 
 
 def first_due(d: ScheduleDef, now: float) -> float | None:
