@@ -204,8 +204,13 @@ def plan_fire(d: ScheduleDef, due: float, now: float) -> Fire:
     upcoming = _after(d, missed[-1], now)
     if d.misfire == "all":
         return Fire(missed, upcoming)
+    # past the burst cap runs up to now are still missed: skip and catch up past them all
+    # (a next due time in the past would fire again, "on time")
+    latest = missed[-1]
+    while upcoming is not None and upcoming <= now:
+        latest, upcoming = upcoming, next_fire(d, upcoming)
     if d.misfire == "catch_up":
-        return Fire([missed[-1]], upcoming)
+        return Fire([latest], upcoming)
     return Fire([], upcoming)
 
 
