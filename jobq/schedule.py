@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from .job import QUEUE_NAME, TASK_NAME
+from .job import QUEUE_NAME, TASK_NAME, Job
 
 #: What a schedule may be named (it becomes part of job ids).
 SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
@@ -81,6 +81,13 @@ class ScheduleDef:
             raise ScheduleError(f"{where}: misfire: expected one of {', '.join(MISFIRE)}, "
                                 f"got {self.misfire!r}")
         zone(self.timezone, where)
+        # the job options are checked now: a bad one would make every fire fail
+        if not isinstance(self.options, dict):
+            raise ScheduleError(f"{where}: options must be a table")
+        try:
+            Job(self.task, **self.options)
+        except (TypeError, ValueError) as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
         if self.kind == "once":
             if not _number(self.at):
                 raise ScheduleError(f"{where}: at: a time is required for a one-off schedule")
