@@ -246,9 +246,9 @@ def config_schedules(config: Config) -> list[ScheduleDef]:
         elif "interval" in t:
             fields.update(kind="interval", interval=t.pop("interval"))
             if "start" in t:
-                fields["start"] = to_epoch(t.pop("start"))
+                fields["start"] = _config_time(t.pop("start"), f"{where}: start")
         elif "at" in t:
-            fields.update(kind="once", at=to_epoch(t.pop("at")))
+            fields.update(kind="once", at=_config_time(t.pop("at"), f"{where}: at"))
         else:
             raise ScheduleError(f"{where}: one of cron, interval or at is required")
         if t:
@@ -257,6 +257,14 @@ def config_schedules(config: Config) -> list[ScheduleDef]:
             raise ScheduleError(f"{where}: task: required")
         out.append(ScheduleDef(options=opts, **fields).validate())
     return out
+
+
+def _config_time(value: Any, where: str) -> float:
+    try:
+        return to_epoch(value)
+    except TypeError:
+        raise ScheduleError(f"{where}: expected a date-time or epoch seconds, "
+                            f"got {value!r}") from None
 
 
 def apply_config_schedules(queue: JobQueue, config: Config) -> None:
