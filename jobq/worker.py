@@ -294,6 +294,8 @@ class Worker:
         if self._title_every_job:
             self._set_title(f"{queue} {task} {job_id}")
         context.running = (job_id, queue, spec)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s %s started", job_id, task, extra={"job_id": job_id, "task": task})
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             result = fn(*args, **kwargs)
@@ -337,7 +339,8 @@ class Worker:
                           f'"fin":{finished:.6f},"w":{self._name_json}}}')
         self._ack("done", job_id, queue, spec.get("p", 0), ttl or 0, record, spec.get("g"))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("job %s %s completed in %.3f s", job_id, task, finished - started)
+            log.debug("job %s %s completed in %.3f s", job_id, task, finished - started,
+                      extra={"job_id": job_id, "task": task})
 
     def _settle_failure(self, job_id: str, queue: str, spec_raw: str | None,
                         state_raw: str | None, exc: BaseException, started: float, *,
@@ -366,7 +369,8 @@ class Worker:
             record = f'{{"spec":{spec_raw or "null"},{serialization.dumps(state)[1:]}'
             self._ack("cancel", job_id, queue, spec.get("p", 0) if spec else 0,
                       self.config.failed_ttl, record, spec.get("g") if spec else None)
-            log.warning("job %s %s cancelled while running", job_id, task)
+            log.warning("job %s %s cancelled while running", job_id, task,
+                        extra={"job_id": job_id, "task": task})
             return
         if spec and not permanent:
             permanent = not retryable(exc, spec.get("ro"), spec.get("dro"))
@@ -388,7 +392,7 @@ class Worker:
                 self._ack("retry", job_id, queue, priority, 0, serialization.dumps(state))
             log.warning("job %s %s failed (attempt %d of %d), retry in %.2f s: %s: %s", job_id,
                         task, attempts, max_retries + 1, delay, error["type"],
-                        error["msg"][:200])
+                        error["msg"][:200], extra={"job_id": job_id, "task": task})
             return
         state.update(s="failed", st=round(started, 6), fin=round(finished, 6), w=self.name,
                      err=error)
@@ -398,7 +402,7 @@ class Worker:
                   spec.get("g") if spec else None)
         log.warning("job %s %s failed%s: %s: %s", job_id, task,
                     "" if permanent else f" after {attempts} attempt(s)", error["type"],
-                    error["msg"][:200])
+                    error["msg"][:200], extra={"job_id": job_id, "task": task})
 
     def _ack(self, kind: str, job_id: str, queue: str, priority: Any, ttl: int,
              payload: str, group: Any = None) -> None:
