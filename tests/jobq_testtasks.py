@@ -104,3 +104,72 @@ def mark_then_wait(key: str, gate: str, seconds: float = 30) -> str:
     if client.blpop([f"test:{gate}"], timeout=seconds) is None:
         raise TimeoutError(f"nobody opened the gate {gate!r} within {seconds} s")
     return "released"
+
+# -- for test_master.py ----------------------------------------------------------------------
+
+
+def hang_first_run(key: str, seconds: float = 30, megabytes: int = 0) -> str:
+    """Record the run (with the pid). The first run then holds ``megabytes`` of memory and
+    sleeps ``seconds`` (a run for the master to kill); later runs return at once."""
+    runs = _redis().rpush(f"test:{key}", str(os.getpid()))
+    if runs == 1:
+        hog = b"x" * (megabytes << 20)  # every page written: it counts as the worker's own
+        time.sleep(seconds)
+        del hog
+    return f"run {runs}"
+
+
+def hold_memory_until_sigterm(key: str, megabytes: int, seconds: float = 20) -> str:
+    """Record the pid, hold ``megabytes`` until the worker gets SIGTERM (the master retiring
+    it) or ``seconds`` pass; the worker's own SIGTERM handler still runs."""
+    hog = b"x" * (megabytes << 20)
+    got: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        got.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        _redis().rpush(f"test:{key}", str(os.getpid()))
+        deadline = time.monotonic() + seconds
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    del hog
+    return "retired" if got else "never asked to stop"
+
+
+def record_then_sleep(key: str, value: str, seconds: float) -> str:
+    """Record ``value`` (the job ran), then take ``seconds``."""
+    _redis().rpush(f"test:{key}", value)
+    time.sleep(seconds)
+    return value
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def start_grandchild_and_hang(key: str, seconds: float = 30) -> str:
+    """Start a child process that sleeps a minute, record its pid, then hang: a job whose
+    worker gets killed while its child lives on."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    _redis().rpush(f"test:{key}", str(child.pid))
+    time.sleep(seconds)
+    child.kill()
+    child.wait()
+    return "hung"
+
+
+def exit_process(code: int) -> None:
+    """End the worker process at once with ``code`` (as a C extension or a careless
+    library might)."""
+    os._exit(code)
+

@@ -10,6 +10,7 @@ import click
 from .. import exitcodes
 from .. import log as jobq_log
 from ..config import ConfigError, load_config
+from ..schedule import ScheduleError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,8 +49,12 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
         if imports:
             overrides["imports"] = list(dict.fromkeys([*config.imports, *imports]))
             config = config.replace(imports=overrides["imports"])
-    except ConfigError as exc:
-        click.echo(f"jobq-master: error: {exc}", err=True)
+        from ..scheduler import config_schedules
+
+        config_schedules(config)  # [[schedule]] tables are checked before anything starts
+    except (ConfigError, ScheduleError) as exc:
+        where = f"{config_path}: " if isinstance(exc, ScheduleError) and config_path else ""
+        click.echo(f"jobq-master: error: {where}{exc}", err=True)
         sys.exit(exitcodes.USAGE)
     try:
         jobq_log.setup(config.log_level, config.log_format, config.log_file)

@@ -1,0 +1,532 @@
+"""The master as a real process (``python -m jobq.master``): it forks real workers and a
+scheduler, and gets real signals. Jobs are counted in Redis (see ``jobq_testtasks``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jobq_testtasks as tasks
+import psutil
+import redis
+from conftest import subprocess_env, wait_until
+
+from jobq import exitcodes
+from jobq.job import Job, JobStatus
+from jobq.queue import JobQueue
+
+Spawn = Callable[..., subprocess.Popen[str]]
+
+#: Small limits, so that every supervision path fires within a second or two.
+CONFIG = {"lease_time": 2.0, "hard_timeout_grace": 0.5, "heartbeat_timeout": 5.0,
+          "graceful_timeout": 5.0, "retry_backoff_base": 0.05, "retry_jitter": 0.0}
+
+
+def key() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def runs(r: redis.Redis, name: str) -> list[str]:
+    return r.lrange(f"test:{name}", 0, -1)
+
+
+def write_config(tmp_path: Path, **values: Any) -> Path:
+    path = tmp_path / "jobq.toml"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**CONFIG, **values}.items()))
+    return path
+
+
+def start_master(spawn: Spawn, tmp_path: Path, *args: str, workers: int = 2,
+                 imports: tuple[str, ...] = ("jobq_testtasks",), pythonpath: Path | None = None,
+                 **config: Any) -> subprocess.Popen[str]:
+    env = subprocess_env(JOBQ_CONFIG=str(write_config(tmp_path, **config)))
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env["PYTHONPATH"]])
+    options = [opt for module in imports for opt in ("-I", module)]
+    return spawn(*options, "-w", str(workers), *args, env=env, module="jobq.master")
+
+
+def titles(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
+def workers(master: subprocess.Popen[str] | int, *, ready: bool = False) -> list[int]:
+    """Pids of the master's live worker children (``ready``: only those past booting)."""
+    pid = master if isinstance(master, int) else master.pid
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        title = titles(child)
+        if "jobq worker" in title and not (ready and "booting" in title):
+            found.append(child.pid)
+    return sorted(found)
+
+
+def wait_workers(master: subprocess.Popen[str], count: int, *, without: set[int] = frozenset(),
+                 timeout: float = 15) -> list[int]:
+    """Wait until the master has exactly ``count`` ready workers, none of them in
+    ``without``; return their pids."""
+    def check() -> list[int] | None:
+        assert master.poll() is None, f"the master exited: {master.communicate()[1]}"
+        pids = workers(master, ready=True)
+        if len(pids) == count and len(workers(master)) == count and not set(pids) & without:
+            return pids
+        return None
+
+    return wait_until(check, timeout, interval=0.02,
+                      message=f"{count} ready worker(s) (not {sorted(without)})")
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 20) -> tuple[int, str]:
+    """Wait for the process to exit; its exit code and stderr."""
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def wait_status(queue: JobQueue, job_id: str, *statuses: JobStatus,
+                timeout: float = 15) -> Job:
+    def check() -> Job | None:
+        job = queue.get_job(job_id)
+        return job if job is not None and job.status in statuses else None
+
+    return wait_until(check, timeout, message=f"job {job_id} to be {statuses}")
+
+
+def started(r: redis.Redis, name: str, count: int = 1, timeout: float = 15) -> list[str]:
+    """Wait until a recording task ran ``count`` times; the pids (or values) it recorded."""
+    return wait_until(lambda: len(runs(r, name)) >= count and runs(r, name), timeout,
+                      message=f"{count} run(s) recorded under {name}")
+
+
+# -- losing workers ------------------------------------------------------------------------------
+
+def test_a_worker_killed_mid_job_is_replaced_and_its_job_completes_on_retry(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    before = wait_workers(master, 2)
+    k = key()
+    job = queue.enqueue(tasks.hang_first_run, k, 30)
+    [victim] = started(r, k)
+    assert int(victim) in before
+
+    os.kill(int(victim), signal.SIGKILL)
+
+    done = wait_status(queue, job.id, JobStatus.COMPLETED, JobStatus.FAILED)
+    assert done.status is JobStatus.COMPLETED, done.errors
+    assert done.return_value == "run 2"
+    assert len(runs(r, k)) == 2 and runs(r, k)[1] != victim  # the side effect, twice
+    assert done.retry_count == 1
+    [error] = done.errors
+    assert error["type"] == "WorkerLost"
+    assert "killed by signal 9 (SIGKILL)" in error["msg"]
+    after = wait_workers(master, 2, without={int(victim)})
+    assert set(after) & set(before) == set(before) - {int(victim)}
+
+
+def test_what_a_job_started_dies_with_its_worker(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1)
+    [worker] = wait_workers(master, 1)
+    k = key()
+    job = queue.enqueue(tasks.start_grandchild_and_hang, k, 30, max_retries=0)
+    grandchild = psutil.Process(int(started(r, k)[0]))
+    try:
+        assert grandchild.ppid() == worker
+
+        os.kill(worker, signal.SIGKILL)
+
+        def gone() -> bool:
+            try:
+                return grandchild.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(gone, 10, message="the job's child process to be killed with its worker")
+        done = wait_status(queue, job.id, JobStatus.FAILED)
+        assert "killed by signal 9 (SIGKILL)" in done.final_error["msg"]
+        wait_workers(master, 1, without={worker})
+    finally:
+        try:
+            grandchild.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+# -- time limits -----------------------------------------------------------------------------------
+
+def test_a_job_over_its_timeout_gets_job_timeout_raised_inside(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1)
+    [worker] = wait_workers(master, 1)
+    k = key()
+    job = queue.enqueue(tasks.spin, 30, k, timeout=0.3, max_retries=1)
+
+    done = wait_status(queue, job.id, JobStatus.FAILED, JobStatus.COMPLETED)
+
+    assert done.status is JobStatus.FAILED
+    assert runs(r, k) == ["JobTimeout", "JobTimeout"]  # raised inside the task, each attempt
+    assert done.retry_count == 2
+    assert [e["type"] for e in done.errors] == ["JobTimeout", "JobTimeout"]
+    assert "time limit of 0.3 s" in done.errors[-1]["msg"]
+    assert done.final_error["type"] == "JobTimeout"
+    # the soft limit was enough: the master did not have to kill the worker
+    assert wait_workers(master, 1) == [worker]
+
+
+def test_a_job_that_blocks_sigalrm_is_killed_at_the_hard_limit(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    before = wait_workers(master, 2)
+    job = queue.enqueue(tasks.block_alarm, 30, timeout=0.3, max_retries=0)
+    running = wait_status(queue, job.id, JobStatus.PROCESSING)
+    assert running.status is JobStatus.PROCESSING
+
+    done = wait_status(queue, job.id, JobStatus.FAILED, JobStatus.COMPLETED)
+
+    assert done.status is JobStatus.FAILED
+    assert done.final_error["type"] == "WorkerLost"
+    assert done.final_error["msg"].startswith(f"hard time limit: job {job.id} ran ")
+    assert "did not stop on SIGALRM" in done.final_error["msg"]
+    after = wait_workers(master, 2)
+    assert len(set(before) - set(after)) == 1  # exactly that worker was replaced
+
+
+# -- memory limits ---------------------------------------------------------------------------------
+
+def test_a_worker_over_the_memory_soft_limit_is_recycled_after_its_job(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1, memory_soft_limit_mb=150)
+    [worker] = wait_workers(master, 1)
+    k = key()
+    job = queue.enqueue(tasks.hold_memory_until_sigterm, k, 250)
+
+    # the task holds the memory until its worker is asked to stop (SIGTERM from the master)
+    assert job.result(timeout=30) == "retired"
+    assert runs(r, k) == [str(worker)]
+    [new] = wait_workers(master, 1, without={worker})
+    assert queue.enqueue(tasks.pid).result(timeout=15) == new
+    assert queue.get_stats()["failed"] == 0
+
+
+def test_a_worker_over_the_memory_hard_limit_is_killed_and_its_job_retried(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1, memory_hard_limit_mb=150)
+    [worker] = wait_workers(master, 1)
+    k = key()
+    job = queue.enqueue(tasks.hang_first_run, k, 30, 250)
+
+    done = wait_status(queue, job.id, JobStatus.COMPLETED, JobStatus.FAILED, timeout=30)
+
+    assert done.status is JobStatus.COMPLETED and done.return_value == "run 2"
+    assert runs(r, k)[0] == str(worker) != runs(r, k)[1]
+    [error] = done.errors
+    assert error["msg"].startswith("memory hard limit: worker used ")
+    assert "over 150 MB" in error["msg"]
+    wait_workers(master, 1, without={worker})
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+def test_hup_reloads_new_code_without_losing_or_failing_a_job(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    module = code / "hupmod.py"
+    module.write_text("def version():\n    return 1\n")
+    master = start_master(spawn, tmp_path, imports=("jobq_testtasks", "hupmod"),
+                          pythonpath=code)
+    old = wait_workers(master, 2)
+    assert queue.enqueue("hupmod:version").result(timeout=15) == 1
+    k = key()
+    queue.enqueue_many(tasks.record_then_sleep, [(k, str(i), 0.003) for i in range(1000)])
+    # new code: a different size too, so a stale .pyc can never pass for it
+    module.write_text("# reloaded\ndef version():\n    return 2\n")
+    assert queue.get_stats()["pending"] > 0  # the reload happens while the jobs run
+
+    os.kill(master.pid, signal.SIGHUP)
+
+    versions = []
+
+    def new_code_runs() -> bool:
+        versions.append(queue.enqueue("hupmod:version", priority=-1).result(timeout=15))
+        return versions[-1] == 2
+
+    wait_until(new_code_runs, 30, message="a job to run the reloaded code")
+    wait_until(lambda: len(runs(r, k)) >= 1000, 30, message="the 1000 jobs to run")
+    stats = queue.get_stats()
+    assert stats["failed"] == 0 and stats["retried"] == 0
+    assert sorted(runs(r, k), key=int) == [str(i) for i in range(1000)]  # each exactly once
+    assert wait_until(lambda: queue.get_stats()["completed"] == 1001 + len(versions), 10,
+                      message="every job to be completed")
+    new = wait_workers(master, 2, without=set(old))
+    assert "gen=1" in titles(psutil.Process(master.pid))
+    assert len(new) == 2
+
+
+def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueue,
+                                                    tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    first = wait_workers(master, 2)
+
+    os.kill(master.pid, signal.SIGTTIN)
+    three = wait_workers(master, 3)
+    assert set(first) < set(three)
+    assert "workers=3" in titles(psutil.Process(master.pid))
+
+    os.kill(master.pid, signal.SIGTTOU)
+    two = wait_workers(master, 2)
+    assert set(two) < set(three)
+    assert "workers=2" in titles(psutil.Process(master.pid))
+
+    os.kill(master.pid, signal.SIGTTOU)
+    os.kill(master.pid, signal.SIGTTOU)  # never below one
+    wait_workers(master, 1)
+    assert "workers=1" in titles(psutil.Process(master.pid))
+    assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
+
+
+def test_term_lets_the_running_job_finish_and_exits_0(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    wait_workers(master, 2)
+    k = key()
+    job = queue.enqueue(tasks.mark_then_sleep, k, 1.5)
+    started(r, k)
+
+    os.kill(master.pid, signal.SIGTERM)
+
+    code, err = finish(master)
+    assert code == 0, err
+    done = queue.get_job(job.id)
+    assert done is not None and done.status is JobStatus.COMPLETED, done and done.errors
+    assert done.return_value == "slept" and done.errors == []
+
+
+def test_quit_stops_at_once_and_requeues_the_running_job(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    # a graceful stop would wait for the job far longer than the test does
+    master = start_master(spawn, tmp_path, graceful_timeout=120.0)
+    pool = wait_workers(master, 2)
+    k = key()
+    job = queue.enqueue(tasks.hang_first_run, k, 60)
+    started(r, k)
+
+    os.kill(master.pid, signal.SIGQUIT)
+
+    code, err = finish(master, timeout=15)  # far sooner than the job or graceful_timeout
+    assert code == 0, err
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                   for p in pool)
+    back = queue.get_job(job.id)
+    assert back is not None and back.status in (JobStatus.PENDING, JobStatus.RETRY)
+    assert queue.get_stats()["failed"] == 0
+
+    second = start_master(spawn, tmp_path)
+    done = wait_status(queue, job.id, JobStatus.COMPLETED, JobStatus.FAILED)
+    assert done.status is JobStatus.COMPLETED and done.return_value == "run 2"
+    os.kill(second.pid, signal.SIGTERM)
+    assert finish(second)[0] == 0
+
+
+# -- boot failures ---------------------------------------------------------------------------------
+
+def test_a_task_module_that_fails_to_import_stops_the_master(spawn: Spawn,
+                                                             tmp_path: Path) -> None:
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "brokenmod.py").write_text("raise RuntimeError('broken on purpose')\n")
+    master = start_master(spawn, tmp_path, imports=("brokenmod",), pythonpath=code_dir)
+
+    code, err = finish(master)
+
+    assert code == exitcodes.IMPORT, err
+    reasons = [line for line in err.splitlines() if line.startswith("jobq-master: error:")]
+    assert len(reasons) == 1, err
+    assert "brokenmod" in reasons[0] and "broken on purpose" in reasons[0]
+
+
+def test_a_job_that_exits_with_the_import_code_does_not_stop_the_master(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1)
+    [worker] = wait_workers(master, 1)
+    job = queue.enqueue(tasks.exit_process, exitcodes.IMPORT, max_retries=0)
+
+    done = wait_status(queue, job.id, JobStatus.FAILED)
+
+    assert done.final_error["msg"].startswith(f"worker exited with code {exitcodes.IMPORT}")
+    wait_workers(master, 1, without={worker})
+    assert master.poll() is None
+    assert queue.enqueue(tasks.add, 1, 1).result(timeout=15) == 2
+
+
+# -- what ps shows ---------------------------------------------------------------------------------
+
+def test_process_titles(spawn: Spawn, queue: JobQueue, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, "-q", "high,default")
+    pool = wait_workers(master, 2)
+
+    def scheduler() -> list[psutil.Process]:
+        return [c for c in psutil.Process(master.pid).children()
+                if "jobq scheduler" in titles(c)]
+
+    [sched] = wait_until(scheduler, message="the scheduler's title")
+    title = titles(psutil.Process(master.pid))
+    assert "jobq-master" in title and "high,default" in title and "workers=2" in title
+    children = psutil.Process(master.pid).children()
+    assert sorted(c.pid for c in children) == sorted([*pool, sched.pid])
+    for pid in pool:
+        assert titles(psutil.Process(pid)).startswith("jobq worker ")
+    assert sorted(titles(psutil.Process(p)).split(":")[0] for p in pool) == [
+        "jobq worker 0", "jobq worker 1"]
+
+
+# -- the tutorial's script -------------------------------------------------------------------------
+
+#: main.py of the tutorial jobq grew from (its "Testing" section), byte for byte.
+SEED_MAIN = '''\
+# main.py
+from jobq.queue import JobQueue
+from jobq.worker import WorkerPool
+from jobq.job import Job
+from jobq.scheduler import Scheduler
+from datetime import datetime, timedelta
+import time
+
+# Define some tasks
+def send_email(to, subject):
+    print(f"Sending email to ${to}: ${subject}")
+    time.sleep(2)
+    return "Email sent"
+
+def process_data(data):
+    print(f"Processing data: ${data}")
+    time.sleep(1)
+    return f"Processed ${data} successfully"
+
+# Create queue and workers
+queue = JobQueue()
+pool = WorkerPool(queue, num_workers=2)
+pool.start()
+
+# Enqueue some jobs
+job1 = Job(send_email, ("user@example.com", "Hello"), priority=1)
+job2 = Job(process_data, ("report.csv",), priority=2)
+job3 = Job(process_data, ("image.png",), priority=3)
+
+queue.enqueue(job1)
+queue.enqueue(job2)
+queue.enqueue(job3)
+
+# Schedule a job
+scheduler = Scheduler(queue)
+scheduler.schedule_interval("periodic_task", process_data, interval=10, args=("scheduled",))
+scheduler.start()
+
+# Wait for jobs to complete
+time.sleep(5)
+
+# Print stats
+print("\\nQueue stats:", queue.get_stats())
+
+# Stop everything
+pool.stop()
+scheduler.stop()
+'''
+
+
+def test_the_seed_main_py_runs_unchanged(redis_url: str, tmp_path: Path) -> None:
+    script = tmp_path / "main.py"
+    script.write_text(SEED_MAIN)
+    env = subprocess_env()
+    env.pop("JOBQ_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "main.py"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    seen: dict[int, float] = {}  # every process it started: pid -> create time
+    try:
+        def pool_up() -> bool:
+            try:
+                family = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return True
+            for p in family:
+                try:
+                    seen.setdefault(p.pid, p.create_time())
+                except psutil.NoSuchProcess:
+                    pass
+            names = " ".join(titles(p) for p in family)
+            return proc.poll() is not None or (
+                "jobq-master" in names and names.count("jobq worker") == 2
+                and "jobq scheduler" in names)
+
+        wait_until(pool_up, 20, interval=0.02, message="the script's worker pool")
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert len(seen) >= 4, seen  # master, two workers, scheduler
+    stats_line = next(line for line in out.splitlines() if line.startswith("Queue stats:"))
+    assert "'completed': 4" in stats_line and "'failed': 0" in stats_line, out
+    assert "Sending email to $user@example.com: $Hello" in out
+    assert "Processing data: $scheduled" in out
+
+    def alive(pid: int, created: float) -> bool:
+        try:
+            p = psutil.Process(pid)
+            return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def all_gone() -> bool:
+        return not [pid for pid, created in seen.items() if alive(pid, created)]
+
+    # nothing it started outlives it (orphans would be reparented: look them up by pid too)
+    wait_until(all_gone, 10, message=f"the script's processes {sorted(seen)} to exit")
+    leftovers = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if p.info["cwd"] == str(tmp_path) and "jobq" in " ".join(p.info["cmdline"] or []):
+            leftovers.append((p.pid, p.info["cmdline"]))
+    assert leftovers == []
+
+
+# -- pidfile ---------------------------------------------------------------------------------------
+
+def test_pidfile_refuses_a_second_master_and_takes_over_a_stale_one(
+        spawn: Spawn, tmp_path: Path) -> None:
+    pidfile = tmp_path / "jobq.pid"
+    first = start_master(spawn, tmp_path, "--pidfile", str(pidfile), workers=1)
+    wait_workers(first, 1)
+    assert pidfile.read_text().strip() == str(first.pid)
+
+    second = start_master(spawn, tmp_path, "--pidfile", str(pidfile), workers=1)
+    code, err = finish(second)
+    assert code == exitcodes.PIDFILE, err
+    assert str(first.pid) in err and str(pidfile) in err
+    assert first.poll() is None and pidfile.read_text().strip() == str(first.pid)
+
+    os.kill(first.pid, signal.SIGTERM)
+    assert finish(first)[0] == 0
+    assert not pidfile.exists()  # a clean stop removes it
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")
+    third = start_master(spawn, tmp_path, "--pidfile", str(pidfile), workers=1)
+    wait_workers(third, 1)
+    assert pidfile.read_text().strip() == str(third.pid)
+    os.kill(third.pid, signal.SIGTERM)
+    assert finish(third)[0] == 0
