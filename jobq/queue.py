@@ -338,7 +338,9 @@ class JobQueue:
         """Delete every pending job of this queue (running jobs finish); returns how many."""
         total = 0
         while True:
-            n = self.scripts.run("empty", [self.keys.jobs], [self.keys.base, self.name, 1000])
+            n = self.scripts.run("empty", [self.keys.jobs], [
+                self.keys.base, self.name, 1000, int(time.time() * 1000),
+                max(self.config.failed_ttl, 86400), WAKE_CAP])
             total += n
             if n == 0:
                 return total
