@@ -150,6 +150,10 @@ class JobQueue:
             job = Job(job, args, kwargs, **defaults)
             job.due_at = _due(delay, at)
             job.depends_on = _parent_ids(depends_on)
+            if job.depends_on and (delay or at is not None):
+                # a deferred job is queued when its last parent completes: a due time would
+                # be dropped silently
+                raise ValueError("depends_on cannot be combined with delay or at")
             if on_parent_failure not in ("cancel", "run"):
                 raise ValueError(f"on_parent_failure must be 'cancel' or 'run', got "
                                  f"{on_parent_failure!r}")
