@@ -19,6 +19,10 @@ class TaskNotAllowed(JobqError):
     """A job names a task that this worker does not allow (unknown module, not registered)."""
 
 
+class TaskImportError(JobqError):
+    """A task module (``-I``, ``imports = [...]``) failed to import; the message names it."""
+
+
 class UnknownJob(JobqError, KeyError):
     """No job with this id exists (never enqueued, or its record expired)."""
 

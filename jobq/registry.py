@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .exceptions import TaskNotAllowed
+from .exceptions import TaskImportError, TaskNotAllowed
 from .job import TASK_NAME, Job
 
 P = ParamSpec("P")
@@ -99,7 +99,12 @@ class TaskResolver:
     def __init__(self, imports: Iterable[str], *, allow_main: bool = False) -> None:
         self.modules: dict[str, types.ModuleType] = {}
         for module in imports:
-            self.modules[module] = importlib.import_module(module)
+            try:
+                self.modules[module] = importlib.import_module(module)
+            except BaseException as exc:  # whatever a module raises at import
+                raise TaskImportError(
+                    f"cannot import task module {module!r}: {type(exc).__name__}: {exc}"
+                ) from exc
         if allow_main:
             self.modules["__main__"] = sys.modules["__main__"]
         importlib.import_module("jobq.groups")  # registers the map chunk runner

@@ -195,6 +195,8 @@ class Worker:
                     logged = True
                 if self._stopping and not self._acks:
                     return False
+                if self.slot is not None:
+                    self.slot.idle()  # waiting for the server is not hanging: keep beating
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_CAP)
         if logged:

@@ -182,6 +182,7 @@ def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bo
     """Run one worker in the foreground (jobq-master runs a supervised pool of them)."""
 
     def go() -> int:
+        from ..exceptions import TaskImportError
         from ..registry import TaskResolver
         from ..worker import Worker
 
@@ -194,9 +195,8 @@ def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bo
         sys.path.insert(0, os.getcwd())
         try:
             resolver = TaskResolver(all_imports)
-        except Exception as exc:  # any error raised while importing a task module
-            raise CliError(f"cannot import task module: {type(exc).__name__}: {exc}",
-                           exitcodes.IMPORT) from exc
+        except TaskImportError as exc:
+            raise CliError(str(exc), exitcodes.IMPORT) from exc
         url = state.url()
         return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
 

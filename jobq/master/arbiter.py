@@ -37,7 +37,6 @@ CHLD    reap exited children
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import random
@@ -154,6 +153,7 @@ class Master:
                 self._pidfile = acquire(self.options.pidfile)
             except PidfileError as exc:
                 log.error("%s", exc)
+                print(f"jobq-master: error: {exc}", file=sys.stderr, flush=True)
                 return exitcodes.PIDFILE
         try:
             self.url = resolve_url(self.config)
@@ -409,21 +409,17 @@ class Master:
         return pid
 
     def _worker_child(self, slot_index: int, name: str, max_jobs: int) -> int:
+        from ..exceptions import TaskImportError
         from ..registry import TaskResolver
         from ..worker import Worker
 
         slot = self.slots.slot(slot_index)
         slot.boot(os.getpid())
         set_title(f"jobq worker {slot_index}: booting")
-        module = ""
         try:
-            for module in self.config.imports:  # one by one, to name the one that fails
-                importlib.import_module(module)
-            module = ""
             resolver = TaskResolver(self.config.imports, allow_main=self.options.allow_main)
-        except BaseException as exc:
-            where = f" {module!r}" if module else ""
-            message = f"cannot import task module{where}: {type(exc).__name__}: {exc}"
+        except TaskImportError as exc:
+            message = str(exc)
             slot.fail_boot(message)
             log.error("worker %d: %s", slot_index, message)
             return exitcodes.IMPORT

@@ -1,43 +1,54 @@
-"""The master's pidfile: refuse to start twice, see through a stale one."""
+"""The master's pidfile: refuse to start twice, see through a stale one.
+
+The master holds an exclusive ``flock`` on the pidfile for its whole life: a second master
+fails to take it (atomically: no read-check-write race), and a pidfile left by a master that
+died holds no lock, so it is simply taken over.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
-
-import psutil
 
 
 class PidfileError(RuntimeError):
     """The pidfile names a master that is still running."""
 
 
-def acquire(path: str) -> Path:
-    file = Path(path).expanduser()
-    try:
-        old = int(file.read_text().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        old = 0
-    if old and old != os.getpid() and _is_master(old):
-        raise PidfileError(f"pidfile {file} names a running master (pid {old})")
-    tmp = file.with_name(f".{file.name}.{os.getpid()}")
-    tmp.write_text(f"{os.getpid()}\n")
-    tmp.replace(file)  # atomic: a reader never sees a half-written pid
-    return file
+class Pidfile:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path).expanduser()
+        self.fd = -1
+
+    def acquire(self) -> Pidfile:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PidfileError(f"pidfile {self.path} names a running master (pid {holder})") \
+                from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
 
 
-def release(file: Path) -> None:
-    try:
-        if int(file.read_text().strip() or 0) == os.getpid():
-            file.unlink()
-    except (FileNotFoundError, ValueError):
-        pass
+def acquire(path: str) -> Pidfile:
+    return Pidfile(path).acquire()
 
 
-def _is_master(pid: int) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        text = " ".join(proc.cmdline()) + " " + proc.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return "jobq" in text
+def release(pidfile: Pidfile) -> None:
+    pidfile.release()
