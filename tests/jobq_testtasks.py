@@ -173,3 +173,125 @@ def exit_process(code: int) -> None:
     library might)."""
     os._exit(code)
 
+
+# -- for test_workflows.py and test_cli.py ---------------------------------------------------
+
+
+def parents() -> dict[str, object]:
+    """The results of this job's parents, by parent id (``current_job().parent_results()``)."""
+    import jobq
+
+    ctx = jobq.current_job()
+    if ctx is None:
+        raise RuntimeError("not inside a jobq job")
+    return ctx.parent_results()
+
+
+def parents_sum_plus(n: int) -> int:
+    """The sum of the parents' results, plus ``n`` (a parent not finished yet has no result:
+    a TypeError then)."""
+    return sum(parents().values()) + n  # type: ignore[arg-type]
+
+
+def chain_link(key: str, hang_first_seconds: float = 0) -> int:
+    """One link of a chain: its parent's result + 1 (1 without a parent), recorded under
+    ``key``. With ``hang_first_seconds``, the first run records its pid under ``key:pid`` and
+    then sleeps that long (a run to kill)."""
+    client = _redis()
+    if hang_first_seconds and client.incr(f"test:{key}:runs") == 1:
+        client.rpush(f"test:{key}:pid", str(os.getpid()))
+        time.sleep(hang_first_seconds)
+    found = parents()
+    if len(found) > 1:
+        raise ValueError(f"a chain link has one parent, got {len(found)}")
+    value = (int(next(iter(found.values()))) + 1) if found else 1  # type: ignore[call-overload]
+    client.rpush(f"test:{key}", str(value))
+    return value
+
+
+def gated(key: str, gate: str, fail: bool = False, result: object = "opened",
+          seconds: float = 30) -> object:
+    """Record each run under ``key``, then wait for a token on ``test:<gate>`` (one per
+    run); then fail (ValueError) or return ``result``."""
+    client = _redis()
+    client.rpush(f"test:{key}", str(os.getpid()))
+    if client.blpop([f"test:{gate}"], timeout=seconds) is None:
+        raise TimeoutError(f"nobody opened the gate {gate!r} within {seconds} s")
+    if fail:
+        raise ValueError(f"gated job {key} fails as asked")
+    return result
+
+
+def count_parents() -> list[int]:
+    """[how many parents, the sum of their results]."""
+    found = parents()
+    return [len(found), sum(found.values())]  # type: ignore[arg-type]
+
+
+def item_after(item: list[object]) -> object:
+    """A map item ``[value, seconds]``: sleep, then return the value."""
+    value, seconds = item
+    time.sleep(float(seconds))  # type: ignore[arg-type]
+    return value
+
+
+def item_or_fail(item: list[object]) -> object:
+    """A map item ``[value, fail]``: raise ValueError naming the value when ``fail``."""
+    value, fail = item
+    if fail:
+        raise ValueError(f"item with value {value} fails")
+    return value
+
+
+def square(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x * x
+
+
+def sleep_until_cancelled(key: str, seconds: float) -> str:
+    """Record "started", then sleep ``seconds``; record the name of whatever interrupts it
+    (JobCancelled), or "finished" when the sleep ran to its end."""
+    client = _redis()
+    client.rpush(f"test:{key}", "started")
+    try:
+        time.sleep(seconds)
+    except BaseException as exc:
+        client.rpush(f"test:{key}", type(exc).__name__)
+        raise
+    client.rpush(f"test:{key}", "finished")
+    return "slept"
+
+
+# -- for test_scheduler.py -------------------------------------------------------------------
+
+
+def record_job_id(key: str) -> str:
+    """Record "<this job's id> <pid>" under ``key`` (schedule fires are "<name>@<due ms>")."""
+    import jobq
+
+    ctx = jobq.current_job()
+    job_id = ctx.id if ctx is not None else "?"
+    _redis().rpush(f"test:{key}", f"{job_id} {os.getpid()}")
+    return job_id
+
+
+def fail_times(key: str, times: int, exc: str = "ValueError") -> str:
+    """Record the run (its time); the first ``times`` runs raise the builtin exception named
+    ``exc``, later runs return."""
+    import builtins
+
+    runs = _redis().rpush(f"test:{key}", repr(time.time()))
+    if runs <= times:
+        raise getattr(builtins, exc)(f"run {runs} of {key} fails")
+    return f"run {runs}"
+
+
+def retry_once(key: str, delay: float) -> str:
+    """Record the run (its time); the first run asks for another attempt in ``delay`` s."""
+    import jobq
+
+    runs = _redis().rpush(f"test:{key}", repr(time.time()))
+    if runs == 1:
+        raise jobq.Retry(delay=delay)
+    return f"run {runs}"

@@ -1,0 +1,437 @@
+"""The ``jobq`` operator commands, through click's CliRunner, against the real server (and a
+real master where jobs must run); and once through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jobq_testtasks as tasks
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from conftest import subprocess_env, wait_until
+
+from jobq import exitcodes
+from jobq.cli import main
+from jobq.job import JobStatus
+from jobq.queue import JobQueue
+
+Spawn = Callable[..., subprocess.Popen[str]]
+
+CONFIG = {"lease_time": 2.0, "graceful_timeout": 5.0, "retry_backoff_base": 0.05,
+          "retry_jitter": 0.0, "scheduler_tick": 0.1}
+
+
+def key() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def runs(r: redis.Redis, name: str) -> list[str]:
+    return r.lrange(f"test:{name}", 0, -1)
+
+
+@pytest.fixture
+def jobq(redis_url: str) -> Callable[..., Result]:
+    """``jobq("info", "--json", code=0)``: run a command against the test server; check its
+    exit code, and that an error is one ``jobq: error:`` line on stderr (no traceback; with
+    ``error_line=False``, commands that report per job id)."""
+
+    def run(*args: str, code: int = 0, url: str | None = None, error_line: bool = True
+            ) -> Result:
+        result = CliRunner().invoke(main, ["--redis-url", url or redis_url, *args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        if code not in (0, exitcodes.FAILURE) and error_line:
+            assert result.stdout == ""
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert result.stderr.startswith("jobq: error: ")
+        assert "Traceback" not in result.stderr
+        return result
+
+    return run
+
+
+def as_json(result: Result) -> Any:
+    return json.loads(result.stdout)
+
+
+def start_master(spawn: Spawn, tmp_path: Path, workers: int = 2,
+                 **config: Any) -> subprocess.Popen[str]:
+    path = tmp_path / "jobq.toml"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**CONFIG, **config}.items()))
+    return spawn("-I", "jobq_testtasks", "-w", str(workers),
+                 env=subprocess_env(JOBQ_CONFIG=str(path)), module="jobq.master")
+
+
+def fail_jobs(queue: JobQueue, spawn: Spawn, count: int) -> list[str]:
+    """``count`` jobs failed for good into the dead-letter queue (by a real burst worker)."""
+    ids = [queue.enqueue(tasks.boom, f"failure {n}", max_retries=0).id for n in range(count)]
+    worker = spawn("worker", "-I", "jobq_testtasks", "--burst")
+    assert worker.wait(timeout=30) == 0, worker.communicate()[1]
+    assert [queue.get_status(i) for i in ids] == ["failed"] * count
+    return ids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- enqueue and job ---------------------------------------------------------------------------
+
+def test_enqueue_prints_the_id_and_job_shows_the_record(
+        jobq: Callable[..., Result], queue: JobQueue) -> None:
+    out = jobq("enqueue", "jobq_testtasks:echo", "[1, \"two\"]", "--kwargs", '{"x": 3}',
+               "--priority", "4", "--max-retries", "1").stdout
+    job_id = out.strip()
+    assert out == f"{job_id}\n"
+    job = queue.get_job(job_id)
+    assert (job.task, job.args, job.kwargs, job.priority, job.max_retries, job.status) == \
+        ("jobq_testtasks:echo", (1, "two"), {"x": 3}, 4, 1, JobStatus.PENDING)
+    bare = jobq("enqueue", "jobq_testtasks:registered", "21", "-q", "other").stdout.strip()
+    assert queue.get_job(bare).args == (21,) and queue.get_job(bare).queue == "other"
+
+    human = jobq("job", job_id).stdout
+    fields = {name: value for name, _, value in
+              (line.strip().partition(" ") for line in human.splitlines())}
+    fields = {name: value.strip() for name, value in fields.items()}
+    assert fields["id"] == job_id
+    assert fields["task"] == "jobq_testtasks:echo"
+    assert fields["status"] == "pending"
+    assert fields["priority"] == "4" and fields["worker"] == ""
+    record = as_json(jobq("job", job_id, "--json"))
+    assert record["id"] == job_id and record["status"] == "pending"
+    assert record["args"] == [1, "two"] and record["kwargs"] == {"x": 3}
+    assert record["priority"] == 4 and record["max_retries"] == 1
+
+
+def test_enqueue_refuses_bad_json_with_one_line_and_exit_2(
+        jobq: Callable[..., Result], queue: JobQueue) -> None:
+    err = jobq("enqueue", "jobq_testtasks:add", "[1,", code=exitcodes.USAGE).stderr
+    assert "ARGS_JSON is not valid JSON" in err
+    err = jobq("enqueue", "jobq_testtasks:add", "--kwargs", "[1]", code=exitcodes.USAGE).stderr
+    assert "--kwargs must be a JSON object" in err
+    err = jobq("enqueue", "not a task", code=exitcodes.USAGE).stderr
+    assert "not a task" in err
+    assert queue.get_stats()["enqueued"] == 0
+
+
+def test_job_of_an_unknown_id_exits_5(jobq: Callable[..., Result]) -> None:
+    assert "no-such-job" in jobq("job", "no-such-job", code=exitcodes.NOT_FOUND).stderr
+    jobq("job", "no-such-job", "--json", code=exitcodes.NOT_FOUND)
+
+
+# -- cancel, requeue, empty, the dead-letter queue ---------------------------------------------
+
+def test_cancel(jobq: Callable[..., Result], queue: JobQueue) -> None:
+    a, b = queue.enqueue(tasks.noop), queue.enqueue(tasks.noop, delay=3600)
+
+    assert jobq("cancel", a.id, b.id).stdout == f"{a.id}: cancelled\n{b.id}: cancelled\n"
+
+    assert queue.get_status(a.id) == queue.get_status(b.id) == "cancelled"
+    assert as_json(jobq("job", a.id, "--json"))["status"] == "cancelled"
+    assert jobq("cancel", a.id, code=exitcodes.FAILURE).stdout == f"{a.id}: finished\n"
+    assert jobq("cancel", "nope", code=exitcodes.NOT_FOUND,
+                error_line=False).stdout == "nope: unknown\n"
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["scheduled"], stats["cancelled"]) == (0, 0, 2)
+
+
+def test_requeue_by_id_and_failed(jobq: Callable[..., Result], queue: JobQueue,
+                                  spawn: Spawn) -> None:
+    first, second = fail_jobs(queue, spawn, 2)
+    live = queue.enqueue(tasks.noop).id
+
+    assert jobq("requeue", first).stdout == f"{first}: requeued\n"
+    job = queue.get_job(first)
+    assert job.status is JobStatus.PENDING
+    assert [e["type"] for e in job.errors] == ["ValueError"]  # its history is kept
+    assert queue.failed_count() == 1
+
+    assert jobq("requeue", "--failed").stdout == "requeued 1 job(s) from default\n"
+    assert queue.get_status(second) == "pending" and queue.failed_count() == 0
+    result = jobq("requeue", live, code=exitcodes.FAILURE)
+    assert result.stderr == f"{live}: not requeued (it is pending)\n"
+    result = jobq("requeue", "nope", code=exitcodes.NOT_FOUND, error_line=False)
+    assert result.stderr == "nope: not requeued (unknown job)\n"
+    assert "give job ids or --failed" in jobq("requeue", code=exitcodes.USAGE).stderr
+    jobq("requeue", "--failed", "-q", "nosuch", code=exitcodes.NOT_FOUND)
+    assert queue.get_stats()["requeued"] == 2
+
+
+def test_empty(jobq: Callable[..., Result], queue: JobQueue) -> None:
+    for n in range(3):
+        queue.enqueue(tasks.noop)
+    later = queue.enqueue(tasks.noop, delay=3600)
+
+    assert jobq("empty", "default").stdout == "deleted 3 pending job(s)\n"
+
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["scheduled"]) == (0, 1)
+    assert queue.get_status(later.id) == "scheduled"
+    assert jobq("empty", "default").stdout == "deleted 0 pending job(s)\n"
+    assert "unknown queue 'nosuch'" in jobq("empty", "nosuch", code=exitcodes.NOT_FOUND).stderr
+
+
+def test_dlq_list_show_requeue_purge(jobq: Callable[..., Result], queue: JobQueue,
+                                     spawn: Spawn) -> None:
+    ids = fail_jobs(queue, spawn, 3)
+
+    listed = as_json(jobq("dlq", "list", "--json"))
+    assert sorted(j["id"] for j in listed) == sorted(ids)
+    assert {j["status"] for j in listed} == {"failed"}
+    assert all(j["error"].startswith("ValueError: failure ") for j in listed)
+    human = jobq("dlq", "list").stdout
+    assert all(i in human for i in ids)
+    assert "3 job(s) in the dead-letter queue of default" in human
+    assert len(as_json(jobq("dlq", "list", "--limit", "2", "--json"))) == 2
+
+    shown = as_json(jobq("dlq", "show", ids[0], "--json"))
+    assert shown["id"] == ids[0] and shown["status"] == "failed"
+    assert shown["errors"][0]["type"] == "ValueError"
+    text = jobq("dlq", "show", ids[0]).stdout
+    assert "attempt 1: ValueError: failure 0" in text and "Traceback" in text
+    jobq("dlq", "show", "nope", code=exitcodes.NOT_FOUND)
+
+    assert jobq("dlq", "requeue", ids[0]).stdout == f"{ids[0]}: requeued\n"
+    assert queue.get_status(ids[0]) == "pending"
+    assert jobq("dlq", "requeue", "--all").stdout == "requeued 2 job(s) from default\n"
+    assert queue.failed_count() == 0
+    assert as_json(jobq("dlq", "list", "--json")) == []
+
+    queue.empty()
+    fail_jobs(queue, spawn, 2)
+    assert jobq("dlq", "purge", "--yes").stdout == "purged 2 job(s)\n"
+    assert as_json(jobq("dlq", "list", "--json")) == [] and queue.failed_count() == 0
+    jobq("dlq", "list", "-q", "nosuch", code=exitcodes.NOT_FOUND)
+
+
+# -- with a master running ----------------------------------------------------------------------
+
+def test_enqueue_wait_prints_the_result(jobq: Callable[..., Result], spawn: Spawn,
+                                        tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+
+    assert jobq("enqueue", "jobq_testtasks:add", "[2, 3]", "--wait",
+                "--wait-timeout", "30").stdout == "5\n"
+    assert as_json(jobq("enqueue", "jobq_testtasks:echo", '["a"]', "--kwargs", '{"k": 1}',
+                        "--wait", "--wait-timeout", "30")) == {"args": ["a"], "kwargs": {"k": 1}}
+    failed = jobq("enqueue", "jobq_testtasks:boom", '["bad input"]', "--max-retries", "0",
+                  "--wait", "--wait-timeout", "30", code=exitcodes.FAILURE)
+    assert failed.stdout == ""
+    assert failed.stderr.startswith("jobq: error: job ") and failed.stderr.count("\n") == 1
+    assert "failed: ValueError: bad input" in failed.stderr
+
+
+def test_suspended_queue_is_not_claimed_from_until_resumed(
+        jobq: Callable[..., Result], queue: JobQueue, r: redis.Redis, spawn: Spawn,
+        tmp_path: Path) -> None:
+    # default is claimed from first: a job there goes before any job of "other"
+    start_master(spawn, tmp_path, workers=1, queues=["default", "other"])
+    warm = queue.enqueue(tasks.noop)
+    assert queue.wait(warm.id, timeout=20).status is JobStatus.COMPLETED
+    k = key()
+
+    assert jobq("suspend", "default").stdout == "default: suspended\n"
+    held = jobq("enqueue", "jobq_testtasks:record", f'["{k}", "held"]').stdout.strip()
+    sentinel = jobq("enqueue", "jobq_testtasks:record", f'["{k}", "sentinel"]',
+                    "-q", "other").stdout.strip()
+    assert queue.wait(sentinel, timeout=20).status is JobStatus.COMPLETED
+    assert queue.get_status(held) == "pending" and runs(r, k) == ["sentinel"]
+    queues = {q["queue"]: q for q in as_json(jobq("info", "--json"))["queues"]}
+    assert queues["default"]["suspended"] is True and queues["other"]["suspended"] is False
+    assert "default (suspended)" in jobq("info").stdout
+
+    assert jobq("resume", "default").stdout == "default: resumed\n"
+
+    assert queue.wait(held, timeout=20).status is JobStatus.COMPLETED
+    assert runs(r, k) == ["sentinel", "held"]
+    assert jobq("suspend").stdout == "default: suspended\nother: suspended\n"  # all queues
+    assert jobq("resume").stdout == "default: resumed\nother: resumed\n"
+    jobq("suspend", "nosuch", code=exitcodes.NOT_FOUND)
+
+
+def test_cancel_of_a_running_job_interrupts_it(
+        jobq: Callable[..., Result], queue: JobQueue, r: redis.Redis, spawn: Spawn,
+        tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k = key()
+    job = queue.enqueue(tasks.sleep_until_cancelled, k, 30)
+    wait_until(lambda: runs(r, k) == ["started"], 20, message="the job to start")
+
+    assert jobq("cancel", job.id).stdout == f"{job.id}: interrupting\n"
+
+    assert queue.wait(job.id, timeout=20).status is JobStatus.CANCELLED
+    assert runs(r, k) == ["started", "JobCancelled"]
+
+
+def test_info_and_top_show_queues_masters_workers_and_the_leader(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    queue.enqueue(tasks.noop, delay=3600)
+
+    def ready() -> dict[str, Any] | None:
+        data = as_json(jobq("info", "--json"))
+        masters = data["masters"]
+        if data["scheduler_leader"] and len(masters) == 1 and len(masters[0]["workers"]) == 2:
+            return data
+        return None
+
+    data = wait_until(ready, 20, interval=0.1, message="the master in jobq info")
+
+    [m] = data["masters"]
+    assert m["pid"] == master.pid and m["alive"] is True and m["target"] == 2
+    assert m["queues"] == ["default"]
+    assert {w["slot"] for w in m["workers"]} == {0, 1}
+    assert all(w["state"] in ("idle", "busy") and w["pid"] > 0 for w in m["workers"])
+    assert data["scheduler_leader"].startswith(m["host"])
+    [q] = data["queues"]
+    assert (q["queue"], q["scheduled"], q["pending"], q["suspended"]) == \
+        ("default", 1, 0, False)
+
+    text = jobq("info").stdout
+    assert f"master {m['id']} on {m['host']}: 2/2 workers, queues default" in text
+    assert f"scheduler leader: {data['scheduler_leader']}" in text
+    header, _, row = text.splitlines()[:3]
+    assert header.split()[:5] == ["queue", "pending", "running", "scheduled", "deferred"]
+    assert row.split()[:5] == ["default", "0", "0", "1", "0"]
+    for w in m["workers"]:
+        assert str(w["pid"]) in text
+
+    top = jobq("top", "--iterations", "1", "--interval", "0").stdout
+    assert top.startswith("jobq top ")
+    assert f"master {m['id']} on {m['host']}: 2/2 workers" in top
+    assert "scheduler leader: " in top
+    assert top.count("jobq top ") == 1
+
+
+def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn,
+                          tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    good = queue.map(tasks.square, range(6))
+
+    assert as_json(jobq("wait", good.id, "--json", "--timeout", "30")) == \
+        {"group": good.id, "done": 6, "failed": 0, "total": 6, "finished": True}
+    result = jobq("wait", good.id, "--timeout", "30")
+    assert result.stdout == "6 done, 0 failed, of 6\n"
+    assert result.stderr.splitlines()[-1] == "6/6 done, 0 failed"  # the progress lines
+
+    bad = queue.map(tasks.square, [1, -2, 3], max_retries=0)
+    result = jobq("wait", bad.id, "--json", "--timeout", "30", code=exitcodes.FAILURE)
+    assert as_json(result) == {"group": bad.id, "done": 2, "failed": 1, "total": 3,
+                               "finished": True}
+    jobq("wait", "no-such-group", "--json", code=exitcodes.NOT_FOUND)
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+def test_schedule_add_list_pause_resume_run_now_remove(
+        jobq: Callable[..., Result], queue: JobQueue) -> None:
+    assert jobq("schedule", "add", "hourly", "jobq_testtasks:add", "[1, 2]", "--interval",
+                "3600").stdout == "schedule hourly added\n"
+    assert jobq("schedule", "add", "nightly", "jobq_testtasks:noop", "--cron",
+                "30 2 * * *", "-q", "other").stdout == "schedule nightly added\n"
+
+    listed = as_json(jobq("schedule", "list", "--json"))
+    assert listed["leader"] is None
+    by_name = {s["name"]: s for s in listed["schedules"]}
+    assert set(by_name) == {"hourly", "nightly"}
+    assert by_name["hourly"]["kind"] == "interval" and by_name["hourly"]["interval"] == 3600
+    assert by_name["nightly"]["cron"] == "30 2 * * *" and by_name["nightly"]["queue"] == "other"
+    assert by_name["hourly"]["paused"] is False and by_name["hourly"]["next_run"] is not None
+    text = jobq("schedule", "list").stdout
+    assert "hourly" in text and "every 3600.0 s" in text and "30 2 * * *" in text
+    assert "scheduler leader: none" in text
+
+    assert jobq("schedule", "pause", "hourly").stdout == "schedule hourly: paused\n"
+    paused = {s["name"]: s for s in as_json(jobq("schedule", "list", "--json"))["schedules"]}
+    assert paused["hourly"]["paused"] is True and paused["hourly"]["next_run"] is None
+    assert "paused" in jobq("schedule", "list").stdout
+    assert jobq("schedule", "resume", "hourly").stdout == "schedule hourly: resumed\n"
+    resumed = {s["name"]: s for s in as_json(jobq("schedule", "list", "--json"))["schedules"]}
+    assert resumed["hourly"]["paused"] is False and resumed["hourly"]["next_run"] is not None
+
+    job_id = jobq("schedule", "run-now", "hourly").stdout.strip()
+    job = queue.get_job(job_id)
+    assert (job.task, job.args, job.status) == ("jobq_testtasks:add", (1, 2), JobStatus.PENDING)
+
+    assert jobq("schedule", "remove", "hourly").stdout == "schedule hourly: removed\n"
+    names = [s["name"] for s in as_json(jobq("schedule", "list", "--json"))["schedules"]]
+    assert names == ["nightly"]
+    for op in ("remove", "pause", "resume", "run-now"):
+        assert "unknown schedule 'hourly'" in jobq("schedule", op, "hourly",
+                                                   code=exitcodes.NOT_FOUND).stderr
+
+
+def test_schedule_add_refuses_bad_definitions(jobq: Callable[..., Result]) -> None:
+    err = jobq("schedule", "add", "x", "jobq_testtasks:noop", "--cron", "61 * * * *",
+               code=exitcodes.USAGE).stderr
+    assert "minute" in err and "61" in err
+    err = jobq("schedule", "add", "x", "jobq_testtasks:noop", "--cron", "0 25 * * *",
+               code=exitcodes.USAGE).stderr
+    assert "hour" in err and "25" in err
+    err = jobq("schedule", "add", "x", "jobq_testtasks:noop", "--cron", "* * *",
+               code=exitcodes.USAGE).stderr
+    assert "cron" in err
+    err = jobq("schedule", "add", "x", "jobq_testtasks:noop", code=exitcodes.USAGE).stderr
+    assert "exactly one of --cron, --interval, --at" in err
+    err = jobq("schedule", "add", "x", "jobq_testtasks:noop", "--at", "tomorrow",
+               code=exitcodes.USAGE).stderr
+    assert "ISO" in err
+    assert as_json(jobq("schedule", "list", "--json"))["schedules"] == []
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+def test_an_unreachable_server_is_one_line_exit_3_without_the_password(
+        jobq: Callable[..., Result]) -> None:
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+    for args in (["info"], ["info", "--json"], ["job", "x"], ["enqueue", "jobq_testtasks:noop"],
+                 ["dlq", "list"], ["schedule", "list"]):
+        err = jobq(*args, code=exitcodes.CONNECT, url=url).stderr
+        assert "s3cret-pw" not in err
+        assert "cannot connect to redis://:***@127.0.0.1:" in err
+    # --redis-url after the command name works too
+    result = CliRunner().invoke(main, ["info", "--redis-url", url])
+    assert result.exit_code == exitcodes.CONNECT
+    assert "s3cret-pw" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_debug_shows_the_traceback(redis_url: str) -> None:
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+    result = CliRunner().invoke(main, ["--debug", "--redis-url", url, "info"])
+    assert result.exit_code == exitcodes.CONNECT
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "redis.exceptions.ConnectionError" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("jobq: error: cannot connect to ")
+    assert "s3cret-pw" not in result.stderr
+
+
+# -- the installed console script ------------------------------------------------------------
+
+def test_the_installed_jobq_script(redis_url: str, queue: JobQueue) -> None:
+    script = Path(sys.executable).parent / "jobq"
+    assert script.exists(), script
+    env = subprocess_env()
+    done = subprocess.run([str(script), "enqueue", "jobq_testtasks:add", "[1, 2]", "-q", "cli"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert JobQueue("cli", redis_url=redis_url).get_status(job_id) == "pending"
+
+    shown = subprocess.run([str(script), "info", "--json"], env=env, capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert [(q["queue"], q["pending"], q["enqueued"]) for q in data["queues"]] == \
+        [("cli", 1, 1)]
+    assert data["masters"] == [] and data["scheduler_leader"] is None

@@ -1,0 +1,498 @@
+"""Workflows on a real server with a real master: dependencies (depends_on), queue.map groups,
+unique keys and cancellation. Jobs record their side effects in Redis (``jobq_testtasks``), so
+a test sees what really ran, and how often."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import jobq_testtasks as tasks
+import psutil
+import pytest
+import redis
+from conftest import subprocess_env, wait_until
+
+from jobq.exceptions import JobFailed, UnknownJob
+from jobq.groups import ItemFailed, Progress
+from jobq.job import Job, JobStatus
+from jobq.queue import JobQueue
+
+Spawn = Callable[..., subprocess.Popen[str]]
+
+#: Small limits so that retries, promotions and recoveries happen within a fraction of a second.
+CONFIG = {"lease_time": 2.0, "hard_timeout_grace": 0.5, "heartbeat_timeout": 5.0,
+          "graceful_timeout": 5.0, "retry_backoff_base": 0.05, "retry_jitter": 0.0,
+          "scheduler_tick": 0.1}
+
+
+def key() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def runs(r: redis.Redis, name: str) -> list[str]:
+    return r.lrange(f"test:{name}", 0, -1)
+
+
+def start_master(spawn: Spawn, tmp_path: Path, workers: int = 2) -> subprocess.Popen[str]:
+    path = tmp_path / "jobq.toml"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in CONFIG.items()))
+    return spawn("-I", "jobq_testtasks", "-w", str(workers),
+                 env=subprocess_env(JOBQ_CONFIG=str(path)), module="jobq.master")
+
+
+def ready_workers(master: subprocess.Popen[str], count: int = 2) -> list[int]:
+    """Wait until the master has ``count`` workers past booting; their pids."""
+    def check() -> list[int] | None:
+        assert master.poll() is None, f"the master exited: {master.communicate()[1]}"
+        found = []
+        for child in psutil.Process(master.pid).children():
+            try:
+                title = " ".join(child.cmdline())
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+            if "jobq worker" in title and "booting" not in title:
+                found.append(child.pid)
+        return sorted(found) if len(found) == count else None
+
+    return wait_until(check, 20, interval=0.02, message=f"{count} ready workers")
+
+
+def finished(queue: JobQueue, job: Job | str, timeout: float = 20) -> Job:
+    """Wait (blocking on the server) for the job to finish; the job as it ended."""
+    return queue.wait(job if isinstance(job, str) else job.id, timeout=timeout)
+
+
+def wait_status(queue: JobQueue, job_id: str, *statuses: JobStatus,
+                timeout: float = 15) -> Job:
+    def check() -> Job | None:
+        job = queue.get_job(job_id)
+        return job if job is not None and job.status in statuses else None
+
+    return wait_until(check, timeout, message=f"job {job_id} to be one of {statuses}")
+
+
+def started(r: redis.Redis, name: str, count: int = 1, timeout: float = 15) -> list[str]:
+    return wait_until(lambda: len(runs(r, name)) >= count and runs(r, name), timeout,
+                      message=f"{count} run(s) recorded under {name}")
+
+
+def open_gate(r: redis.Redis, gate: str) -> None:
+    r.rpush(f"test:{gate}", "1")
+
+
+def status(queue: JobQueue, job: Job) -> JobStatus:
+    found = queue.get_job(job.id)
+    assert found is not None, f"job {job.id} is gone"
+    return found.status
+
+
+# -- dependencies ----------------------------------------------------------------------------
+
+def test_diamond_the_join_sees_both_parents_results(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    a = queue.enqueue(tasks.add, 1, 2)
+    b = queue.enqueue(tasks.parents_sum_plus, 10, depends_on=a)
+    c = queue.enqueue(tasks.parents_sum_plus, 100, depends_on=[a])
+    d = queue.enqueue(tasks.parents, depends_on=[b, c.id])
+
+    done = finished(queue, d)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == {b.id: 13, c.id: 103}
+    assert d.result(timeout=5) == {b.id: 13, c.id: 103}
+    assert done.depends_on == [b.id, c.id]
+    jobs = {j.id: queue.get_job(j.id) for j in (a, b, c, d)}
+    for child, parents in ((b, [a]), (c, [a]), (d, [b, c])):
+        for parent in parents:  # each started after its parents ended
+            assert jobs[child.id].started_at >= jobs[parent.id].completed_at
+    assert queue.get_stats()["deferred"] == 0
+
+
+def test_a_chain_of_20_runs_link_by_link_and_deferred_goes_up_then_back_to_zero(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k, gate = key(), key()
+    root = queue.enqueue(tasks.gated, f"{k}:root", gate, False, 0)
+    started(r, f"{k}:root")  # the root runs, held at its gate
+    chain = [root]
+    for _ in range(20):
+        chain.append(queue.enqueue(tasks.chain_link, k, depends_on=chain[-1]))
+    assert all(j.status is JobStatus.DEFERRED for j in chain[1:])
+    assert status(queue, chain[10]) is JobStatus.DEFERRED
+    assert queue.get_stats()["deferred"] == 20
+
+    open_gate(r, gate)
+    last = finished(queue, chain[-1])
+
+    assert last.status is JobStatus.COMPLETED, last.error
+    assert last.return_value == 20  # each link added 1 to its parent's result
+    assert runs(r, k) == [str(i) for i in range(1, 21)]  # one at a time, in order
+    stats = queue.get_stats()
+    assert stats["deferred"] == 0 and stats["completed"] == 21 and stats["pending"] == 0
+
+
+def test_a_parent_failed_for_good_cancels_its_dependents_transitively(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k, gate = key(), key()
+    a = queue.enqueue(tasks.gated, f"{k}:a", gate, True, max_retries=1)
+    b = queue.enqueue(tasks.record, k, "b", depends_on=a)
+    c = queue.enqueue(tasks.record, k, "c", depends_on=b)
+    d = queue.enqueue(tasks.record, k, "d", depends_on=[c])
+    anyway = queue.enqueue(tasks.record, k, "anyway", depends_on=a, on_parent_failure="run")
+    after_c = queue.enqueue(tasks.record, k, "after-c", depends_on=c, on_parent_failure="run")
+    dependents = [b, c, d, anyway, after_c]
+    started(r, f"{k}:a")
+    assert queue.get_stats()["deferred"] == 5
+
+    open_gate(r, gate)  # the first attempt fails: a retry, not a failure for good
+    started(r, f"{k}:a", 2)
+    assert [status(queue, j) for j in dependents] == [JobStatus.DEFERRED] * 5
+    open_gate(r, gate)  # the second fails too: out of retries
+    assert finished(queue, a).status is JobStatus.FAILED
+    for j in dependents:
+        finished(queue, j)
+
+    for child, parent in ((b, a), (c, b), (d, c)):
+        done = queue.get_job(child.id)
+        assert done.status is JobStatus.CANCELLED
+        assert done.final_error["type"] == "ParentFailed"
+        assert parent.id in done.final_error["msg"]
+        assert done.error == f"ParentFailed: parent job {parent.id} did not complete"
+    with pytest.raises(JobFailed) as failure:
+        b.result(timeout=5)
+    assert failure.value.status == "cancelled" and a.id in str(failure.value)
+    # on_parent_failure="run": ran anyway, both after a failed and after a cancelled parent
+    assert queue.get_job(anyway.id).status is JobStatus.COMPLETED
+    assert queue.get_job(after_c.id).status is JobStatus.COMPLETED
+    assert sorted(runs(r, k)) == ["after-c", "anyway"]  # b, c and d never ran
+    stats = queue.get_stats()
+    assert (stats["deferred"], stats["cancelled"], stats["failed"], stats["completed"]) == \
+        (0, 3, 1, 2)
+
+
+def test_parents_finished_before_the_child_is_enqueued(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k = key()
+    ok = queue.enqueue(tasks.add, 2, 3)
+    bad = queue.enqueue(tasks.boom, "parent fails", max_retries=0)
+    dropped = queue.enqueue(tasks.noop, delay=3600)
+    assert queue.cancel(dropped.id)
+    assert finished(queue, ok).status is JobStatus.COMPLETED
+    assert finished(queue, bad).status is JobStatus.FAILED
+
+    after_failed = queue.enqueue(tasks.record, k, "after-failed", depends_on=bad)
+    after_cancelled = queue.enqueue(tasks.record, k, "after-cancelled", depends_on=[dropped])
+    after_ok = queue.enqueue(tasks.parents, depends_on=ok)
+    run_anyway = queue.enqueue(tasks.parents, depends_on=[ok, bad], on_parent_failure="run")
+
+    # a finished parent is not waited for: cancelled at once, or pending at once
+    assert after_failed.status is JobStatus.CANCELLED
+    assert after_cancelled.status is JobStatus.CANCELLED
+    assert after_ok.status is JobStatus.PENDING
+    assert run_anyway.status is JobStatus.PENDING
+    for child, parent in ((after_failed, bad), (after_cancelled, dropped)):
+        record = queue.get_job(child.id)
+        assert record.status is JobStatus.CANCELLED
+        assert record.final_error["type"] == "ParentFailed"
+        assert parent.id in record.final_error["msg"]
+    assert finished(queue, after_ok).return_value == {ok.id: 5}
+    assert finished(queue, run_anyway).return_value == {ok.id: 5, bad.id: None}
+    # enqueued before the two that completed (FIFO): had they been queued, they had run
+    assert runs(r, k) == []
+    assert queue.get_stats()["deferred"] == 0
+
+
+def test_an_unknown_parent_is_refused_at_enqueue_and_nothing_is_written(
+        queue: JobQueue, r: redis.Redis) -> None:
+    live = queue.enqueue(tasks.noop)
+    with pytest.raises(UnknownJob, match="no-such-job"):
+        queue.enqueue(tasks.noop, depends_on=[live, "no-such-job"], id="child-1")
+    assert queue.get_job("child-1") is None
+    assert not r.exists(f"{queue.keys.base}:waits:{live.id}")
+    stats = queue.get_stats()
+    assert (stats["enqueued"], stats["deferred"], stats["pending"]) == (1, 0, 1)
+
+
+def test_a_delay_is_refused_with_depends_on_rather_than_dropped(queue: JobQueue) -> None:
+    parent = queue.enqueue(tasks.noop)
+    with pytest.raises(ValueError, match="depends_on cannot be combined with delay or at"):
+        queue.enqueue(tasks.noop, depends_on=parent, delay=60)
+    with pytest.raises(ValueError, match="depends_on cannot be combined with delay or at"):
+        queue.enqueue(tasks.noop, depends_on=parent, at=datetime.now(UTC) + timedelta(hours=1))
+    assert queue.get_stats()["enqueued"] == 1
+    assert queue.enqueue(tasks.noop, depends_on=parent, delay=0).status is JobStatus.DEFERRED
+
+
+def test_emptying_a_queue_settles_the_dependents_and_groups_of_the_deleted_jobs(
+        queue: JobQueue, r: redis.Redis) -> None:
+    k = key()
+    parent = queue.enqueue(tasks.noop)
+    child = queue.enqueue(tasks.record, k, "child", depends_on=parent)
+    grandchild = queue.enqueue(tasks.record, k, "grandchild", depends_on=child)
+    elsewhere = queue.enqueue(tasks.record, k, "elsewhere", depends_on=parent, queue="other",
+                              on_parent_failure="run")
+    group = queue.map(tasks.square, range(3))
+
+    assert queue.empty() == 4  # the parent and the group's three jobs
+
+    assert queue.get_job(parent.id) is None
+    for job, cause in ((child, parent), (grandchild, child)):
+        done = queue.get_job(job.id)
+        assert done.status is JobStatus.CANCELLED  # not deferred for ever
+        assert cause.id in done.final_error["msg"]
+    assert status(queue, elsewhere) is JobStatus.PENDING  # on_parent_failure="run"
+    assert group.progress() == Progress(0, 3, 3)
+    assert group.wait(timeout=5)  # does not hang
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["deferred"], stats["cancelled"]) == (0, 0, 2)
+    assert JobQueue("other", redis_url=queue.url).get_stats()["deferred"] == 0
+    assert not r.exists(queue.keys.deps)
+
+
+def test_fan_in_one_child_of_1000_parents_runs_after_all_of_them(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    queue.suspend()  # nothing runs until every job is enqueued
+    parents = queue.enqueue_many(tasks.add, [(i, 0) for i in range(1000)])
+    child = queue.enqueue(tasks.count_parents, depends_on=parents)
+    assert child.status is JobStatus.DEFERRED
+    assert int(r.hget(queue.keys.deps, child.id)) == 1000
+    assert queue.get_stats()["deferred"] == 1
+    start_master(spawn, tmp_path)
+
+    queue.resume()
+    done = finished(queue, child, timeout=60)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == [1000, sum(range(1000))]
+    last_parent = max(queue.get_job(p.id).completed_at for p in parents)
+    assert done.started_at >= last_parent
+    stats = queue.get_stats()
+    assert (stats["deferred"], stats["completed"]) == (0, 1001)
+    assert not r.exists(queue.keys.deps) and not r.exists(f"{queue.keys.base}:parents")
+
+
+def test_a_worker_killed_in_the_middle_of_a_chain_does_not_stall_it(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    k = key()
+    chain: list[Job] = []
+    for i in range(10):
+        hang = 30 if i == 4 else 0
+        chain.append(queue.enqueue(tasks.chain_link, k, hang, max_retries=2,
+                                   depends_on=chain[-1:] or None))
+    [victim] = started(r, f"{k}:pid")
+    assert int(victim) in ready_workers(master)
+    assert runs(r, k) == ["1", "2", "3", "4"]
+    assert queue.get_stats()["deferred"] == 5
+
+    os.kill(int(victim), signal.SIGKILL)
+    last = finished(queue, chain[-1], timeout=30)
+
+    assert last.status is JobStatus.COMPLETED, last.error
+    assert last.return_value == 10
+    assert runs(r, k) == [str(i) for i in range(1, 11)]
+    killed = queue.get_job(chain[4].id)
+    assert killed.status is JobStatus.COMPLETED
+    assert killed.retry_count == 1
+    assert [e["type"] for e in killed.errors] == ["WorkerLost"]
+    assert "SIGKILL" in killed.errors[0]["msg"]
+    assert queue.get_stats()["deferred"] == 0
+
+
+# -- map -------------------------------------------------------------------------------------
+
+def test_map_yields_results_in_input_order_whatever_order_they_finish_in(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    ready_workers(start_master(spawn, tmp_path))
+    rng = random.Random(7)
+    values = rng.sample(range(1000), 30)
+    durations = [rng.uniform(0, 0.03) for _ in values]
+    durations[0] = 0.3  # the first item finishes well after the second
+    group = queue.map(tasks.item_after, [[v, s] for v, s in zip(values, durations, strict=True)])
+
+    results = list(group.results(timeout=30))
+
+    assert results == values
+    jobs = [queue.get_job(i) for i in group.job_ids()]
+    by_finish = sorted(range(len(jobs)), key=lambda n: jobs[n].completed_at)
+    assert by_finish != list(range(len(jobs)))  # they did finish out of order
+    assert len({j.worker for j in jobs}) == 2
+    assert group.progress() == Progress(30, 0, 30)
+
+
+def test_map_progress_counts_and_failures_at_their_index(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    failing = {3, 7, 11}
+    group = queue.map(tasks.item_or_fail, [[i, i in failing] for i in range(20)],
+                      max_retries=1)
+
+    assert group.wait(timeout=30)
+
+    p = group.progress()
+    assert (p.done, p.failed, p.total) == (17, 3, 20)  # a retried attempt is not counted
+    assert p.done + p.failed == p.total and p.finished
+    for i in failing:
+        assert queue.get_job(group.job_ids()[i]).retry_count == 2
+    got = []
+    with pytest.raises(ItemFailed) as first:
+        for value in group.results(timeout=10):
+            got.append(value)
+    assert got == [0, 1, 2]
+    assert first.value.index == 3
+    assert "item with value 3 fails" in str(first.value)
+    mixed = list(group.results(timeout=10, return_exceptions=True))
+    assert len(mixed) == 20
+    for i, value in enumerate(mixed):
+        if i in failing:
+            assert isinstance(value, ItemFailed) and value.index == i
+        else:
+            assert value == i
+
+
+def test_map_with_chunks_flattens_results_and_names_the_failing_item(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    group = queue.map(tasks.square, range(25), chunksize=4)
+    assert (group.total, group.items, len(group.job_ids())) == (7, 25, 7)
+    assert list(group.results(timeout=30)) == [x * x for x in range(25)]
+    assert group.progress() == Progress(7, 0, 7)
+
+    bad = queue.map(tasks.square, [0, 1, 2, 3, 4, 5, -6, 7, 8], chunksize=4, max_retries=0)
+    with pytest.raises(ItemFailed) as failure:
+        list(bad.results(timeout=30))
+    assert failure.value.index == 6 and "negative: -6" in str(failure.value)
+    mixed = list(bad.results(timeout=10, return_exceptions=True))
+    assert mixed[:4] == [0, 1, 4, 9] and mixed[8] == 64
+    assert all(isinstance(x, ItemFailed) and x.index == 6 for x in mixed[4:8])  # its chunk
+    assert bad.progress() == Progress(2, 1, 3)
+
+
+def test_group_wait_with_progress_prints_lines_when_not_a_tty(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    start_master(spawn, tmp_path)
+    queue.suspend()
+    group = queue.map(tasks.square, range(12))
+    assert group.wait(timeout=0.3, progress=True) is False  # nothing can run yet
+    assert capsys.readouterr().err.splitlines() == ["0/12 done, 0 failed"]
+
+    queue.resume()
+    assert group.wait(timeout=30, progress=True) is True
+
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1] == "12/12 done, 0 failed"
+    counts = [int(line.split("/", 1)[0]) for line in lines]
+    assert counts == sorted(counts)
+    assert all(line.endswith(" done, 0 failed") and "/12 " in line for line in lines)
+
+
+# -- unique keys and cancellation --------------------------------------------------------------
+
+def test_concurrent_enqueues_of_one_unique_key_make_one_job(
+        redis_url: str, queue: JobQueue, r: redis.Redis) -> None:
+    k, unique = key(), key()
+    barrier = threading.Barrier(8)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def producer(n: int) -> None:
+        own = JobQueue("default", redis_url=redis_url)  # its own connection
+        try:
+            barrier.wait(timeout=10)
+            ids.append(own.enqueue(tasks.record, k, str(n), unique_key=unique).id)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+
+    assert errors == []
+    assert len(ids) == 8 and len(set(ids)) == 1
+    assert r.hkeys(queue.keys.jobs) == ids[:1]
+    assert queue.get_stats()["enqueued"] == 1 and queue.size() == 1
+
+
+def test_cancelled_pending_scheduled_and_deferred_jobs_never_run(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    k, gate = key(), key()
+    pending = queue.enqueue(tasks.record, k, "pending")
+    scheduled = queue.enqueue(tasks.record, k, "scheduled", delay=0.5)
+    parent = queue.enqueue(tasks.gated, f"{k}:parent", gate)
+    deferred = queue.enqueue(tasks.record, k, "deferred", depends_on=parent)
+    assert [j.status for j in (pending, scheduled, deferred)] == \
+        [JobStatus.PENDING, JobStatus.SCHEDULED, JobStatus.DEFERRED]
+
+    for job in (pending, scheduled, deferred):
+        assert queue.cancel(job.id) is True
+        assert status(queue, job) is JobStatus.CANCELLED
+        assert queue.cancel_job(job.id) == "finished"
+    assert queue.cancel_job("no-such-job") == "unknown"
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["scheduled"], stats["deferred"], stats["cancelled"]) == \
+        (1, 0, 0, 3)  # only the parent is left
+    # each cancelled job has a later twin that does run
+    twins = [queue.enqueue(tasks.record, k, "pending-twin"),
+             queue.enqueue(tasks.record, k, "scheduled-twin", delay=0.7),
+             queue.enqueue(tasks.record, k, "deferred-twin", depends_on=parent)]
+    start_master(spawn, tmp_path)
+    started(r, f"{k}:parent")
+    open_gate(r, gate)
+    for twin in twins:
+        assert finished(queue, twin).status is JobStatus.COMPLETED
+
+    assert sorted(runs(r, k)) == ["deferred-twin", "pending-twin", "scheduled-twin"]
+    for job in (pending, scheduled, deferred):
+        done = queue.get_job(job.id)
+        assert done.status is JobStatus.CANCELLED
+        assert done.final_error == {"type": "Cancelled", "msg": "cancelled by request"}
+    stats = queue.get_stats()
+    assert (stats["pending"], stats["scheduled"], stats["deferred"], stats["processing"]) == \
+        (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("how", ["spin", "sleep"])
+def test_cancelling_a_running_job_interrupts_it(
+        how: str, queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    k = key()
+    if how == "spin":
+        job = queue.enqueue(tasks.spin, 30, k)  # a pure-Python busy loop
+        expected = ["JobCancelled"]
+    else:
+        job = queue.enqueue(tasks.sleep_until_cancelled, k, 30)
+        started(r, k)
+        expected = ["started", "JobCancelled"]
+    running = wait_status(queue, job.id, JobStatus.PROCESSING)
+    before = ready_workers(master)
+
+    t0 = time.monotonic()
+    assert queue.cancel_job(job.id) == "interrupting"
+    done = finished(queue, job, timeout=20)  # well before its natural end (30 s)
+    print(f"\n{how}: cancelled after {time.monotonic() - t0:.3f} s")
+
+    assert done.status is JobStatus.CANCELLED
+    assert runs(r, k) == expected  # JobCancelled was raised inside it; it did not finish
+    assert done.final_error["type"] == "JobCancelled"
+    assert done.retry_count == 1 and done.worker == running.worker
+    assert not r.hexists(queue.keys.cancel, job.id)
+    stats = queue.get_stats()
+    assert (stats["cancelled"], stats["failed"], stats["processing"]) == (1, 0, 0)
+    # the worker survived the interruption and takes the next job
+    assert finished(queue, queue.enqueue(tasks.add, 1, 1)).return_value == 2
+    assert ready_workers(master) == before
