@@ -277,7 +277,6 @@ class JobQueue:
             self.keys.base, job_id, int(time.time() * 1000),
             max(self.config.failed_ttl, 86400), reason])
         if outcome == "running":
-            self.redis.hset(self.keys.cancel, job_id, reason)
             return "interrupting"
         return str(outcome)
 
@@ -354,7 +353,12 @@ class JobQueue:
         self.redis.sadd(self.keys.suspended, self.name)
 
     def resume(self) -> None:
-        self.redis.srem(self.keys.suspended, self.name)
+        """Workers claim from this queue again (idle ones are woken at once)."""
+        pending = min(self.size(), WAKE_CAP)
+        pipe = self.redis.pipeline().srem(self.keys.suspended, self.name)
+        if pending:
+            pipe.lpush(self.keys.wake(self.name), *["1"] * pending)
+        pipe.execute()
 
     @property
     def suspended(self) -> bool:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 #: boot error message (len + bytes)
 _LAYOUT = struct.Struct("<QqiQdddH64sH200s")
 SIZE = _LAYOUT.size
+#: A cancel target: length byte + job id.
+CANCEL_SIZE = 65
 
 #: Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = range(5)
@@ -48,12 +50,23 @@ class SlotTable:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.mem = mmap.mmap(-1, SIZE * capacity, flags=mmap.MAP_SHARED)
+        # the workers' slots, then one cancel target per slot (written by the master only)
+        self.mem = mmap.mmap(-1, (SIZE + CANCEL_SIZE) * capacity, flags=mmap.MAP_SHARED)
 
     def slot(self, index: int) -> Slot:
         if not 0 <= index < self.capacity:
             raise IndexError(f"slot {index} out of range (capacity {self.capacity})")
-        return Slot(self.mem, index * SIZE)
+        return Slot(self.mem, index * SIZE, self._cancel_offset(index))
+
+    def _cancel_offset(self, index: int) -> int:
+        return self.capacity * SIZE + index * CANCEL_SIZE
+
+    def set_cancel(self, index: int, job_id: str) -> None:
+        """Name the job the master wants interrupted in this slot (before sending USR2)."""
+        data = job_id.encode()[:CANCEL_SIZE - 1]
+        offset = self._cancel_offset(index)
+        self.mem[offset:offset + CANCEL_SIZE] = bytes([len(data)]) + data.ljust(
+            CANCEL_SIZE - 1, b"\0")
 
     def read(self, index: int) -> SlotView:
         offset = index * SIZE
@@ -69,16 +82,18 @@ class SlotTable:
 
     def clear(self, index: int) -> None:
         Slot(self.mem, index * SIZE).write(FREE, 0, 0, 0.0, 0.0, 0.0, b"", b"")
+        self.set_cancel(index, "")
 
 
 class Slot:
     """The worker's end of one slot."""
 
-    __slots__ = ("mem", "offset", "pid", "jobs_done", "_seq")
+    __slots__ = ("mem", "offset", "cancel_offset", "pid", "jobs_done", "_seq")
 
-    def __init__(self, mem: mmap.mmap, offset: int) -> None:
+    def __init__(self, mem: mmap.mmap, offset: int, cancel_offset: int = -1) -> None:
         self.mem = mem
         self.offset = offset
+        self.cancel_offset = cancel_offset
         self.pid = 0
         self.jobs_done = 0
         self._seq = struct.unpack_from("<Q", mem, offset)[0] & ~1
@@ -105,6 +120,14 @@ class Slot:
 
     def idle(self) -> None:
         self.write(IDLE, self.pid, self.jobs_done, time.time(), 0.0, 0.0, b"", b"")
+
+    def cancel_target(self) -> str:
+        """The job id the master asked to interrupt (see SlotTable.set_cancel)."""
+        if self.cancel_offset < 0:
+            return ""
+        n = self.mem[self.cancel_offset]
+        return bytes(self.mem[self.cancel_offset + 1:self.cancel_offset + 1 + n]).decode(
+            errors="replace")
 
     def fail_boot(self, message: str) -> None:
         self.write(EXITING, self.pid, 0, time.time(), 0.0, 0.0, b"",

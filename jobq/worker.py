@@ -446,9 +446,13 @@ class Worker:
         jobq_log.reopen()
 
     def _on_cancel(self, signum: int, frame: Any) -> None:
-        if self._running is not None:
-            job_id, self._running = self._running, None  # raise it once
-            raise JobCancelled(f"job {job_id} was cancelled")
+        job_id = self._running
+        if job_id is None:
+            return
+        if self.slot is not None and self.slot.cancel_target() != job_id:
+            return  # meant for the job before this one, which has ended
+        self._running = None  # raise it once
+        raise JobCancelled(f"job {job_id} was cancelled")
 
     def _start_lease_thread(self) -> threading.Thread:
         """Renew this worker's lease while it holds jobs (used when no master does it)."""

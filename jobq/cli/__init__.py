@@ -80,13 +80,17 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
         _fail(debug, f"server error: {text}", exitcodes.FAILURE)
     except KeyboardInterrupt:
         _fail(debug, "interrupted", 130)
+    except (ValueError, TypeError) as exc:  # bad input that got past click's own checks
+        _fail(debug, _scrubbed(str(exc), url), exitcodes.USAGE)
     except Exception as exc:
-        from ..connection import redact
+        _fail(debug, _scrubbed(f"{type(exc).__name__}: {exc}", url), exitcodes.FAILURE)
 
-        message = f"{type(exc).__name__}: {exc}"
-        if url:
-            message = message.replace(url, redact(url))
-        _fail(debug, message, exitcodes.FAILURE)
+
+def _scrubbed(message: str, url: str) -> str:
+    """The message without the URL's password, should an exception have quoted the URL."""
+    from ..connection import redact
+
+    return message.replace(url, redact(url)) if url else message
 
 
 def _fail(debug: bool, message: str, code: int) -> NoReturn:

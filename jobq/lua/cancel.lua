@@ -8,13 +8,18 @@
 --          list as a tombstone that claim.lua drops, so it must outlive the backlog
 -- ARGV[5]  reason
 --
--- Returns "cancelled", or the reason it was not: "running" (the caller interrupts the worker),
+-- Returns "cancelled", or the reason it was not: "running" (recorded in {ns}:cancel: the
+-- worker's master interrupts it),
 -- "finished", "unknown".
 local B = ARGV[1]
 local id = ARGV[2]
 local now = tonumber(ARGV[3])
 local jobs = KEYS[1]
-if redis.call('HEXISTS', B .. ':active', id) == 1 then return 'running' end
+if redis.call('HEXISTS', B .. ':active', id) == 1 then
+  -- a worker holds it: record the request (its master signals the worker; ack.lua clears it)
+  redis.call('HSET', B .. ':cancel', id, ARGV[5])
+  return 'running'
+end
 local spec = redis.call('HGET', jobs, id)
 if not spec then
   if redis.call('EXISTS', B .. ':r:' .. id) == 1 then return 'finished' end

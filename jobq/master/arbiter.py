@@ -547,6 +547,7 @@ class Master:
     def _interrupt_cancelled(self) -> None:
         """Signal the workers whose running job was cancelled (USR2: JobCancelled)."""
         busy = [(w.pid, w.job_id) for w in self.workers.values() if w.busy and w.job_id]
+        slot_of = {w.pid: w.slot for w in self.workers.values()}
         if not busy or self.redis is None:
             return
         try:
@@ -557,6 +558,7 @@ class Master:
             if reason is not None and (pid, job) not in self.interrupted:
                 self.interrupted.add((pid, job))
                 log.info("interrupting job %s in worker %d: %s", job, pid, reason)
+                self.slots.set_cancel(slot_of[pid], job)  # the worker checks it is still that job
                 _signal(pid, signal.SIGUSR2)
         current = set(busy)
         self.interrupted &= current
