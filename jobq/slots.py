@@ -72,13 +72,15 @@ class SlotTable:
         offset = index * SIZE
         for _ in range(100):
             before = struct.unpack_from("<Q", self.mem, offset)[0]
-            if before % 2 == 0:
-                values = _LAYOUT.unpack_from(self.mem, offset)
-                if values[0] == before:
-                    break
+            values = _LAYOUT.unpack_from(self.mem, offset)
+            if before % 2 == 0 and values[0] == before:
+                break
+        # else the writer stopped between its two stores (SIGKILLed, or not scheduled) and the
+        # sequence stays odd: use the last copy read (in practice the state before that write)
         _, pid, state, done, beat, started, deadline, n, job, m, msg = values
         return SlotView(pid, state, done, beat, started, deadline,
-                        job[:n].decode() if n else None, msg[:m].decode(errors="replace"))
+                        job[:n].decode(errors="replace") if n else None,
+                        msg[:m].decode(errors="replace"))
 
     def clear(self, index: int) -> None:
         Slot(self.mem, index * SIZE).write(FREE, 0, 0, 0.0, 0.0, 0.0, b"", b"")
