@@ -173,7 +173,7 @@ class Scheduler:
         pipe = self.redis.pipeline().hset(self.k["defs"], name, serialization.dumps(d.to_json()))
         if due is not None:
             pipe.zadd(self.k["due"], {name: int(due * 1000)})
-        pipe.lpush(self.k["wake"], "1").execute()
+        pipe.lpush(self.k["wake"], "1").ltrim(self.k["wake"], 0, 3).execute()
         return True
 
     def run_now(self, name: str) -> Job:
@@ -276,6 +276,9 @@ def apply_config_schedules(queue: JobQueue, config: Config) -> None:
         if serialization.loads(raw).get("source") == "config" and name not in names:
             sched.cancel(name)
     for d in wanted:
+        current = sched.get(d.name)
+        if current is not None and current.source == "config" and current.paused:
+            d.paused = True  # an operator paused it: a reload does not resume it
         sched.add(d)
 
 
@@ -364,25 +367,20 @@ class SchedulerProcess:
                 self.redis.zrem(self.k["due"], name)
                 continue
             try:
-                d = ScheduleDef.from_json(serialization.loads(raw))
+                d = ScheduleDef.from_json(serialization.loads(raw)).validate()
                 plan = plan_fire(d, due_ms / 1000, now)
+                specs = [self._job_spec(d, name, run) for run in plan.runs]
             except (ScheduleError, ValueError, TypeError) as exc:
                 log.error("schedule %s is broken and was paused: %s", name, exc)
                 self.redis.zrem(self.k["due"], name)
                 continue
             expected = int(due_ms)
-            runs = plan.runs or [None]
+            runs: list[float | None] = list(plan.runs) or [None]
             for i, run in enumerate(runs):
                 last = i == len(runs) - 1
                 nxt = plan.next_due if last else runs[i + 1]
                 next_ms = int(nxt * 1000) if nxt is not None else -1
-                job_args: list[Any] = []
-                if run is not None:
-                    job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}",
-                              queue=d.queue, priority=d.priority, **d.options)
-                    spec = serialization.encode_spec(job.spec(),
-                                                     max_bytes=self.config.max_payload_bytes)
-                    job_args = [job.id, d.queue, d.priority, spec]
+                job_args = specs[i] if run is not None else []
                 fired = self.scripts.run("fire", [self.keys.jobs], [
                     self.keys.base, name, expected, next_ms, int(now * 1000), WAKE_CAP,
                     *job_args])
@@ -394,6 +392,13 @@ class SchedulerProcess:
                 expected = next_ms
         nxt = self.redis.zrange(self.k["due"], 0, 0, withscores=True)
         return nxt[0][1] / 1000 if nxt else None
+
+    def _job_spec(self, d: ScheduleDef, name: str, run: float) -> list[Any]:
+        """The enqueue arguments of one run: its job id is the (name, due time) key."""
+        job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}", queue=d.queue,
+                  priority=d.priority, **d.options)
+        spec = serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
+        return [job.id, d.queue, d.priority, spec]
 
     def drop_orphaned_schedules(self, now: float) -> None:
         """Schedules of a ``__main__`` task die with the pool that could run it."""

@@ -432,6 +432,10 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._on_cancel)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
+        if self.master_pid is not None and os.getppid() != self.master_pid:
+            # our master died (this TERM is its death signal): nobody renews our lease any
+            # more, so the job we hold will run elsewhere; stop now, with whatever we forked
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         self._stopping = True
         if self._idle:
             raise _Interrupt()

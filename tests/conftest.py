@@ -86,6 +86,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (workers live in their own groups)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
 @pytest.fixture
 def spawn(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start ``jobq`` CLI processes (``spawn("worker", "-I", "jobq_testtasks")``); every one
@@ -103,11 +120,7 @@ def spawn(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)
         proc.wait(timeout=10)
         for stream in (proc.stdout, proc.stderr):
             if stream:
