@@ -140,7 +140,9 @@ class JobQueue:
             unknown = set(options) - JOB_OPTIONS
             if unknown:
                 raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
-            defaults = dict(getattr(job, "job_options", {}))
+            defaults = {"timeout": self.config.default_timeout,
+                        "max_retries": self.config.default_max_retries,
+                        **getattr(job, "job_options", {})}
             defaults.update(options)
             delay, at = defaults.pop("delay", None), defaults.pop("at", None)
             depends_on = defaults.pop("depends_on", None)
