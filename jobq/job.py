@@ -366,3 +366,5 @@ def decode(raw: str | bytes) -> Any:
         return serialization.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadJob(f"job data is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadJob("job data is nested too deeply to decode") from None

@@ -63,7 +63,7 @@ def encode_result(value: Any) -> str:
     """Encode a task's return value; a value JSON cannot carry raises SerializationError."""
     try:
         return dumps(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise SerializationError(
             f"the task returned a {_describe(value)}, which JSON cannot carry ({exc}); "
             "return JSON types (dict, list, str, int, float, bool, None)"
