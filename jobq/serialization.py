@@ -14,7 +14,21 @@ from .exceptions import PayloadTooLarge, SerializationError
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 dumps = _encoder.encode
-loads = json.loads
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+#: Standard JSON only: Python's NaN/Infinity extensions are refused, as ``dumps`` refuses them
+#: (data read back must be data jobq can write again).
+_decoder = json.JSONDecoder(parse_constant=_not_json)
+
+
+def loads(text: str | bytes) -> Any:
+    if not isinstance(text, str):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    return _decoder.decode(text)
 
 
 def _describe(value: Any) -> str:
