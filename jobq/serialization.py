@@ -13,7 +13,19 @@ from typing import Any
 from .exceptions import PayloadTooLarge, SerializationError
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-dumps = _encoder.encode
+_ascii_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, text kept as UTF-8 rather than ``\\u`` escapes; but a string with a lone
+    surrogate (``"\\ud800"``, which UTF-8 cannot carry to Redis) is escaped instead."""
+    text = _encoder.encode(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _ascii_encoder.encode(value)
+    return text
 
 
 def _not_json(name: str) -> Any:
