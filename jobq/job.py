@@ -362,6 +362,16 @@ def new_id() -> str:
 
 
 def decode(raw: str | bytes) -> Any:
+    if isinstance(raw, str) and not raw.isascii():
+        # a worker reads with errors="surrogateescape": a byte that is not UTF-8 arrives as a
+        # lone surrogate (valid UTF-8 never decodes to one)
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = raw[exc.start]
+            what = f"byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
+            raise BadJob(f"job data is not valid UTF-8 ({what} at character {exc.start})"
+                         ) from None
     try:
         return serialization.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

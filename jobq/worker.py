@@ -114,7 +114,9 @@ class Worker:
         self.master_pid = master_pid
         self.title_prefix = f"jobq worker {title or self.name}"
         self._name_json = serialization.dumps(self.name)
-        self.redis = connect(url)
+        # A job's data may be any bytes: surrogateescape keeps bytes that are not UTF-8 (the
+        # job then fails as a BadJob) instead of breaking the claim, and gives ids back as is.
+        self.redis = connect(url, encoding_errors="surrogateescape")
         self.keys = Keys(config.prefix)
         self.scripts = Scripts(self.redis)
         self.jobs_done = 0
@@ -263,6 +265,8 @@ class Worker:
         started = time.time()
         spec: Any = None
         try:
+            if not job_id.isascii() and _undecodable(job_id):
+                raise BadJob("job id is not valid UTF-8")
             if spec_raw is None:
                 raise BadJob("job data is missing (the id was queued without a job record)")
             spec = decode(spec_raw)
@@ -410,7 +414,10 @@ class Worker:
              payload: str, group: Any = None) -> None:
         if not self._acks:
             self._first_ack_at = time.monotonic()
-        self._acks += (kind, job_id, queue, priority, ttl, payload,
+        ident: str | bytes = job_id
+        if not job_id.isascii():  # as bytes: the id as it came, even if it is not UTF-8
+            ident = job_id.encode("utf-8", "surrogateescape")
+        self._acks += (kind, ident, queue, priority, ttl, payload,
                        group if isinstance(group, str) else "")
         if self.slot is not None:
             self.slot.end()
@@ -510,6 +517,15 @@ def _check_options(spec: dict[str, Any]) -> None:
                      f"result_ttl {ttl!r})")
     if g is not None and type(g) is not str:
         raise BadJob(f"job group (field 'g') must be a string, got {g!r}")
+
+
+def _undecodable(text: str) -> bool:
+    """True if ``text`` was read from bytes that are not UTF-8 (they arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _decode_state(raw: str | None) -> dict[str, Any]:
