@@ -36,6 +36,9 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_QUEUE = "default"
 #: The longest time limit a job may have (30 days, in seconds).
 MAX_TIMEOUT = 30 * 86400
+#: The longest a job's record may be kept (100 years, in seconds): Redis refuses an expiry
+#: much longer than that (SET EX 10**16 is an error, which would fail the whole settle script).
+MAX_TTL = 100 * 365 * 86400
 
 #: What a queue name may look like (it becomes part of Redis key names).
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
@@ -150,6 +153,9 @@ class Job:
         if self.queue is not None and not QUEUE_NAME.match(self.queue):
             raise ValueError(f"queue name {self.queue!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         self.result_ttl = None if result_ttl is None else _check_int("result_ttl", result_ttl, 0)
+        if self.result_ttl is not None and self.result_ttl > MAX_TTL:
+            raise ValueError(f"result_ttl must be at most {MAX_TTL} s (100 years), "
+                             f"got {result_ttl}")
         #: Exception names: only these are retried / these are never retried
         self.retry_on = exception_names(retry_on, "retry_on")
         self.dont_retry_on = exception_names(dont_retry_on, "dont_retry_on")

@@ -45,6 +45,7 @@ from .job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     MAX_TIMEOUT,
+    MAX_TTL,
     BadJob,
     decode,
     exception_matches,
@@ -512,7 +513,8 @@ def _check_options(spec: dict[str, Any]) -> None:
     """The spec's optional fields the settle scripts use must have their types: data found in
     Redis is not trusted (a bad value fails the job, it must not break a script)."""
     p, r, ttl, g = spec.get("p", 0), spec.get("r", 0), spec.get("ttl", 0), spec.get("g")
-    if type(p) is not int or type(r) is not int or r < 0 or type(ttl) is not int or ttl < 0:
+    if type(p) is not int or type(r) is not int or r < 0 or type(ttl) is not int or \
+            not 0 <= ttl <= MAX_TTL:
         raise BadJob(f"job options have bad values (priority {p!r}, max_retries {r!r}, "
                      f"result_ttl {ttl!r})")
     if g is not None and type(g) is not str:
