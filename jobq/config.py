@@ -291,6 +291,23 @@ def _count() -> _Number:
     return _Number("an integer >= 0", integer=True, low=0)
 
 
+class _Ttl(_Number):
+    """Seconds a record is kept: an integer >= 0 and at most 100 years (Redis refuses an
+    expiry much longer: SET EX 10**16 fails, and with it the script settling the job)."""
+
+    MAX = 100 * 365 * 86400
+
+    def __init__(self) -> None:
+        super().__init__("an integer >= 0", integer=True, low=0)
+
+    def __call__(self, value: Any) -> int:
+        seconds = int(super().__call__(value))
+        if seconds > self.MAX:
+            raise _Invalid(f"expected at most {self.MAX} (100 years, in seconds), "
+                           f"got {_show(value)}")
+        return seconds
+
+
 def _seconds(*, zero: bool) -> _Number:
     return _Number("a number of seconds >= 0" if zero else "a number of seconds > 0",
                    integer=False, low=0, low_open=not zero)
@@ -319,8 +336,8 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "pidfile": _Str(),
     "default_timeout": _seconds(zero=False),
     "default_max_retries": _count(),
-    "result_ttl": _count(),
-    "failed_ttl": _count(),
+    "result_ttl": _Ttl(),
+    "failed_ttl": _Ttl(),
     "dlq_max": _count(),
     "max_payload_bytes": _positive_int(),
     "lease_time": _Number("a number of seconds > 0 and <= 300", integer=False, low=0, high=300,
