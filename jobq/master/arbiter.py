@@ -494,6 +494,8 @@ class Master:
     def _worker_exited(self, w: WorkerState, status: int) -> None:
         now = time.time()
         view = self.slots.read(w.slot)
+        if view.pid == w.pid and view.state in (IDLE, BUSY):
+            w.ready = True  # it came up, even if no tick saw it: its death is no boot failure
         _killpg(w.pid)  # whatever it forked goes with it
         history = self.histories.setdefault(w.slot, SlotHistory())
         decision = policy.on_exit(now, w, status, history, self.breaker,
