@@ -307,7 +307,8 @@ class Job:
             created = spec.get("c")
             if created is not None:
                 job.created_at = _ts(_check_number("created", created)) or job.created_at
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, OSError) as exc:
+            # OverflowError, OSError: a number too large for a float or a timestamp
             raise BadJob(f"job data has a bad option: {exc}") from None
         return job
 
