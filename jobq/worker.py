@@ -531,14 +531,28 @@ def _undecodable(text: str) -> bool:
 
 
 def _decode_state(raw: str | None) -> dict[str, Any]:
-    """A job's state (attempts, errors), {} when absent or unreadable."""
+    """A job's state (attempts, errors), {} when absent or unreadable.
+
+    It goes into the job's final record, so what jobq would never have written there is
+    dropped: the record's own fields (a second "res" would replace the job's result), and
+    counts or errors of the wrong type (readers count on them)."""
     if not raw:
         return {}
     try:
         state = decode(raw)
     except BadJob:
         return {}
-    return state if isinstance(state, dict) else {}
+    if not isinstance(state, dict):
+        return {}
+    for name in ("spec", "res", "st", "fin"):
+        state.pop(name, None)
+    for name in ("n", "d"):
+        if name in state and type(state[name]) is not int:
+            del state[name]
+    if "e" in state:
+        errors = state["e"]
+        state["e"] = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+    return state
 
 
 def retryable(exc: BaseException, retry_on: Any, dont_retry_on: Any) -> bool:
