@@ -295,3 +295,91 @@ def retry_once(key: str, delay: float) -> str:
     if runs == 1:
         raise jobq.Retry(delay=delay)
     return f"run {runs}"
+
+
+# -- for test_chaos.py -----------------------------------------------------------------------
+
+
+def _chaos_mark(key: str) -> str:
+    """RPUSH this job's id to ``test:<key>`` (one entry per run) and the worker's pid to
+    ``test:<key>:pid``; return the id."""
+    import jobq
+
+    ctx = jobq.current_job()
+    job_id = ctx.id if ctx is not None else "?"
+    _redis().pipeline(transaction=False).rpush(f"test:{key}", job_id).rpush(
+        f"test:{key}:pid", f"{job_id} {os.getpid()}").execute()
+    return job_id
+
+
+def chaos_record(key: str) -> str:
+    """A short job: record the run (its job id), nothing else."""
+    return _chaos_mark(key)
+
+
+def chaos_cpu(key: str, seconds: float) -> str:
+    """A CPU-heavy job: record the run, then burn ``seconds`` of this thread's CPU time in
+    pure Python (arithmetic, no sleeping: the GIL is never released on purpose)."""
+    job_id = _chaos_mark(key)
+    deadline = time.thread_time() + seconds
+    x = 0
+    while time.thread_time() < deadline:
+        for i in range(500):
+            x += i * i
+    return job_id
+
+
+def chaos_sleep(key: str, seconds: float) -> str:
+    """Record the run, then sleep ``seconds``: a job that is running when the fault hits."""
+    job_id = _chaos_mark(key)
+    time.sleep(seconds)
+    return job_id
+
+
+def chaos_hog(key: str, chunk_mb: int = 10, pause: float = 0.025) -> str:
+    """Record the run, then allocate without bound: a ``chunk_mb`` chunk (every page written)
+    every ``pause`` seconds, until something kills the process."""
+    _chaos_mark(key)
+    hog = []
+    while True:
+        hog.append(b"x" * (chunk_mb << 20))
+        time.sleep(pause)
+
+
+def chaos_grandchildren(key: str, block_alarm: bool = False) -> str:
+    """Start two grandchildren that would sleep five minutes (``subprocess.Popen`` of
+    ``sleep 300``, and an ``os.fork`` child), record their pids under ``test:<key>:kids``,
+    then hang (with ``block_alarm``: deaf to the soft timeout, for the master's hard limit)."""
+    import subprocess
+
+    _chaos_mark(key)
+    if block_alarm:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    popen = subprocess.Popen(["sleep", "300"])
+    forked = os.fork()
+    if forked == 0:  # the forked grandchild: sleep, then leave without any cleanup
+        try:
+            time.sleep(300)
+        finally:
+            os._exit(0)
+    _redis().rpush(f"test:{key}:kids", str(popen.pid), str(forked))
+    time.sleep(300)
+    return "never"
+
+
+def chaos_die_mid_slot_write(key: str) -> str:
+    """Record the run; the first run then dies like a worker SIGKILLed in the middle of
+    writing its slot in the master's shared memory: after the first store of the seqlock
+    (the sequence made odd, "being written") and before the second. Later runs return."""
+    import struct
+
+    from jobq import context
+
+    job_id = _chaos_mark(key)
+    if len(_redis().lrange(f"test:{key}", 0, -1)) == 1:
+        slot = context.worker.slot if context.worker is not None else None
+        if slot is not None:
+            seq = struct.unpack_from("<Q", slot.mem, slot.offset)[0]
+            struct.pack_into("<Q", slot.mem, slot.offset, seq | 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job_id
