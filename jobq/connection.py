@@ -100,6 +100,19 @@ def describe_error(exc: BaseException, url: str) -> str:
     return _scrub(line, url)
 
 
+def refused_credentials(url: str) -> str | None:
+    """One line (password hidden) if the server at ``url`` refuses our credentials, else None;
+    also None when it cannot be reached (long-running processes wait for the server)."""
+    client = connect(url)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        return describe_error(exc, url) if _is_auth_error(exc) else None
+    finally:
+        client.close()
+    return None
+
+
 def resolve_url(cfg: Config) -> str:
     """The URL to use for ``cfg``: ``cfg.redis_url``, else the embedded server (started if
     needed)."""

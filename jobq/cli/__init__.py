@@ -16,7 +16,7 @@ import redis
 from .. import exitcodes
 from .. import log as jobq_log
 from ..config import Config, ConfigError, load_config
-from ..connection import describe_error
+from ..connection import describe_error, refused_credentials
 
 _connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
 
@@ -202,6 +202,9 @@ def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bo
         except TaskImportError as exc:
             raise CliError(str(exc), exitcodes.IMPORT) from exc
         url = state.url()
+        refused = refused_credentials(url)
+        if refused:  # waiting never fixes a wrong password
+            raise CliError(refused, exitcodes.CONNECT)
         return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
 
     sys.exit(run_guarded(go, state))

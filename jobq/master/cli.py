@@ -10,6 +10,7 @@ import click
 from .. import exitcodes
 from .. import log as jobq_log
 from ..config import ConfigError, load_config
+from ..connection import refused_credentials
 from ..schedule import ScheduleError
 
 
@@ -56,7 +57,7 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
         where = f"{config_path}: " if isinstance(exc, ScheduleError) and config_path else ""
         click.echo(f"jobq-master: error: {where}{exc}", err=True)
         sys.exit(exitcodes.USAGE)
-    refused = _refused_credentials(config.redis_url) if config.redis_url else None
+    refused = refused_credentials(config.redis_url) if config.redis_url else None
     if refused:  # waiting never fixes a wrong password: say so, start nothing
         click.echo(f"jobq-master: error: {refused}", err=True)
         sys.exit(exitcodes.CONNECT)
@@ -70,26 +71,3 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
                       overrides={k: v for k, v in overrides.items() if v is not None},
                       pidfile=config.pidfile)
     sys.exit(Master(config, options).run())
-
-
-def _refused_credentials(url: str) -> str | None:
-    """One line (password hidden) if the server refuses our credentials, else None. A server
-    that cannot be reached is not an error here: the master waits for it, as when it is lost
-    later."""
-    import redis
-
-    from ..connection import connect, describe_error
-
-    client = connect(url)
-    try:
-        client.ping()
-    except redis.AuthenticationError as exc:
-        return describe_error(exc, url)
-    except redis.ResponseError as exc:
-        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
-            return describe_error(exc, url)
-    except (redis.RedisError, OSError):
-        pass
-    finally:
-        client.close()
-    return None
