@@ -41,6 +41,21 @@ def release(client: Any, scripts: Scripts, keys: Keys, config: Config, worker: s
     return requeued, failed
 
 
+def send_acks(client: Any, scripts: Scripts, keys: Keys, config: Config, worker: str,
+              acks: list[list[str]], now: float | None = None) -> None:
+    """Send the acknowledgements a dead worker had journaled but not sent (see
+    :mod:`jobq.slots`): the jobs it finished are settled, not run again. Those it had sent
+    already are no longer held by it, and ack.lua skips them."""
+    if not acks:
+        return
+    from .worker import RECENT_MAX
+
+    now_ms = int((now if now is not None else time.time()) * 1000)
+    flat = [field for entry in acks for field in entry]
+    scripts.run("ack", [keys.jobs], [keys.base, worker, now_ms, RECENT_MAX, config.dlq_max,
+                                     WAKE_CAP, config.failed_ttl, *flat])
+
+
 def reap(client: Any, scripts: Scripts, keys: Keys, config: Config,
          now: float | None = None) -> int:
     """Release the jobs of every worker whose lease lapsed (its host or master died)."""

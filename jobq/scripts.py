@@ -18,7 +18,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
-         "requeue", "empty", "enqueue_one")
+         "requeue", "empty", "enqueue_one", "giveback")
 
 
 def _source(name: str) -> str:
@@ -76,3 +76,4 @@ class Scripts:
     requeue: Any
     empty: Any
     enqueue_one: Any
+    giveback: Any

@@ -6,6 +6,11 @@ one ``struct.pack_into``); the master reads every slot on its ticks, without ask
 
 A slot is guarded by a sequence number (a seqlock): odd while the worker writes, so the
 master never reads a job id with another job's start time.
+
+Each slot also has an *ack journal*: the worker batches the acknowledgements of short jobs
+(sent to Redis every few milliseconds), and writes each one here first. When a worker dies,
+the master sends the acknowledgements it had not sent yet, so a job that finished is not run
+again: only the job that was running when the worker died is.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ _LAYOUT = struct.Struct("<QqiQdddH64sH200s")
 SIZE = _LAYOUT.size
 #: A cancel target: length byte + job id.
 CANCEL_SIZE = 65
+#: The ack journal of a slot: header (entry count, bytes used), then length-prefixed entries.
+JOURNAL_SIZE = 256 * 1024
+_JOURNAL_HEAD = struct.Struct("<II")
+_ENTRY_LEN = struct.Struct("<I")
+#: Separates the fields of a journal entry (JSON text never holds a raw one: it escapes it).
+_SEP = "\x1f"
 
 #: Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = range(5)
@@ -50,16 +61,42 @@ class SlotTable:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        # the workers' slots, then one cancel target per slot (written by the master only)
-        self.mem = mmap.mmap(-1, (SIZE + CANCEL_SIZE) * capacity, flags=mmap.MAP_SHARED)
+        # the workers' slots, one cancel target per slot (written by the master only), then
+        # one ack journal per slot (pages are only touched, so only resident, when used)
+        self.mem = mmap.mmap(-1, (SIZE + CANCEL_SIZE + JOURNAL_SIZE) * capacity,
+                             flags=mmap.MAP_SHARED)
 
     def slot(self, index: int) -> Slot:
         if not 0 <= index < self.capacity:
             raise IndexError(f"slot {index} out of range (capacity {self.capacity})")
-        return Slot(self.mem, index * SIZE, self._cancel_offset(index))
+        return Slot(self.mem, index * SIZE, self._cancel_offset(index),
+                    self._journal_offset(index))
 
     def _cancel_offset(self, index: int) -> int:
         return self.capacity * SIZE + index * CANCEL_SIZE
+
+    def _journal_offset(self, index: int) -> int:
+        return self.capacity * (SIZE + CANCEL_SIZE) + index * JOURNAL_SIZE
+
+    def unsent_acks(self, index: int) -> list[list[str]]:
+        """The acknowledgements a (dead) worker had journaled but not sent to Redis."""
+        offset = self._journal_offset(index)
+        count, used = _JOURNAL_HEAD.unpack_from(self.mem, offset)
+        entries: list[list[str]] = []
+        pos = offset + _JOURNAL_HEAD.size
+        end = pos + min(used, JOURNAL_SIZE - _JOURNAL_HEAD.size)
+        for _ in range(count):
+            if pos + _ENTRY_LEN.size > end:
+                break
+            (n,) = _ENTRY_LEN.unpack_from(self.mem, pos)
+            pos += _ENTRY_LEN.size
+            if pos + n > end:
+                break
+            fields = bytes(self.mem[pos:pos + n]).decode(errors="replace").split(_SEP)
+            pos += n
+            if len(fields) == 7:
+                entries.append(fields)
+        return entries
 
     def set_cancel(self, index: int, job_id: str) -> None:
         """Name the job the master wants interrupted in this slot (before sending USR2)."""
@@ -85,17 +122,22 @@ class SlotTable:
     def clear(self, index: int) -> None:
         Slot(self.mem, index * SIZE).write(FREE, 0, 0, 0.0, 0.0, 0.0, b"", b"")
         self.set_cancel(index, "")
+        _JOURNAL_HEAD.pack_into(self.mem, self._journal_offset(index), 0, 0)
 
 
 class Slot:
     """The worker's end of one slot."""
 
-    __slots__ = ("mem", "offset", "cancel_offset", "pid", "jobs_done", "_seq")
+    __slots__ = ("mem", "offset", "cancel_offset", "journal", "pid", "jobs_done", "_seq",
+                 "_count", "_used")
 
-    def __init__(self, mem: mmap.mmap, offset: int, cancel_offset: int = -1) -> None:
+    def __init__(self, mem: mmap.mmap, offset: int, cancel_offset: int = -1,
+                 journal: int = -1) -> None:
         self.mem = mem
         self.offset = offset
         self.cancel_offset = cancel_offset
+        self.journal = journal
+        self._count = self._used = 0
         self.pid = 0
         self.jobs_done = 0
         self._seq = struct.unpack_from("<Q", mem, offset)[0] & ~1
@@ -130,6 +172,29 @@ class Slot:
         n = self.mem[self.cancel_offset]
         return bytes(self.mem[self.cancel_offset + 1:self.cancel_offset + 1 + n]).decode(
             errors="replace")
+
+    def journal_ack(self, fields: tuple[object, ...]) -> bool:
+        """Record an acknowledgement not yet sent; False when the journal is full (the worker
+        then sends its acknowledgements at once)."""
+        if self.journal < 0:
+            return True
+        data = _SEP.join(map(str, fields)).encode()
+        start = self.journal + _JOURNAL_HEAD.size + self._used
+        if self._used + _ENTRY_LEN.size + len(data) > JOURNAL_SIZE - _JOURNAL_HEAD.size:
+            return False
+        _ENTRY_LEN.pack_into(self.mem, start, len(data))
+        self.mem[start + _ENTRY_LEN.size:start + _ENTRY_LEN.size + len(data)] = data
+        self._used += _ENTRY_LEN.size + len(data)
+        self._count += 1
+        # the entry is complete before the header counts it (one 8-byte store)
+        _JOURNAL_HEAD.pack_into(self.mem, self.journal, self._count, self._used)
+        return True
+
+    def journal_sent(self) -> None:
+        """The journaled acknowledgements reached Redis: forget them."""
+        if self.journal >= 0 and self._count:
+            self._count = self._used = 0
+            _JOURNAL_HEAD.pack_into(self.mem, self.journal, 0, 0)
 
     def fail_boot(self, message: str) -> None:
         self.write(EXITING, self.pid, 0, time.time(), 0.0, 0.0, b"",

@@ -132,6 +132,7 @@ class Worker:
         self._wake_keys = [self.keys.wake(q) for q in self.queues]
         self._title = ""
         self._next_housekeeping = 0.0
+        self._resync = False  # look for jobs held by a claim whose reply was lost
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -204,18 +205,39 @@ class Worker:
                 delay = min(delay * 2, RECONNECT_CAP)
         if logged:
             log.warning("reconnected to the server")
+            self._resync = True
         if self._acks:
             stale = results[0]
             if stale:
                 log.warning("results of %d job(s) dropped: their lease lapsed and they were "
                             "given back (%s)", len(stale), ", ".join(stale[:5]))
             self._acks = []
+            if self.slot is not None:
+                self.slot.journal_sent()
         if not want:
             return False
         claimed = results[-1]
         for i in range(0, len(claimed), 4):
             self._buffer.append((claimed[i], claimed[i + 1], claimed[i + 2], claimed[i + 3]))
-        return bool(claimed)
+        if self._resync:
+            self._give_back_orphans()
+        return bool(self._buffer)
+
+    def _give_back_orphans(self) -> None:
+        """After a lost connection: a claim the server ran but whose reply was lost left jobs
+        held by us that we do not know of (redis-py or our loop sent the claim again). They
+        never started: give them back untouched."""
+        try:
+            held = set(self.redis.hkeys(self.keys.held(self.name)))
+            known = {entry[0] for entry in self._buffer}
+            orphans = sorted(held - known - {self._running})
+            if orphans:
+                n = self.scripts.run("giveback", [self.keys.jobs],
+                                     [self.keys.base, self.name, WAKE_CAP, *orphans])
+                log.warning("gave back %d job(s) claimed by a reply lost with the server", n)
+            self._resync = False
+        except redis.RedisError:
+            pass  # try again after the next exchange
 
     def _wait_for_work(self) -> None:
         """Block until a job is enqueued on one of our queues (or IDLE_TICK passes)."""
@@ -418,10 +440,15 @@ class Worker:
         ident: str | bytes = job_id
         if not job_id.isascii():  # as bytes: the id as it came, even if it is not UTF-8
             ident = job_id.encode("utf-8", "surrogateescape")
-        self._acks += (kind, ident, queue, priority, ttl, payload,
-                       group if isinstance(group, str) else "")
+        fields = (kind, ident, queue, priority, ttl, payload,
+                  group if isinstance(group, str) else "")
         if self.slot is not None:
+            # journal it first: if this worker dies before sending it, the master will
+            if isinstance(ident, str) and not self.slot.journal_ack(fields):
+                self._exchange(claim=False)  # journal full: send what is there now
+                self.slot.journal_ack(fields)
             self.slot.end()
+        self._acks += fields
 
     # -- process plumbing --------------------------------------------------------------------
     _title_every_job = True

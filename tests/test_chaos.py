@@ -391,15 +391,11 @@ def test_kill_9_a_random_worker_every_200ms(
     assert len(kills) >= 5, "too few kills landed to test anything"
     assert t.lost == 0 and t.failed == 0, str(t)
     # Each kill interrupts at most the one job its worker was running: that job is charged
-    # a WorkerLost error and runs again. Prefetched, unstarted jobs go back untouched. But
-    # "extra runs <= kills" does NOT hold, by design (README, "Not exactly-once"): acks of
-    # short jobs are batched for up to FLUSH_INTERVAL (5 ms), and jobs that finished in that
-    # window are indistinguishable, in Redis, from unstarted prefetched ones: they go back
-    # untouched too and run again (measured: a few per kill, reported as run_twice_unacked).
-    # They are bounded by the claim batch (BATCH_MAX) per kill.
+    # a WorkerLost error and runs again. Prefetched, unstarted jobs go back untouched, and
+    # jobs that finished but whose (batched) acks were not sent yet are settled by the master
+    # from the worker's ack journal in shared memory: so extra runs <= kills.
     assert t.worker_lost <= len(kills), f"{t} after {len(kills)} kills"
-    assert t.twice_interrupted <= len(kills), f"{t} after {len(kills)} kills"
-    assert t.twice_unacked <= len(kills) * BATCH_MAX, f"{t} after {len(kills)} kills"
+    assert t.twice <= len(kills), f"{t} after {len(kills)} kills"
     assert sampler.longest_below < 10, f"the pool stayed short {sampler.longest_below:.1f} s"
     assert "Traceback" not in masters.log(), masters.log()[-3000:]
 

@@ -504,6 +504,7 @@ class Master:
             current = "-"  # we stopped it: give its job back untouched
         else:
             current = view.job_id if view.pid == w.pid and view.state == BUSY else "-"
+        self._send_unsent_acks(w)
         self._release(w.name, current, decision.cause)
         self.slots.clear(w.slot)
         if decision.unexpected and not self.stopping:
@@ -519,6 +520,19 @@ class Master:
         if decision.respawn_at is not None:
             history.not_before = max(history.not_before, decision.respawn_at)
         self._manage_workers(now)
+
+    def _send_unsent_acks(self, w: WorkerState) -> None:
+        """Settle the jobs the dead worker finished but had not acknowledged yet."""
+        acks = self.slots.unsent_acks(w.slot)
+        if not acks:
+            return
+        try:
+            assert self.scripts is not None
+            recovery.send_acks(self.redis, self.scripts, self.keys, self.config, w.name, acks)
+            log.info("sent %d acknowledgement(s) worker %d had not sent", len(acks), w.pid)
+        except redis.RedisError as exc:
+            log.warning("cannot send the acknowledgements of worker %d (%s): those jobs will "
+                        "run again", w.pid, describe_error(exc, self.url))
 
     def _release(self, worker: str, current: str, cause: str) -> None:
         try:
