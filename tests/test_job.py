@@ -15,7 +15,7 @@ import jobq_testtasks as tasks
 import pytest
 
 from jobq import registry, serialization
-from jobq.exceptions import PayloadTooLarge, SerializationError, TaskNotAllowed
+from jobq.exceptions import TaskImportError, PayloadTooLarge, SerializationError, TaskNotAllowed
 from jobq.job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
@@ -470,9 +470,10 @@ def test_resolver_caches(resolver: TaskResolver) -> None:
     assert resolver.resolve("jobq_testtasks:noop") is resolver.resolve("jobq_testtasks:noop")
 
 
-def test_resolver_import_error_propagates() -> None:
-    with pytest.raises(ImportError):
+def test_resolver_import_error_names_the_module() -> None:
+    with pytest.raises(TaskImportError, match="'jobq_no_such_module_anywhere'") as info:
         TaskResolver(["jobq_no_such_module_anywhere"])
+    assert isinstance(info.value.__cause__, ImportError)
 
 
 def test_main_tasks_are_refused_at_enqueue_unless_allowed(
