@@ -199,6 +199,12 @@ class Worker:
                     logged = True
                 if self._stopping and not self._acks:
                     return False
+                if self.master_pid is not None and os.getppid() != self.master_pid:
+                    # our master is gone and the server too: nobody can take our results;
+                    # the jobs come back when their lease lapses (at-least-once)
+                    self._stopping = True
+                    self._acks = []
+                    return False
                 if self.slot is not None:
                     self.slot.idle()  # waiting for the server is not hanging: keep beating
                 time.sleep(delay)

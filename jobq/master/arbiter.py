@@ -123,6 +123,7 @@ class Master:
         self.interrupted: set[tuple[int, str]] = set()  # (worker pid, job id) signalled
         self.started = time.time()
         self.id = ""
+        self.pid = os.getpid()
         self.rng = random.Random()
         self.host = socket.gethostname().split(".")[0] or "host"
         self.slots = SlotTable(max(64, 8 * config.workers))
@@ -158,6 +159,7 @@ class Master:
         try:
             self.url = resolve_url(self.config)
             self.id = f"{self.host}.{os.getpid()}"
+            self.pid = os.getpid()
             self.redis = connect(self.url)
             self.scripts = Scripts(self.redis)
             self._install_signals()
@@ -384,6 +386,7 @@ class Master:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         sys.stdout.flush()
         sys.stderr.flush()
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = exitcodes.FAILURE
@@ -397,6 +400,8 @@ class Master:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.setpgid(0, 0)  # its own group: killing it kills its children too
                 _die_with_parent()
+                if os.getppid() != master:
+                    os._exit(exitcodes.FAILURE)  # the master died before that took effect
                 random.seed()
                 code = child()
             except SystemExit as exc:
@@ -425,7 +430,7 @@ class Master:
             return exitcodes.IMPORT
         worker = Worker(self.config.queues, config=self.config, url=self.url,
                         resolver=resolver, name=name, slot=slot, renew_leases=False,
-                        max_jobs=max_jobs, master_pid=os.getppid(), title=f"{slot_index}")
+                        max_jobs=max_jobs, master_pid=self.pid, title=f"{slot_index}")
         return worker.run()
 
     def _read_slots(self, now: float) -> None:
