@@ -447,7 +447,7 @@ class Worker:
         if not job_id.isascii():  # as bytes: the id as it came, even if it is not UTF-8
             ident = job_id.encode("utf-8", "surrogateescape")
         fields = (kind, ident, queue, priority, ttl, payload,
-                  group if isinstance(group, str) else "")
+                  group if _valid_group(group) else "")
         if self.slot is not None:
             # journal it first: if this worker dies before sending it, the master will
             if isinstance(ident, str) and not self.slot.journal_ack(fields):
@@ -550,8 +550,12 @@ def _check_options(spec: dict[str, Any]) -> None:
             not 0 <= ttl <= MAX_TTL:
         raise BadJob(f"job options have bad values (priority {p!r}, max_retries {r!r}, "
                      f"result_ttl {ttl!r})")
-    if g is not None and type(g) is not str:
-        raise BadJob(f"job group (field 'g') must be a string, got {g!r}")
+    if g is not None and not _valid_group(g):
+        raise BadJob(f"job group (field 'g') must be a short printable string, got {g!r:.80}")
+
+
+def _valid_group(g: Any) -> bool:
+    return type(g) is str and 0 < len(g) <= 128 and g.isascii() and g.isprintable()
 
 
 def _undecodable(text: str) -> bool:

@@ -208,7 +208,7 @@ BAD_SPECS: list[tuple[str, str | bytes | None, str]] = [
     ("minus-infinity-in-args", '{"t": "jobq_testtasks:echo", "a": [-Infinity]}', "Infinity"),
     ("int-of-5000-digits", '{"t": "jobq_testtasks:echo", "a": [' + "9" * 5000 + "]}",
      "not valid JSON"),
-    ("g-number", spec(g=5), "job group (field 'g') must be a string"),
+    ("g-number", spec(g=5), "job group (field 'g') must be a short printable string"),
     ("deep-array-100k", deep(100_000), "nested too deeply"),
     ("deep-args-5000", '{"t": "jobq_testtasks:echo", "a": ' + deep(5000) + "}",
      "nested too deeply"),
