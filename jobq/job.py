@@ -133,7 +133,8 @@ class Job:
     ) -> None:
         self.func = func
         self.task = task_name(func)
-        if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+        if not isinstance(args, tuple | list) and (
+                isinstance(args, str | bytes) or not isinstance(args, Sequence)):
             raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})

@@ -12,7 +12,7 @@ from . import registry, serialization
 from .config import Config, load_config
 from .connection import connect, resolve_url
 from .exceptions import UnknownJob
-from .job import BadJob, Job, JobStatus, decode
+from .job import BadJob, Job, JobStatus, decode, new_id
 from .keys import Keys
 from .scripts import Scripts
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
                          "retry_on", "dont_retry_on", "delay", "at", "depends_on",
                          "on_parent_failure", "unique_key", "unique_ttl"})
+#: How long enqueue polls for the server's reply before it sleeps (see Scripts.run_many).
+REPLY_SPIN = 0.0002
 #: How long a unique key holds by default (seconds).
 UNIQUE_TTL = 3600
 #: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
@@ -75,7 +77,7 @@ class JobQueue:
             return self._enqueue_one(job, encoded)
         self.scripts.run("enqueue", [self.keys.jobs],
                          [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority,
-                          _due_ms(job), encoded])
+                          _due_ms(job), encoded], spin=REPLY_SPIN)
         return job
 
     def _enqueue_one(self, job: Job, encoded: str) -> Job:
@@ -109,7 +111,7 @@ class JobQueue:
         Jobs are sent in chunks; each chunk is added atomically.
         """
         if arg_list is not None:
-            built = [self._build(jobs, tuple(a), None, options) for a in arg_list]  # type: ignore[arg-type]
+            built = self._build_many(jobs, arg_list, options)
         else:
             if options:
                 raise TypeError("job options go on the Job objects when enqueueing Jobs")
@@ -129,6 +131,26 @@ class JobQueue:
                 argv += (job.id, job.queue, job.priority, _due_ms(job), text)
             self.scripts.enqueue(keys=[self.keys.jobs], args=argv, client=pipe)
         pipe.execute()
+        return built
+
+    def _build_many(self, func: Any, arg_list: Iterable[Sequence[Any]],
+                    options: dict[str, Any]) -> list[Job]:
+        """Jobs of one function and options: the options are checked once, on a template,
+        and each job is a copy of it with its own id and arguments (bulk enqueue is mostly
+        this loop)."""
+        template = self._build(func, (), None, options)
+        shared = {k: v for k, v in template.__dict__.items() if k not in ("id", "args")}
+        built = []
+        for args in arg_list:
+            if not isinstance(args, tuple | list):
+                if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+                    raise TypeError(f"each item of arg_list must be a tuple or list of "
+                                    f"arguments, got {type(args).__name__}")
+            job = Job.__new__(Job)
+            job.__dict__.update(shared)
+            job.id = new_id()
+            job.args = tuple(args)
+            built.append(job)
         return built
 
     def _build(self, job: Any, args: Sequence[Any], kwargs: dict[str, Any] | None,

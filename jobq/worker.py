@@ -75,6 +75,8 @@ CANCEL_CHECK_EVERY = 0.25
 HOUSEKEEP_EVERY = 0.25
 #: Errors kept on a job (the latest ones); the attempt count keeps counting.
 MAX_ERRORS_KEPT = 10
+#: How long a worker polls for the reply of a claim before it sleeps (see Scripts.run_many).
+REPLY_SPIN = 0.0003
 #: Reconnect back-off after a lost server connection (seconds): first, cap.
 RECONNECT_FIRST, RECONNECT_CAP = 0.05, 2.0
 
@@ -179,18 +181,16 @@ class Worker:
         logged = False
         while True:
             try:
-                pipe = self.redis.pipeline(transaction=False)
+                calls: list[tuple[str, list[str], list[Any]]] = []
                 if self._acks:
-                    self.scripts.ack(keys=[self.keys.jobs], args=[
-                        self.keys.base, self.name, int(time.time() * 1000),
-                        RECENT_MAX,
-                        self.config.dlq_max, WAKE_CAP, self.config.failed_ttl, *self._acks],
-                        client=pipe)
+                    calls.append(("ack", [self.keys.jobs], [
+                        self.keys.base, self.name, int(time.time() * 1000), RECENT_MAX,
+                        self.config.dlq_max, WAKE_CAP, self.config.failed_ttl, *self._acks]))
                 if want:
                     lease = int((time.time() + self.config.lease_time) * 1000)
-                    self.scripts.claim(keys=[self.keys.jobs], args=[
-                        self.keys.base, self.name, lease, want, *self.queues], client=pipe)
-                results = pipe.execute() if (self._acks or want) else []
+                    calls.append(("claim", [self.keys.jobs], [
+                        self.keys.base, self.name, lease, want, *self.queues]))
+                results = self.scripts.run_many(calls, spin=REPLY_SPIN) if calls else []
                 break
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if not logged:
