@@ -11,6 +11,8 @@ key                        type    holds
 {ns}:q:<queue>             zset    the non-empty priority levels of a queue
 {ns}:q:<queue>:<prio>      list    ids waiting at one priority level, FIFO
 {ns}:wake:<queue>          list    wake tokens; idle workers block on them (BLPOP)
+{ns}:idle:<queue>          zset    idle workers of a queue -> when they registered (ms)
+{ns}:hand:<worker>         list    jobs handed straight to an idle worker ("id\nqueue\nspec")
 {ns}:queues                set     every queue name ever used
 {ns}:suspended             set     queues that workers do not claim from
 {ns}:active                hash    id -> worker id, for jobs a worker holds
@@ -72,6 +74,12 @@ class Keys:
 
     def wake(self, queue: str) -> str:
         return f"{self.base}:wake:{queue}"
+
+    def idle(self, queue: str) -> str:
+        return f"{self.base}:idle:{queue}"
+
+    def hand(self, worker: str) -> str:
+        return f"{self.base}:hand:{worker}"
 
     def held(self, worker: str) -> str:
         return f"{self.base}:held:{worker}"

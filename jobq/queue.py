@@ -76,9 +76,14 @@ class JobQueue:
         if job.depends_on or getattr(job, "_unique", None):
             return self._enqueue_one(job, encoded)
         self.scripts.run("enqueue", [self.keys.jobs],
-                         [self.keys.base, WAKE_CAP, job.id, job.queue, job.priority,
+                         [*self._enqueue_head(), job.id, job.queue, job.priority,
                           _due_ms(job), encoded], spin=REPLY_SPIN)
         return job
+
+    def _enqueue_head(self) -> list[Any]:
+        """The first arguments of enqueue.lua (see its header)."""
+        return [self.keys.base, WAKE_CAP, int(time.time() * 1000),
+                int(self.config.lease_time * 1000)]
 
     def _enqueue_one(self, job: Job, encoded: str) -> Job:
         """A job with parents or a unique key (enqueue_one.lua)."""
@@ -125,7 +130,7 @@ class JobQueue:
         encoded = [self._encode(job) for job in built]  # all checked before anything is sent
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(built), ENQUEUE_CHUNK):
-            argv: list[Any] = [self.keys.base, WAKE_CAP]
+            argv: list[Any] = self._enqueue_head()
             for job, text in zip(built[start:start + ENQUEUE_CHUNK],
                                  encoded[start:start + ENQUEUE_CHUNK], strict=True):
                 argv += (job.id, job.queue, job.priority, _due_ms(job), text)

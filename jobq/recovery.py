@@ -20,16 +20,17 @@ REAP_BATCH = 32
 
 def release(client: Any, scripts: Scripts, keys: Keys, config: Config, worker: str, *,
             cause: str, current: str | None, only_if_expired: bool = False,
-            now: float | None = None) -> tuple[list[str], list[str]] | None:
+            now: float | None = None,
+            queues: list[str] | None = None) -> tuple[list[str], list[str]] | None:
     """Give back what ``worker`` held. ``current`` is the job it was running ("-" for none,
-    None if unknown). Returns (requeued ids, failed ids), or None if its lease is still live
-    and ``only_if_expired``."""
+    None if unknown); ``queues`` its queues, whose idle lists it leaves. Returns (requeued
+    ids, failed ids), or None if its lease is still live and ``only_if_expired``."""
     now_ms = int((now if now is not None else time.time()) * 1000)
     out = scripts.release(
         keys=[keys.jobs],
         args=[keys.base, worker, now_ms, cause, "" if current is None else current,
               config.max_deliveries, config.failed_ttl, config.dlq_max, WAKE_CAP,
-              "1" if only_if_expired else "0", DEFAULT_MAX_RETRIES],
+              "1" if only_if_expired else "0", DEFAULT_MAX_RETRIES, *(queues or [])],
         client=client)
     if not out:
         return None

@@ -132,6 +132,7 @@ class Worker:
         self._running: str | None = None
         self._cancel_requested = False
         self._wake_keys = [self.keys.wake(q) for q in self.queues]
+        self._hand_key = self.keys.hand(self.name)
         self._title = ""
         self._next_housekeeping = 0.0
         self._resync = False  # look for jobs held by a claim whose reply was lost
@@ -259,7 +260,14 @@ class Worker:
             if self._stopping:
                 return
             tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
-            got = self.redis.blpop(self._wake_keys, timeout=tick)
+            # register as idle (a producer then hands a job straight to our list: no claim
+            # round trip) and block on that list and the queues' wake tokens, in one trip
+            now_ms = int(time.time() * 1000)
+            pipe = self.redis.pipeline(transaction=False)
+            for q in self.queues:
+                pipe.zadd(self.keys.idle(q), {self.name: now_ms})
+            pipe.blpop([self._hand_key, *self._wake_keys], timeout=tick)
+            got = pipe.execute()[-1]
         except _Interrupt:
             self.redis.connection_pool.disconnect()  # a reply may be half read
             return
@@ -269,6 +277,9 @@ class Worker:
             return
         finally:
             self._idle = False
+        if got and got[0] == self._hand_key:  # "id\nqueue\nspec", already held by us
+            job_id, queue, spec = got[1].split("\n", 2)
+            self._buffer.append((job_id, queue, spec, None))
 
     def _housekeep(self) -> None:
         """Without a master (so maybe without a scheduler), promote due retries and delayed
@@ -531,9 +542,10 @@ class Worker:
         try:
             if self._acks:
                 self._exchange(claim=False)
-            # give back what was claimed but not started: it runs elsewhere, untouched
+            # give back what was claimed (or handed to us) but not started: it runs
+            # elsewhere, untouched
             recovery.release(self.redis, self.scripts, self.keys, self.config, self.name,
-                             cause="worker stopped", current="-")
+                             cause="worker stopped", current="-", queues=self.queues)
         except redis.RedisError as exc:
             log.warning("could not give back unstarted jobs (%s); they return when the "
                         "lease lapses", describe_error(exc, self.url))

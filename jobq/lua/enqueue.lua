@@ -3,19 +3,28 @@
 -- KEYS[1]  the jobs hash ({ns}:jobs): id -> job spec (JSON, written once, never rewritten)
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  cap on wake tokens per queue
--- ARGV[3..] groups of 5: id, queue, priority, due (ms since the epoch; 0 = now), spec
+-- ARGV[3]  now (ms since the epoch)
+-- ARGV[4]  lease time (ms), for jobs handed straight to an idle worker
+-- ARGV[5..] groups of 5: id, queue, priority, due (ms since the epoch; 0 = now), spec
 --
--- A ready job goes to the end of the list {ns}:q:<queue>:<priority>; the sorted set
--- {ns}:q:<queue> holds the non-empty priority levels, so a claim finds the best level in
--- O(log levels). Each ready job leaves a token in {ns}:wake:<queue> for an idle worker.
--- A job due later waits in {ns}:scheduled (score: due time) and wakes the scheduler.
+-- A ready job is handed straight to an idle worker of its queue when there is one: the
+-- worker registered in {ns}:idle:<queue> (score: when, ms) and blocks on its own list
+-- {ns}:hand:<worker>, which receives "id\nqueue\nspec"; the job is recorded as held by that
+-- worker (its held hash, {ns}:active, its lease) as a claim would, so it is just as safe, and
+-- the worker starts it without another round trip. Otherwise the job goes to the end of
+-- {ns}:q:<queue>:<priority>; the sorted set {ns}:q:<queue> holds the non-empty priority
+-- levels, so a claim finds the best level in O(log levels); a token in {ns}:wake:<queue>
+-- wakes an idle worker. A job due later waits in {ns}:scheduled and wakes the scheduler.
 -- Returns the number of jobs added (an id already present is skipped).
 local B = ARGV[1]
 local wake_cap = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local lease = tonumber(ARGV[4])
+local IDLE_FRESH = 3000  -- an idle registration older than this (ms) is from a dead worker
 local jobs = KEYS[1]
-local per_level, level_of, ready, later = {}, {}, {}, {}
+local ready, later = {}, {}
 local added = 0
-for i = 3, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local id, q, prio, due, spec = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]),
     ARGV[i + 4]
   if redis.call('HSETNX', jobs, id, spec) == 1 then
@@ -24,21 +33,49 @@ for i = 3, #ARGV, 5 do
       redis.call('ZADD', B .. ':scheduled', due, id)
       later[q] = (later[q] or 0) + 1
     else
-      local lk = q .. ':' .. prio
-      if not per_level[lk] then per_level[lk] = {}; level_of[lk] = {q, prio} end
-      table.insert(per_level[lk], id)
-      ready[q] = (ready[q] or 0) + 1
+      if not ready[q] then ready[q] = {} end
+      local list = ready[q]
+      list[#list + 1] = {tonumber(prio), prio, id, spec, #list + 1}
     end
   end
 end
-for lk, ids in pairs(per_level) do
-  push_ready(B, level_of[lk][1], level_of[lk][2], ids, false)
-end
-for q, n in pairs(ready) do
+for q, list in pairs(ready) do
+  local handed = 0
+  local idle_key = B .. ':idle:' .. q
+  redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', now - IDLE_FRESH)
+  local idle = redis.call('ZRANGE', idle_key, 0, #list - 1)
+  if #idle > 0 then
+    table.sort(list, function(a, b)  -- the best jobs go first: priority, then FIFO
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      return a[5] < b[5]
+    end)
+    for _, w in ipairs(idle) do
+      redis.call('ZREM', idle_key, w)  -- handed a job, or busy already (a stale entry)
+      if handed < #list and redis.call('EXISTS', B .. ':held:' .. w) == 0 then
+        handed = handed + 1
+        local job = list[handed]
+        job.handed = true
+        redis.call('HSET', B .. ':held:' .. w, job[3], q)
+        redis.call('HSET', B .. ':active', job[3], w)
+        redis.call('ZADD', B .. ':leases', now + lease, w)
+        redis.call('RPUSH', B .. ':hand:' .. w, job[3] .. '\n' .. q .. '\n' .. job[4])
+      end
+    end
+    table.sort(list, function(a, b) return a[5] < b[5] end)  -- back to enqueue order
+  end
+  local per_level = {}
+  for _, job in ipairs(list) do
+    if not job.handed then
+      if not per_level[job[2]] then per_level[job[2]] = {} end
+      table.insert(per_level[job[2]], job[3])
+    end
+  end
+  for prio, ids in pairs(per_level) do push_ready(B, q, prio, ids, false) end
   redis.call('SADD', B .. ':queues', q)
-  count(B, q, 'pending', n)
-  count(B, q, 'enqueued', n)
-  wake(B, q, n, wake_cap)
+  count(B, q, 'processing', handed)
+  count(B, q, 'pending', #list - handed)
+  count(B, q, 'enqueued', #list)
+  wake(B, q, #list - handed, wake_cap)
 end
 for q, n in pairs(later) do
   redis.call('SADD', B .. ':queues', q)

@@ -13,6 +13,7 @@
 -- ARGV[9]  cap on wake tokens per queue
 -- ARGV[10] "1": only if the worker's lease has lapsed (the reaper), "0": unconditionally
 -- ARGV[11] default max_retries (for specs that do not carry one)
+-- ARGV[12..] the worker's queues: it is taken off their idle lists
 --
 -- The running job counts one attempt and one delivery (the worker died under it); with the
 -- running job unknown every held job counts one delivery. Jobs prefetched but not started go
@@ -92,5 +93,7 @@ local oks = {}
 for k = 1, #failed do oks[k] = false end
 finished_parents(B, failed, oks, now, wake_cap, failed_ttl)
 redis.call('DEL', held_key)
+redis.call('DEL', B .. ':hand:' .. worker)  -- what was handed to it is in held_key too
 redis.call('ZREM', B .. ':leases', worker)
+for i = 12, #ARGV do redis.call('ZREM', B .. ':idle:' .. ARGV[i], worker) end
 return {requeued, failed}

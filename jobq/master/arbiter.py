@@ -543,7 +543,7 @@ class Master:
         try:
             assert self.scripts is not None
             recovery.release(self.redis, self.scripts, self.keys, self.config, worker,
-                             cause=cause, current=current)
+                             cause=cause, current=current, queues=self.config.queues)
         except redis.RedisError as exc:
             log.warning("cannot give back the jobs of %s yet (%s); will retry", worker,
                         describe_error(exc, self.url))
