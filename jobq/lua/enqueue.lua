@@ -43,7 +43,10 @@ for q, list in pairs(ready) do
   local handed = 0
   local idle_key = B .. ':idle:' .. q
   redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', now - IDLE_FRESH)
-  local idle = redis.call('ZRANGE', idle_key, 0, #list - 1)
+  local idle = {}
+  if redis.call('SISMEMBER', B .. ':suspended', q) == 0 then  -- workers skip a suspended one
+    idle = redis.call('ZRANGE', idle_key, 0, #list - 1)
+  end
   if #idle > 0 then
     table.sort(list, function(a, b)  -- the best jobs go first: priority, then FIFO
       if a[1] ~= b[1] then return a[1] < b[1] end
