@@ -530,3 +530,38 @@ def test_pidfile_refuses_a_second_master_and_takes_over_a_stale_one(
     assert pidfile.read_text().strip() == str(third.pid)
     os.kill(third.pid, signal.SIGTERM)
     assert finish(third)[0] == 0
+
+
+def test_an_idle_pool_gets_jobs_handed_straight_to_a_worker(
+        spawn: Spawn, queue: JobQueue, r: redis.Redis, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1)
+    (pid,) = wait_workers(master, 1)
+    wait_until(lambda: r.zcard(queue.keys.idle("default")) == 1, message="an idle worker")
+    name = r.zrange(queue.keys.idle("default"), 0, 0)[0]
+    os.kill(pid, signal.SIGSTOP)  # frozen while idle: what enqueue did stays visible
+    try:
+        job = queue.enqueue(tasks.add, 2, 3)
+        # handed over, not queued: held by that worker, in its own list, nothing pending
+        assert queue.get_stats()["pending"] == 0
+        assert r.hget(queue.keys.active, job.id) == name
+        assert r.llen(queue.keys.hand(name)) == 1
+        assert r.zcard(queue.keys.idle("default")) == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert job.result(timeout=10) == 5
+    assert queue.get_job(job.id).worker == name  # type: ignore[union-attr]
+
+
+def test_a_job_handed_to_a_worker_that_dies_before_starting_it_runs_once_elsewhere(
+        spawn: Spawn, queue: JobQueue, r: redis.Redis, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path, workers=1)
+    (first,) = wait_workers(master, 1)
+    wait_until(lambda: r.zcard(queue.keys.idle("default")) == 1, message="an idle worker")
+    os.kill(first, signal.SIGSTOP)  # registered as idle, but it will never take the job
+    k = key()
+    job = queue.enqueue(tasks.record, k, "ran")
+    assert r.hget(queue.keys.active, job.id) is not None  # handed to the frozen worker
+    os.kill(first, signal.SIGKILL)
+    assert job.result(timeout=15) == "ran"
+    assert runs(r, k) == ["ran"]  # exactly once: it never started in the killed worker
+    assert wait_workers(master, 1, without={first})
