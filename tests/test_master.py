@@ -541,11 +541,12 @@ def test_an_idle_pool_gets_jobs_handed_straight_to_a_worker(
     os.kill(pid, signal.SIGSTOP)  # frozen while idle: what enqueue did stays visible
     try:
         job = queue.enqueue(tasks.add, 2, 3)
-        # handed over, not queued: held by that worker, in its own list, nothing pending
+        # handed over, not queued: held by that worker (its blocked BLPOP got it, even
+        # frozen: the server answers it), no longer idle, nothing pending, no wake token
         assert queue.get_stats()["pending"] == 0
         assert r.hget(queue.keys.active, job.id) == name
-        assert r.llen(queue.keys.hand(name)) == 1
         assert r.zcard(queue.keys.idle("default")) == 0
+        assert r.llen(queue.keys.level("default", 0)) == 0
     finally:
         os.kill(pid, signal.SIGCONT)
     assert job.result(timeout=10) == 5
