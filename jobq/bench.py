@@ -154,28 +154,39 @@ class Bench:
         return self.throughput(incr, int(100_000 * self.scale))
 
     def cpu(self) -> dict[str, float]:
+        """CPU-bound jobs through jobq and through multiprocessing.Pool, on the same work.
+
+        The machines this runs on change speed while it runs (shared hosts), so the two are
+        interleaved in rounds, pool-jobq-jobq-pool, and each side's time is summed over its
+        rounds: a drift of speed then weighs the same on both sides. Nothing of the other
+        side runs during a round (the master is started before and stopped after each)."""
         n_jobs = max(self.workers * 4, int(400 * min(self.scale, 1.0)))
+        per_round = max(self.workers * 2, n_jobs // 4)
         size = self._calibrate(0.035)
-        # the reference, in the same run: multiprocessing.Pool with as many processes
-        with multiprocessing.get_context("fork").Pool(self.workers) as pool:
-            pool.map(burn, [1000] * self.workers)  # started and warm
-            t0 = time.perf_counter()
-            pool.map(burn, [size] * n_jobs, chunksize=1)
-            pool_s = time.perf_counter() - t0
-        self.cleanup()
-        master = self.start_master()
-        try:
-            self.queue.enqueue(noop).result(timeout=60)  # the pool is up
-            before = self.completed()
-            t0 = time.perf_counter()
-            self.queue.enqueue_many(cpu, [(size,)] * n_jobs)
-            _, last = self.drain(n_jobs, before)
-            jobq_s = last - t0
-        finally:
-            self.stop_master(master)
-        return {"jobs_per_s": round(n_jobs / jobq_s, 2), "pool_jobs_per_s":
-                round(n_jobs / pool_s, 2), "efficiency": round(pool_s / jobq_s, 4),
-                "jobs": n_jobs, "job_ms": round(1000 * 0.035 * 1, 1)}
+        pool_s = jobq_s = 0.0
+        for side in ("pool", "jobq", "jobq", "pool"):
+            if side == "pool":
+                with multiprocessing.get_context("fork").Pool(self.workers) as pool:
+                    pool.map(burn, [1000] * self.workers)  # started and warm
+                    t0 = time.perf_counter()
+                    pool.map(burn, [size] * per_round, chunksize=1)
+                    pool_s += time.perf_counter() - t0
+                continue
+            self.cleanup()
+            master = self.start_master()
+            try:
+                self.queue.enqueue(noop).result(timeout=60)  # its workers are up
+                before = self.completed()
+                t0 = time.perf_counter()
+                self.queue.enqueue_many(cpu, [(size,)] * per_round)
+                _, last = self.drain(per_round, before)
+                jobq_s += last - t0
+            finally:
+                self.stop_master(master)
+        total = 2 * per_round
+        return {"jobs_per_s": round(total / jobq_s, 2), "pool_jobs_per_s":
+                round(total / pool_s, 2), "efficiency": round(pool_s / jobq_s, 4),
+                "jobs": 2 * total}
 
     def _calibrate(self, seconds: float) -> int:
         n = 20000
