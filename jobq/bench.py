@@ -26,6 +26,8 @@ from .registry import task
 
 #: Key namespace of the bench (never the user's).
 PREFIX = "jobqbench"
+#: A drain that sees no completion for this long fails (seconds).
+STALL = 60.0
 SCENARIOS = ("noop", "incr", "cpu", "latency", "enqueue", "memory", "backlog", "tail")
 
 
@@ -103,12 +105,15 @@ class Bench:
                 break
         self.redis.delete("jobqbench:counter")
 
+    master: subprocess.Popen[bytes] | None = None
+
     def start_master(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, "JOBQ_REDIS_URL": self.url, "JOBQ_BENCH_URL": self.url}
         cmd = [sys.executable, "-m", "jobq.master", "--workers", str(self.workers), "-q",
                "bench", "-I", "jobq.bench", "--config", str(self.config_path),
                "--log-level", "error"]
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.master = subprocess.Popen(cmd, env=env, start_new_session=True)
+        return self.master
 
     def stop_master(self, proc: subprocess.Popen[bytes]) -> None:
         proc.terminate()
@@ -122,8 +127,10 @@ class Bench:
         return int(self.redis.hget(self.queue.keys.stats("bench"), "completed") or 0)
 
     def drain(self, n: int, before: int = 0, poll: float = 0.002) -> tuple[float, float]:
-        """Wait for ``n`` more completions; return (time of the first, time of the last)."""
+        """Wait for ``n`` more completions; return (time of the first, time of the last).
+        Fails if the master died, or if nothing completes for STALL seconds."""
         first = None
+        last_progress, last_done = time.perf_counter(), -1
         while True:
             done = self.completed() - before
             now = time.perf_counter()
@@ -131,6 +138,13 @@ class Bench:
                 first = now
             if done >= n:
                 return first or now, now
+            if done != last_done:
+                last_progress, last_done = now, done
+            elif now - last_progress > STALL:
+                raise RuntimeError(f"bench: no job completed for {STALL} s ({done} of {n})")
+            if self.master is not None and self.master.poll() is not None:
+                raise RuntimeError(f"bench: the master exited with code "
+                                   f"{self.master.returncode} ({done} of {n} jobs done)")
             time.sleep(poll)
 
     # -- scenarios --------------------------------------------------------------------------
@@ -268,6 +282,8 @@ class Bench:
                     if pending < backlog // 2:
                         self.queue.enqueue_many(noop, [()] * (backlog - pending))
                 done = self.completed() - base
+                if master.poll() is not None or time.perf_counter() - t0 > STALL * 5:
+                    raise RuntimeError(f"bench: backlog run stalled at {done} of {measured}")
                 time.sleep(0.002)
             rate = done / (time.perf_counter() - t0)
         finally:
