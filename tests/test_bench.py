@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from jobq import bench
@@ -23,6 +24,7 @@ KEYS = {
 }
 
 
+@pytest.mark.timeout(150)
 def test_every_scenario_reports_its_figures(redis_url: str) -> None:
     result = CliRunner().invoke(main, ["--redis-url", redis_url, "bench", "--scale", "0.01",
                                        "--repeat", "1", "--json"])
