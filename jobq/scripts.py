@@ -67,7 +67,9 @@ class Scripts:
                 if spin:
                     deadline = time.perf_counter() + spin
                     while not conn.can_read(timeout=0) and time.perf_counter() < deadline:
-                        pass
+                        # give our core to the server if it is waiting for one (it is, when
+                        # the workers keep every core busy): no core is taken from a job
+                        os.sched_yield()
                 replies: list[Any] = []
                 unknown = []
                 for i in range(len(calls)):
