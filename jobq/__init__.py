@@ -8,6 +8,7 @@
     resize.delay("a.png")                      # or JobQueue().enqueue(resize, "a.png")
 """
 
+from .context import current_job
 from .exceptions import (
     JobCancelled,
     JobFailed,
@@ -19,7 +20,6 @@ from .exceptions import (
     TaskNotAllowed,
     UnknownJob,
 )
-from .context import current_job
 from .job import Job, JobStatus
 from .queue import JobQueue, Queue
 from .registry import Task, task

@@ -161,7 +161,7 @@ def _item_index(message: str, default: int) -> int:
 def enqueue_map(queue: JobQueue, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
                 chunksize: int | None = None, **options: Any) -> Group:
     """See :meth:`JobQueue.map`."""
-    from .job import Job, new_id, task_name
+    from .job import new_id, task_name
 
     items = list(iterable)
     size = chunksize or 1

@@ -8,7 +8,6 @@ socket (no TCP listener) and persisted with an append-only file.
 from __future__ import annotations
 
 import atexit
-
 import contextlib
 import fcntl
 import logging

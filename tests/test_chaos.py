@@ -46,7 +46,6 @@ from jobq.keys import Keys
 from jobq.queue import JobQueue
 from jobq.scheduler import Scheduler
 from jobq.server import EmbeddedServer
-from jobq.worker import BATCH_MAX
 
 pytestmark = pytest.mark.chaos
 

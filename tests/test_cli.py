@@ -169,7 +169,7 @@ def test_requeue_by_id_and_failed(jobq: Callable[..., Result], queue: JobQueue,
 
 
 def test_empty(jobq: Callable[..., Result], queue: JobQueue) -> None:
-    for n in range(3):
+    for _ in range(3):
         queue.enqueue(tasks.noop)
     later = queue.enqueue(tasks.noop, delay=3600)
 

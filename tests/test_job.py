@@ -15,7 +15,7 @@ import jobq_testtasks as tasks
 import pytest
 
 from jobq import registry, serialization
-from jobq.exceptions import TaskImportError, PayloadTooLarge, SerializationError, TaskNotAllowed
+from jobq.exceptions import PayloadTooLarge, SerializationError, TaskImportError, TaskNotAllowed
 from jobq.job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,

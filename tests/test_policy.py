@@ -213,7 +213,7 @@ def test_boot_failures_back_off_exponentially_up_to_the_cap() -> None:
         delays.append(round(decision.respawn_at - now, 6))
     assert delays[:4] == [BOOT_BACKOFF_FIRST, 2 * BOOT_BACKOFF_FIRST, 4 * BOOT_BACKOFF_FIRST,
                           8 * BOOT_BACKOFF_FIRST]
-    assert all(b == min(BOOT_BACKOFF_CAP, 2 * a) for a, b in zip(delays, delays[1:]))
+    assert all(b == min(BOOT_BACKOFF_CAP, 2 * a) for a, b in zip(delays, delays[1:], strict=False))
     assert delays[-1] == BOOT_BACKOFF_CAP
     assert history.failures == 12
 

@@ -471,7 +471,7 @@ def test_the_password_never_shows(pw_server: EmbeddedServer, admin: redis.Redis,
 
     # what was collected is the real thing: tracebacks, redacted URLs, job records, logs
     assert "Traceback" in seen["unreachable --debug"] and "Traceback" in seen["wrong --debug"]
-    assert f"redis://:***@127.0.0.1:" in seen["unreachable"]
+    assert "redis://:***@127.0.0.1:" in seen["unreachable"]
     assert "authentication failed for redis://:***@127.0.0.1:" in seen["wrong --debug"]
     assert "http://:***@example.com" in seen["bad scheme"]
     assert bad.id in seen["redis"] and "kaput" in seen["redis"] and "ValueError" in seen["job"]
