@@ -4,20 +4,24 @@ temporary home), a clean database per test, and helpers to run real worker proce
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 
 from jobq.config import load_config
 from jobq.connection import connect
 from jobq.queue import JobQueue
-from jobq.server import EmbeddedServer
+from jobq.server import EmbeddedServer, ServerError
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -86,21 +90,51 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (workers live in their own groups)."""
-    import psutil
+def key() -> str:
+    """A unique name for what one test records."""
+    return uuid.uuid4().hex[:12]
 
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for "cannot connect" cases)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants (collected while the parent still lives)."""
     try:
         root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
+        return []
+
+
+def kill_processes(procs: list[psutil.Process]) -> None:
+    """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait."""
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (workers live in their own groups)."""
+    kill_processes(process_tree(pid))
+
+
+def stop_server(server: EmbeddedServer) -> None:
+    """Stop a server a test started; kill it if it will not stop."""
+    pid = server.pid()
+    try:
+        server.stop(timeout=5)
+    except ServerError:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import psutil
 import pytest
 import redis
 import setproctitle
-from conftest import subprocess_env, wait_until
+from conftest import free_port, key, subprocess_env, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,14 +47,7 @@ QUEUE = "default"
 FUZZ_OK_TASKS = ("jobq_testtasks:noop", "jobq_testtasks:echo")
 
 
-def key() -> str:
-    return uuid.uuid4().hex[:12]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def strict_json(text: str) -> Any:

@@ -37,7 +37,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import subprocess_env, wait_until
+from conftest import kill_processes, process_tree, subprocess_env, wait_until
 
 from jobq import serialization
 from jobq.connection import connect
@@ -212,23 +212,7 @@ def children(master: int, what: str = "jobq worker", *, ready: bool = False) -> 
     return sorted(found)
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
-
-def kill_all(procs: list[psutil.Process]) -> None:
-    """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait."""
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def gone(pid: int) -> bool:
@@ -291,7 +275,7 @@ class Masters:
         return text
 
     def stop_all(self) -> None:
-        kill_all([p for proc in self.procs for p in tree(proc.pid)])
+        kill_processes([p for proc in self.procs for p in process_tree(proc.pid)])
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)
@@ -440,7 +424,7 @@ def test_kill_9_the_whole_master_tree_then_a_new_master(
     queue.enqueue_many(jobs)
     wait_until(lambda: len(runs(r, k)) >= 40, 20, message="40 jobs to have run")
 
-    victims = tree(first.pid)
+    victims = process_tree(first.pid)
     assert len(victims) == 4, [title(p) for p in victims]  # master, 2 workers, scheduler
     for p in victims:  # all at once: nobody gets to give anything back
         p.send_signal(signal.SIGKILL)
@@ -647,7 +631,7 @@ def test_sighup_every_500ms(queue: JobQueue, r: redis.Redis, masters: Masters) -
     assert t.lost == 0 and t.failed == 0, str(t)
     # retiring workers finish their job and give back the prefetched ones untouched
     assert t.twice == 0, str(t)
-    assert len(children(master.pid)) == 2, [title(p) for p in tree(master.pid)]
+    assert len(children(master.pid)) == 2, [title(p) for p in process_tree(master.pid)]
     assert master.poll() is None
 
 

@@ -26,7 +26,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import wait_until
+from conftest import kill_processes, process_tree, wait_until
 
 from jobq import serialization
 from jobq.config import load_config
@@ -85,24 +85,7 @@ def done(queue: JobQueue, job_id: str, timeout: float = 15) -> Job:
 
 # -- processes ---------------------------------------------------------------------------------
 
-def tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants (collected while the parent still lives)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
-
-def kill_tree(procs: list[psutil.Process]) -> None:
-    """SIGCONT (a stopped process cannot die cleanly otherwise), then SIGKILL, each one."""
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    wait_until(lambda: all(dead(p) for p in procs), 10, message="the killed processes to die")
 
 
 def dead(p: psutil.Process) -> bool:
@@ -151,7 +134,7 @@ class Masters:
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"master {proc.pid} exited: {self.log()[-3000:]}")
-            titles = [title(c) for c in tree(proc.pid)[1:]]
+            titles = [title(c) for c in process_tree(proc.pid)[1:]]
             return any("jobq scheduler" in t for t in titles) and any(
                 "jobq worker" in t and "booting" not in t for t in titles)
 
@@ -163,16 +146,16 @@ class Masters:
 
     def kill(self, proc_pid: int) -> list[int]:
         """SIGKILL a master and every process under it at once; their pids."""
-        victims = tree(proc_pid)
-        kill_tree(victims)
+        victims = process_tree(proc_pid)
+        kill_processes(victims)
         for proc in self.procs:
             if proc.pid == proc_pid:
                 proc.wait(timeout=10)
         return [p.pid for p in victims]
 
     def stop_all(self) -> None:
-        trees = [p for proc in self.procs for p in tree(proc.pid)]
-        kill_tree(trees)
+        trees = [p for proc in self.procs for p in process_tree(proc.pid)]
+        kill_processes(trees)
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)

@@ -11,10 +11,8 @@ import os
 import pickle
 import re
 import signal
-import socket
 import stat
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import ROOT, subprocess_env, wait_until
+from conftest import ROOT, free_port, key, stop_server, subprocess_env, wait_until
 from tlsproxy import TLSProxy
 
 from jobq import exitcodes
@@ -31,7 +29,7 @@ from jobq.connection import connect
 from jobq.job import JobStatus
 from jobq.keys import Keys
 from jobq.queue import JobQueue
-from jobq.server import EmbeddedServer, ServerError
+from jobq.server import EmbeddedServer
 
 Spawn = Callable[..., subprocess.Popen[str]]
 K = Keys()
@@ -44,23 +42,10 @@ CONFIG = {"lease_time": 2.0, "graceful_timeout": 5.0, "retry_backoff_base": 0.05
           "retry_jitter": 0.0, "scheduler_tick": 0.1}
 
 
-def key() -> str:
-    return uuid.uuid4().hex[:12]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def stop_server(server: EmbeddedServer) -> None:
-    pid = server.pid()
-    try:
-        server.stop(timeout=5)
-    except ServerError:
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
