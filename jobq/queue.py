@@ -12,7 +12,7 @@ from . import registry, serialization
 from .config import Config, load_config
 from .connection import connect, resolve_url
 from .exceptions import UnknownJob
-from .job import BadJob, Job, JobStatus, decode, new_id
+from .job import MAX_TTL, BadJob, Job, JobStatus, decode, new_id
 from .keys import Keys
 from .scripts import Scripts
 
@@ -192,8 +192,9 @@ class JobQueue:
                     raise ValueError(f"unique_key must be a string of 1-200 characters, got "
                                      f"{unique_key!r}")
                 if isinstance(unique_ttl, bool) or not isinstance(unique_ttl, int) or \
-                        unique_ttl <= 0:
-                    raise ValueError(f"unique_ttl must be seconds > 0, got {unique_ttl!r}")
+                        not 0 < unique_ttl <= MAX_TTL:
+                    raise ValueError(f"unique_ttl must be seconds in (0, {MAX_TTL}], got "
+                                     f"{unique_ttl!r}")
             job._unique = (unique_key, unique_ttl) if unique_key is not None else None
         registry.check_enqueueable(job.task)
         if job.queue is None:
