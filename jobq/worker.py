@@ -75,8 +75,6 @@ CANCEL_CHECK_EVERY = 0.25
 HOUSEKEEP_EVERY = 0.25
 #: Errors kept on a job (the latest ones); the attempt count keeps counting.
 MAX_ERRORS_KEPT = 10
-#: How long a worker polls for the reply of a claim before it sleeps (see Scripts.run_many).
-REPLY_SPIN = 0.0003
 #: Reconnect back-off after a lost server connection (seconds): first, cap.
 RECONNECT_FIRST, RECONNECT_CAP = 0.05, 2.0
 
@@ -191,7 +189,7 @@ class Worker:
                     lease = int((time.time() + self.config.lease_time) * 1000)
                     calls.append(("claim", [self.keys.jobs], [
                         self.keys.base, self.name, lease, want, *self.queues]))
-                results = self.scripts.run_many(calls, spin=REPLY_SPIN) if calls else []
+                results = self.scripts.run_many(calls) if calls else []
                 break
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if not logged:
