@@ -127,6 +127,23 @@ def kill_tree(pid: int) -> None:
     kill_processes(process_tree(pid))
 
 
+@pytest.fixture
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh data directory for a server of the test's own (short: unix socket paths are
+    limited); whatever server runs there is stopped at teardown."""
+    path = tmp_path_factory.mktemp("h")
+    yield path
+    stop_server(EmbeddedServer(path))
+
+
+@pytest.fixture
+def server(home: Path) -> EmbeddedServer:
+    """A server of the test's own, started in ``home``."""
+    srv = EmbeddedServer(home)
+    srv.start()
+    return srv
+
+
 def stop_server(server: EmbeddedServer) -> None:
     """Stop a server a test started; kill it if it will not stop."""
     pid = server.pid()

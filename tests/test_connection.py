@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,28 +10,7 @@ import redis
 
 from jobq.config import Config
 from jobq.connection import connect, describe_error, redact, resolve_url
-from jobq.server import EmbeddedServer, ServerError
-
-
-@pytest.fixture
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh data directory; its server is stopped at teardown."""
-    path = tmp_path_factory.mktemp("h")
-    yield path
-    server = EmbeddedServer(path)
-    pid = server.pid()
-    try:
-        server.stop(timeout=5)
-    except ServerError:
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def server(home: Path) -> EmbeddedServer:
-    srv = EmbeddedServer(home)
-    srv.start()
-    return srv
+from jobq.server import EmbeddedServer
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +18,6 @@ import pytest
 
 from jobq.connection import connect
 from jobq.server import EmbeddedServer, ServerError, default_home, ensure_server
-
-
-def _shut_down(home: Path) -> None:
-    """Stop whatever server runs in ``home``; kill it if it will not stop."""
-    server = EmbeddedServer(home)
-    pid = server.pid()
-    try:
-        server.stop(timeout=5)
-    except ServerError:
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh data directory (short: unix socket paths are limited); its server is stopped
-    at teardown."""
-    path = tmp_path_factory.mktemp("h")
-    yield path
-    _shut_down(path)
-
-
-@pytest.fixture
-def server(home: Path) -> EmbeddedServer:
-    srv = EmbeddedServer(home)
-    srv.start()
-    return srv
 
 
 def _servers_for(srv: EmbeddedServer) -> list[psutil.Process]:
