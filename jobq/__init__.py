@@ -36,7 +36,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # WorkerPool, Scheduler and JobStore pull in more machinery: import them on first use
     if name == "WorkerPool":
-        from .worker import WorkerPool
+        from .pool import WorkerPool
         return WorkerPool
     if name == "Scheduler":
         from .scheduler import Scheduler

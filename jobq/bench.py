@@ -26,6 +26,8 @@ from .registry import task
 
 #: Key namespace of the bench (never the user's).
 PREFIX = "jobqbench"
+#: The key the ``incr`` task increments: the task's own data, outside jobq's namespace.
+COUNTER_KEY = "jobqbench:counter"
 #: A drain that sees no completion for this long fails (seconds).
 STALL = 60.0
 SCENARIOS = ("noop", "incr", "cpu", "latency", "enqueue", "memory", "backlog", "tail")
@@ -46,7 +48,7 @@ def incr() -> int:
     global _incr_client
     if _incr_client is None or _incr_client[0] != os.getpid():
         _incr_client = (os.getpid(), connect(os.environ["JOBQ_BENCH_URL"]))
-    return int(_incr_client[1].incr("jobqbench:counter"))
+    return int(_incr_client[1].incr(COUNTER_KEY))
 
 
 def burn(n: int) -> int:
@@ -96,14 +98,8 @@ class Bench:
 
     def cleanup(self) -> None:
         """Delete everything in the bench's namespace."""
-        cursor = 0
-        while True:
-            cursor, keys = self.redis.scan(cursor, match="{" + PREFIX + "}:*", count=1000)
-            if keys:
-                self.redis.unlink(*keys)
-            if cursor == 0:
-                break
-        self.redis.delete("jobqbench:counter")
+        self.queue.broker.delete_namespace()
+        self.redis.delete(COUNTER_KEY)
 
     master: subprocess.Popen[bytes] | None = None
 
@@ -124,7 +120,7 @@ class Bench:
             proc.wait()
 
     def completed(self) -> int:
-        return int(self.redis.hget(self.queue.keys.stats("bench"), "completed") or 0)
+        return self.queue.broker.counter("bench", "completed")
 
     def drain(self, n: int, before: int = 0, poll: float = 0.002) -> tuple[float, float]:
         """Wait for ``n`` more completions; return (time of the first, time of the last).
@@ -255,9 +251,9 @@ class Bench:
         n = max(1000, int(100_000 * min(self.scale, 1.0)))
         self.cleanup()
         time.sleep(0.1)
-        before = int(self.redis.info("memory")["used_memory"])
+        before = self.queue.broker.used_memory()
         self.queue.enqueue_many(noop_with_args, [(i, "x")for i in range(n)])
-        after = int(self.redis.info("memory")["used_memory"])
+        after = self.queue.broker.used_memory()
         self.cleanup()
         return {"bytes_per_job": round((after - before) / n, 1), "jobs": n}
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .urls import redact
+
 #: Environment variable naming the config file when ``load_config`` gets no path.
 CONFIG_ENV = "JOBQ_CONFIG"
 #: Environment variable overriding ``redis_url`` from the file.
@@ -230,8 +232,6 @@ class _Str:
         if not ok:
             shown = _show(value)
             if self.secret and isinstance(value, str):
-                from jobq.connection import redact  # lazy: config must not need redis to load
-
                 shown = _show(redact(value))
             raise _Invalid(f"expected {self.expect}, got {shown}")
         return str(value)

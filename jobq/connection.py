@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import weakref
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from typing import Any
 
 import redis
 
-if TYPE_CHECKING:
-    from jobq.config import Config
+from .urls import redact, scrub
 
 #: URL scheme -> the scheme redis-py understands; ``valkey(s)://`` are aliases.
 SCHEMES = {
@@ -32,8 +29,6 @@ DEFAULTS: dict[str, Any] = {
 #: Added for TCP URLs only: redis-py's unix socket connection rejects it.
 TCP_DEFAULTS: dict[str, Any] = {"socket_keepalive": True}
 
-#: Query parameters whose values are secrets (``?password=`` is redis-py's unix-socket form).
-_SECRET_PARAM_RE = re.compile(r"([?&;][^=&#?;]*(?:pass|secret|token)[^=&#?;]*=)[^&#;]*", re.I)
 
 
 def connect(url: str, *, decode_responses: bool = True, **kw: Any) -> redis.Redis:
@@ -69,25 +64,6 @@ def close_all() -> None:
             pass
 
 
-def redact(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (the user name is kept).
-
-    Everything before the last ``@`` counts as credentials, so a password with an unescaped
-    ``/``, ``?`` or ``@`` is still hidden. Never raises.
-    """
-    try:
-        text = str(url)
-        text = _SECRET_PARAM_RE.sub(r"\1***", text)
-        scheme, sep, rest = text.partition("://")
-        if not sep or "@" not in rest:
-            return text
-        userinfo, _, hostpart = rest.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        return f"{scheme}://{user}{':***' if colon else ''}@{hostpart}"
-    except Exception:  # redaction must never be the thing that fails
-        return "<unprintable url>"
-
-
 def describe_error(exc: BaseException, url: str) -> str:
     """One line explaining a connection or authentication failure, without the password."""
     where = redact(url)
@@ -97,7 +73,7 @@ def describe_error(exc: BaseException, url: str) -> str:
         line = f"cannot connect to {where}: {_reason(exc)}"
     else:
         line = f"error talking to {where}: {type(exc).__name__}: {_reason(exc)}"
-    return _scrub(line, url)
+    return scrub(line, url)
 
 
 def refused_credentials(url: str) -> str | None:
@@ -111,16 +87,6 @@ def refused_credentials(url: str) -> str | None:
     finally:
         client.close()
     return None
-
-
-def resolve_url(cfg: Config) -> str:
-    """The URL to use for ``cfg``: ``cfg.redis_url``, else the embedded server (started if
-    needed)."""
-    if cfg.redis_url:
-        return cfg.redis_url
-    from jobq.server import ensure_server  # lazy: only the embedded case needs it
-
-    return ensure_server()
 
 
 def _is_auth_error(exc: BaseException) -> bool:
@@ -140,21 +106,3 @@ def _reason(exc: BaseException) -> str:
             return cause.strerror or str(cause) or type(cause).__name__
         cause = cause.__cause__ or cause.__context__
     return str(exc) or type(exc).__name__
-
-
-def _scrub(line: str, url: str) -> str:
-    """Collapse to one line and remove any secret of ``url``, should a library echo one."""
-    line = " ".join(line.split())
-    for secret in _secrets(url):
-        line = line.replace(secret, "***")
-    return line
-
-
-def _secrets(url: str) -> list[str]:
-    """The password and secret query values of ``url``, raw and percent-decoded."""
-    rest = url.partition("://")[2]
-    found = [rest.rpartition("@")[0].partition(":")[2]]
-    found += [m.group(0)[len(m.group(1)):] for m in _SECRET_PARAM_RE.finditer(url)]
-    found += [unquote(s) for s in found]
-    # Replacing a one- or two-letter string would garble the message more than it protects.
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)

@@ -3,33 +3,45 @@
     @jobq.task
     def report(day):
         parents = jobq.current_job().parent_results()   # {parent id: its result}
+
+The worker loop fills this module in (it sits above it); the job reads it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .queue import JobQueue
-    from .worker import Worker
+from .config import Config
+from .queue import JobQueue
+from .wire import Spec
+
+
+class WorkerInfo(Protocol):
+    """What a job may learn of the worker running it."""
+
+    name: str
+    url: str
+    config: Config
+
 
 #: (job id, queue, spec) of the job running in this process, set by the worker per job:
 #: a tuple assignment, so the hot path pays nothing for contexts nobody asks for.
-running: tuple[str, str, dict[str, Any]] | None = None
-#: The worker of this process.
-worker: Worker | None = None
+running: tuple[str, str, Spec] | None = None
+#: The worker of this process (None outside a worker).
+worker: WorkerInfo | Any = None
 
 
 class JobContext:
-    """The running job: its id, task, queue, attempt, parents; and its parents' results."""
+    """The running job: its id, task, queue, parents, group; and its parents' results."""
 
-    def __init__(self, job_id: str, queue: str, spec: dict[str, Any]) -> None:
+    def __init__(self, job_id: str, queue: str, spec: Spec) -> None:
         self.id = job_id
         self.queue = queue
-        self.task = spec.get("t", "")
-        self.parents: list[str] = list(spec.get("dep") or [])
-        self.group: str | None = spec.get("g")
-        self.group_index: int | None = spec.get("gi")
+        self.task = spec.task
+        self.parents: list[str] = list(spec.depends_on)
+        self.group: str | None = spec.group
+        self.group_index: int | None = spec.group_index
 
     def parent_results(self) -> dict[str, Any]:
         """Each parent's result, by id (parents completed before this job started; their
@@ -56,10 +68,7 @@ _queues: dict[int, JobQueue] = {}
 
 
 def _queue() -> JobQueue:
-    import os
-
-    from .queue import JobQueue
-
+    """A queue on the worker's server, made once per process (a forked worker makes its own)."""
     queue = _queues.get(os.getpid())
     if queue is None:
         if worker is None:

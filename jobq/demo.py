@@ -17,6 +17,7 @@ from .config import Config
 from .job import JobStatus
 from .queue import JobQueue
 from .registry import task
+from .urls import redact
 
 QUEUE = "demo"
 
@@ -72,6 +73,5 @@ def _start_master(url: str, workers: int) -> subprocess.Popen[bytes]:
 
 
 def _where(url: str) -> str:
-    from .connection import redact
 
     return redact(url)

@@ -9,32 +9,37 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import click
+
+from .broker import Broker
 from .exceptions import JobFailed, UnknownJob
-from .job import JobStatus
-from .registry import task
-
-if TYPE_CHECKING:
-    from .queue import JobQueue
+from .job import Job, JobStatus
 
 #: How long a group's bookkeeping (and its jobs' results) is kept (seconds).
 GROUP_TTL = 86400
-#: The name of the chunk runner (always allowed: it resolves the real task through the
-#: worker's allow-list).
+#: The task name of a chunk of items (``chunksize`` > 1); workers run it with
+#: :func:`run_chunk`, which resolves the real task through the worker's allow-list.
 CHUNK_TASK = "jobq.groups:map_chunk"
 
 
-@task(name=CHUNK_TASK)
-def map_chunk(task_name: str, items: list[Any], start: int) -> list[Any]:
-    """Run ``task(item)`` for each item of a chunk; a failure names the item's index."""
-    from . import context
+class GroupQueue(Protocol):
+    """What a group handle needs of its queue (a :class:`jobq.JobQueue`)."""
 
-    if context.worker is None:
-        raise RuntimeError("map_chunk runs inside a jobq worker")
-    fn = context.worker.resolver.resolve(task_name)
+    broker: Broker
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job: ...
+
+    def cancel(self, job_id: str, reason: str = ...) -> bool: ...
+
+
+def run_chunk(resolve: Callable[[str], Callable[..., Any]], task_name: str, items: list[Any],
+              start: int) -> list[Any]:
+    """Run ``task(item)`` for each item of a chunk; a failure names the item's index."""
+    fn = resolve(task_name)
     out = []
     for offset, item in enumerate(items):
         try:
@@ -74,13 +79,11 @@ class ItemFailed(JobFailed):
 class Group:
     """A handle on a ``queue.map`` batch: progress, wait (with a progress bar), results."""
 
-    def __init__(self, queue: JobQueue, group_id: str) -> None:
+    def __init__(self, queue: GroupQueue, group_id: str) -> None:
         self.queue = queue
         self.id = group_id
-        k = queue.keys.base
-        self._hash, self._ids, self._wake = f"{k}:g:{group_id}", f"{k}:gi:{group_id}", \
-            f"{k}:gw:{group_id}"
-        meta = queue.redis.hgetall(self._hash)
+        self._broker = queue.broker
+        meta = self._broker.group_meta(group_id)
         if not meta:
             raise UnknownJob(f"no group with id {group_id!r}")
         self.total = int(meta["total"])
@@ -91,12 +94,12 @@ class Group:
         return f"<Group {self.id} {self.items} items>"
 
     def job_ids(self) -> list[str]:
-        return list(self.queue.redis.lrange(self._ids, 0, -1))
+        return self._broker.group_job_ids(self.id)
 
     def progress(self) -> Progress:
         """Jobs done and failed (chunks, with chunksize > 1) out of the total."""
-        done, failed = self.queue.redis.hmget(self._hash, "done", "failed")
-        return Progress(int(done or 0), int(failed or 0), self.total)
+        done, failed = self._broker.group_progress(self.id)
+        return Progress(done, failed, self.total)
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> bool:
         """Block until every job of the group finished; True, or False on timeout.
@@ -114,7 +117,7 @@ class Group:
                 if left <= 0:
                     return False
                 # each finished job pushes a token; the 1 s cap redraws a quiet bar
-                self.queue.redis.blpop([self._wake], timeout=max(left, 0.01))
+                self._broker.wait_group(self.id, max(left, 0.01))
         finally:
             if bar:
                 bar.close()
@@ -158,50 +161,10 @@ def _item_index(message: str, default: int) -> int:
     return default
 
 
-def enqueue_map(queue: JobQueue, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
-                chunksize: int | None = None, **options: Any) -> Group:
-    """See :meth:`JobQueue.map`."""
-    from .job import new_id, task_name
-
-    items = list(iterable)
-    size = chunksize or 1
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
-    name = task_name(func)
-    group_id = new_id()
-    options.setdefault("result_ttl", GROUP_TTL)
-    jobs = []
-    for index, start in enumerate(range(0, len(items), size)):
-        if size == 1:
-            job = queue._build(func, (items[start],), None, dict(options))
-        else:
-            job = queue._build(CHUNK_TASK, (name, items[start:start + size], start), None,
-                               dict(options))
-        job.group, job.group_index = group_id, index
-        jobs.append(job)
-    for j in jobs:
-        queue._encode(j)  # refuse a bad item before anything is written
-    k = queue.keys.base
-    pipe = queue.redis.pipeline()
-    pipe.hset(f"{k}:g:{group_id}", mapping={"total": len(jobs), "items": len(items),
-                                            "chunk": size, "done": 0, "failed": 0,
-                                            "task": name, "created": time.time()})
-    for start in range(0, len(jobs), 5000):
-        pipe.rpush(f"{k}:gi:{group_id}", *[j.id for j in jobs[start:start + 5000]])
-    pipe.expire(f"{k}:g:{group_id}", GROUP_TTL)
-    pipe.expire(f"{k}:gi:{group_id}", GROUP_TTL)
-    pipe.execute()
-    if jobs:
-        queue.enqueue_many(jobs)
-    return Group(queue, group_id)
-
-
 class _Bar:
     """A progress bar on a terminal (click's), a line per 10% elsewhere."""
 
     def __init__(self, total: int) -> None:
-        import click
-
         self.total = total
         self.shown = 0
         self.tty = sys.stderr.isatty()

@@ -6,39 +6,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis
-
 from . import serialization
-from .keys import Keys
+from .broker import Broker
 
-#: Counter snapshots kept for rates (the scheduler leader adds one every SNAPSHOT_EVERY s).
+#: The scheduler leader snapshots the counters this often (seconds), for rates.
 SNAPSHOT_EVERY = 5.0
-SNAPSHOTS_KEPT = 30
 #: A master whose heartbeat is older than this is shown as gone (seconds).
 STALE = 15.0
 COUNTERS = ("pending", "processing", "scheduled", "deferred", "completed", "failed",
             "cancelled", "retried", "enqueued")
 
 
-def history_key(keys: Keys) -> str:
-    return f"{keys.base}:stats:history"
-
-
-def counters(client: redis.Redis, keys: Keys) -> dict[str, dict[str, int]]:
-    queues = sorted(client.smembers(keys.queues))
-    pipe = client.pipeline(transaction=False)
-    for q in queues:
-        pipe.hgetall(keys.stats(q))
-    return {q: {k: max(0, int(v)) for k, v in raw.items()}
-            for q, raw in zip(queues, pipe.execute(), strict=True)}
-
-
-def snapshot(client: redis.Redis, keys: Keys, now: float | None = None) -> None:
+def snapshot(broker: Broker, now: float | None = None) -> None:
     """Remember the counters now (the leader calls this every SNAPSHOT_EVERY seconds)."""
     now = time.time() if now is None else now
-    entry = serialization.dumps({"ts": now, "q": counters(client, keys)})
-    client.pipeline(transaction=False).lpush(history_key(keys), entry).ltrim(
-        history_key(keys), 0, SNAPSHOTS_KEPT - 1).execute()
+    broker.add_snapshot(serialization.dumps({"ts": now, "q": broker.counters()}))
 
 
 def rates(current: dict[str, dict[str, int]], history: list[dict[str, Any]], now: float,
@@ -60,28 +42,25 @@ def rates(current: dict[str, dict[str, int]], history: list[dict[str, Any]], now
     return out
 
 
-def collect(client: redis.Redis, keys: Keys, now: float | None = None) -> dict[str, Any]:
+def collect(broker: Broker, now: float | None = None) -> dict[str, Any]:
     """Everything ``jobq info`` shows, as one JSON-able dict."""
     now = time.time() if now is None else now
-    current = counters(client, keys)
-    history = [serialization.loads(x) for x in client.lrange(history_key(keys), 0, -1)]
+    current = broker.counters()
+    history = [serialization.loads(x) for x in broker.snapshots()]
     rate = rates(current, history, now)
-    suspended = client.smembers(keys.suspended)
-    pipe = client.pipeline(transaction=False)
-    for q in current:
-        pipe.zcard(keys.dlq(q))
-    dlq_sizes = pipe.execute()
+    suspended = broker.suspended_queues()
     queues = []
-    for (q, counts), dlq in zip(current.items(), dlq_sizes, strict=True):
+    dead = broker.dlq_counts(list(current))
+    for (q, counts), dlq in zip(current.items(), dead, strict=True):
         queues.append({"queue": q, **{k: counts.get(k, 0) for k in COUNTERS},
                        "dead": dlq, "suspended": q in suspended, **rate[q]})
     masters = []
-    for mid, raw in sorted(client.hgetall(keys.masters).items()):
+    for mid, raw in sorted(broker.masters().items()):
         info = serialization.loads(raw)
         alive = now - info.get("ts", 0) < STALE
         for w in info.get("workers", []):
             w["age_s"] = round(now - w["since"], 1) if w.get("since") else None
         masters.append({"id": mid, "alive": alive, **info})
-    token = client.get(f"{keys.base}:sched:leader")
+    token = broker.leader_token()
     leader = token.rsplit(".", 1)[0] if token else None
     return {"time": now, "queues": queues, "masters": masters, "scheduler_leader": leader}

@@ -15,37 +15,40 @@ errors and status changes live beside it, and the final record replaces both whe
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import serialization
-from .exceptions import JobFailed
+from .exceptions import JobFailed, TaskNotAllowed
+from .wire import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PRIORITY,
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    MAX_TTL,
+    QUEUE_NAME,
+    TASK_NAME,
+    BadJob,
+    Spec,
+    exception_name,
+    spec_json,
+)
 
-if TYPE_CHECKING:
-    from .queue import JobQueue
+#: Set when this process started a worker pool itself (:class:`jobq.worker.WorkerPool`): its
+#: workers are forked from it, so functions of ``__main__`` exist there too and may be
+#: enqueued.
+main_tasks_allowed = False
 
-#: Defaults of a job's options (the seed's); a spec omits options equal to these.
-DEFAULT_PRIORITY = 0
-DEFAULT_MAX_RETRIES = 3
-DEFAULT_TIMEOUT = 300.0
-DEFAULT_QUEUE = "default"
-#: The longest time limit a job may have (30 days, in seconds).
-MAX_TIMEOUT = 30 * 86400
-#: The longest a job's record may be kept (100 years, in seconds): Redis refuses an expiry
-#: much longer than that (SET EX 10**16 is an error, which would fail the whole settle script).
-MAX_TTL = 100 * 365 * 86400
 
-#: What a queue name may look like (it becomes part of Redis key names).
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
-#: "package.module:function" (``module:Class.method`` is not a task name).
-#: ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
-TASK_NAME = re.compile(
-    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z")
+class JobSource(Protocol):
+    """Where a job read back came from (a :class:`jobq.JobQueue`): it can wait for it."""
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job: ...
+
+    def get_job(self, job_id: str) -> Job | None: ...
 
 
 class JobStatus(str, Enum):
@@ -61,10 +64,6 @@ class JobStatus(str, Enum):
     @property
     def finished(self) -> bool:
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-class BadJob(ValueError):
-    """Data found in Redis where a job should be is not a valid job; the text says why."""
 
 
 def task_name(func: Callable[..., Any] | str) -> str:
@@ -86,6 +85,20 @@ def task_name(func: Callable[..., Any] | str) -> str:
             "so define it at the top level of a module"
         )
     return f"{module}:{qualname}"
+
+
+def check_enqueueable(name: str) -> None:
+    """Refuse, at enqueue time, a task of ``__main__`` that no worker can have."""
+    if name.startswith("__main__:") and not main_tasks_allowed:
+        raise TaskNotAllowed(
+            f"task {name!r} is defined in the __main__ script, which workers cannot import: "
+            "move it to a module and start workers with -I that.module "
+            "(or start the WorkerPool from this script, so its workers are forked from it)"
+        )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -111,9 +124,9 @@ def _check_number(name: str, value: Any, positive: bool = True) -> float:
 class Job:
     """A unit of work: a task, its arguments and options; and, once read back, its fate.
 
-    ``Job(func, args, kwargs, id=None, priority=0, max_retries=3, timeout=300)`` as in the
-    tutorial jobq grew from, plus ``queue`` and ``result_ttl``. Lower priority numbers run
-    first; equal priorities run in enqueue order.
+    ``Job(func, args, kwargs, id=None, priority=0, max_retries=3, timeout=300)``, plus
+    ``queue`` and ``result_ttl``. Lower priority numbers run first; equal priorities run in
+    enqueue order.
     """
 
     def __init__(
@@ -181,11 +194,11 @@ class Job:
         self.retry_count = 0
         self.deliveries = 0
         self.worker: str | None = None
-        self._queue: JobQueue | None = None
+        self._queue: JobSource | None = None
 
-    # -- the seed's names ------------------------------------------------------------------
     @property
     def attempts(self) -> int:
+        """Attempts counted so far (the same as ``retry_count``, under its older name)."""
         return self.retry_count
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +223,7 @@ class Job:
             "retry_count": self.retry_count,
             "deliveries": self.deliveries,
             "worker": self.worker,
-            "due_at": _ts(self.due_at).isoformat() if self.due_at else None,
+            "due_at": _iso(_ts(self.due_at)),
             "depends_on": self.depends_on,
             "group": self.group,
             "group_index": self.group_index,
@@ -247,70 +260,33 @@ class Job:
         return f"<Job {self.id} {self.task} {self.status.value}>"
 
     # -- Redis encoding --------------------------------------------------------------------
+    @property
+    def created(self) -> float:
+        """When the job was created (epoch seconds)."""
+        return self.created_at.timestamp()
+
     def spec(self) -> dict[str, Any]:
-        """The compact spec stored in Redis: options equal to their defaults are left out."""
-        spec: dict[str, Any] = {"t": self.task, "a": self.args}
-        if self.kwargs:
-            spec["k"] = self.kwargs
-        if self.queue and self.queue != DEFAULT_QUEUE:
-            spec["q"] = self.queue
-        if self.priority != DEFAULT_PRIORITY:
-            spec["p"] = self.priority
-        if self.max_retries != DEFAULT_MAX_RETRIES:
-            spec["r"] = self.max_retries
-        if self.timeout != DEFAULT_TIMEOUT:
-            spec["to"] = self.timeout
-        if self.result_ttl is not None:
-            spec["ttl"] = self.result_ttl
-        if self.retry_on:
-            spec["ro"] = self.retry_on
-        if self.dont_retry_on:
-            spec["dro"] = self.dont_retry_on
-        if self.depends_on:
-            spec["dep"] = self.depends_on
-            if self.on_parent_failure != "cancel":
-                spec["opf"] = self.on_parent_failure
-        if self.group is not None:
-            spec["g"] = self.group
-            spec["gi"] = self.group_index
-        spec["c"] = round(self.created_at.timestamp(), 3)
-        return spec
+        """The compact spec stored in Redis (see :mod:`jobq.wire`)."""
+        return spec_json(self)
 
     @classmethod
     def from_spec(cls, job_id: str, spec: Any) -> Job:
         """Rebuild a job from a decoded spec; :class:`BadJob` says what is wrong with it."""
-        if not isinstance(spec, dict):
-            raise BadJob(f"job data is a JSON {type(spec).__name__}, not an object")
-        task = spec.get("t")
-        if not isinstance(task, str) or not TASK_NAME.match(task):
-            raise BadJob(f"job data has no valid task name (field 't' is {task!r})")
-        args = spec.get("a", [])
-        if args == {}:
-            args = []  # Lua's cjson cannot tell an empty array from an empty object
-        if not isinstance(args, list):
-            raise BadJob(f"job args (field 'a') must be a list, got {type(args).__name__}")
-        kwargs = spec.get("k", {})
-        if not isinstance(kwargs, dict):
-            raise BadJob(f"job kwargs (field 'k') must be an object, got {type(kwargs).__name__}")
+        s = Spec.from_json(spec)
+        if not TASK_NAME.match(s.task):
+            raise BadJob(f"job data has no valid task name (field 't' is {s.task!r:.80})")
         try:
-            job = cls(task, args, kwargs, id=job_id,
-                      priority=spec.get("p", DEFAULT_PRIORITY),
-                      max_retries=spec.get("r", DEFAULT_MAX_RETRIES),
-                      timeout=spec.get("to", DEFAULT_TIMEOUT),
-                      queue=spec.get("q") or DEFAULT_QUEUE, result_ttl=spec.get("ttl"),
-                      retry_on=spec.get("ro", ()), dont_retry_on=spec.get("dro", ()))
-            deps = spec.get("dep", [])
-            if isinstance(deps, list):
-                job.depends_on = [str(d) for d in deps]
-            job.on_parent_failure = "run" if spec.get("opf") == "run" else "cancel"
-            if isinstance(spec.get("g"), str):
-                job.group, job.group_index = spec["g"], spec.get("gi")
-            created = spec.get("c")
-            if created is not None:
-                job.created_at = _ts(_check_number("created", created)) or job.created_at
-        except (TypeError, ValueError, OverflowError, OSError) as exc:
-            # OverflowError, OSError: a number too large for a float or a timestamp
+            job = cls(s.task, s.args, s.kwargs, id=job_id, priority=s.priority,
+                      max_retries=s.max_retries, timeout=s.timeout, queue=s.queue,
+                      result_ttl=s.result_ttl, retry_on=s.retry_on,
+                      dont_retry_on=s.dont_retry_on)
+        except (TypeError, ValueError) as exc:
             raise BadJob(f"job data has a bad option: {exc}") from None
+        job.depends_on = list(s.depends_on)
+        job.on_parent_failure = s.on_parent_failure
+        job.group, job.group_index = s.group, s.group_index
+        if s.created is not None:
+            job.created_at = datetime.fromtimestamp(s.created, UTC)
         return job
 
     def apply_state(self, state: Mapping[str, Any]) -> None:
@@ -352,37 +328,6 @@ def exception_names(types: Sequence[type[BaseException] | str], option: str) -> 
     return names
 
 
-def exception_name(t: type[BaseException]) -> str:
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def exception_matches(exc: BaseException, names: Sequence[str]) -> bool:
-    """True if ``exc`` is an instance of a class named in ``names`` (or of a subclass)."""
-    for cls in type(exc).__mro__:
-        if exception_name(cls) in names or cls.__qualname__ in names:
-            return True
-    return False
-
-
 def new_id() -> str:
     """A 24-character id: milliseconds then 52 random bits, so ids sort by creation time."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
-
-
-def decode(raw: str | bytes) -> Any:
-    if isinstance(raw, str) and not raw.isascii():
-        # a worker reads with errors="surrogateescape": a byte that is not UTF-8 arrives as a
-        # lone surrogate (valid UTF-8 never decodes to one)
-        try:
-            raw.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            bad = raw[exc.start]
-            what = f"byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
-            raise BadJob(f"job data is not valid UTF-8 ({what} at character {exc.start})"
-                         ) from None
-    try:
-        return serialization.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadJob(f"job data is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise BadJob("job data is nested too deeply to decode") from None

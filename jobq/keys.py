@@ -39,7 +39,10 @@ key                        type    holds
 {ns}:sched:last            hash    schedule name -> last fire (JSON)
 {ns}:sched:leader          string  the leading scheduler's token, with a TTL (the lease)
 {ns}:sched:wake            list    tokens that wake the leading scheduler early
+{ns}:stats:history         list    snapshots of every queue's counters, newest first (rates)
 =========================  ======  ==========================================================
+
+The Lua scripts (``jobq/lua``) build the same names from the key base they are given.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class Keys:
     """Key names of one namespace."""
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
-                 "scheduled", "waiting", "masters", "cancel", "deps")
+                 "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
+                 "sched_last", "sched_leader", "sched_wake", "history")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -65,6 +69,18 @@ class Keys:
         self.masters = f"{b}:masters"
         self.cancel = f"{b}:cancel"
         self.deps = f"{b}:deps"
+        self.sched_defs = f"{b}:sched:defs"
+        self.sched_due = f"{b}:sched:due"
+        self.sched_last = f"{b}:sched:last"
+        self.sched_leader = f"{b}:sched:leader"
+        self.sched_wake = f"{b}:sched:wake"
+        self.history = f"{b}:stats:history"
+
+    @property
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of the namespace (for tools, never the job
+        path)."""
+        return f"{self.base}:*"
 
     def levels(self, queue: str) -> str:
         return f"{self.base}:q:{queue}"
@@ -98,3 +114,12 @@ class Keys:
 
     def done(self, job_id: str) -> str:
         return f"{self.base}:done:{job_id}"
+
+    def group(self, group_id: str) -> str:
+        return f"{self.base}:g:{group_id}"
+
+    def group_ids(self, group_id: str) -> str:
+        return f"{self.base}:gi:{group_id}"
+
+    def group_wake(self, group_id: str) -> str:
+        return f"{self.base}:gw:{group_id}"

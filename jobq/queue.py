@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
-from . import registry, serialization
+from . import serialization
+from .broker import Broker, NewJob
 from .config import Config, load_config
-from .connection import connect, resolve_url
+from .connection import connect
 from .exceptions import UnknownJob
-from .job import MAX_TTL, BadJob, Job, JobStatus, decode, new_id
+from .groups import CHUNK_TASK, GROUP_TTL, Group
+from .job import (
+    MAX_TTL,
+    QUEUE_NAME,
+    BadJob,
+    Job,
+    JobStatus,
+    check_enqueueable,
+    new_id,
+    task_name,
+)
 from .keys import Keys
-from .scripts import Scripts
-
-if TYPE_CHECKING:
-    from .groups import Group
+from .schedule import to_epoch
+from .server import resolve_url
+from .wire import DEFAULT_QUEUE, MAX_ERRORS_KEPT, decode_json, read_record
 
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
@@ -27,10 +37,6 @@ JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl
 REPLY_SPIN = 0.0002
 #: How long a unique key holds by default (seconds).
 UNIQUE_TTL = 3600
-#: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
-WAKE_CAP = 64
-#: Jobs per enqueue script call in enqueue_many (bounded so one call stays short).
-ENQUEUE_CHUNK = 1000
 
 _STATUS_COUNTERS = ("pending", "processing", "scheduled", "deferred", "completed", "failed",
                     "cancelled", "retried", "enqueued", "requeued")
@@ -46,8 +52,6 @@ class JobQueue:
     def __init__(self, name: str = "default", redis_url: str | None = None, *,
                  config: Config | None = None, prefix: str | None = None,
                  connection: redis.Redis | None = None) -> None:
-        from .job import QUEUE_NAME
-
         if not isinstance(name, str) or not QUEUE_NAME.match(name):
             raise ValueError(f"queue name {name!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         self.name = name
@@ -57,7 +61,7 @@ class JobQueue:
         self.url = resolve_url(self.config)
         self.redis = connection or connect(self.url)
         self.keys = Keys(prefix or self.config.prefix)
-        self.scripts = Scripts(self.redis)
+        self.broker = Broker(self.redis, self.keys, self.config)
 
     def __repr__(self) -> str:
         return f"<JobQueue {self.name}>"
@@ -72,26 +76,23 @@ class JobQueue:
         Returns the job. Enqueueing an id that is already queued does nothing (idempotent).
         """
         job = self._build(job, args, kwargs, options)
-        encoded = self._encode(job)
+        new = self._new_job(job)
         if job.depends_on or getattr(job, "_unique", None):
-            return self._enqueue_one(job, encoded)
-        self.scripts.run("enqueue", [self.keys.jobs],
-                         [*self._enqueue_head(), job.id, job.queue, job.priority,
-                          _due_ms(job), encoded], spin=REPLY_SPIN)
+            return self._enqueue_one(job, new)
+        self.broker.enqueue(new, spin=REPLY_SPIN)
         return job
 
-    def _enqueue_head(self) -> list[Any]:
-        """The first arguments of enqueue.lua (see its header)."""
-        return [self.keys.base, WAKE_CAP, int(time.time() * 1000),
-                int(self.config.lease_time * 1000)]
+    def _new_job(self, job: Job) -> NewJob:
+        """The job as the broker enqueues it, its spec encoded (and checked: JSON, size)."""
+        assert job.queue is not None
+        spec = serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
+        return NewJob(job.id, job.queue, job.priority, _due_ms(job), spec)
 
-    def _enqueue_one(self, job: Job, encoded: str) -> Job:
+    def _enqueue_one(self, job: Job, new: NewJob) -> Job:
         """A job with parents or a unique key (enqueue_one.lua)."""
         ukey, uttl = getattr(job, "_unique", None) or ("", 0)
-        outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], [
-            self.keys.base, WAKE_CAP, job.id, job.queue, job.priority, _due_ms(job), encoded,
-            ukey, uttl, int(time.time() * 1000), max(self.config.failed_ttl, 86400),
-            *job.depends_on])
+        outcome, ref = self.broker.enqueue_one(new, unique_key=ukey, unique_ttl=uttl,
+                                               parents=job.depends_on)
         if outcome == "unknown_parent":
             raise UnknownJob(f"depends_on: no job with id {ref!r} (never enqueued, or its "
                              "record expired: a parent that finished must keep its record, "
@@ -126,16 +127,9 @@ class JobQueue:
             if len(special) != len(built):
                 raise TypeError("enqueue_many: jobs with depends_on or unique_key go through "
                                 "enqueue(), one by one")
-            return [self._enqueue_one(j, self._encode(j)) for j in built]
-        encoded = [self._encode(job) for job in built]  # all checked before anything is sent
-        pipe = self.redis.pipeline(transaction=False)
-        for start in range(0, len(built), ENQUEUE_CHUNK):
-            argv: list[Any] = self._enqueue_head()
-            for job, text in zip(built[start:start + ENQUEUE_CHUNK],
-                                 encoded[start:start + ENQUEUE_CHUNK], strict=True):
-                argv += (job.id, job.queue, job.priority, _due_ms(job), text)
-            self.scripts.enqueue(keys=[self.keys.jobs], args=argv, client=pipe)
-        pipe.execute()
+            return [self._enqueue_one(j, self._new_job(j)) for j in built]
+        new = [self._new_job(job) for job in built]  # all checked before anything is sent
+        self.broker.enqueue_many(new)
         return built
 
     def _build_many(self, func: Any, arg_list: Iterable[Sequence[Any]],
@@ -196,41 +190,51 @@ class JobQueue:
                     raise ValueError(f"unique_ttl must be seconds in (0, {MAX_TTL}], got "
                                      f"{unique_ttl!r}")
             job._unique = (unique_key, unique_ttl) if unique_key is not None else None
-        registry.check_enqueueable(job.task)
+        check_enqueueable(job.task)
         if job.queue is None:
             job.queue = self.name
         job._queue = self
         return job
-
-    def _encode(self, job: Job) -> str:
-        return serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
             chunksize: int | None = None, **options: Any) -> Group:
         """Enqueue ``func(item)`` for each item (or a job per ``chunksize`` items), pipelined;
         returns a :class:`~jobq.groups.Group`: ``progress()``, ``wait(progress=True)``,
         ``results()`` in input order. Job options (priority, timeout, ...) apply to each."""
-        from .groups import enqueue_map
-
-        return enqueue_map(self, func, iterable, chunksize=chunksize, **options)
+        items = list(iterable)
+        size = chunksize or 1
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        name = task_name(func)
+        group_id = new_id()
+        options.setdefault("result_ttl", GROUP_TTL)
+        jobs = []
+        for index, start in enumerate(range(0, len(items), size)):
+            if size == 1:
+                job = self._build(func, (items[start],), None, dict(options))
+            else:
+                job = self._build(CHUNK_TASK, (name, items[start:start + size], start), None,
+                                  dict(options))
+            job.group, job.group_index = group_id, index
+            jobs.append(job)
+        new = [self._new_job(j) for j in jobs]  # refuse a bad item before anything is written
+        self.broker.create_group(group_id, {
+            "total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
+            "task": name, "created": time.time()}, [j.id for j in jobs], GROUP_TTL)
+        if new:
+            self.broker.enqueue_many(new)
+        return Group(self, group_id)
 
     def group(self, group_id: str) -> Group:
         """The handle of a ``map`` group by id."""
-        from .groups import Group
-
         return Group(self, group_id)
 
     # -- read --------------------------------------------------------------------------------
     def get_job(self, job_id: str) -> Job | None:
         """The job with its current status, attempts, errors and result; None if unknown."""
-        k = self.keys
-        final, spec, state, holder, due, waits_for = (
-            self.redis.pipeline(transaction=False)
-            .get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
-            .hget(k.active, job_id).zscore(k.scheduled, job_id).hget(k.deps, job_id).execute()
-        )
-        job = read_job(job_id, final, spec, state, holder, due)
-        if job is not None and waits_for is not None and not holder:
+        parts = self.broker.job_parts(job_id)
+        job = read_job(job_id, parts.final, parts.spec, parts.state, parts.holder, parts.due_ms)
+        if job is not None and parts.deferred and not parts.holder:
             job.status = JobStatus.DEFERRED
         if job is not None:
             job._queue = self
@@ -247,8 +251,7 @@ class JobQueue:
         Raises :class:`TimeoutError` after ``timeout`` seconds, :class:`UnknownJob` if no such
         job exists.
         """
-        k = self.keys
-        self.redis.hincrby(k.waiting, job_id, 1)
+        self.broker.watch(job_id)
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -261,15 +264,9 @@ class JobQueue:
                 if deadline is not None and left <= 0:
                     raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
                 # BLPOP timeout 0 blocks for good; the token is pushed when the job finishes
-                self.redis.blpop([k.done(job_id)], timeout=max(left, 0.01) if deadline else 0)
+                self.broker.wait_done(job_id, max(left, 0.01) if deadline else 0)
         finally:
-            self._unwait(job_id)
-
-    def _unwait(self, job_id: str) -> None:
-        k = self.keys
-        left = self.redis.hincrby(k.waiting, job_id, -1)
-        if left <= 0:
-            self.redis.hdel(k.waiting, job_id)
+            self.broker.unwatch(job_id)
 
     def wait_for_completion(self, job_id: str, timeout: float | None = None) -> bool:
         """True once the job finished (completed, failed or cancelled), False on timeout."""
@@ -282,15 +279,15 @@ class JobQueue:
     def get_stats(self) -> dict[str, int]:
         """Counts for this queue: current pending/processing/scheduled/deferred, and totals
         since the queue was created for completed/failed/cancelled/retried/enqueued.
-        ``retry`` (the tutorial's name) is the total of retries."""
-        raw = self.redis.hgetall(self.keys.stats(self.name))
-        stats = {name: max(0, int(raw.get(name, 0))) for name in _STATUS_COUNTERS}
+        ``retry`` is the same total of retries, under an older name."""
+        raw = self.broker.stats(self.name)
+        stats = {name: raw.get(name, 0) for name in _STATUS_COUNTERS}
         stats["retry"] = stats["retried"]
         return stats
 
     def size(self) -> int:
         """Jobs waiting in this queue (pending, including retries waiting for a worker)."""
-        return max(0, int(self.redis.hget(self.keys.stats(self.name), "pending") or 0))
+        return self.broker.counter(self.name, "pending")
 
     __len__ = size
 
@@ -303,104 +300,84 @@ class JobQueue:
     def cancel_job(self, job_id: str, reason: str = "cancelled by request") -> str:
         """Like :meth:`cancel`; returns "cancelled", "interrupting" (it was running: its
         master signals its worker), "finished" or "unknown"."""
-        outcome = self.scripts.run("cancel", [self.keys.jobs], [
-            self.keys.base, job_id, int(time.time() * 1000),
-            max(self.config.failed_ttl, 86400), reason])
-        if outcome == "running":
-            return "interrupting"
-        return str(outcome)
-
+        outcome = self.broker.cancel(job_id, reason)
+        return "interrupting" if outcome == "running" else outcome
 
     # -- operations: dead letters, requeue, empty, suspend ------------------------------------
     def failed_jobs(self, limit: int = 100, offset: int = 0) -> list[Job]:
         """This queue's dead-letter queue, newest first."""
-        ids = self.redis.zrevrange(self.keys.dlq(self.name), offset, offset + limit - 1)
+        ids = self.broker.dlq_ids(self.name, offset, offset + limit - 1, newest_first=True)
         jobs = [self.get_job(i) for i in ids]
         return [j for j in jobs if j is not None]
 
     def failed_count(self) -> int:
-        return int(self.redis.zcard(self.keys.dlq(self.name)))
+        return self.broker.dlq_count(self.name)
 
     def requeue(self, job_id: str) -> bool:
         """Put a failed (or cancelled, or completed) job back in its queue with fresh attempts;
         its history of errors is kept. False if it is unknown, live, or gone."""
-        raw = self.redis.get(self.keys.result(job_id))
+        raw = self.broker.final_record(job_id)
         if raw is None:
             return False
-        record = serialization.loads(raw)
-        spec = record.get("spec") if isinstance(record, dict) else None
+        try:
+            spec, record = read_record(raw)
+        except BadJob:
+            return False
         if not isinstance(spec, dict) or record.get("s") == "cancelled":
             # a cancelled job's id may still sit in its queue list as a tombstone: requeueing
             # that id would run it twice; enqueue the task again instead
             return False
-        queue = spec.get("q") or "default"
+        queue = spec.get("q") or DEFAULT_QUEUE
         priority = spec.get("p", 0)
-        errors = record.get("e") if isinstance(record.get("e"), list) else []
+        kept = record.get("e")
+        errors: list[Any] = kept if isinstance(kept, list) else []
         err = record.get("err")
         if isinstance(err, dict) and err not in errors:
             errors = [*errors, err]
-        state = {"s": "pending", "e": errors[-10:],
+        state = {"s": "pending", "e": errors[-MAX_ERRORS_KEPT:],
                  "rq": int(record.get("rq", 0) or 0) + 1}
-        return bool(self.scripts.run("requeue", [self.keys.jobs], [
-            self.keys.base, job_id, raw, queue, priority, serialization.dumps(spec),
-            serialization.dumps(state), WAKE_CAP]))
+        return self.broker.requeue(job_id, raw, queue, priority, serialization.dumps(spec),
+                                   serialization.dumps(state))
 
     def requeue_failed(self) -> int:
         """Requeue every job in this queue's dead-letter queue; returns how many."""
         count = 0
         while True:
-            ids = self.redis.zrange(self.keys.dlq(self.name), 0, 999)
+            ids = self.broker.dlq_ids(self.name, 0, 999)
             if not ids:
                 return count
             moved = sum(self.requeue(i) for i in ids)
             if not moved:  # records gone (expired): drop their ids
-                self.redis.zrem(self.keys.dlq(self.name), *ids)
+                self.broker.drop_from_dlq(self.name, ids)
             count += moved
 
     def purge_failed(self) -> int:
         """Delete this queue's dead-letter queue and the records of its jobs."""
-        ids = self.redis.zrange(self.keys.dlq(self.name), 0, -1)
-        pipe = self.redis.pipeline()
-        for start in range(0, len(ids), 1000):
-            pipe.delete(*[self.keys.result(i) for i in ids[start:start + 1000]])
-        pipe.delete(self.keys.dlq(self.name))
-        pipe.execute()
-        return len(ids)
+        return self.broker.purge_dlq(self.name)
 
     def empty(self) -> int:
         """Delete every pending job of this queue (running jobs finish); returns how many."""
-        total = 0
-        while True:
-            n = self.scripts.run("empty", [self.keys.jobs], [
-                self.keys.base, self.name, 1000, int(time.time() * 1000),
-                max(self.config.failed_ttl, 86400), WAKE_CAP])
-            total += n
-            if n == 0:
-                return total
+        return self.broker.empty(self.name)
 
     def suspend(self) -> None:
         """Workers stop claiming from this queue (running jobs finish)."""
-        self.redis.sadd(self.keys.suspended, self.name)
+        self.broker.suspend(self.name)
 
     def resume(self) -> None:
         """Workers claim from this queue again (idle ones are woken at once)."""
-        pending = min(self.size(), WAKE_CAP)
-        pipe = self.redis.pipeline().srem(self.keys.suspended, self.name)
-        if pending:
-            pipe.lpush(self.keys.wake(self.name), *["1"] * pending)
-        pipe.execute()
+        self.broker.resume(self.name)
 
     @property
     def suspended(self) -> bool:
-        return bool(self.redis.sismember(self.keys.suspended, self.name))
+        return self.broker.is_suspended(self.name)
 
     def exists(self) -> bool:
         """Whether this queue was ever used on this server."""
-        return bool(self.redis.sismember(self.keys.queues, self.name))
+        return self.broker.queue_exists(self.name)
 
     def queues(self) -> list[str]:
         """Every queue name used on this server."""
-        return sorted(self.redis.smembers(self.keys.queues))
+        return self.broker.queue_names()
 
 
 Queue = JobQueue
@@ -424,8 +401,6 @@ def _parent_ids(parents: Any) -> list[str]:
 
 def _due(delay: float | None, at: Any) -> float | None:
     """The due time of ``delay=seconds`` or ``at=datetime`` (naive: local time)."""
-    from .schedule import to_epoch
-
     if delay is not None and at is not None:
         raise TypeError("give either delay or at, not both")
     if delay is not None:
@@ -448,17 +423,18 @@ def read_job(job_id: str, final: str | None, spec: str | None, state: str | None
              holder: str | None, due: float | None = None) -> Job | None:
     """Assemble a Job from what Redis holds about it (see :mod:`jobq.keys`)."""
     if final is not None and spec is None:  # a live spec wins: the id was enqueued again
-        record = decode(final)
-        if not isinstance(record, dict):
-            raise BadJob(f"final record of {job_id} is not a JSON object")
-        job = _job_from(job_id, record.get("spec"))
+        try:
+            spec_data, record = read_record(final)
+        except BadJob as exc:
+            raise BadJob(f"final record of {job_id}: {exc}") from None
+        job = _job_from(job_id, spec_data)
         job.apply_state(record)
         return job
     if spec is None:
         return None
-    job = _job_from(job_id, decode(spec))
+    job = _job_from(job_id, decode_json(spec))
     if state is not None:
-        job.apply_state(decode(state))
+        job.apply_state(decode_json(state))
     if holder:
         job.status = JobStatus.PROCESSING
         job.worker = holder

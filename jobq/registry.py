@@ -16,17 +16,16 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from .exceptions import TaskImportError, TaskNotAllowed
-from .job import TASK_NAME, Job
+from .groups import CHUNK_TASK, run_chunk
+from .job import Job
+from .queue import default_queue
+from .wire import TASK_NAME
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 #: Tasks registered with @task in this process, by name.
 REGISTRY: dict[str, Task[Any, Any]] = {}
-
-#: Set when this process started a worker pool itself: its workers are forked from it, so
-#: functions of ``__main__`` exist there too and may be enqueued.
-main_tasks_allowed = False
 
 _OPTIONS = ("queue", "priority", "max_retries", "timeout", "result_ttl", "retry_on",
             "dont_retry_on")
@@ -55,8 +54,6 @@ class Task(Generic[P, R]):
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Enqueue this task with these arguments on the default connection; return the job."""
-        from .queue import default_queue
-
         opts = dict(self.job_options)
         queue = default_queue(opts.pop("queue", None))
         return queue.enqueue(self, *args, kwargs=kwargs, **opts)
@@ -83,16 +80,6 @@ def task(fn: Callable[P, R] | None = None, *, name: str | None = None,
     return register(fn) if fn is not None else register
 
 
-def check_enqueueable(name: str) -> None:
-    """Refuse, at enqueue time, a task of ``__main__`` that no worker can have."""
-    if name.startswith("__main__:") and not main_tasks_allowed:
-        raise TaskNotAllowed(
-            f"task {name!r} is defined in the __main__ script, which workers cannot import: "
-            "move it to a module and start workers with -I that.module "
-            "(or start the WorkerPool from this script, so its workers are forked from it)"
-        )
-
-
 class TaskResolver:
     """The allow-list of one worker: imports the allowed modules once, resolves names."""
 
@@ -107,8 +94,11 @@ class TaskResolver:
                 ) from exc
         if allow_main:
             self.modules["__main__"] = sys.modules["__main__"]
-        importlib.import_module("jobq.groups")  # registers the map chunk runner
-        self._cache: dict[str, Callable[..., Any]] = {}
+        self._cache: dict[str, Callable[..., Any]] = {
+            # queue.map's chunks: always allowed, since the runner resolves each item's task
+            # through this allow-list
+            CHUNK_TASK: functools.partial(run_chunk, self.resolve),
+        }
 
     def resolve(self, name: str) -> Callable[..., Any]:
         fn = self._cache.get(name)

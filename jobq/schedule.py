@@ -7,7 +7,6 @@ and tests pass a fake one.
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -157,6 +156,7 @@ def next_fire(d: ScheduleDef, after: float) -> float | None:
             return anchor
         steps = math.floor((after - anchor) / d.interval) + 1
         return round(anchor + steps * d.interval, 3)
+    assert d.cron is not None
     tz = zone(d.timezone)
     base = datetime.fromtimestamp(after, tz)
     times = croniter(d.cron, base)
@@ -227,14 +227,6 @@ def _after(d: ScheduleDef, due: float, now: float) -> float | None:
     while nxt is not None and nxt <= now - ON_TIME:
         nxt = next_fire(d, nxt)
     return nxt
-
-
-def backoff(attempt: int, base: float, cap: float, jitter: float,
-            rng: random.Random | None = None) -> float:
-    """Delay before retry number ``attempt`` (1, 2, ...): ``base * 2**(attempt-1)``, at most
-    ``cap``, less a random part of up to ``jitter`` of it (so retries of many jobs spread)."""
-    delay = min(cap, base * 2 ** max(0, attempt - 1))
-    return delay * (1 - jitter * (rng or random).random())
 
 
 def to_epoch(value: datetime | float | int) -> float:

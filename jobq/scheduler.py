@@ -1,52 +1,28 @@
-"""Schedules (the tutorial's ``Scheduler`` API) and the scheduler process.
-
-Every master forks one scheduler process; across all hosts sharing a server exactly one of
-them leads, through a lease in Redis (``leader.lua``: take it when free, extend it when ours,
-never overwrite another's). The leader:
-
-* promotes delayed jobs and retries whose time has come (``promote.lua``), sleeping until the
-  next due time and woken early when a sooner one arrives (``{ns}:sched:wake``);
-* fires schedules (``fire.lua``): a fire is keyed by (schedule, due time) and moves the due
-  time on atomically, so two schedulers that both believe they lead never fire one run twice;
-* gives back the jobs of workers whose lease lapsed (their host or master died).
+"""Schedules: declare, list, pause and remove them (``Scheduler``), and the ``[[schedule]]``
+tables of a config.
 
 Schedules live in Redis, so every host sees the same ones: ``{ns}:sched:defs`` (name ->
-definition), ``{ns}:sched:due`` (name -> next due time, ms), ``{ns}:sched:last``.
+definition), ``{ns}:sched:due`` (name -> next due time, ms), ``{ns}:sched:last``. The
+scheduler process of whichever master leads fires them (:mod:`jobq.scheduler_daemon`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import redis
-
-from . import info, recovery, serialization
-from .config import Config, load_config
-from .connection import connect, describe_error
-from .job import Job
-from .keys import Keys
-from .queue import WAKE_CAP, JobQueue
-from .schedule import ScheduleDef, ScheduleError, first_due, plan_fire, to_epoch
-from .scripts import Scripts
-from .worker import set_title
+from . import serialization
+from .config import Config
+from .job import Job, check_enqueueable
+from .queue import JobQueue
+from .schedule import ScheduleDef, ScheduleError, first_due, next_fire, to_epoch
 
 log = logging.getLogger("jobq.scheduler")
-
-#: Most delayed jobs promoted per script call (the loop repeats until none is due).
-PROMOTE_BATCH = 2000
-#: How often the leader drops schedules whose owning pool is gone (seconds).
-OWNER_CHECK_EVERY = 10.0
-#: A master that has not written its heartbeat for this long is gone (seconds).
-MASTER_STALE = 15.0
-#: ... and is no longer listed by ``jobq info`` after this long.
-MASTER_FORGOTTEN = 600.0
 
 
 def owner_id() -> str:
@@ -54,27 +30,19 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def sched_keys(keys: Keys) -> dict[str, str]:
-    b = keys.base
-    return {"defs": f"{b}:sched:defs", "due": f"{b}:sched:due", "last": f"{b}:sched:last",
-            "leader": f"{b}:sched:leader", "wake": f"{b}:sched:wake",
-            "masters": keys.masters}
-
-
 class Scheduler:
     """Named schedules on a queue's server: once, interval and cron.
 
-    The tutorial's API: ``schedule_once(job_id, func, run_at, args, kwargs)``,
-    ``schedule_interval(job_id, func, interval, args, kwargs)``, ``cancel(job_id)``,
-    ``start()``/``stop()``; plus ``schedule_cron``. Schedules are stored in Redis and fired by
-    the scheduler process of whichever jobq master leads; ``start()`` and ``stop()`` exist
-    for the tutorial's code (a schedule of a ``__main__`` task lives as long as its pool).
+    ``schedule_once(job_id, func, run_at, args, kwargs)``, ``schedule_interval(job_id, func,
+    interval, args, kwargs)``, ``schedule_cron``, ``cancel(job_id)``, ``start()``/``stop()``.
+    Schedules are stored in Redis and fired by the scheduler process of whichever jobq master
+    leads, so ``start()`` has nothing to start; ``stop()`` removes the schedules of
+    ``__main__`` tasks this object made (they live as long as the script's pool).
     """
 
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
-        self.redis = queue.redis
-        self.k = sched_keys(queue.keys)
+        self.broker = queue.broker
         self.mine: set[str] = set()
 
     # -- declaring ---------------------------------------------------------------------------
@@ -109,11 +77,11 @@ class Scheduler:
         priority = options.pop("priority", 0)
         job = Job(func, tuple(args), kwargs, queue=queue, priority=priority, **options)
         serialization.encode_args(job.args, job.kwargs)
-        opts = {k: v for k, v in (("max_retries", job.max_retries), ("timeout", job.timeout),
-                                  ("result_ttl", job.result_ttl)) if k in options}
-        from . import registry
-
-        registry.check_enqueueable(job.task)
+        chosen: list[tuple[str, Any]] = [("max_retries", job.max_retries),
+                                         ("timeout", job.timeout),
+                                         ("result_ttl", job.result_ttl)]
+        opts: dict[str, Any] = {k: v for k, v in chosen if k in options}
+        check_enqueueable(job.task)
         return ScheduleDef(name=name, task=job.task, args=list(job.args), kwargs=job.kwargs,
                            queue=job.queue or self.queue.name, priority=job.priority,
                            options=opts, misfire=misfire,
@@ -124,32 +92,23 @@ class Scheduler:
         """Store a schedule (replacing one of the same name) and wake the leader."""
         d.validate()
         now = time.time() if now is None else now
-        old = self.redis.hget(self.k["defs"], d.name)
         encoded = serialization.dumps(d.to_json())
-        pipe = self.redis.pipeline()
-        if old != encoded:
-            pipe.hset(self.k["defs"], d.name, encoded)
-            due = first_due(d, now)
-            if due is None or d.paused:
-                pipe.zrem(self.k["due"], d.name)
-            else:
-                pipe.zadd(self.k["due"], {d.name: int(due * 1000)})
-        pipe.lpush(self.k["wake"], "1").ltrim(self.k["wake"], 0, 3)
-        pipe.execute()
+        changed = self.broker.schedule_def(d.name) != encoded
+        due = None if d.paused else first_due(d, now)
+        self.broker.store_schedule(d.name, encoded, due, changed=changed)
         self.mine.add(d.name)
         return d.name
 
     def cancel(self, job_id: str) -> bool:
         """Remove a schedule; True if it existed."""
-        removed = self.redis.pipeline().hdel(self.k["defs"], job_id).zrem(
-            self.k["due"], job_id).hdel(self.k["last"], job_id).execute()
+        removed = self.broker.remove_schedule(job_id)
         self.mine.discard(job_id)
-        return bool(removed[0])
+        return removed
 
     remove = cancel
 
     def get(self, name: str) -> ScheduleDef | None:
-        raw = self.redis.hget(self.k["defs"], name)
+        raw = self.broker.schedule_def(name)
         return ScheduleDef.from_json(serialization.loads(raw)) if raw else None
 
     def pause(self, name: str) -> bool:
@@ -157,23 +116,17 @@ class Scheduler:
         if d is None:
             return False
         d.paused = True
-        self.redis.pipeline().hset(self.k["defs"], name, serialization.dumps(d.to_json())).zrem(
-            self.k["due"], name).execute()
+        self.broker.store_schedule(name, serialization.dumps(d.to_json()), None)
         return True
 
     def resume(self, name: str, now: float | None = None) -> bool:
-        from .schedule import next_fire
-
         d = self.get(name)
         if d is None:
             return False
         d.paused = False
         now = time.time() if now is None else now
         due = next_fire(d, now) if d.kind != "once" else d.at
-        pipe = self.redis.pipeline().hset(self.k["defs"], name, serialization.dumps(d.to_json()))
-        if due is not None:
-            pipe.zadd(self.k["due"], {name: int(due * 1000)})
-        pipe.lpush(self.k["wake"], "1").ltrim(self.k["wake"], 0, 3).execute()
+        self.broker.store_schedule(name, serialization.dumps(d.to_json()), due)
         return True
 
     def run_now(self, name: str) -> Job:
@@ -186,16 +139,16 @@ class Scheduler:
 
     def list(self) -> list[dict[str, Any]]:
         """Every schedule with its next and last run, the last job's status, the leader."""
-        defs = self.redis.hgetall(self.k["defs"])
-        due = dict(self.redis.zrange(self.k["due"], 0, -1, withscores=True))
-        last = self.redis.hgetall(self.k["last"])
-        leader = self.redis.get(self.k["leader"])
+        defs = self.broker.schedule_defs()
+        due = self.broker.schedule_timetable()
+        last = self.broker.schedule_fires()
+        leader = self.broker.leader_token()
         out = []
         for name in sorted(defs):
             d = serialization.loads(defs[name])
             fired = serialization.loads(last[name]) if name in last else {}
             job_id = fired.get("job")
-            d.update(next_run=due[name] / 1000 if name in due else None,
+            d.update(next_run=due.get(name),
                      last_run=fired.get("fired"), last_job=job_id,
                      last_status=self.queue.get_status(job_id) if job_id else None,
                      leader=leader.rsplit(".", 2)[0] if leader else None)
@@ -204,12 +157,12 @@ class Scheduler:
 
     def leader(self) -> str | None:
         """The host (and pid) of the scheduler that leads, if any."""
-        token = self.redis.get(self.k["leader"])
+        token = self.broker.leader_token()
         return token.rsplit(".", 1)[0] if token else None
 
-    # -- the tutorial's lifecycle ----------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Scheduler:
-        """Schedules fire as soon as they are stored; kept for the tutorial's API."""
+        """Nothing to start: schedules fire as soon as they are stored."""
         log.info("scheduler: %d schedule(s) active", len(self.mine))
         return self
 
@@ -224,7 +177,7 @@ class Scheduler:
 def drop_owned_schedules(queue: JobQueue) -> None:
     """Remove the schedules whose task lives in this process's ``__main__``."""
     sched = Scheduler(queue)
-    for name, raw in queue.redis.hgetall(sched.k["defs"]).items():
+    for name, raw in queue.broker.schedule_defs().items():
         if serialization.loads(raw).get("owner") == owner_id():
             sched.cancel(name)
 
@@ -240,7 +193,8 @@ def config_schedules(config: Config) -> list[ScheduleDef]:
         for key in ("task", "args", "kwargs", "queue", "priority", "timezone", "misfire"):
             if key in t:
                 fields[key] = t.pop(key)
-        opts = {k: t.pop(k) for k in ("max_retries", "timeout", "result_ttl") if k in t}
+        opts: dict[str, Any] = {
+            k: t.pop(k) for k in ("max_retries", "timeout", "result_ttl") if k in t}
         if "cron" in t:
             fields.update(kind="cron", cron=t.pop("cron"))
         elif "interval" in t:
@@ -272,7 +226,7 @@ def apply_config_schedules(queue: JobQueue, config: Config) -> None:
     wanted = config_schedules(config)
     sched = Scheduler(queue)
     names = {d.name for d in wanted}
-    for name, raw in queue.redis.hgetall(sched.k["defs"]).items():
+    for name, raw in queue.broker.schedule_defs().items():
         if serialization.loads(raw).get("source") == "config" and name not in names:
             sched.cancel(name)
     for d in wanted:
@@ -282,214 +236,3 @@ def apply_config_schedules(queue: JobQueue, config: Config) -> None:
         sched.add(d)
 
 
-# -- the scheduler process --------------------------------------------------------------------
-class SchedulerProcess:
-    """The loop of one scheduler process; it does the leader's work only while it leads."""
-
-    def __init__(self, config: Config, url: str, config_path: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
-        self.config = config
-        self.url = url
-        self.config_path = config_path
-        self.overrides = overrides or {}
-        self.redis = connect(url)
-        self.scripts = Scripts(self.redis)
-        self.keys = Keys(config.prefix)
-        self.k = sched_keys(self.keys)
-        self.token = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
-        self.leading = False
-        self.stopping = False
-        self.blocking = False
-        self.reload = False
-        self.next_owner_check = 0.0
-        self.next_snapshot = 0.0
-
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        set_title("jobq scheduler")
-        self._apply_config()
-        parent = os.getppid()
-        while not self.stopping:
-            if os.getppid() != parent:
-                log.warning("scheduler %s: its master is gone; stopping", self.token)
-                break
-            try:
-                wake_at = self.step(time.time())
-            except redis.RedisError as exc:
-                log.warning("scheduler: %s", describe_error(exc, self.url))
-                self.leading = False
-                wake_at = time.time() + self.config.scheduler_tick
-            if self.reload:
-                self.reload = False
-                self._reload()
-            self._sleep(wake_at)
-        if self.leading:
-            self._resign()
-        return 0
-
-    def step(self, now: float) -> float:
-        """One pass: keep or take the lead, then (leading) promote, fire, reap.
-        Returns when to look again."""
-        lease_ms = int(self.config.leader_lease * 1000)
-        leading = bool(self.scripts.run("leader", [self.k["leader"]], [self.token, lease_ms]))
-        if leading != self.leading:
-            self.leading = leading
-            log.info("scheduler %s %s", self.token, "leads" if leading else "stands by")
-        renew_at = now + min(self.config.scheduler_tick, self.config.leader_lease / 3)
-        if not leading:
-            return renew_at
-        next_job = self.promote(now)
-        next_fire = self.fire_due(now)
-        recovery.reap(self.redis, self.scripts, self.keys, self.config, now)
-        if now >= self.next_owner_check:
-            self.next_owner_check = now + OWNER_CHECK_EVERY
-            self.drop_orphaned_schedules(now)
-        if now >= self.next_snapshot:
-            self.next_snapshot = now + info.SNAPSHOT_EVERY
-            info.snapshot(self.redis, self.keys, now)
-        return min(x for x in (renew_at, next_job, next_fire) if x is not None)
-
-    def promote(self, now: float) -> float | None:
-        """Move due delayed jobs to their queues; return the next one's due time."""
-        while True:
-            moved, nxt = self.scripts.run("promote", [self.keys.jobs], [
-                self.keys.base, int(now * 1000), PROMOTE_BATCH, WAKE_CAP])
-            if moved < PROMOTE_BATCH:
-                return None if nxt < 0 else nxt / 1000
-
-    def fire_due(self, now: float) -> float | None:
-        """Fire every schedule that is due; return the next due time."""
-        due = self.redis.zrangebyscore(self.k["due"], "-inf", int(now * 1000), withscores=True)
-        for name, due_ms in due:
-            raw = self.redis.hget(self.k["defs"], name)
-            if raw is None:
-                self.redis.zrem(self.k["due"], name)
-                continue
-            try:
-                d = ScheduleDef.from_json(serialization.loads(raw)).validate()
-                plan = plan_fire(d, due_ms / 1000, now)
-                specs = [self._job_spec(d, name, run) for run in plan.runs]
-            except (ScheduleError, ValueError, TypeError) as exc:
-                log.error("schedule %s is broken and was paused: %s", name, exc)
-                self.redis.zrem(self.k["due"], name)
-                continue
-            expected = int(due_ms)
-            runs: list[float | None] = list(plan.runs) or [None]
-            for i, run in enumerate(runs):
-                last = i == len(runs) - 1
-                nxt = plan.next_due if last else runs[i + 1]
-                next_ms = int(nxt * 1000) if nxt is not None else -1
-                job_args = specs[i] if run is not None else []
-                fired = self.scripts.run("fire", [self.keys.jobs], [
-                    self.keys.base, name, expected, next_ms, int(now * 1000), WAKE_CAP,
-                    *job_args])
-                if not fired:
-                    break  # another scheduler fired this run: it has moved the due time on
-                if run is not None:
-                    log.info("schedule %s fired (due %s)", name,
-                             time.strftime("%H:%M:%S", time.localtime(run)))
-                expected = next_ms
-        nxt = self.redis.zrange(self.k["due"], 0, 0, withscores=True)
-        return nxt[0][1] / 1000 if nxt else None
-
-    def _job_spec(self, d: ScheduleDef, name: str, run: float) -> list[Any]:
-        """The enqueue arguments of one run: its job id is the (name, due time) key."""
-        job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}", queue=d.queue,
-                  priority=d.priority, **d.options)
-        spec = serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
-        return [job.id, d.queue, d.priority, spec]
-
-    def drop_orphaned_schedules(self, now: float) -> None:
-        """Schedules of a ``__main__`` task die with the pool that could run it."""
-        owners = set()
-        for master, raw in self.redis.hgetall(self.k["masters"]).items():
-            described = serialization.loads(raw)
-            age = now - described.get("ts", 0)
-            if age < MASTER_STALE:
-                owners.add(described.get("owner"))
-            elif age > MASTER_FORGOTTEN:
-                self.redis.hdel(self.k["masters"], master)
-        for name, raw in self.redis.hgetall(self.k["defs"]).items():
-            owner = serialization.loads(raw).get("owner")
-            if owner and owner not in owners:
-                log.info("schedule %s removed: the pool that owned it is gone", name)
-                self.redis.pipeline().hdel(self.k["defs"], name).zrem(self.k["due"], name).execute()
-
-    def _sleep(self, wake_at: float) -> None:
-        timeout = max(0.001, wake_at - time.time())
-        if self.stopping:
-            return
-        if not self.leading:
-            _interruptible_sleep(timeout, lambda: self.stopping)
-            return
-        self.blocking = True
-        try:
-            self.redis.blpop([self.k["wake"]], timeout=timeout)
-        except _Wake:
-            self.redis.connection_pool.disconnect()  # a reply may be half read
-        except redis.RedisError:
-            _interruptible_sleep(min(timeout, 1.0), lambda: self.stopping)
-        finally:
-            self.blocking = False
-
-    def _on_term(self, signum: int, frame: Any) -> None:
-        self.stopping = True
-        if self.blocking:  # leave BLPOP at once; anywhere else the loop sees the flag
-            raise _Wake()
-
-    def _on_hup(self, signum: int, frame: Any) -> None:
-        self.reload = True
-
-    def _apply_config(self) -> None:
-        if not self.config.schedules and not self._has_config_schedules():
-            return
-        try:
-            apply_config_schedules(JobQueue(redis_url=self.url, config=self.config,
-                                            connection=self.redis), self.config)
-        except (ScheduleError, redis.RedisError) as exc:
-            log.error("config schedules not applied: %s", exc)
-
-    def _has_config_schedules(self) -> bool:
-        try:
-            return any(serialization.loads(raw).get("source") == "config"
-                       for raw in self.redis.hvals(self.k["defs"]))
-        except redis.RedisError:
-            return False
-
-    def _reload(self) -> None:
-        try:
-            self.config = load_config(self.config_path, **self.overrides)
-        except Exception as exc:
-            log.error("scheduler: reload refused: %s", exc)
-            return
-        self._apply_config()
-
-    def _resign(self) -> None:
-        """Give up the lead at once on a clean stop, so a standby takes over quickly."""
-        try:
-            self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                            "return redis.call('DEL', KEYS[1]) end return 0", 1,
-                            self.k["leader"], self.token)
-        except redis.RedisError:
-            pass
-
-
-class _Wake(BaseException):
-    """Raised by the TERM handler to leave a blocking wait at once."""
-
-
-def _interruptible_sleep(seconds: float, stop: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while not stop():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        time.sleep(min(left, 0.1))
-
-
-def scheduler_main(config: Config, url: str, options: Any = None) -> int:
-    """Entry point of the scheduler process forked by the master."""
-    config_path = getattr(options, "config_path", None)
-    overrides = getattr(options, "overrides", None)
-    return SchedulerProcess(config, url, config_path, overrides).run()

@@ -1,9 +1,13 @@
-"""Load jobq's Lua scripts (``jobq/lua/*.lua``) and call them by name.
+"""Load jobq's Lua scripts (``jobq/lua/*.lua``) and call them by name; only
+:mod:`jobq.broker` calls them.
+
+Each script is sent as the constants :mod:`jobq.wire` shares with Lua, then ``lib.lua``'s
+helpers, then the script itself: one atomic EVALSHA.
 
 ``scripts.run("claim", keys, args)`` is the hot path: one EVALSHA on a pooled connection,
 without redis-py's per-command machinery (about a third of a round trip's cost here), and
 EVAL once when the server does not know the script (a restarted server, a fresh replica).
-The redis-py ``Script`` objects (``scripts.claim(...)``) serve pipelines.
+:meth:`Scripts.queue` adds a call to a redis-py pipeline instead.
 """
 
 from __future__ import annotations
@@ -18,15 +22,26 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from .wire import LUA_CONSTANTS
+
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
-         "requeue", "empty", "enqueue_one", "giveback")
+         "resign", "requeue", "empty", "enqueue_one", "giveback")
+
+
+def _constants() -> str:
+    lines = []
+    for name, value in LUA_CONSTANTS.items():
+        literal = str(value) if isinstance(value, int) else '"' + value + '"'
+        lines.append(f"local {name} = {literal}\n")
+    return "".join(lines)
 
 
 def _source(name: str) -> str:
-    """A script with the shared helpers of lib.lua in front (each call stays atomic)."""
+    """A script with the shared constants and the helpers of lib.lua in front (each call
+    stays atomic)."""
     lua = resources.files("jobq").joinpath("lua")
-    return lua.joinpath("lib.lua").read_text("utf-8") + lua.joinpath(f"{name}.lua").read_text(
-        "utf-8")
+    return (_constants() + lua.joinpath("lib.lua").read_text("utf-8")
+            + lua.joinpath(f"{name}.lua").read_text("utf-8"))
 
 
 class Scripts:
@@ -39,11 +54,12 @@ class Scripts:
         self._pid = 0
         self._source: dict[str, str] = {}
         self._sha: dict[str, str] = {}
+        self._registered: dict[str, Any] = {}
         for name in NAMES:
             source = _source(name)
             self._source[name] = source
             self._sha[name] = hashlib.sha1(source.encode()).hexdigest()
-            setattr(self, name, client.register_script(source))
+            self._registered[name] = client.register_script(source)
 
     def run(self, name: str, keys: list[str], args: list[Any], spin: float = 0.0) -> Any:
         """One script call; see :meth:`run_many` for ``spin``."""
@@ -94,15 +110,6 @@ class Scripts:
             self._pid = os.getpid()
         return self._conn
 
-    enqueue: Any
-    claim: Any
-    ack: Any
-    release: Any
-    cancel: Any
-    promote: Any
-    fire: Any
-    leader: Any
-    requeue: Any
-    empty: Any
-    enqueue_one: Any
-    giveback: Any
+    def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Add a call to a redis-py pipeline (which loads the script if the server lacks it)."""
+        self._registered[name](keys=keys, args=args, client=pipe)

@@ -24,6 +24,9 @@ from urllib.parse import quote
 import psutil
 import redis
 
+from .config import Config
+from .connection import close_all
+
 log = logging.getLogger(__name__)
 
 #: Environment variable naming the data directory.
@@ -319,11 +322,15 @@ def ensure_server(home: Path | str | None = None) -> str:
     return url
 
 
+def resolve_url(cfg: Config) -> str:
+    """The URL to use for ``cfg``: ``cfg.redis_url``, else the embedded server (started if
+    needed)."""
+    return cfg.redis_url or ensure_server()
+
+
 def _stop_if_unused(server: EmbeddedServer, pid: int) -> None:
     if os.getpid() != pid:
         return  # a forked child exiting normally: the server is its parent's business
-    from .connection import close_all
-
     close_all()  # our own connections do not count as users
     try:
         client = redis.Redis(unix_socket_path=str(server.socket_path), socket_timeout=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: seq, pid, state, jobs done, heartbeat, job started, job deadline, job id (len + bytes),
@@ -35,7 +36,6 @@ _SEP = "\x1f"
 
 #: Slot states.
 FREE, BOOTING, IDLE, BUSY, EXITING = range(5)
-STATE_NAMES = {FREE: "free", BOOTING: "booting", IDLE: "idle", BUSY: "busy", EXITING: "exiting"}
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class SlotView:
     deadline: float
     job_id: str | None
     message: str
-
-    @property
-    def busy(self) -> bool:
-        return self.state == BUSY
 
 
 class SlotTable:
@@ -79,7 +75,8 @@ class SlotTable:
         return self.capacity * (SIZE + CANCEL_SIZE) + index * JOURNAL_SIZE
 
     def unsent_acks(self, index: int) -> list[list[str]]:
-        """The acknowledgements a (dead) worker had journaled but not sent to Redis."""
+        """The acknowledgements a (dead) worker had journaled but not sent to Redis, each as
+        its fields (:meth:`jobq.wire.AckEntry.from_fields` reads them back)."""
         offset = self._journal_offset(index)
         count, used = _JOURNAL_HEAD.unpack_from(self.mem, offset)
         entries: list[list[str]] = []
@@ -94,8 +91,7 @@ class SlotTable:
                 break
             fields = bytes(self.mem[pos:pos + n]).decode(errors="replace").split(_SEP)
             pos += n
-            if len(fields) == 7:
-                entries.append(fields)
+            entries.append(fields)
         return entries
 
     def set_cancel(self, index: int, job_id: str) -> None:
@@ -173,7 +169,7 @@ class Slot:
         return bytes(self.mem[self.cancel_offset + 1:self.cancel_offset + 1 + n]).decode(
             errors="replace")
 
-    def journal_ack(self, fields: tuple[object, ...]) -> bool:
+    def journal_ack(self, fields: Sequence[object]) -> bool:
         """Record an acknowledgement not yet sent; False when the journal is full (the worker
         then sends its acknowledgements at once)."""
         if self.journal < 0:

@@ -1,4 +1,4 @@
-"""``JobStore``: the tutorial's read API over jobq's records, without KEYS or SCAN of the
+"""``JobStore``: a read API over jobq's records by job, without KEYS or SCAN of the
 keyspace: live jobs are paged with HSCAN of the jobs hash, finished ones come from each
 queue's capped list of recent ids and its dead-letter queue."""
 
@@ -16,11 +16,10 @@ class JobStore:
                  redis_host: str | None = None, redis_port: int = 6379) -> None:
         if queue is None:
             if redis_url is None and redis_host is not None:
-                redis_url = f"redis://{redis_host}:{redis_port}/0"  # the tutorial's arguments
+                redis_url = f"redis://{redis_host}:{redis_port}/0"  # host and port, as a URL
             queue = JobQueue(redis_url=redis_url)
         self.queue = queue
-        self.redis = queue.redis
-        self.keys = queue.keys
+        self.broker = queue.broker
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         job = self.queue.get_job(job_id)
@@ -38,7 +37,7 @@ class JobStore:
         holds about ``limit`` jobs (HSCAN's count is a hint, and none is dropped)."""
         out: list[dict[str, Any]] = []
         while len(out) < limit:
-            cursor, chunk = self.redis.hscan(self.keys.jobs, cursor, count=min(limit, 1000))
+            cursor, chunk = self.broker.scan_jobs(cursor, min(limit, 1000))
             for job_id in chunk:
                 job = self.get_job(job_id)
                 if job is not None:
@@ -47,9 +46,9 @@ class JobStore:
                 break
         if cursor == 0 and include_finished and len(out) < limit:
             seen = {j["id"] for j in out}
-            for queue in sorted(self.redis.smembers(self.keys.queues)):
-                ids = self.redis.lrange(self.keys.recent(queue), 0, limit) + \
-                    self.redis.zrevrange(self.keys.dlq(queue), 0, limit)
+            for queue in self.broker.queue_names():
+                ids = self.broker.recent_ids(queue, limit) + \
+                    self.broker.dlq_ids(queue, 0, limit, newest_first=True)
                 for job_id in ids:
                     if len(out) >= limit:
                         break
@@ -65,22 +64,19 @@ class JobStore:
         cancelled instead: it never runs, and its record (cancelled) stays until it expires,
         because it marks the id left in its queue. A running job is not deleted (cancel it).
         """
-        if self.redis.hexists(self.keys.active, job_id):
+        if self.broker.active_holder(job_id) is not None:
             return False
         if self.queue.cancel_job(job_id) == "cancelled":
             return True
-        removed = self.redis.delete(self.keys.result(job_id))
-        for queue in self.redis.smembers(self.keys.queues):
-            self.redis.zrem(self.keys.dlq(queue), job_id)
-        return bool(removed)
+        return self.broker.delete_record(job_id)
 
     def get_stats(self) -> dict[str, int]:
-        """Totals over every queue: the tutorial's keys (total, completed, failed, pending,
-        processing) and the others."""
+        """Totals over every queue: ``total`` (enqueued), completed, failed, pending,
+        processing and the other counters."""
         totals: dict[str, int] = {}
-        for queue in self.redis.smembers(self.keys.queues):
+        for queue in self.broker.queue_names():
             q = JobQueue(queue, redis_url=self.queue.url, config=self.queue.config,
-                         connection=self.redis)
+                         connection=self.queue.redis)
             for key, value in q.get_stats().items():
                 totals[key] = totals.get(key, 0) + value
         for key in ("completed", "failed", "pending", "processing"):

@@ -28,13 +28,14 @@ from jobq import exitcodes, serialization
 from jobq.config import Config, load_config
 from jobq.connection import connect
 from jobq.exceptions import PayloadTooLarge, SerializationError
-from jobq.job import MAX_TIMEOUT, MAX_TTL, JobStatus
+from jobq.job import JobStatus
 from jobq.keys import Keys
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
 from jobq.schedule import ScheduleError
 from jobq.scheduler import Scheduler
 from jobq.server import EmbeddedServer, ServerError
+from jobq.wire import MAX_TIMEOUT, MAX_TTL
 from jobq.worker import Worker
 
 pytestmark = pytest.mark.chaos
@@ -164,17 +165,17 @@ BAD_SPECS: list[tuple[str, str | bytes | None, str]] = [
     ("json-string", '"jobq_testtasks:echo"', "is a JSON str, not an object"),
     ("json-null", "null", "not an object"),
     ("json-true", "true", "is a JSON bool, not an object"),
-    ("no-t", '{"a": [1]}', "no task name (field 't' is None)"),
+    ("no-t", '{"a": [1]}', "no valid task name (field 't' is None)"),
     ("t-null", '{"t": null, "a": []}', "field 't' is None"),
     ("t-number", '{"t": 42, "a": []}', "field 't' is 42"),
     ("t-list", '{"t": ["jobq_testtasks", "echo"]}', "field 't' is ["),
     ("t-object", '{"t": {"m": "os", "f": "system"}}', "field 't' is {"),
-    ("a-string", spec(a="abc"), "args must be a list"),
-    ("a-number", spec(a=3), "args must be a list"),
-    ("a-object", spec(a={"x": 1}), "args must be a list"),
-    ("a-null", spec(a=None), "args must be a list"),
-    ("k-list", spec(k=[1, 2]), "kwargs an object"),
-    ("k-string", spec(k="x=1"), "kwargs an object"),
+    ("a-string", spec(a="abc"), "args (field 'a') must be a list"),
+    ("a-number", spec(a=3), "args (field 'a') must be a list"),
+    ("a-object", spec(a={"x": 1}), "args (field 'a') must be a list"),
+    ("a-null", spec(a=None), "args (field 'a') must be a list"),
+    ("k-list", spec(k=[1, 2]), "kwargs (field 'k') must be an object"),
+    ("k-string", spec(k="x=1"), "kwargs (field 'k') must be an object"),
     ("p-string", spec(p="high"), "priority 'high'"),
     ("p-float", spec(p=1.5), "priority 1.5"),
     ("p-bool", spec(p=True), "priority True"),
@@ -186,14 +187,14 @@ BAD_SPECS: list[tuple[str, str | bytes | None, str]] = [
     ("ttl-float", spec(ttl=1.5), "result_ttl 1.5"),
     ("ttl-huge", spec(ttl=10**20), "result_ttl 100000000000000000000"),
     ("ttl-2**62", spec(ttl=2**62), f"result_ttl {2**62}"),
-    ("to-zero", spec(to=0), "job timeout must be a number of seconds"),
-    ("to-negative", spec(to=-1), "job timeout must be a number of seconds"),
-    ("to-string", spec(to="fast"), "got 'fast'"),
-    ("to-nan-string", spec(to="NaN"), "got 'NaN'"),
-    ("to-bool", spec(to=True), "got True"),
-    ("to-over-30-days", spec(to=MAX_TIMEOUT + 1), f"got {MAX_TIMEOUT + 1}"),
-    ("to-1e308", spec(to=1e308), "got 1e+308"),
-    ("to-huge-int", spec(to=10**400), "job timeout must be a number of seconds"),
+    ("to-zero", spec(to=0), "timeout 0 (must be a number of seconds"),
+    ("to-negative", spec(to=-1), "timeout -1 (must be a number of seconds"),
+    ("to-string", spec(to="fast"), "timeout 'fast'"),
+    ("to-nan-string", spec(to="NaN"), "timeout 'NaN'"),
+    ("to-bool", spec(to=True), "timeout True"),
+    ("to-over-30-days", spec(to=MAX_TIMEOUT + 1), f"timeout {MAX_TIMEOUT + 1}"),
+    ("to-1e308", spec(to=1e308), "timeout 1e+308"),
+    ("to-huge-int", spec(to=10**400), "(must be a number of seconds"),
     ("nan-literal", spec()[:-1] + ', "to": NaN}', "NaN"),
     ("infinity-literal", spec()[:-1] + ', "p": Infinity}', "Infinity"),
     ("minus-infinity-in-args", '{"t": "jobq_testtasks:echo", "a": [-Infinity]}', "Infinity"),

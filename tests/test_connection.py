@@ -9,8 +9,9 @@ import pytest
 import redis
 
 from jobq.config import Config
-from jobq.connection import connect, describe_error, redact, resolve_url
-from jobq.server import EmbeddedServer
+from jobq.connection import connect, describe_error
+from jobq.server import EmbeddedServer, resolve_url
+from jobq.urls import redact
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,21 +15,19 @@ from pathlib import Path
 import jobq_testtasks as tasks
 import pytest
 
+from jobq import job as jobs
 from jobq import registry, serialization
 from jobq.exceptions import PayloadTooLarge, SerializationError, TaskImportError, TaskNotAllowed
-from jobq.job import (
+from jobq.job import Job, JobStatus, new_id, task_name
+from jobq.registry import TaskResolver
+from jobq.wire import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
     BadJob,
-    Job,
-    JobStatus,
-    decode,
-    new_id,
-    task_name,
 )
-from jobq.registry import TaskResolver
+from jobq.wire import decode_json as decode
 
 
 def encode(job: Job, max_bytes: int = 1 << 20) -> str:
@@ -249,13 +248,23 @@ def test_from_spec_accepts_lua_empty_object_for_empty_args() -> None:
     ({"t": "m:f", "p": True}, "bad option: priority"),
     ({"t": "m:f", "r": -1}, "bad option: max_retries"),
     ({"t": "m:f", "to": 0}, "bad option: timeout"),
-    ({"t": "m:f", "q": "a b"}, "bad option: queue name"),
     ({"t": "m:f", "ttl": "x"}, "bad option: result_ttl"),
-    ({"t": "m:f", "c": "yesterday"}, "bad option: created"),
+    ({"t": "m:f", "g": 5}, "job group"),
 ])
 def test_from_spec_refuses_garbage(spec: object, message: str) -> None:
     with pytest.raises(BadJob, match=message):
         Job.from_spec("x", spec)
+
+
+def test_from_spec_drops_malformed_informational_fields() -> None:
+    # the worker runs such a job (it does not use these fields), so it reads back as a job
+    # too, as if the field were absent: one set of rules for both (jobq.wire)
+    job = Job.from_spec("j1", {"t": "m:f", "q": "a b", "c": "yesterday", "ro": 5,
+                               "dep": "x", "gi": "x", "k": None})
+    assert (job.task, job.queue, job.retry_on, job.depends_on) == ("m:f", DEFAULT_QUEUE, [], [])
+    assert job.kwargs == {} and job.group_index is None
+    assert abs(job.created_at.timestamp() - time.time()) < 60  # unknown: read as now
+
 
 
 @pytest.mark.parametrize("raw", ["{not json", "", b"\xff\xfe", "[1,"])
@@ -478,12 +487,12 @@ def test_resolver_import_error_names_the_module() -> None:
 
 def test_main_tasks_are_refused_at_enqueue_unless_allowed(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "main_tasks_allowed", False)
+    monkeypatch.setattr(jobs, "main_tasks_allowed", False)
     with pytest.raises(TaskNotAllowed, match=r"__main__ script.*-I that\.module"):
-        registry.check_enqueueable("__main__:work")
-    registry.check_enqueueable("jobq_testtasks:add")
-    monkeypatch.setattr(registry, "main_tasks_allowed", True)
-    registry.check_enqueueable("__main__:work")
+        jobs.check_enqueueable("__main__:work")
+    jobs.check_enqueueable("jobq_testtasks:add")
+    monkeypatch.setattr(jobs, "main_tasks_allowed", True)
+    jobs.check_enqueueable("__main__:work")
 
 
 def test_task_decorator_refuses_unknown_options() -> None:

@@ -17,7 +17,7 @@ from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobq import recovery, registry
+from jobq import job as jobs
 from jobq.config import Config
 from jobq.exceptions import JobFailed, PayloadTooLarge, SerializationError, TaskNotAllowed
 from jobq.job import Job, JobStatus
@@ -61,9 +61,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> int:
 
 
 def claim(queue: JobQueue, count: int, *queues: str, worker: str = "w1") -> list[str]:
-    out = queue.scripts.run("claim", [queue.keys.jobs],
-                            [queue.keys.base, worker, LEASE_MS, count, *(queues or ("default",))])
-    return [out[i] for i in range(0, len(out), 4)]
+    lease = LEASE_MS / 1000 - queue.config.lease_time  # claim at a "now" giving LEASE_MS
+    _, claimed = queue.broker.exchange(worker, [], queues or ("default",), count, now=lease)
+    return [c.job_id for c in claimed]
 
 
 # -- enqueue and read back ---------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_main_task_is_refused_at_enqueue(queue: JobQueue, r: redis.Redis,
 
     script_task.__module__ = "__main__"
     script_task.__qualname__ = "script_task"
-    monkeypatch.setattr(registry, "main_tasks_allowed", False)
+    monkeypatch.setattr(jobs, "main_tasks_allowed", False)
     with pytest.raises(TaskNotAllowed, match=r"'__main__:script_task' is defined in the "
                                              r"__main__ script.*-I"):
         queue.enqueue(script_task)
@@ -244,7 +244,7 @@ def test_main_task_is_refused_at_enqueue(queue: JobQueue, r: redis.Redis,
     with pytest.raises(TaskNotAllowed):
         queue.enqueue_many([Job(script_task)])
     assert r.dbsize() == 0
-    monkeypatch.setattr(registry, "main_tasks_allowed", True)
+    monkeypatch.setattr(jobs, "main_tasks_allowed", True)
     assert queue.enqueue(script_task).task == "__main__:script_task"
 
 
@@ -479,8 +479,8 @@ def test_jobs_given_back_unstarted_keep_their_order(queue: JobQueue, r: redis.Re
     # what a stopping worker does with the jobs it prefetched but did not start
     jobs = [queue.enqueue(tasks.noop, priority=p) for p in (0, 1, 0, 1, 0, 0)]
     assert claim(queue, 4) == [jobs[i].id for i in (0, 2, 4, 5)]
-    requeued, failed = recovery.release(queue.redis, queue.scripts, queue.keys, queue.config,
-                                        "w1", cause="worker stopped", current="-") or ([], [])
+    requeued, failed = queue.broker.release(
+        "w1", cause="worker stopped", current="-") or ([], [])
     assert (len(requeued), failed) == (4, [])
     assert claim(queue, 10, worker="w2") == [jobs[i].id for i in (0, 2, 4, 5, 1, 3)]
     assert r.exists(queue.keys.held("w1")) == 0

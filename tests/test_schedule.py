@@ -19,7 +19,6 @@ from jobq.schedule import (
     ON_TIME,
     ScheduleDef,
     ScheduleError,
-    backoff,
     check_cron,
     first_due,
     next_fire,
@@ -27,6 +26,7 @@ from jobq.schedule import (
     to_epoch,
 )
 from jobq.scheduler import config_schedules
+from jobq.settle import backoff
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YORK = ZoneInfo("America/New_York")

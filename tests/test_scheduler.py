@@ -29,12 +29,14 @@ import redis
 from conftest import kill_processes, process_tree, wait_until
 
 from jobq import serialization
+from jobq.broker import NewJob
 from jobq.config import load_config
 from jobq.job import Job, JobStatus
-from jobq.queue import WAKE_CAP, JobQueue
+from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
 from jobq.schedule import next_fire
-from jobq.scheduler import Scheduler, SchedulerProcess
+from jobq.scheduler import Scheduler
+from jobq.scheduler_daemon import SchedulerProcess
 from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -391,9 +393,8 @@ def test_two_schedulers_firing_the_same_due_time_fire_it_once(
     spec = serialization.encode_spec(Job(d.task, id=first).spec(), max_bytes=1 << 20)
 
     def stale_fire(expected_ms: int, job_id: str) -> int:
-        return int(b.scripts.run("fire", [b.keys.jobs], [
-            b.keys.base, names[0], expected_ms, expected_ms + 3_600_000,
-            int(time.time() * 1000), WAKE_CAP, job_id, "default", 0, spec]))
+        return int(b.broker.fire(names[0], expected_ms, expected_ms + 3_600_000,
+                                 NewJob(job_id, "default", 0, 0, spec), time.time()))
 
     assert stale_fire(start_ms, first) == 0
     assert queue.size() == 0 and queue.get_status(first) == "completed"

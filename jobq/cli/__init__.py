@@ -52,8 +52,7 @@ class State:
         return self._config
 
     def url(self) -> str:
-        from ..connection import resolve_url
-        from ..server import ServerError
+        from ..server import ServerError, resolve_url
 
         try:
             return resolve_url(self.config())
@@ -88,7 +87,7 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
 
 def _scrubbed(message: str, url: str) -> str:
     """The message without the URL's password, should an exception have quoted the URL."""
-    from ..connection import redact
+    from ..urls import redact
 
     return message.replace(url, redact(url)) if url else message
 

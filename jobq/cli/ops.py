@@ -263,7 +263,7 @@ def info(state: State, as_json: bool) -> None:
         from .. import info as info_mod
 
         queue = _queue(state)
-        data = info_mod.collect(queue.redis, queue.keys)
+        data = info_mod.collect(queue.broker)
         if as_json:
             _echo_json(data)
         else:
@@ -288,7 +288,7 @@ def top(state: State, interval: float, iterations: int) -> None:
         n = 0
         try:
             while True:
-                text = _info_text(info_mod.collect(queue.redis, queue.keys))
+                text = _info_text(info_mod.collect(queue.broker))
                 click.clear()
                 click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
                 click.echo(text)

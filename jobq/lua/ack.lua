@@ -8,8 +8,8 @@
 -- ARGV[5]  how many failed ids to keep per queue in the dead-letter queue {ns}:dlq:<queue>
 -- ARGV[6]  cap on wake tokens per queue
 -- ARGV[7]  how long the records of jobs cancelled because a parent failed are kept (s)
--- ARGV[8..] groups of 7: kind, id, queue, priority, ttl (s) or due (ms), payload, group id
---           ("" when the job is not part of a queue.map group)
+-- ARGV[8..] groups of ACK_FIELDS (7, wire.AckEntry): kind, id, queue, priority, ttl (s) or
+--           due (ms), payload, group id ("" when the job is not part of a queue.map group)
 --   "done"  : payload is the final record, kept ttl seconds (0: not kept)
 --   "fail"  : payload is the final record, kept ttl seconds; the id joins the DLQ
 --   "cancel": payload is the final record (cancelled while running), kept ttl seconds
@@ -29,7 +29,7 @@ local wake_cap = tonumber(ARGV[6])
 local dlq_ttl = tonumber(ARGV[7])
 local held = B .. ':held:' .. worker
 local ids = {}
-for i = 8, #ARGV, 7 do ids[#ids + 1] = ARGV[i + 1] end
+for i = 8, #ARGV, ACK_FIELDS do ids[#ids + 1] = ARGV[i + 1] end
 if #ids == 0 then return {} end
 local is_held = redis.call('HMGET', held, unpack(ids))
 local stale, live, finished, oks = {}, {}, {}, {}
@@ -37,7 +37,7 @@ local delta = {}   -- queue -> {processing, completed, failed, retried, pending,
                    --           cancelled}
 local recent = {}  -- queue -> {ids}
 for k = 1, #ids do
-  local i = 8 + (k - 1) * 7
+  local i = 8 + (k - 1) * ACK_FIELDS
   local kind, id, q, prio, ttl, payload, gid =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5],
     ARGV[i + 6]

@@ -27,7 +27,8 @@ if not spec then
 end
 local st = decode_state(redis.call('HGET', B .. ':state', id))
 local ok, job = pcall(cjson.decode, spec)
-local q = (ok and type(job) == 'table' and job.q) or 'default'
+if not (ok and type(job) == 'table') then job = {} end
+local q = spec_queue(job)
 if redis.call('ZREM', B .. ':scheduled', id) == 1 then
   count(B, q, 'scheduled', -1)
 elseif redis.call('HDEL', B .. ':deps', id) == 1 then
@@ -40,7 +41,7 @@ st.fin = now / 1000
 st.err = {type = 'Cancelled', msg = ARGV[5]}
 finish(B, id, final_record(spec, st), tonumber(ARGV[4]))
 count(B, q, 'cancelled', 1)
-if ok and type(job) == 'table' then group_done(B, job.g, 'failed') end
+group_done(B, job.g, 'failed')
 notify_done(B, {id})
 finished_parents(B, {id}, {false}, now, 64, tonumber(ARGV[4]))
 return 'cancelled'

@@ -17,10 +17,10 @@ for i = #ARGV, 4, -1 do  -- last first, so that LPUSH keeps their order
   local q = redis.call('HGET', held, id)
   if q then
     local ok, job = pcall(cjson.decode, redis.call('HGET', KEYS[1], id) or 'null')
-    local prio = (ok and type(job) == 'table' and tonumber(job.p)) or 0
+    if not (ok and type(job) == 'table') then job = {} end
     redis.call('HDEL', held, id)
     redis.call('HDEL', B .. ':active', id)
-    push_ready(B, q, tostring(prio), {id}, true)
+    push_ready(B, q, spec_level(job), {id}, true)
     count(B, q, 'processing', -1)
     count(B, q, 'pending', 1)
     wake(B, q, 1, tonumber(ARGV[3]))

@@ -1,5 +1,19 @@
 -- lib.lua: helpers shared by jobq's scripts. scripts.py puts this text in front of each
--- script, so every script stays one atomic EVALSHA.
+-- script, so every script stays one atomic EVALSHA, after the constants jobq/wire.py
+-- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, ACK_FIELDS).
+
+-- A spec's queue, priority (as the level's name) and max_retries, with the defaults wire.py
+-- leaves out of specs. A field present as JSON null counts as absent.
+local function spec_queue(job)
+  if type(job.q) == 'string' then return job.q end
+  return DEFAULT_QUEUE
+end
+local function spec_level(job)
+  return tostring(tonumber(job.p) or DEFAULT_PRIORITY)
+end
+local function spec_retries(job)
+  return tonumber(job.r) or DEFAULT_MAX_RETRIES
+end
 
 -- Append ids to a queue's level (at the front with `front`), and register the level.
 local function push_ready(B, q, prio, ids, front)
@@ -54,7 +68,8 @@ local function decode_state(raw)
   return {}
 end
 
--- The final record of a job: its spec (raw JSON text, untouched) and its state.
+-- The final record of a job: its spec (raw JSON text, untouched) and its state; the same
+-- shape as wire.final_record builds in Python.
 local function final_record(spec, st)
   return '{"spec":' .. (spec or 'null') .. ',' .. string.sub(cjson.encode(st), 2)
 end
@@ -95,13 +110,13 @@ local function resolve_children(B, parent, ok, now, wake_cap, ttl)
       local left = redis.call('HGET', B .. ':deps', child)
       if spec and left then
         local job = cjson.decode(spec)
-        local q = job.q or 'default'
+        local q = spec_queue(job)
         if pok or job.opf == 'run' then
           left = redis.call('HINCRBY', B .. ':deps', child, -1)
           if left <= 0 then
             redis.call('HDEL', B .. ':deps', child)
             redis.call('HDEL', B .. ':state', child)
-            push_ready(B, q, tostring(tonumber(job.p) or 0), {child}, false)
+            push_ready(B, q, spec_level(job), {child}, false)
             count(B, q, 'deferred', -1)
             count(B, q, 'pending', 1)
             wake(B, q, 1, wake_cap)

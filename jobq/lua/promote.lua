@@ -19,13 +19,13 @@ if #ids > 0 then
   for k, id in ipairs(ids) do
     local ok, job = pcall(cjson.decode, specs[k] or 'null')
     if ok and type(job) == 'table' then
-      local q = job.q or 'default'
-      push_ready(B, q, tostring(tonumber(job.p) or 0), {id}, false)
+      local q = spec_queue(job)
+      push_ready(B, q, spec_level(job), {id}, false)
       per_queue[q] = (per_queue[q] or 0) + 1
     else
       -- no spec (cancelled meanwhile, or garbage): a claim would fail it into the DLQ
-      push_ready(B, 'default', '0', {id}, false)
-      per_queue['default'] = (per_queue['default'] or 0) + 1
+      push_ready(B, DEFAULT_QUEUE, tostring(DEFAULT_PRIORITY), {id}, false)
+      per_queue[DEFAULT_QUEUE] = (per_queue[DEFAULT_QUEUE] or 0) + 1
     end
   end
   redis.call('ZREM', sched, unpack(ids))

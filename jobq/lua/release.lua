@@ -12,8 +12,7 @@
 -- ARGV[8]  dead-letter queue cap per queue
 -- ARGV[9]  cap on wake tokens per queue
 -- ARGV[10] "1": only if the worker's lease has lapsed (the reaper), "0": unconditionally
--- ARGV[11] default max_retries (for specs that do not carry one)
--- ARGV[12..] the worker's queues: it is taken off their idle lists
+-- ARGV[11..] the worker's queues: it is taken off their idle lists
 --
 -- The running job counts one attempt and one delivery (the worker died under it); with the
 -- running job unknown every held job counts one delivery. Jobs prefetched but not started go
@@ -29,7 +28,6 @@ local max_deliveries = tonumber(ARGV[6])
 local failed_ttl = tonumber(ARGV[7])
 local dlq_cap = tonumber(ARGV[8])
 local wake_cap = tonumber(ARGV[9])
-local default_retries = tonumber(ARGV[11])
 local jobs = KEYS[1]
 local held_key = B .. ':held:' .. worker
 if ARGV[10] == '1' then
@@ -54,7 +52,7 @@ for i = #held - 1, 1, -2 do
       st.n = (tonumber(st.n) or 0) + 1
       table.insert(st.e, {type = 'WorkerLost', msg = cause, t = now / 1000})
     end
-    local retries = job and tonumber(job.r) or default_retries
+    local retries = job and spec_retries(job) or DEFAULT_MAX_RETRIES
     if job == nil then
       reason = 'job data is missing or not a JSON object'
     elseif (tonumber(st.n) or 0) > retries then
@@ -81,7 +79,7 @@ for i = #held - 1, 1, -2 do
       redis.call('HSET', B .. ':state', id, cjson.encode(st))
       count(B, q, 'retried', 1)
     end
-    push_ready(B, q, tostring(job and tonumber(job.p) or 0), {id}, true)
+    push_ready(B, q, job and spec_level(job) or tostring(DEFAULT_PRIORITY), {id}, true)
     count(B, q, 'pending', 1)
     wake(B, q, 1, wake_cap)
     requeued[#requeued + 1] = id
@@ -95,5 +93,5 @@ finished_parents(B, failed, oks, now, wake_cap, failed_ttl)
 redis.call('DEL', held_key)
 redis.call('DEL', B .. ':hand:' .. worker)  -- what was handed to it is in held_key too
 redis.call('ZREM', B .. ':leases', worker)
-for i = 12, #ARGV do redis.call('ZREM', B .. ':idle:' .. ARGV[i], worker) end
+for i = 11, #ARGV do redis.call('ZREM', B .. ':idle:' .. ARGV[i], worker) end
 return {requeued, failed}

@@ -2,22 +2,26 @@
 
 ::
 
-                        ┌───────────── jobq-master ─────────────┐
-      signals ──► wakeup fd ──► loop: reap · check · renew · spawn
-                        │   reads     ▲            │ decisions from policy.py
-                        │ shared mem  │ slots      ▼ (pure, fake-clock tested)
-            fork ┌──────┴──────┐  ┌───┴─────┐   ┌───────────┐
-                 │ worker 0    │  │ worker 1│ … │ scheduler │
-                 └──────┬──────┘  └───┬─────┘   └─────┬─────┘
-                        │ claim/ack   │               │ promote, fire, reap lapsed leases
-                        ▼             ▼               ▼
-                 ┌──────────────── Redis / Valkey ───────────────┐
-                 └── the master renews its workers' leases, and gives back the jobs of
-                     a worker that died, with the cause, at once ─┘
+                 ┌────────────────────── jobq-master ──────────────────────┐
+      signals ──►│ wakeup fd ──► arbiter loop: reap · check · spawn · kill │
+                 │      ▲           │  ▲ decisions from policy.py (pure)   │
+                 │ wake │  seen     ▼  │ interrupts                        │
+                 │   duties thread: renew leases · heartbeat · cancels ·   │
+                 │   give back dead workers' jobs · watch the embedded server
+                 └────┬──────────────▲─────────────────────────┬──────────┘
+            fork ┌────┴──────┐  ┌────┴────┐             ┌──────┴────┐
+                 │ worker 0  │  │ worker 1│ …  slots    │ scheduler │
+                 └────┬──────┘  └────┬────┘  (shared    └─────┬─────┘
+                      │ claim/ack    │        memory)         │ promote, fire, reap
+                      ▼              ▼                        ▼
+                 ┌──────────────────── Redis / Valkey ──────────────────────┐
 
-The master never runs jobs. Signal handlers do nothing but wake the loop (the signal number
-arrives through ``signal.set_wakeup_fd``); everything is done in the loop, so no handler ever
-logs, locks or forks.
+The master never runs jobs, and its loop never talks to the server: the arbiter supervises
+processes (reap, spawn, kill, signal, decided by :mod:`.policy`), and what the master owes
+the server runs in a thread of its own (:mod:`.duties`), so a slow or hung server never
+delays supervision. Signal handlers do nothing but wake the loop (the signal number arrives
+through ``signal.set_wakeup_fd``); everything is done in the loop, so no handler ever logs,
+locks or forks.
 
 ======  =========================================================================================
 signal  what the master does
@@ -50,18 +54,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-import redis
 
-from .. import exitcodes, recovery
+from .. import exitcodes
 from .. import log as jobq_log
 from ..config import Config, ConfigError, load_config
-from ..connection import connect, describe_error
-from ..keys import Keys
-from ..scripts import Scripts
+from ..exceptions import TaskImportError
+from ..process import die_with_parent, kill_group, memory_mb, send_signal, set_title
+from ..registry import TaskResolver
+from ..scheduler_daemon import scheduler_main
+from ..server import resolve_url
 from ..slots import BUSY, IDLE, SlotTable
-from ..worker import set_title
+from ..wire import AckEntry
+from ..worker.loop import Worker
 from . import policy
+from .duties import Duties, Seen
 from .notify import notify
+from .pidfile import PidfileError, acquire, release
 from .policy import CrashBreaker, Kill, Limits, Retire, SlotHistory, WorkerState
 
 log = logging.getLogger("jobq.master")
@@ -71,16 +79,14 @@ HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.
            signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
 #: How often worker memory is read (seconds).
 MEMORY_EVERY = 1.0
-#: How often the embedded server is checked (seconds).
-SERVER_EVERY = 5.0
 #: How long a reload waits for the new workers to come up before retiring the old anyway.
 RELOAD_READY_WAIT = 10.0
 #: Restart delay of a scheduler process that died.
 SCHEDULER_RESTART = 1.0
-#: How often the master looks for cancel requests of the jobs its workers run (seconds).
-CANCEL_CHECK_EVERY = 0.25
-#: How often the master describes itself and its workers in Redis (``jobq info``).
-HEARTBEAT_EVERY = 2.0
+#: How long a stopping master waits for its duties (giving back dead workers' jobs).
+DUTIES_DRAIN = 10.0
+#: The byte the duties thread writes to the wakeup fd (no signal has number 0).
+_DUTIES_WAKE = 0
 
 
 @dataclass
@@ -117,19 +123,14 @@ class Master:
         self.int_count = 0
         self.reload_started: float | None = None
         self.to_retire: list[int] = []
-        self.unreleased: list[tuple[str, str, str]] = []  # (worker, current job, cause)
-        self.next_memory = self.next_renew = self.next_server = self.next_heartbeat = 0.0
-        self.next_cancel_check = 0.0
-        self.interrupted: set[tuple[int, str]] = set()  # (worker pid, job id) signalled
+        self.next_memory = 0.0
         self.started = time.time()
         self.id = ""
         self.pid = os.getpid()
         self.rng = random.Random()
         self.host = socket.gethostname().split(".")[0] or "host"
         self.slots = SlotTable(max(64, 8 * config.workers))
-        self.redis: redis.Redis | None = None
-        self.keys = Keys(config.prefix)
-        self.scripts: Scripts | None = None
+        self.duties: Duties | None = None
         self._wakeup_r = self._wakeup_w = -1
         self._pidfile: Any = None
 
@@ -145,11 +146,7 @@ class Master:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped; returns the exit code (see :mod:`jobq.exitcodes`)."""
-        from ..connection import resolve_url
-
         if self.options.pidfile:
-            from .pidfile import PidfileError, acquire
-
             try:
                 self._pidfile = acquire(self.options.pidfile)
             except PidfileError as exc:
@@ -160,9 +157,10 @@ class Master:
             self.url = resolve_url(self.config)
             self.id = f"{self.host}.{os.getpid()}"
             self.pid = os.getpid()
-            self.redis = connect(self.url)
-            self.scripts = Scripts(self.redis)
             self._install_signals()
+            self.duties = Duties(self.config, self.url, self.id, describe=self._describe,
+                                 wake=self._wake_from_duties, embedded=self.embedded)
+            self.duties.start()
             self._title()
             log.info("master %d starting %d worker(s) on %s", os.getpid(), self.target,
                      ",".join(self.config.queues))
@@ -210,6 +208,9 @@ class Master:
             elif isinstance(action, Retire):
                 log.warning("recycling worker %d: %s", action.pid, action.reason)
                 self._retire(action.pid, now)
+        self._interrupt_cancelled()
+        if self.duties is not None:
+            self.duties.seen(self._seen())
         if self.reload_started is not None and (
                 self._all_ready() or now - self.reload_started > RELOAD_READY_WAIT):
             for pid in self.to_retire:
@@ -222,20 +223,6 @@ class Master:
                 if not w.killing:
                     self._kill(pid, "still running at graceful_timeout when stopping; "
                                     "re-queued")
-        if now >= self.next_renew:
-            self.next_renew = now + self.config.lease_time / 3
-            self._renew_leases(now)
-        if now >= self.next_cancel_check:
-            self.next_cancel_check = now + CANCEL_CHECK_EVERY
-            self._interrupt_cancelled()
-        if now >= self.next_heartbeat and not self.stopping:
-            self.next_heartbeat = now + HEARTBEAT_EVERY
-            self._heartbeat(now)
-        if self.unreleased:
-            self._retry_releases()
-        if self.embedded and now >= self.next_server and not self.stopping:
-            self.next_server = now + SERVER_EVERY
-            self._supervise_server()
         if not self.stopping and not self.scheduler_pid and now >= self.scheduler_due:
             self._spawn_scheduler()
 
@@ -254,8 +241,8 @@ class Master:
         except BlockingIOError:
             return
         for signum in data:
-            if signum == signal.SIGCHLD:
-                continue  # _reap runs on every pass
+            if signum in (signal.SIGCHLD, _DUTIES_WAKE):
+                continue  # _reap and _interrupt_cancelled run on every pass
             handler = getattr(self, f"handle_{signal.Signals(signum).name[3:].lower()}", None)
             if handler:
                 handler()
@@ -272,6 +259,8 @@ class Master:
             return
         log.info("reloading: config re-read, replacing %d worker(s)", len(self.workers))
         self.config = config
+        if self.duties is not None:
+            self.duties.reconfigure(config)
         self.target = config.workers
         self.generation += 1
         self.to_retire += [pid for pid, w in self.workers.items() if w.retiring_since is None]
@@ -279,7 +268,7 @@ class Master:
         self.reload_started = time.time()
         self._manage_workers(time.time())
         if self.scheduler_pid:
-            _signal(self.scheduler_pid, signal.SIGHUP)
+            send_signal(self.scheduler_pid, signal.SIGHUP)
         self._title()
 
     def handle_term(self) -> None:
@@ -309,7 +298,7 @@ class Master:
     def handle_usr1(self) -> None:
         jobq_log.reopen()
         for pid in self.workers:
-            _signal(pid, signal.SIGUSR1)
+            send_signal(pid, signal.SIGUSR1)
 
     def _stop(self, how: str) -> None:
         now = time.time()
@@ -329,7 +318,8 @@ class Master:
             for pid in list(self.workers):
                 self._kill(pid, "master stopped at once (QUIT); re-queued")
         if self.scheduler_pid:
-            _signal(self.scheduler_pid, signal.SIGTERM if how == "graceful" else signal.SIGKILL)
+            send_signal(self.scheduler_pid,
+                        signal.SIGTERM if how == "graceful" else signal.SIGKILL)
 
     # -- workers -----------------------------------------------------------------------------
     def _manage_workers(self, now: float) -> None:
@@ -399,7 +389,7 @@ class Master:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides on Ctrl-C
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.setpgid(0, 0)  # its own group: killing it kills its children too
-                _die_with_parent()
+                die_with_parent()
                 if os.getppid() != master:
                     os._exit(exitcodes.FAILURE)  # the master died before that took effect
                 random.seed()
@@ -414,10 +404,6 @@ class Master:
         return pid
 
     def _worker_child(self, slot_index: int, name: str, max_jobs: int) -> int:
-        from ..exceptions import TaskImportError
-        from ..registry import TaskResolver
-        from ..worker import Worker
-
         slot = self.slots.slot(slot_index)
         slot.boot(os.getpid())
         set_title(f"jobq worker {slot_index}: booting")
@@ -452,7 +438,7 @@ class Master:
     def _read_memory(self) -> None:
         for w in self.workers.values():
             try:
-                w.memory_mb = _memory_mb(w.pid)
+                w.memory_mb = memory_mb(w.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
 
@@ -465,7 +451,7 @@ class Master:
         if w is None or w.retiring_since is not None:
             return
         w.retiring_since = now
-        _signal(pid, signal.SIGTERM)
+        send_signal(pid, signal.SIGTERM)
 
     def _kill(self, pid: int, cause: str) -> None:
         w = self.workers.get(pid)
@@ -474,7 +460,7 @@ class Master:
         w.killing = cause
         if not self.stopping:
             log.warning("killing worker %d (slot %d): %s", pid, w.slot, cause)
-        _killpg(pid)
+        kill_group(pid)
 
     def _reap(self) -> None:
         while True:
@@ -501,16 +487,17 @@ class Master:
         view = self.slots.read(w.slot)
         if view.pid == w.pid and view.state in (IDLE, BUSY):
             w.ready = True  # it came up, even if no tick saw it: its death is no boot failure
-        _killpg(w.pid)  # whatever it forked goes with it
+        kill_group(w.pid)  # whatever it forked goes with it
         history = self.histories.setdefault(w.slot, SlotHistory())
         decision = policy.on_exit(now, w, status, history, self.breaker,
                                   stopping=self.stopping is not None, boot_error=view.message)
-        if self.stopping:
-            current = "-"  # we stopped it: give its job back untouched
-        else:
-            current = view.job_id if view.pid == w.pid and view.state == BUSY else "-"
-        self._send_unsent_acks(w)
-        self._release(w.name, current, decision.cause)
+        current = "-"  # none, or we stopped it: give its job back untouched
+        if not self.stopping and view.pid == w.pid and view.state == BUSY and view.job_id:
+            current = view.job_id
+        acks = [e for e in map(AckEntry.from_fields, self.slots.unsent_acks(w.slot))
+                if e is not None]
+        if self.duties is not None:  # it sends the acks, then gives back the jobs
+            self.duties.worker_gone(w.name, current, decision.cause, acks, self.config.queues)
         self.slots.clear(w.slot)
         if decision.unexpected and not self.stopping:
             log.warning("worker %d (slot %d) %s%s", w.pid, w.slot, decision.cause,
@@ -526,104 +513,49 @@ class Master:
             history.not_before = max(history.not_before, decision.respawn_at)
         self._manage_workers(now)
 
-    def _send_unsent_acks(self, w: WorkerState) -> None:
-        """Settle the jobs the dead worker finished but had not acknowledged yet."""
-        acks = self.slots.unsent_acks(w.slot)
-        if not acks:
-            return
-        try:
-            assert self.scripts is not None
-            recovery.send_acks(self.redis, self.scripts, self.keys, self.config, w.name, acks)
-            log.info("sent %d acknowledgement(s) worker %d had not sent", len(acks), w.pid)
-        except redis.RedisError as exc:
-            log.warning("cannot send the acknowledgements of worker %d (%s): those jobs will "
-                        "run again", w.pid, describe_error(exc, self.url))
-
-    def _release(self, worker: str, current: str, cause: str) -> None:
-        try:
-            assert self.scripts is not None
-            recovery.release(self.redis, self.scripts, self.keys, self.config, worker,
-                             cause=cause, current=current, queues=self.config.queues)
-        except redis.RedisError as exc:
-            log.warning("cannot give back the jobs of %s yet (%s); will retry", worker,
-                        describe_error(exc, self.url))
-            self.unreleased.append((worker, current, cause))
-
-    def _retry_releases(self) -> None:
-        pending, self.unreleased = self.unreleased, []
-        for worker, current, cause in pending:
-            self._release(worker, current, cause)
-
-    def _renew_leases(self, now: float) -> None:
-        """Extend the lease of every live worker (XX: never re-create a released one)."""
-        if not self.workers or self.redis is None:
-            return
-        deadline = int((now + self.config.lease_time) * 1000)
-        try:
-            self.redis.zadd(self.keys.leases,
-                            {w.name: deadline for w in self.workers.values()}, xx=True)
-        except redis.RedisError as exc:
-            log.warning("cannot renew leases (%s)", describe_error(exc, self.url))
-
     def _interrupt_cancelled(self) -> None:
-        """Signal the workers whose running job was cancelled (USR2: JobCancelled)."""
-        busy = [(w.pid, w.job_id) for w in self.workers.values() if w.busy and w.job_id]
-        slot_of = {w.pid: w.slot for w in self.workers.values()}
-        if not busy or self.redis is None:
+        """Signal the workers whose running job was cancelled (USR2: JobCancelled); the
+        duties thread finds them."""
+        if self.duties is None:
             return
+        while not self.duties.interrupts.empty():
+            pid, slot, job, reason = self.duties.interrupts.get()
+            w = self.workers.get(pid)
+            if w is None or w.job_id != job:
+                continue  # it finished that job, or died, meanwhile
+            log.info("interrupting job %s in worker %d: %s", job, pid, reason)
+            self.slots.set_cancel(slot, job)  # the worker checks it is still that job
+            send_signal(pid, signal.SIGUSR2)
+
+    def _wake_from_duties(self) -> None:
+        """Called from the duties thread: wake the loop (a byte no signal uses)."""
         try:
-            asked = self.redis.hmget(self.keys.cancel, [job for _, job in busy])
-        except redis.RedisError:
-            return
-        for (pid, job), reason in zip(busy, asked, strict=True):
-            if reason is not None and (pid, job) not in self.interrupted:
-                self.interrupted.add((pid, job))
-                log.info("interrupting job %s in worker %d: %s", job, pid, reason)
-                self.slots.set_cancel(slot_of[pid], job)  # the worker checks it is still that job
-                _signal(pid, signal.SIGUSR2)
-        current = set(busy)
-        self.interrupted &= current
+            os.write(self._wakeup_w, bytes([_DUTIES_WAKE]))
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop is awake already
 
-    def _heartbeat(self, now: float) -> None:
-        """Describe this master and what each worker does, for ``jobq info`` and the
-        scheduler (which drops the schedules of a pool that is gone)."""
-        if self.redis is None:
-            return
-        from .. import serialization
+    def _seen(self) -> list[Seen]:
+        return [Seen(w.pid, w.slot, w.name, w.busy, w.job_id, w.job_started, w.memory_mb,
+                     w.jobs_done) for w in self.workers.values()]
 
-        workers = [{"slot": w.slot, "pid": w.pid, "name": w.name, "job": w.job_id,
-                    "since": w.job_started if w.busy else None,
-                    "memory_mb": round(w.memory_mb, 1) if w.memory_mb else None,
-                    "jobs_done": w.jobs_done, "state": "busy" if w.busy else "idle"}
-                   for w in sorted(self.workers.values(), key=lambda w: w.slot)]
-        info = {"host": self.host, "pid": os.getpid(), "started": self.started, "ts": now,
+    def _describe(self, workers: list[Seen], now: float) -> dict[str, Any]:
+        """This master and what each worker does, for ``jobq info`` and the scheduler (which
+        drops the schedules of a pool that is gone); written by the duties thread."""
+        return {"host": self.host, "pid": self.pid, "started": self.started, "ts": now,
                 "queues": self.config.queues, "target": self.target,
                 "generation": self.generation, "owner": self.options.owner,
-                "scheduler_pid": self.scheduler_pid, "workers": workers}
-        try:
-            self.redis.hset(self.keys.masters, self.id, serialization.dumps(info))
-        except redis.RedisError as exc:
-            log.debug("heartbeat failed: %s", exc)
+                "scheduler_pid": self.scheduler_pid,
+                "workers": [{"slot": w.slot, "pid": w.pid, "name": w.name, "job": w.job_id,
+                             "since": w.job_started if w.busy else None,
+                             "memory_mb": round(w.memory_mb, 1) if w.memory_mb else None,
+                             "jobs_done": w.jobs_done, "state": "busy" if w.busy else "idle"}
+                            for w in sorted(workers, key=lambda w: w.slot)]}
 
-    # -- the scheduler and the server ----------------------------------------------------------
+    # -- the scheduler -------------------------------------------------------------------------
     def _spawn_scheduler(self) -> None:
-        from ..scheduler import scheduler_main
-
         self.scheduler_pid = self._fork(
             lambda: scheduler_main(self.config, self.url, self.options))
         log.debug("spawned scheduler %d", self.scheduler_pid)
-
-    def _supervise_server(self) -> None:
-        from ..server import EmbeddedServer, ServerError
-
-        server = EmbeddedServer()
-        if server.is_running():
-            return
-        log.warning("the embedded server is not running; starting it")
-        try:
-            server.start()
-        except ServerError as exc:
-            log.error("cannot start the embedded server: %s", exc)
 
     # -- odds and ends ----------------------------------------------------------------------
     def _title(self) -> None:
@@ -631,59 +563,19 @@ class Master:
                   f" gen={self.generation}")
 
     def _cleanup(self) -> None:
-        if self.redis is not None and self.id:
-            try:
-                self.redis.hdel(self.keys.masters, self.id)
-            except redis.RedisError:
-                pass
         for pid in list(self.workers):
-            _killpg(pid)
+            kill_group(pid)
         if self.scheduler_pid:
-            _signal(self.scheduler_pid, signal.SIGKILL)
+            send_signal(self.scheduler_pid, signal.SIGKILL)
+        if self.duties is not None:  # gives back what dead workers held, forgets this master
+            self.duties.stop(DUTIES_DRAIN)
         if self._wakeup_w >= 0:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
         if self._pidfile is not None:
-            from .pidfile import release
-
             release(self._pidfile)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to send us SIGTERM when the master dies (even by SIGKILL): an orphaned
-    worker stops after its job instead of running on with nobody renewing its lease."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the getppid() checks of the worker and scheduler loops remain
 
 
 def _noop(signum: int, frame: Any) -> None:
     """Signal handler of the master: the wakeup fd already carries the signal."""
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        _signal(pid, signal.SIGKILL)
-
-
-def _memory_mb(pid: int) -> float:
-    """Current unique memory (USS) of a process, falling back to RSS; in MiB."""
-    proc = psutil.Process(pid)
-    try:
-        return float(proc.memory_full_info().uss) / 2**20
-    except (psutil.AccessDenied, AttributeError):
-        return float(proc.memory_info().rss) / 2**20

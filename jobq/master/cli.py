@@ -12,6 +12,8 @@ from .. import log as jobq_log
 from ..config import ConfigError, load_config
 from ..connection import refused_credentials
 from ..schedule import ScheduleError
+from ..scheduler import config_schedules
+from .arbiter import Master, Options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,8 +40,6 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
     Signals: HUP reload, TERM/INT graceful stop, QUIT immediate stop (jobs re-queued),
     TTIN/TTOU one worker more/fewer, USR1 reopen log files.
     """
-    from .arbiter import Master, Options
-
     overrides: dict[str, Any] = {
         "workers": workers, "redis_url": redis_url, "pidfile": pidfile, "log_file": log_file,
         "log_level": log_level, "log_format": log_format,
@@ -50,8 +50,6 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
         if imports:
             overrides["imports"] = list(dict.fromkeys([*config.imports, *imports]))
             config = config.replace(imports=overrides["imports"])
-        from ..scheduler import config_schedules
-
         config_schedules(config)  # [[schedule]] tables are checked before anything starts
     except (ConfigError, ScheduleError) as exc:
         where = f"{config_path}: " if isinstance(exc, ScheduleError) and config_path else ""

@@ -1,0 +1,570 @@
+"""The broker: every conversation jobq has with Redis, as one typed method each.
+
+Callers say what they want (claim these queues for this worker, settle these entries, give
+back what this worker held); the broker knows which script or command does it, builds its
+arguments from :mod:`jobq.keys` and :mod:`jobq.wire`, and turns redis-py's untyped replies
+into typed values. It is the only module that calls a Lua script (one file per operation in
+``jobq/lua``, each opening with its KEYS/ARGV contract), and it holds the constants those
+calls share.
+
+::
+
+    producers (queue, groups, scheduler API) ─┐
+    the worker loop (claim, ack, wait)        ├──► Broker ──► scripts.py / redis-py ──► server
+    the master's duties, the scheduler daemon ┘        keys.py (names), wire.py (formats)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import redis
+
+from .config import Config
+from .keys import Keys
+from .scripts import Scripts
+from .wire import ACK_FIELDS, AckEntry
+
+#: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
+WAKE_CAP = 64
+#: Finished job ids remembered per queue (for listings), newest first.
+RECENT_MAX = 1000
+#: Jobs per enqueue script call in a bulk enqueue (bounded so one call stays short).
+ENQUEUE_CHUNK = 1000
+#: Most delayed jobs promoted per script call (the caller repeats until none is due).
+PROMOTE_BATCH = 2000
+#: Most expired leases handled per reap (the rest wait for the next tick).
+REAP_BATCH = 32
+#: Jobs deleted per call of empty.lua.
+EMPTY_BATCH = 1000
+#: Records of jobs cancelled on the server (a parent failed, cancelled before they ran) are
+#: kept at least this long (seconds): a cancelled id left in its queue list is a tombstone
+#: that the record marks, so it must outlive the backlog.
+CANCELLED_TTL_MIN = 86400
+#: How long a token for a client waiting on a job lives (seconds).
+DONE_TOKEN_TTL = 300
+#: Snapshots of the counters kept for rates (see :mod:`jobq.info`).
+SNAPSHOTS_KEPT = 30
+#: Tokens kept in the scheduler's wake list (one is enough to wake it).
+SCHED_WAKE_CAP = 4
+
+
+class Claimed(NamedTuple):
+    """A job handed to a worker: its id, queue, spec and state as stored (None if absent)."""
+
+    job_id: str
+    queue: str
+    spec: str | None
+    state: str | None
+
+
+class NewJob(NamedTuple):
+    """A job to enqueue: ``due_ms`` 0 for now; ``spec`` is the encoded spec."""
+
+    job_id: str
+    queue: str
+    priority: int
+    due_ms: int
+    spec: str
+
+
+class Released(NamedTuple):
+    """What giving back a worker's jobs did: ids requeued, and ids failed for good."""
+
+    requeued: list[str]
+    failed: list[str]
+
+    def describe(self, worker: str, cause: str) -> str | None:
+        """One log line saying what was given back (None when the worker held nothing)."""
+        if not self.requeued and not self.failed:
+            return None
+        failed = f" ({', '.join(self.failed[:5])})" if self.failed else ""
+        return (f"gave back the jobs of worker {worker} ({cause}): {len(self.requeued)} "
+                f"requeued, {len(self.failed)} failed{failed}")
+
+
+class JobParts(NamedTuple):
+    """Everything Redis holds about one job, as stored (see :func:`jobq.queue.read_job`)."""
+
+    final: str | None
+    spec: str | None
+    state: str | None
+    holder: str | None
+    due_ms: float | None
+    deferred: bool
+
+
+class Broker:
+    """The job protocol on one client (a ``redis.Redis`` made by :func:`jobq.connection.
+    connect`, which decodes replies to ``str``), for one key namespace and config."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, config: Config) -> None:
+        self.client = client
+        self.keys = keys
+        self.config = config
+        self.scripts = Scripts(client)
+        self._r: Any = client  # redis-py's replies are untyped: they are typed here, once
+
+    @property
+    def cancelled_ttl(self) -> int:
+        """How long the record of a job cancelled on the server is kept (seconds)."""
+        return max(self.config.failed_ttl, CANCELLED_TTL_MIN)
+
+    def disconnect(self) -> None:
+        """Drop the pooled connections (after a blocking call was interrupted: a reply may
+        be half read)."""
+        self.client.connection_pool.disconnect()
+
+    # -- enqueue ---------------------------------------------------------------------------------
+    def _enqueue_head(self, now: float | None = None) -> list[Any]:
+        now = time.time() if now is None else now
+        return [self.keys.base, WAKE_CAP, int(now * 1000), int(self.config.lease_time * 1000)]
+
+    def enqueue(self, job: NewJob, *, spin: float = 0.0) -> int:
+        """Add one job (enqueue.lua): handed to an idle worker, queued, or scheduled."""
+        return int(self.scripts.run("enqueue", [self.keys.jobs],
+                                    [*self._enqueue_head(), *job], spin=spin))
+
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> None:
+        """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`."""
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(jobs), ENQUEUE_CHUNK):
+            argv = self._enqueue_head()
+            for job in jobs[start:start + ENQUEUE_CHUNK]:
+                argv += job
+            self.scripts.queue(pipe, "enqueue", [self.keys.jobs], argv)
+        pipe.execute()
+
+    def enqueue_one(self, job: NewJob, *, unique_key: str = "", unique_ttl: int = 0,
+                    parents: Sequence[str] = ()) -> tuple[str, str]:
+        """Add a job with parents and/or a unique key (enqueue_one.lua); returns (outcome,
+        id): see the script for the outcomes."""
+        outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], [
+            self.keys.base, WAKE_CAP, *job, unique_key, unique_ttl,
+            int(time.time() * 1000), self.cancelled_ttl, *parents])
+        return str(outcome), str(ref)
+
+    def create_group(self, group_id: str, meta: dict[str, Any], job_ids: Sequence[str],
+                     ttl: int) -> None:
+        """Write a ``queue.map`` group's bookkeeping (before its jobs are enqueued)."""
+        k = self.keys
+        pipe = self._r.pipeline()
+        pipe.hset(k.group(group_id), mapping=meta)
+        for start in range(0, len(job_ids), 5000):
+            pipe.rpush(k.group_ids(group_id), *job_ids[start:start + 5000])
+        pipe.expire(k.group(group_id), ttl)
+        pipe.expire(k.group_ids(group_id), ttl)
+        pipe.execute()
+
+    # -- read ------------------------------------------------------------------------------------
+    def job_parts(self, job_id: str) -> JobParts:
+        """Everything stored about a job, in one round trip."""
+        k = self.keys
+        final, spec, state, holder, due, deps = (
+            self._r.pipeline(transaction=False)
+            .get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
+            .hget(k.active, job_id).zscore(k.scheduled, job_id).hget(k.deps, job_id).execute())
+        return JobParts(final, spec, state, holder, due, deps is not None)
+
+    def final_record(self, job_id: str) -> str | None:
+        return _opt_str(self._r.get(self.keys.result(job_id)))
+
+    def stats(self, queue: str) -> dict[str, int]:
+        """A queue's counters (see keys.py), each at least 0."""
+        raw = self._r.hgetall(self.keys.stats(queue))
+        return {str(name): max(0, int(value)) for name, value in raw.items()}
+
+    def counter(self, queue: str, name: str) -> int:
+        return max(0, int(self._r.hget(self.keys.stats(queue), name) or 0))
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Every queue's counters, by queue name."""
+        queues = self.queue_names()
+        pipe = self._r.pipeline(transaction=False)
+        for q in queues:
+            pipe.hgetall(self.keys.stats(q))
+        return {q: {str(k): max(0, int(v)) for k, v in raw.items()}
+                for q, raw in zip(queues, pipe.execute(), strict=True)}
+
+    def queue_names(self) -> list[str]:
+        """Every queue name used on this server, sorted."""
+        return sorted(str(q) for q in self._r.smembers(self.keys.queues))
+
+    def queue_exists(self, queue: str) -> bool:
+        return bool(self._r.sismember(self.keys.queues, queue))
+
+    def active_holder(self, job_id: str) -> str | None:
+        return _opt_str(self._r.hget(self.keys.active, job_id))
+
+    def scan_jobs(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One page of live job ids (HSCAN of the jobs hash); cursor 0 when done."""
+        cursor, ids = self._r.hscan(self.keys.jobs, cursor, count=count)
+        return int(cursor), [str(i) for i in ids]
+
+    def recent_ids(self, queue: str, limit: int) -> list[str]:
+        """The latest finished ids of a queue, newest first."""
+        return [str(i) for i in self._r.lrange(self.keys.recent(queue), 0, limit)]
+
+    def delete_record(self, job_id: str) -> bool:
+        """Forget a finished job: its record, and its id in any dead-letter queue."""
+        removed = self._r.delete(self.keys.result(job_id))
+        for queue in self.queue_names():
+            self._r.zrem(self.keys.dlq(queue), job_id)
+        return bool(removed)
+
+    # -- wait for a job --------------------------------------------------------------------------
+    def watch(self, job_id: str) -> None:
+        """Ask to be woken when the job finishes (see :meth:`wait_done`)."""
+        self._r.hincrby(self.keys.waiting, job_id, 1)
+
+    def unwatch(self, job_id: str) -> None:
+        if int(self._r.hincrby(self.keys.waiting, job_id, -1)) <= 0:
+            self._r.hdel(self.keys.waiting, job_id)
+
+    def wait_done(self, job_id: str, timeout: float) -> None:
+        """Block until a watched job finishes, or ``timeout`` seconds (0: for good)."""
+        self._r.blpop([self.keys.done(job_id)], timeout=timeout)
+
+    # -- cancel, requeue, empty, suspend ---------------------------------------------------------
+    def cancel(self, job_id: str, reason: str) -> str:
+        """cancel.lua: "cancelled", "running" (its master will interrupt it), "finished" or
+        "unknown"."""
+        return str(self.scripts.run("cancel", [self.keys.jobs], [
+            self.keys.base, job_id, int(time.time() * 1000), self.cancelled_ttl, reason]))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self._r.hexists(self.keys.cancel, job_id))
+
+    def cancel_requests(self, job_ids: Sequence[str]) -> list[str | None]:
+        """For each running job, the reason it was asked to stop, or None."""
+        if not job_ids:
+            return []
+        return [_opt_str(r) for r in self._r.hmget(self.keys.cancel, list(job_ids))]
+
+    def requeue(self, job_id: str, record: str, queue: str, priority: int, spec: str,
+                state: str) -> bool:
+        """requeue.lua: put a finished job back in its queue if its record is unchanged."""
+        return bool(self.scripts.run("requeue", [self.keys.jobs], [
+            self.keys.base, job_id, record, queue, priority, spec, state, WAKE_CAP]))
+
+    def empty(self, queue: str) -> int:
+        """Delete every pending job of a queue, in short script calls; returns how many."""
+        total = 0
+        while True:
+            n = int(self.scripts.run("empty", [self.keys.jobs], [
+                self.keys.base, queue, EMPTY_BATCH, int(time.time() * 1000),
+                self.cancelled_ttl, WAKE_CAP]))
+            total += n
+            if n == 0:
+                return total
+
+    def dlq_ids(self, queue: str, start: int = 0, stop: int = -1, *,
+                newest_first: bool = False) -> list[str]:
+        key = self.keys.dlq(queue)
+        ids = (self._r.zrevrange(key, start, stop) if newest_first
+               else self._r.zrange(key, start, stop))
+        return [str(i) for i in ids]
+
+    def dlq_count(self, queue: str) -> int:
+        return int(self._r.zcard(self.keys.dlq(queue)))
+
+    def dlq_counts(self, queues: Sequence[str]) -> list[int]:
+        pipe = self._r.pipeline(transaction=False)
+        for q in queues:
+            pipe.zcard(self.keys.dlq(q))
+        return [int(n) for n in pipe.execute()]
+
+    def drop_from_dlq(self, queue: str, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            self._r.zrem(self.keys.dlq(queue), *job_ids)
+
+    def purge_dlq(self, queue: str) -> int:
+        """Delete a dead-letter queue and the records of its jobs; returns how many."""
+        ids = self.dlq_ids(queue)
+        pipe = self._r.pipeline()
+        for start in range(0, len(ids), 1000):
+            pipe.delete(*[self.keys.result(i) for i in ids[start:start + 1000]])
+        pipe.delete(self.keys.dlq(queue))
+        pipe.execute()
+        return len(ids)
+
+    def suspend(self, queue: str) -> None:
+        self._r.sadd(self.keys.suspended, queue)
+
+    def resume(self, queue: str) -> None:
+        """Claim from the queue again; wake as many idle workers as it has pending jobs."""
+        pending = min(self.counter(queue, "pending"), WAKE_CAP)
+        pipe = self._r.pipeline()
+        pipe.srem(self.keys.suspended, queue)
+        if pending:
+            pipe.lpush(self.keys.wake(queue), *["1"] * pending)
+        pipe.execute()
+
+    def is_suspended(self, queue: str) -> bool:
+        return bool(self._r.sismember(self.keys.suspended, queue))
+
+    def suspended_queues(self) -> set[str]:
+        return {str(q) for q in self._r.smembers(self.keys.suspended)}
+
+    # -- the worker ------------------------------------------------------------------------------
+    def exchange(self, worker: str, acks: Sequence[Any], queues: Sequence[str], want: int, *,
+                 now: float | None = None) -> tuple[list[str], list[Claimed]]:
+        """One round trip: settle ``acks`` (flat ack entry fields, see :class:`wire.AckEntry`)
+        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua. Returns the
+        ids whose results were stale (their lease had lapsed) and the jobs claimed."""
+        now = time.time() if now is None else now
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        if acks:
+            calls.append(("ack", [self.keys.jobs], self._ack_head(worker, now) + list(acks)))
+        if want:
+            lease = int((now + self.config.lease_time) * 1000)
+            calls.append(("claim", [self.keys.jobs],
+                          [self.keys.base, worker, lease, want, *queues]))
+        if not calls:
+            return [], []
+        replies = self.scripts.run_many(calls)
+        stale = [str(i) for i in replies[0]] if acks else []
+        claimed: list[Claimed] = []
+        if want:
+            flat = replies[-1]
+            for i in range(0, len(flat), 4):
+                claimed.append(Claimed(flat[i], flat[i + 1], flat[i + 2], flat[i + 3]))
+        return stale, claimed
+
+    def _ack_head(self, worker: str, now: float) -> list[Any]:
+        return [self.keys.base, worker, int(now * 1000), RECENT_MAX, self.config.dlq_max,
+                WAKE_CAP, self.config.failed_ttl]
+
+    def send_acks(self, worker: str, entries: Iterable[AckEntry],
+                  now: float | None = None) -> list[str]:
+        """Settle the acknowledgements a worker had journaled but not sent (it died): the
+        jobs it finished are settled, not run again; those it had sent already are no
+        longer held by it, and ack.lua skips them. Returns the stale ids."""
+        flat = [field for entry in entries for field in entry]
+        if not flat:
+            return []
+        assert len(flat) % ACK_FIELDS == 0
+        return self.exchange(worker, flat, (), 0, now=now)[0]
+
+    def wait_for_work(self, worker: str, queues: Sequence[str],
+                      timeout: float) -> Claimed | None:
+        """Register ``worker`` as idle on its queues (a producer then hands it a job
+        straight: no claim round trip) and block on its hand list and the queues' wake
+        tokens, in one round trip. Returns a job handed to it (already held by it), if any."""
+        hand = self.keys.hand(worker)
+        now_ms = int(time.time() * 1000)
+        pipe = self._r.pipeline(transaction=False)
+        for q in queues:
+            pipe.zadd(self.keys.idle(q), {worker: now_ms})
+        pipe.blpop([hand, *[self.keys.wake(q) for q in queues]], timeout=timeout)
+        got = pipe.execute()[-1]
+        if got and got[0] == hand:  # "id\nqueue\nspec"
+            job_id, queue, spec = str(got[1]).split("\n", 2)
+            return Claimed(job_id, queue, spec, None)
+        return None
+
+    def held_ids(self, worker: str) -> set[str]:
+        return {str(i) for i in self._r.hkeys(self.keys.held(worker))}
+
+    def give_back(self, worker: str, job_ids: Sequence[str]) -> int:
+        """giveback.lua: jobs a worker holds but never started go back untouched."""
+        return int(self.scripts.run("giveback", [self.keys.jobs],
+                                    [self.keys.base, worker, WAKE_CAP, *job_ids]))
+
+    def scheduled_count(self, queues: Sequence[str]) -> int:
+        """Jobs of these queues waiting for a later time (delayed, or retries)."""
+        pipe = self._r.pipeline(transaction=False)
+        for q in queues:
+            pipe.hget(self.keys.stats(q), "scheduled")
+        return sum(max(0, int(n or 0)) for n in pipe.execute())
+
+    def renew_leases(self, workers: Sequence[str], now: float | None = None) -> None:
+        """Extend the leases of live workers (XX: a released lease is never re-created)."""
+        if not workers:
+            return
+        now = time.time() if now is None else now
+        deadline = int((now + self.config.lease_time) * 1000)
+        self._r.zadd(self.keys.leases, dict.fromkeys(workers, deadline), xx=True)
+
+    # -- giving back the jobs of workers that are gone -------------------------------------------
+    def release(self, worker: str, *, cause: str, current: str | None,
+                queues: Sequence[str] = (), only_if_expired: bool = False,
+                now: float | None = None) -> Released | None:
+        """release.lua: give back what ``worker`` held. ``current`` is the job it was
+        running ("-" for none, None if unknown); it leaves the idle lists of ``queues``.
+        None if its lease is still live and ``only_if_expired``."""
+        now_ms = int((time.time() if now is None else now) * 1000)
+        c = self.config
+        out = self.scripts.run("release", [self.keys.jobs], [
+            self.keys.base, worker, now_ms, cause, "" if current is None else current,
+            c.max_deliveries, c.failed_ttl, c.dlq_max, WAKE_CAP,
+            "1" if only_if_expired else "0", *queues])
+        if not out:
+            return None
+        return Released([str(i) for i in out[0]], [str(i) for i in out[1]])
+
+    def expired_workers(self, now: float | None = None) -> list[str]:
+        """Workers whose lease lapsed (their host or master died), a batch at a time."""
+        now = time.time() if now is None else now
+        return [str(w) for w in self._r.zrangebyscore(
+            self.keys.leases, "-inf", int(now * 1000), start=0, num=REAP_BATCH)]
+
+    def reap(self, now: float | None = None) -> list[tuple[str, Released]]:
+        """Give back the jobs of every worker whose lease lapsed (its host or master died);
+        returns (worker, what was given back) for each."""
+        now = time.time() if now is None else now
+        out = []
+        for worker in self.expired_workers(now):
+            released = self.release(worker, current=None, now=now, only_if_expired=True,
+                                    cause="lease expired: the worker or its host stopped "
+                                          "renewing it")
+            if released is not None:
+                out.append((worker, released))
+        return out
+
+    # -- the scheduler ---------------------------------------------------------------------------
+    def lead(self, token: str, lease: float) -> bool:
+        """leader.lua: take the leadership lease if free, extend it if ours."""
+        return bool(self.scripts.run("leader", [self.keys.sched_leader],
+                                     [token, int(lease * 1000)]))
+
+    def resign(self, token: str) -> None:
+        """resign.lua: give the lease up at once, if it is still ours."""
+        self.scripts.run("resign", [self.keys.sched_leader], [token])
+
+    def leader_token(self) -> str | None:
+        return _opt_str(self._r.get(self.keys.sched_leader))
+
+    def promote(self, now: float) -> float | None:
+        """promote.lua until nothing is due: move due delayed jobs and retries to their
+        queues; returns the next one's due time (epoch seconds), None if there is none."""
+        while True:
+            moved, nxt = self.scripts.run("promote", [self.keys.jobs], [
+                self.keys.base, int(now * 1000), PROMOTE_BATCH, WAKE_CAP])
+            if int(moved) < PROMOTE_BATCH:
+                return None if int(nxt) < 0 else int(nxt) / 1000
+
+    def fire(self, name: str, due_ms: int, next_ms: int, job: NewJob | None,
+             now: float) -> bool:
+        """fire.lua: fire one run of a schedule (or skip it, with no job) and move its due
+        time on, unless another scheduler did already. True if this call fired it."""
+        job_args = [job.job_id, job.queue, job.priority, job.spec] if job else []
+        return bool(self.scripts.run("fire", [self.keys.jobs], [
+            self.keys.base, name, due_ms, next_ms, int(now * 1000), WAKE_CAP, *job_args]))
+
+    def wake_scheduler(self, pipe: Any = None) -> None:
+        target = pipe if pipe is not None else self._r.pipeline()
+        target.lpush(self.keys.sched_wake, "1").ltrim(self.keys.sched_wake, 0, SCHED_WAKE_CAP - 1)
+        if pipe is None:
+            target.execute()
+
+    def sleep_until_woken(self, timeout: float) -> None:
+        """Block until a token in the scheduler's wake list, or ``timeout`` seconds."""
+        self._r.blpop([self.keys.sched_wake], timeout=timeout)
+
+    def schedule_defs(self) -> dict[str, str]:
+        """Every stored schedule definition (JSON), by name."""
+        return {str(k): str(v) for k, v in self._r.hgetall(self.keys.sched_defs).items()}
+
+    def schedule_def(self, name: str) -> str | None:
+        return _opt_str(self._r.hget(self.keys.sched_defs, name))
+
+    def store_schedule(self, name: str, definition: str, due: float | None, *,
+                       changed: bool = True) -> None:
+        """Store a definition with its next due time (None: not due, e.g. paused) and wake
+        the leader; with ``changed`` False only the leader is woken."""
+        k = self.keys
+        pipe = self._r.pipeline()
+        if changed:
+            pipe.hset(k.sched_defs, name, definition)
+            if due is None:
+                pipe.zrem(k.sched_due, name)
+            else:
+                pipe.zadd(k.sched_due, {name: int(due * 1000)})
+        self.wake_scheduler(pipe)
+        pipe.execute()
+
+    def remove_schedule(self, name: str) -> bool:
+        """Forget a schedule; True if it existed."""
+        k = self.keys
+        removed = self._r.pipeline().hdel(k.sched_defs, name).zrem(k.sched_due, name).hdel(
+            k.sched_last, name).execute()
+        return bool(removed[0])
+
+    def unschedule(self, name: str) -> None:
+        """Take a schedule off the timetable (paused, or broken); its definition stays."""
+        self._r.zrem(self.keys.sched_due, name)
+
+    def schedules_due(self, now: float) -> list[tuple[str, int]]:
+        """(name, due time in ms) of every schedule due at ``now``."""
+        return [(str(n), int(ms)) for n, ms in self._r.zrangebyscore(
+            self.keys.sched_due, "-inf", int(now * 1000), withscores=True)]
+
+    def next_schedule_due(self) -> float | None:
+        nxt = self._r.zrange(self.keys.sched_due, 0, 0, withscores=True)
+        return float(nxt[0][1]) / 1000 if nxt else None
+
+    def schedule_timetable(self) -> dict[str, float]:
+        """Every scheduled name -> its next due time (epoch seconds)."""
+        return {str(n): float(ms) / 1000
+                for n, ms in self._r.zrange(self.keys.sched_due, 0, -1, withscores=True)}
+
+    def schedule_fires(self) -> dict[str, str]:
+        """Every schedule's last fire (JSON), by name."""
+        return {str(k): str(v) for k, v in self._r.hgetall(self.keys.sched_last).items()}
+
+    # -- masters, for jobq info and the scheduler -----------------------------------------------
+    def describe_master(self, master_id: str, description: str) -> None:
+        self._r.hset(self.keys.masters, master_id, description)
+
+    def forget_master(self, master_id: str) -> None:
+        self._r.hdel(self.keys.masters, master_id)
+
+    def masters(self) -> dict[str, str]:
+        """Every master's last description (JSON), by id."""
+        return {str(k): str(v) for k, v in self._r.hgetall(self.keys.masters).items()}
+
+    # -- counters history, for rates --------------------------------------------------------------
+    def add_snapshot(self, snapshot: str) -> None:
+        self._r.pipeline(transaction=False).lpush(self.keys.history, snapshot).ltrim(
+            self.keys.history, 0, SNAPSHOTS_KEPT - 1).execute()
+
+    def snapshots(self) -> list[str]:
+        return [str(s) for s in self._r.lrange(self.keys.history, 0, -1)]
+
+    # -- tools -------------------------------------------------------------------------------------
+    def delete_namespace(self) -> None:
+        """Delete every key of this namespace (SCAN: for tools such as the bench only)."""
+        cursor = 0
+        while True:
+            cursor, keys = self._r.scan(cursor, match=self.keys.pattern, count=1000)
+            if keys:
+                self._r.unlink(*keys)
+            if int(cursor) == 0:
+                return
+
+    def used_memory(self) -> int:
+        """The server's memory in use (bytes)."""
+        return int(self._r.info("memory")["used_memory"])
+
+    # -- groups (queue.map) ----------------------------------------------------------------------
+    def group_meta(self, group_id: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self._r.hgetall(self.keys.group(group_id)).items()}
+
+    def group_job_ids(self, group_id: str) -> list[str]:
+        return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), 0, -1)]
+
+    def group_progress(self, group_id: str) -> tuple[int, int]:
+        """(done, failed) jobs of a group."""
+        done, failed = self._r.hmget(self.keys.group(group_id), "done", "failed")
+        return int(done or 0), int(failed or 0)
+
+    def wait_group(self, group_id: str, timeout: float) -> None:
+        """Block until a job of the group finishes, or ``timeout`` seconds."""
+        self._r.blpop([self.keys.group_wake(group_id)], timeout=timeout)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,250 @@
+"""The master's duties towards the server, in a thread of their own.
+
+The arbiter supervises processes; what it owes the server it hands to :class:`Duties`:
+
+* renew the leases of its live workers (every ``lease_time / 3``);
+* look for cancel requests of the jobs its workers run, and tell the arbiter which worker
+  to interrupt (it signals; this thread never touches a process);
+* describe the master and its workers for ``jobq info`` and the scheduler (heartbeat);
+* settle what a dead worker had journaled but not sent, and give back the jobs it held,
+  with the cause (retried with back-off while the server cannot be reached);
+* restart the embedded server if it went away.
+
+Why a thread, not a child process: these duties read what the arbiter knows (its workers,
+their slots) every tick, and a thread shares that for free; a call that blocks on a slow or
+hung server blocks only this thread (redis-py waits in socket calls, which release the GIL),
+so the arbiter keeps reaping, spawning and killing on time. The thread has its own
+connection and holds no lock a forked child could inherit: workers and the scheduler build
+their own clients after fork, and the logging module re-creates its locks in a child.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import redis
+
+from .. import serialization
+from ..broker import Broker
+from ..config import Config
+from ..connection import connect, describe_error
+from ..keys import Keys
+from ..server import EmbeddedServer, ServerError
+from ..wire import AckEntry
+
+log = logging.getLogger("jobq.master")
+
+#: How often the master looks for cancel requests of the jobs its workers run (seconds).
+CANCEL_CHECK_EVERY = 0.25
+#: How often the master describes itself and its workers in Redis (``jobq info``).
+HEARTBEAT_EVERY = 2.0
+#: How often the embedded server is checked (seconds).
+SERVER_EVERY = 5.0
+#: Retry back-off for giving back a dead worker's jobs while the server is away (seconds).
+RELEASE_RETRY_FIRST, RELEASE_RETRY_CAP = 0.1, 5.0
+
+
+class Seen(NamedTuple):
+    """One live worker as the arbiter saw it on its last tick."""
+
+    pid: int
+    slot: int
+    name: str
+    busy: bool
+    job_id: str | None
+    job_started: float
+    memory_mb: float | None
+    jobs_done: int
+
+
+class Interrupt(NamedTuple):
+    """Ask the arbiter to interrupt ``job_id`` in the worker ``pid`` (USR2)."""
+
+    pid: int
+    slot: int
+    job_id: str
+    reason: str
+
+
+@dataclass
+class _Gone:
+    """A worker that died: what it had not acknowledged, and its jobs to give back."""
+
+    name: str
+    current: str  # the job it was running, "-" for none
+    cause: str
+    acks: list[AckEntry]
+    queues: list[str]
+    tries: int = 0
+    next_try: float = field(default=0.0)
+
+
+class Duties:
+    """Runs the master's server duties in a daemon thread; see the module docstring."""
+
+    def __init__(self, config: Config, url: str, master_id: str, *,
+                 describe: Callable[[list[Seen], float], dict[str, Any]],
+                 wake: Callable[[], None], embedded: bool) -> None:
+        self.config = config
+        self.url = url
+        self.master_id = master_id
+        self.broker = Broker(connect(url), Keys(config.prefix), config)
+        self.interrupts: queue.SimpleQueue[Interrupt] = queue.SimpleQueue()
+        self._describe = describe
+        self._wake = wake
+        self._embedded = embedded
+        self._events: queue.SimpleQueue[_Gone] = queue.SimpleQueue()
+        self._gone: list[_Gone] = []
+        self._seen: list[Seen] = []
+        self._stopping = threading.Event()
+        self._interrupted: set[tuple[int, str]] = set()
+        self._thread = threading.Thread(target=self._run, name="jobq-duties", daemon=True)
+        self._next_renew = self._next_cancel = self._next_beat = self._next_server = 0.0
+
+    # -- what the arbiter calls -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def seen(self, workers: list[Seen]) -> None:
+        """The live workers now (the arbiter calls this every tick; a cheap assignment)."""
+        self._seen = workers
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the new config's lease time and retention apply from now on."""
+        self.config = config
+        self.broker.config = config
+
+    def worker_gone(self, name: str, current: str, cause: str, acks: Sequence[AckEntry],
+                    queues: Sequence[str]) -> None:
+        """A worker died: send its unsent acknowledgements, then give back what it held."""
+        self._events.put(_Gone(name, current, cause, list(acks), list(queues)))
+
+    def stop(self, timeout: float) -> None:
+        """Finish what is queued (dead workers' jobs are given back), forget this master's
+        description, and end the thread; waits at most ``timeout`` seconds."""
+        self._stopping.set()
+        self._events.put(_Gone("", "", "", [], []))  # wake the thread
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the server did not answer within %g s: the jobs of workers that "
+                        "died come back when their lease lapses", timeout)
+
+    # -- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._due(time.time())
+            if self._stopping.is_set() and not self._gone and self._events.empty():
+                break
+            try:
+                event = self._events.get(timeout=max(0.0, self._next_wake() - time.time()))
+            except queue.Empty:
+                continue
+            if event.name:
+                self._gone.append(event)
+        self._forget_master()
+
+    def _next_wake(self) -> float:
+        if self._stopping.is_set():  # only the dead workers' jobs are left to give back
+            return min((g.next_try for g in self._gone), default=time.time() + 0.1)
+        wakes = [self._next_renew, self._next_cancel, self._next_beat]
+        if self._embedded:
+            wakes.append(self._next_server)
+        if self._gone:
+            wakes.append(min(g.next_try for g in self._gone))
+        return min(wakes)
+
+    def _due(self, now: float) -> None:
+        if self._gone:
+            self._settle_gone(now)
+        if self._stopping.is_set():
+            return
+        if now >= self._next_renew:
+            self._next_renew = now + self.config.lease_time / 3
+            self._renew(now)
+        if now >= self._next_cancel:
+            self._next_cancel = now + CANCEL_CHECK_EVERY
+            self._find_cancelled()
+        if now >= self._next_beat:
+            self._next_beat = now + HEARTBEAT_EVERY
+            self._heartbeat(now)
+        if self._embedded and now >= self._next_server:
+            self._next_server = now + SERVER_EVERY
+            self._supervise_server()
+
+    def _settle_gone(self, now: float) -> None:
+        for gone in list(self._gone):
+            if gone.next_try > now:
+                continue
+            try:
+                if gone.acks:
+                    self.broker.send_acks(gone.name, gone.acks)
+                    log.info("sent %d acknowledgement(s) worker %s had not sent",
+                             len(gone.acks), gone.name)
+                    gone.acks = []
+                released = self.broker.release(gone.name, cause=gone.cause,
+                                               current=gone.current, queues=gone.queues)
+            except redis.RedisError as exc:
+                gone.tries += 1
+                gone.next_try = now + min(RELEASE_RETRY_FIRST * 2 ** gone.tries,
+                                          RELEASE_RETRY_CAP)
+                if gone.tries == 1:
+                    log.warning("cannot give back the jobs of %s yet (%s); will retry",
+                                gone.name, describe_error(exc, self.url))
+                continue
+            self._gone.remove(gone)
+            message = released.describe(gone.name, gone.cause) if released else None
+            if message:
+                log.warning("%s", message)
+
+    def _renew(self, now: float) -> None:
+        """Extend the lease of every live worker (a released lease is never re-created)."""
+        try:
+            self.broker.renew_leases([w.name for w in self._seen], now)
+        except redis.RedisError as exc:
+            log.warning("cannot renew leases (%s)", describe_error(exc, self.url))
+
+    def _find_cancelled(self) -> None:
+        """Tell the arbiter which workers run a job that was asked to stop."""
+        busy = [w for w in self._seen if w.busy and w.job_id]
+        try:
+            asked = self.broker.cancel_requests([w.job_id for w in busy if w.job_id])
+        except redis.RedisError:
+            return
+        current = set()
+        for w, reason in zip(busy, asked, strict=True):
+            assert w.job_id is not None
+            current.add((w.pid, w.job_id))
+            if reason is not None and (w.pid, w.job_id) not in self._interrupted:
+                self._interrupted.add((w.pid, w.job_id))
+                self.interrupts.put(Interrupt(w.pid, w.slot, w.job_id, reason))
+                self._wake()
+        self._interrupted &= current
+
+    def _heartbeat(self, now: float) -> None:
+        try:
+            self.broker.describe_master(self.master_id, serialization.dumps(
+                self._describe(self._seen, now)))
+        except redis.RedisError as exc:
+            log.debug("heartbeat failed: %s", exc)
+
+    def _forget_master(self) -> None:
+        try:
+            self.broker.forget_master(self.master_id)
+        except redis.RedisError:
+            pass
+
+    def _supervise_server(self) -> None:
+        server = EmbeddedServer()
+        if server.is_running():
+            return
+        log.warning("the embedded server is not running; starting it")
+        try:
+            server.start()
+        except ServerError as exc:
+            log.error("cannot start the embedded server: %s", exc)

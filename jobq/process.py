@@ -1,0 +1,89 @@
+"""Process plumbing shared by jobq's processes: titles, signals, death with the parent, and a
+blocking call that a signal handler can cut short."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+import psutil
+import setproctitle
+
+#: ``prctl`` option asking Linux to signal us when our parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def set_title(title: str) -> None:
+    """What ``ps`` and ``top`` show for this process."""
+    setproctitle.setproctitle(title)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send us ``sig`` when our parent dies (even by SIGKILL): an orphaned
+    worker stops after its job instead of running on with nobody renewing its lease."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        pass  # not Linux: the getppid() checks of the worker and scheduler loops remain
+
+
+def send_signal(pid: int, sig: int) -> None:
+    """Signal ``pid``; a process that is gone already is not an error."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a worker and whatever it forked)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        send_signal(pid, signal.SIGKILL)
+
+
+def memory_mb(pid: int) -> float:
+    """Current unique memory (USS) of a process, falling back to RSS; in MiB."""
+    proc = psutil.Process(pid)
+    try:
+        return float(proc.memory_full_info().uss) / 2**20
+    except (psutil.AccessDenied, AttributeError):
+        return float(proc.memory_info().rss) / 2**20
+
+
+class Interrupted(BaseException):
+    """Raised by :meth:`BlockingCall.interrupt` inside a blocking call (a BaseException, so
+    that no ``except Exception`` of a library on the way swallows it)."""
+
+
+class BlockingCall:
+    """Lets a signal handler cut a blocking server call short, at once.
+
+    The loop wraps a call that may block for long (BLPOP) in :meth:`running`; the handler
+    calls :meth:`interrupt`, which raises inside the call only while one runs (anywhere
+    else the loop sees the flag the handler set). ``on_interrupt`` cleans up after an
+    interrupted call, e.g. drops the connection, whose reply may be half read.
+    """
+
+    def __init__(self, on_interrupt: Callable[[], None]) -> None:
+        self._on_interrupt = on_interrupt
+        self.active = False
+
+    def interrupt(self) -> None:
+        if self.active:
+            self.active = False
+            raise Interrupted()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Run the body as the interruptible call; an interruption ends it quietly."""
+        self.active = True
+        try:
+            yield
+        except Interrupted:
+            self._on_interrupt()
+        finally:
+            self.active = False

@@ -1,0 +1,47 @@
+"""Talking about Redis URLs without leaking their secrets: one place that knows where a
+password can hide in a URL, for logs, process titles and error messages."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+#: Query parameters whose values are secrets (``?password=`` is redis-py's unix-socket form).
+_SECRET_PARAM_RE = re.compile(r"([?&;][^=&#?;]*(?:pass|secret|token)[^=&#?;]*=)[^&#;]*", re.I)
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (the user name is kept).
+
+    Everything before the last ``@`` counts as credentials, so a password with an unescaped
+    ``/``, ``?`` or ``@`` is still hidden. Never raises.
+    """
+    try:
+        text = str(url)
+        text = _SECRET_PARAM_RE.sub(r"\1***", text)
+        scheme, sep, rest = text.partition("://")
+        if not sep or "@" not in rest:
+            return text
+        userinfo, _, hostpart = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        return f"{scheme}://{user}{':***' if colon else ''}@{hostpart}"
+    except Exception:  # redaction must never be the thing that fails
+        return "<unprintable url>"
+
+
+def scrub(line: str, url: str) -> str:
+    """Collapse to one line and remove any secret of ``url``, should a library echo one."""
+    line = " ".join(line.split())
+    for secret in _secrets(url):
+        line = line.replace(secret, "***")
+    return line
+
+
+def _secrets(url: str) -> list[str]:
+    """The password and secret query values of ``url``, raw and percent-decoded."""
+    rest = url.partition("://")[2]
+    found = [rest.rpartition("@")[0].partition(":")[2]]
+    found += [m.group(0)[len(m.group(1)):] for m in _SECRET_PARAM_RE.finditer(url)]
+    found += [unquote(s) for s in found]
+    # Replacing a one- or two-letter string would garble the message more than it protects.
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)

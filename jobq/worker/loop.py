@@ -1,0 +1,446 @@
+"""One worker process: claim jobs, run each under its own SIGALRM timer, settle the outcome.
+
+The loop, for a worker on queues ``high,default``::
+
+    ┌─► exchange: one round trip = ack.lua (the jobs settled since the last one)
+    │             + claim.lua (the next batch: size adapted to how long jobs take)
+    │   got jobs? ── no ──► wait: BLPOP its hand list and the queues' wake lists ──┐
+    │      │ yes                (idle: no polling)                                  │
+    │      ▼                                                                        │
+    │   run: setitimer(timeout) → task(*args, **kwargs) → setitimer(0)              │
+    │   settle (jobq.settle, pure) → an ack entry, journaled in shared memory      │
+    └──────┴────────────────────────────────────────────────────────────────────────┘
+
+Short jobs are claimed in batches and acknowledged in batches (their results become
+visible within ``FLUSH_INTERVAL``); long jobs one at a time, so that no worker holds
+unstarted jobs while another idles. Under a master the worker reports the job it runs in
+shared memory (see :mod:`jobq.slots`) and the master renews its lease; alone (``jobq worker``)
+it renews the lease from a small thread.
+
+Signals: TERM (and INT, when not under a master) stop after the current job (unstarted
+prefetched jobs are given back); ALRM raises :class:`JobTimeout` inside the running job;
+USR2 raises :class:`JobCancelled` inside it; USR1 reopens log files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from .. import context, serialization
+from .. import log as jobq_log
+from ..broker import Broker, Claimed, Released
+from ..config import Config
+from ..connection import connect, describe_error
+from ..exceptions import JobCancelled, JobTimeout, TaskNotAllowed
+from ..keys import Keys
+from ..process import BlockingCall, Interrupted, set_title
+from ..registry import TaskResolver
+from ..settle import Completed, Failed, RetryPolicy, Settlement, settle
+from ..slots import Slot
+from ..wire import AckEntry, BadJob, Spec, undecodable
+
+log = logging.getLogger("jobq.worker")
+
+#: Aim for a claimed batch to take about this long to run (seconds).
+BATCH_TARGET = 0.004
+#: Most jobs claimed in one round trip.
+BATCH_MAX = 128
+#: Results of finished jobs are sent at the latest this long after the job ended (seconds).
+FLUSH_INTERVAL = 0.005
+#: How long an idle worker blocks before it looks around (heartbeat, its master).
+IDLE_TICK = 1.0
+#: A worker without a master looks for a cancel request of its running job this often (s).
+CANCEL_CHECK_EVERY = 0.25
+#: A worker without a master promotes due jobs and reaps lapsed leases this often (s).
+HOUSEKEEP_EVERY = 0.25
+#: Reconnect back-off after a lost server connection (seconds): first, cap.
+RECONNECT_FIRST, RECONNECT_CAP = 0.05, 2.0
+
+#: Exit codes of a worker process.
+RET_OK = 0
+RET_IMPORT = 4
+
+
+def worker_name(slot: int | None = None) -> str:
+    host = socket.gethostname().split(".")[0] or "host"
+    suffix = f".{slot}" if slot is not None else ""
+    return f"{host}.{os.getpid()}{suffix}.{os.urandom(2).hex()}"
+
+
+class Worker:
+    """Runs jobs from ``queues`` (strict priority between them) until stopped."""
+
+    def __init__(self, queues: Sequence[str], *, config: Config, url: str,
+                 resolver: TaskResolver, name: str | None = None, burst: bool = False,
+                 slot: Slot | None = None, renew_leases: bool = True, max_jobs: int = 0,
+                 master_pid: int | None = None, title: str = "") -> None:
+        self.queues = list(queues)
+        self.config = config
+        self.url = url
+        self.resolver = resolver
+        self.name = name or worker_name()
+        self.burst = burst
+        self.slot = slot
+        self.renew_leases = renew_leases
+        self.max_jobs = max_jobs
+        self.master_pid = master_pid
+        self.title_prefix = f"jobq worker {title or self.name}"
+        self.policy = RetryPolicy.from_config(config)
+        self._name_json = serialization.dumps(self.name)
+        # A job's data may be any bytes: surrogateescape keeps bytes that are not UTF-8 (the
+        # job then fails as a BadJob) instead of breaking the claim, and gives ids back as is.
+        self.redis = connect(url, encoding_errors="surrogateescape")
+        self.keys = Keys(config.prefix)
+        self.broker = Broker(self.redis, self.keys, config)
+        self.jobs_done = 0
+        self._buffer: deque[Claimed] = deque()
+        self._acks: list[Any] = []  # the fields of the ack entries not sent yet, flat
+        self._first_ack_at = 0.0
+        self._avg = BATCH_TARGET  # running average of a job's duration (seconds)
+        self._stopping = False
+        self._waiting = BlockingCall(on_interrupt=self.broker.disconnect)
+        self._running: str | None = None
+        self._title = ""
+        self._next_housekeeping = 0.0
+        self._resync = False  # look for jobs held by a claim whose reply was lost
+        self._lease_stop = threading.Event()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        context.worker = self
+        self._install_signals()
+        lease_thread = self._start_lease_thread() if self.renew_leases else None
+        log.info("worker %s started on %s", self.name, ",".join(self.queues))
+        if self.slot is not None:
+            self.slot.idle()  # tells the master this worker is up
+        try:
+            while not self._stopping:
+                if self.max_jobs and self.jobs_done >= self.max_jobs:
+                    log.info("worker %s recycles itself after %d jobs", self.name,
+                             self.jobs_done)
+                    break
+                if self.renew_leases and time.monotonic() >= self._next_housekeeping:
+                    self._housekeep()
+                if not self._buffer and not self._exchange():
+                    if self.burst and not self._scheduled_work():
+                        break
+                    self._wait_for_work()
+                    continue
+                self._run_one(self._buffer.popleft())
+                if self._acks and time.monotonic() - self._first_ack_at > FLUSH_INTERVAL:
+                    self._exchange(claim=False)
+        finally:
+            self._shutdown(lease_thread)
+        return RET_OK
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _orphaned(self) -> bool:
+        """Our master is gone: nobody renews our lease any more."""
+        return self.master_pid is not None and os.getppid() != self.master_pid
+
+    def _exchange(self, claim: bool = True) -> bool:
+        """Send pending acks and (with ``claim``) claim the next batch, in one round trip.
+
+        A lost connection is retried with back-off until it comes back (or the worker is
+        told to stop); acks are kept until they are through, so no result is dropped."""
+        if self._orphaned():
+            self._stopping = True  # an orphan claims nothing new
+            claim = False
+        want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
+        delay = RECONNECT_FIRST
+        logged = False
+        while True:
+            try:
+                stale, claimed = self.broker.exchange(self.name, self._acks, self.queues, want)
+                break
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if not logged:
+                    log.warning("lost the server (%s); reconnecting",
+                                describe_error(exc, self.url))
+                    logged = True
+                if self._stopping and not self._acks:
+                    return False
+                if self._orphaned():
+                    # our master is gone and the server too: nobody can take our results;
+                    # the jobs come back when their lease lapses (at-least-once)
+                    self._stopping = True
+                    self._acks = []
+                    return False
+                if self.slot is not None:
+                    self.slot.idle()  # waiting for the server is not hanging: keep beating
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_CAP)
+        if logged:
+            log.warning("reconnected to the server")
+            self._resync = True
+        if self._acks:
+            if stale:
+                log.warning("results of %d job(s) dropped: their lease lapsed and they were "
+                            "given back (%s)", len(stale), ", ".join(stale[:5]))
+            self._acks = []
+            if self.slot is not None:
+                self.slot.journal_sent()
+        if not want:
+            return False
+        self._buffer.extend(claimed)
+        if self._resync:
+            self._give_back_orphans()
+        return bool(self._buffer)
+
+    def _give_back_orphans(self) -> None:
+        """After a lost connection: a claim the server ran but whose reply was lost left jobs
+        held by us that we do not know of (redis-py or our loop sent the claim again). They
+        never started: give them back untouched."""
+        try:
+            known = {entry.job_id for entry in self._buffer}
+            orphans = sorted(self.broker.held_ids(self.name) - known - {self._running or ""})
+            if orphans:
+                n = self.broker.give_back(self.name, orphans)
+                log.warning("gave back %d job(s) claimed by a reply lost with the server", n)
+            self._resync = False
+        except redis.RedisError:
+            pass  # try again after the next exchange
+
+    def _wait_for_work(self) -> None:
+        """Block until a job is enqueued on one of our queues (or IDLE_TICK passes)."""
+        if self.slot is not None:
+            self.slot.idle()
+        self._set_title("idle")
+        if self._orphaned():
+            log.warning("worker %s: its master is gone; stopping", self.name)
+            self._stopping = True
+            return
+        handed: Claimed | None = None
+        try:
+            with self._waiting.running():  # from here a TERM interrupts the blocking wait
+                if self._stopping:
+                    return
+                tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
+                handed = self.broker.wait_for_work(self.name, self.queues, tick)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.warning("idle wait failed (%s); retrying", describe_error(exc, self.url))
+            time.sleep(RECONNECT_FIRST)
+            return
+        if handed is not None:  # already held by us
+            self._buffer.append(handed)
+
+    def _housekeep(self) -> None:
+        """Without a master (so maybe without a scheduler), promote due retries and delayed
+        jobs and give back the jobs of workers whose lease lapsed."""
+        self._next_housekeeping = time.monotonic() + HOUSEKEEP_EVERY
+        try:
+            self.broker.promote(time.time())
+            for worker, released in self.broker.reap():
+                log_release(worker, "lease expired", released)
+        except redis.RedisError as exc:
+            log.warning("housekeeping failed: %s", describe_error(exc, self.url))
+
+    def _scheduled_work(self) -> bool:
+        """Whether jobs of our queues wait for a later time (a burst worker waits for them)."""
+        return self.broker.scheduled_count(self.queues) > 0
+
+    # -- one job -----------------------------------------------------------------------------
+    def _run_one(self, claimed: Claimed) -> None:
+        job_id, queue, spec_raw, state_raw = claimed
+        started = time.time()
+        spec: Spec | None = None
+        try:
+            if not job_id.isascii() and undecodable(job_id):
+                raise BadJob("job id is not valid UTF-8")
+            spec = Spec.decode(spec_raw)
+            fn = self.resolver.resolve(spec.task)
+        except (BadJob, TaskNotAllowed) as exc:
+            task = spec.task if spec is not None else "?"
+            self._settle(claimed, spec, Failed(exc, started, time.time(), permanent=True),
+                         task)
+            return
+        task = spec.task
+        self._running = job_id
+        if self.slot is not None:
+            self.slot.begin(job_id, started, started + spec.timeout)
+        self._set_title(f"{queue} {task} {job_id}")
+        context.running = (job_id, queue, spec)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s %s started", job_id, task, extra={"job_id": job_id, "task": task})
+        outcome: Completed | Failed
+        signal.setitimer(signal.ITIMER_REAL, spec.timeout)
+        try:
+            result = fn(*spec.args, **spec.kwargs)
+        except BaseException as exc:  # noqa: B036 - a job's failure is data, not our crash
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._running = None
+            failure, permanent = _as_failure(exc, fn, spec)
+            outcome = Failed(failure, started, time.time(), permanent)
+        else:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            outcome = Completed(result, started, time.time())
+        finally:
+            self._running = None
+            context.running = None
+        self._settle(claimed, spec, outcome, task)
+
+    def _settle(self, claimed: Claimed, spec: Spec | None, outcome: Completed | Failed,
+                task: str) -> None:
+        self._avg = 0.5 * self._avg + 0.5 * (outcome.finished - outcome.started)
+        if isinstance(outcome, Completed):
+            self.jobs_done += 1
+        s = settle(claimed.job_id, claimed.queue, claimed.spec, spec, claimed.state, outcome,
+                   worker=self.name, worker_json=self._name_json, policy=self.policy)
+        self._ack(s.entry)
+        _log_settlement(claimed.job_id, task, s, outcome)
+
+    def _ack(self, entry: AckEntry) -> None:
+        if not self._acks:
+            self._first_ack_at = time.monotonic()
+        if self.slot is not None:
+            # journal it first: if this worker dies before sending it, the master will
+            if isinstance(entry.job_id, str) and not self.slot.journal_ack(entry):
+                self._exchange(claim=False)  # journal full: send what is there now
+                self.slot.journal_ack(entry)
+            self.slot.end()
+        self._acks += entry
+
+    # -- process plumbing --------------------------------------------------------------------
+    def _set_title(self, what: str) -> None:
+        if what != self._title:
+            self._title = what
+            set_title(f"{self.title_prefix}: {what}")
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        if self.master_pid is None:  # under a master, Ctrl-C is the master's to handle
+            signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.signal(signal.SIGUSR1, self._on_reopen_logs)
+        signal.signal(signal.SIGUSR2, self._on_cancel)
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        if self._orphaned():
+            # our master died (this TERM is its death signal): nobody renews our lease any
+            # more, so the job we hold will run elsewhere; stop now, with whatever we forked
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        self._stopping = True
+        self._waiting.interrupt()
+
+    def _on_alarm(self, signum: int, frame: Any) -> None:
+        if self._running is not None:
+            raise JobTimeout()
+
+    def _on_reopen_logs(self, signum: int, frame: Any) -> None:
+        jobq_log.reopen()
+
+    def _on_cancel(self, signum: int, frame: Any) -> None:
+        job_id = self._running
+        if job_id is None:
+            return
+        if self.slot is not None and self.slot.cancel_target() != job_id:
+            return  # meant for the job before this one, which has ended
+        self._running = None  # raise it once
+        raise JobCancelled(f"job {job_id} was cancelled")
+
+    def _start_lease_thread(self) -> threading.Thread:
+        """Renew this worker's lease while it holds jobs (used when no master does it)."""
+        stop = self._lease_stop
+        broker = Broker(connect(self.url), self.keys, self.config)
+
+        def renew() -> None:
+            period = self.config.lease_time / 3
+            next_renewal = 0.0
+            while not stop.wait(CANCEL_CHECK_EVERY):
+                try:
+                    if time.monotonic() >= next_renewal:
+                        next_renewal = time.monotonic() + period
+                        broker.renew_leases([self.name])
+                    running = self._running
+                    if running and broker.cancel_requested(running):
+                        os.kill(os.getpid(), signal.SIGUSR2)  # JobCancelled in the job
+                except redis.RedisError:
+                    pass  # the main loop reports a lost server
+
+        thread = threading.Thread(target=renew, name="jobq-lease", daemon=True)
+        thread.start()
+        return thread
+
+    def _shutdown(self, lease_thread: threading.Thread | None) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            if self._acks:
+                self._exchange(claim=False)
+            # give back what was claimed (or handed to us) but not started: it runs
+            # elsewhere, untouched
+            released = self.broker.release(self.name, cause="worker stopped", current="-",
+                                           queues=self.queues)
+            if released is not None:
+                log_release(self.name, "worker stopped", released)
+        except redis.RedisError as exc:
+            log.warning("could not give back unstarted jobs (%s); they return when the "
+                        "lease lapses", describe_error(exc, self.url))
+        if lease_thread is not None:
+            self._lease_stop.set()
+        log.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
+
+
+def _as_failure(exc: BaseException, fn: Callable[..., Any],
+                spec: Spec) -> tuple[BaseException, bool]:
+    """A job's exception as its failure, and whether that failure is permanent."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit | Interrupted):
+        exc = RuntimeError(f"the task raised {type(exc).__name__}").with_traceback(
+            exc.__traceback__)
+    if isinstance(exc, JobTimeout) and not exc.args:
+        # keep the traceback: it shows where the job was when its time ran out
+        exc = JobTimeout(f"job exceeded its time limit of {spec.timeout:g} s").with_traceback(
+            exc.__traceback__)
+    permanent = isinstance(exc, TypeError) and _bad_arguments(fn, spec.args, spec.kwargs)
+    return exc, permanent
+
+
+def _bad_arguments(fn: Callable[..., Any], args: Sequence[Any], kwargs: Any) -> bool:
+    """True if ``fn`` cannot be called with these arguments at all (a permanent failure)."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
+def _log_settlement(job_id: str, task: str, s: Settlement, outcome: Completed | Failed) -> None:
+    extra = {"job_id": job_id, "task": task}
+    if s.status == "completed":
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s %s completed in %.3f s", job_id, task,
+                      outcome.finished - outcome.started, extra=extra)
+        return
+    err = s.error or {}
+    what = f"{err.get('type')}: {str(err.get('msg'))[:200]}"
+    if s.status == "cancelled":
+        log.warning("job %s %s cancelled while running", job_id, task, extra=extra)
+    elif s.status == "retry":
+        log.warning("job %s %s failed (attempt %d of %d), retry in %.2f s: %s", job_id, task,
+                    s.attempts, s.max_retries + 1, s.delay, what, extra=extra)
+    else:
+        log.warning("job %s %s failed%s: %s", job_id, task,
+                    "" if s.permanent else f" after {s.attempts} attempt(s)", what, extra=extra)
+
+
+def log_release(worker: str, cause: str, released: Released) -> None:
+    """Log what giving back a worker's jobs did (nothing when it held none)."""
+    message = released.describe(worker, cause)
+    if message:
+        log.warning("%s", message)
