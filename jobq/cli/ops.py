@@ -461,6 +461,10 @@ def schedule_add(state: State, name: str, task: str, args_json: str | None,
     sys.exit(run_guarded(go, state))
 
 
+#: What ``jobq schedule OP NAME`` prints once done: ``schedule NAME: <past tense of OP>``.
+_PAST_TENSE = {"remove": "removed", "pause": "paused", "resume": "resumed"}
+
+
 def _schedule_op(state: State, name: str, op: str) -> int:
     from ..scheduler import Scheduler
 
@@ -475,8 +479,7 @@ def _schedule_op(state: State, name: str, op: str) -> int:
     done = {"remove": sched.cancel, "pause": sched.pause, "resume": sched.resume}[op](name)
     if not done:
         raise CliError(f"unknown schedule {name!r}", exitcodes.NOT_FOUND)
-    click.echo(f"schedule {name}: {op.replace('remove', 'removed').replace('pause', 'paused')}"
-               .replace("resume", "resumed"))
+    click.echo(f"schedule {name}: {_PAST_TENSE[op]}")
     return exitcodes.OK
 
 
