@@ -44,6 +44,15 @@ class State:
         self.log_format = log_format
         self._config: Config | None = None
 
+    def use(self, redis_url: str | None, config_path: str | None) -> None:
+        """Apply a command's own --redis-url/--config: they win over those given before it."""
+        if redis_url:
+            self.redis_url = redis_url
+            self._config = None
+        if config_path:
+            self.config_path = config_path
+            self._config = None
+
     def config(self, **overrides: Any) -> Config:
         if self._config is None or overrides:
             self._config = load_config(self.config_path, redis_url=self.redis_url,
@@ -102,33 +111,33 @@ def _fail(debug: bool, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def redis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--redis-url/--config on a command too (they also work before the command name)."""
-    fn = click.option("--config", "config_path", metavar="FILE", default=None,
-                      help="TOML config file (default: $JOBQ_CONFIG).",
-                      expose_value=True)(fn)
-    fn = click.option("--redis-url", default=None, metavar="URL",
-                      help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, "
-                           "else the embedded server.")(fn)
-    return fn
+def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
+                 ) -> Callable[[Callable[..., int]], click.Command]:
+    """Register ``fn(state, **params) -> exit code`` as command ``name`` of ``group``.
 
+    The command also takes --redis-url/--config (they work before its name too), gets the
+    :class:`State` first, runs under :func:`run_guarded` (an error is one line and a documented
+    exit code) and exits with the code ``fn`` returns. ``attrs`` go to ``group.command``.
+    """
 
-def with_state(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Pass the :class:`State` first, with the command's own --redis-url/--config applied."""
+    def decorate(fn: Callable[..., int]) -> click.Command:
+        @functools.wraps(fn)
+        @click.pass_obj
+        def run(state: State, redis_url: str | None = None, config_path: str | None = None,
+                **params: Any) -> NoReturn:
+            state.use(redis_url, config_path)
+            sys.exit(run_guarded(lambda: fn(state, **params), state))
 
-    @functools.wraps(fn)
-    @click.pass_obj
-    def wrapper(state: State, *args: Any, redis_url: str | None = None,
-                config_path: str | None = None, **kwargs: Any) -> Any:
-        if redis_url:
-            state.redis_url = redis_url
-            state._config = None
-        if config_path:
-            state.config_path = config_path
-            state._config = None
-        return fn(state, *args, **kwargs)
+        command = group.command(name, **attrs)(run)
+        # Added to the built command, so that --help lists them after the command's own options.
+        click.option("--redis-url", default=None, metavar="URL",
+                     help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, "
+                          "else the embedded server.")(command)
+        click.option("--config", "config_path", metavar="FILE", default=None,
+                     help="TOML config file (default: $JOBQ_CONFIG).")(command)
+        return command
 
-    return wrapper
+    return decorate
 
 
 class OneLineErrors(click.Group):
@@ -174,40 +183,34 @@ def main(ctx: click.Context, redis_url: str | None, config_path: str | None,
 
 
 # -- jobq worker --------------------------------------------------------------------------------
-@main.command()
+@jobq_command(main)
 @click.option("-q", "--queues", default=None, metavar="Q1,Q2",
               help="Queues to take jobs from, highest priority first (default: the config's).")
 @click.option("-I", "--import", "imports", multiple=True, metavar="MODULE",
               help="Module whose tasks may run (repeatable; adds to the config's imports).")
 @click.option("--burst", is_flag=True, help="Exit 0 once the queues are empty.")
-@redis_options
-@with_state
-def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bool) -> None:
+def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bool) -> int:
     """Run one worker in the foreground (jobq-master runs a supervised pool of them)."""
+    from ..exceptions import TaskImportError
+    from ..registry import TaskResolver
+    from ..worker import Worker
 
-    def go() -> int:
-        from ..exceptions import TaskImportError
-        from ..registry import TaskResolver
-        from ..worker import Worker
-
-        overrides: dict[str, Any] = {}
-        if queues:
-            overrides["queues"] = [q.strip() for q in queues.split(",") if q.strip()]
-        cfg = state.config(**overrides)
-        jobq_log.setup(cfg.log_level, cfg.log_format, cfg.log_file)
-        all_imports = list(dict.fromkeys([*cfg.imports, *imports]))
-        sys.path.insert(0, os.getcwd())
-        try:
-            resolver = TaskResolver(all_imports)
-        except TaskImportError as exc:
-            raise CliError(str(exc), exitcodes.IMPORT) from exc
-        url = state.url()
-        refused = refused_credentials(url)
-        if refused:  # waiting never fixes a wrong password
-            raise CliError(refused, exitcodes.CONNECT)
-        return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
-
-    sys.exit(run_guarded(go, state))
+    overrides: dict[str, Any] = {}
+    if queues:
+        overrides["queues"] = [q.strip() for q in queues.split(",") if q.strip()]
+    cfg = state.config(**overrides)
+    jobq_log.setup(cfg.log_level, cfg.log_format, cfg.log_file)
+    all_imports = list(dict.fromkeys([*cfg.imports, *imports]))
+    sys.path.insert(0, os.getcwd())
+    try:
+        resolver = TaskResolver(all_imports)
+    except TaskImportError as exc:
+        raise CliError(str(exc), exitcodes.IMPORT) from exc
+    url = state.url()
+    refused = refused_credentials(url)
+    if refused:  # waiting never fixes a wrong password
+        raise CliError(refused, exitcodes.CONNECT)
+    return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
 
 
 # -- jobq server --------------------------------------------------------------------------------
@@ -259,16 +262,14 @@ def server_stop() -> None:
 
 
 # -- jobq demo ----------------------------------------------------------------------------------
-@main.command()
+@jobq_command(main)
 @click.option("--jobs", default=40, show_default=True, help="How many jobs the batch has.")
 @click.option("--workers", default=2, show_default=True)
-@redis_options
-@with_state
-def demo(state: State, jobs: int, workers: int) -> None:
+def demo(state: State, jobs: int, workers: int) -> int:
     """Run jobq's main job: a CPU-heavy batch with a few failing jobs, then a report."""
     from ..demo import run_demo
 
-    sys.exit(run_guarded(lambda: run_demo(state.config(), state.url(), jobs, workers), state))
+    return run_demo(state.config(), state.url(), jobs, workers)
 
 
 def master_main(argv: list[str] | None = None) -> None:
