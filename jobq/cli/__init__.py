@@ -8,17 +8,20 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import redis
 
 from .. import exitcodes
 from .. import log as jobq_log
-from ..config import Config, ConfigError, load_config
+from ..config import CONFIG_ENV, FLAGS, Config, ConfigError, choices, load_config, value_type
 from ..connection import describe_error, refused_credentials
 
 _connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
+
+#: What a click option decorator applies to: a command's function, or a built command.
+_Decorated = TypeVar("_Decorated", bound=Callable[..., Any] | click.Command)
 
 
 class CliError(click.ClickException):
@@ -111,6 +114,43 @@ def _fail(debug: bool, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def config_option(key: str) -> Callable[[_Decorated], _Decorated]:
+    """The option of config key ``key``, spelled and explained as :data:`jobq.config.FLAGS`
+    says, with the type and the choices of the key's rule.
+
+    Its value is None when not given (the config's value stands; ``load_config`` ignores None
+    overrides); a list key's value is a list (``-q high,default``), or a tuple if repeatable.
+    """
+    flag = FLAGS[key]
+    attrs: dict[str, Any] = {"help": flag.help, "metavar": flag.metavar}
+    if flag.repeat:
+        attrs["multiple"] = True
+    else:
+        attrs["default"] = None
+        kind = value_type(key)
+        if kind is list:
+            attrs["callback"] = _comma_list
+        elif choices(key):
+            attrs["type"] = click.Choice(choices(key))
+        elif kind is not str:
+            attrs["type"] = kind
+    return click.option(*flag.flags, key, **attrs)
+
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None
+                ) -> list[str] | None:
+    """``high, default`` -> ``["high", "default"]``; an empty value is no value."""
+    if not value:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def config_file_option() -> Callable[[_Decorated], _Decorated]:
+    """--config FILE: the TOML file the config keys come from (parameter ``config_path``)."""
+    return click.option("--config", "config_path", default=None, metavar="FILE",
+                        help=f"TOML config file (default: ${CONFIG_ENV}).")
+
+
 def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
                  ) -> Callable[[Callable[..., int]], click.Command]:
     """Register ``fn(state, **params) -> exit code`` as command ``name`` of ``group``.
@@ -130,11 +170,8 @@ def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
 
         command = group.command(name, **attrs)(run)
         # Added to the built command, so that --help lists them after the command's own options.
-        click.option("--redis-url", default=None, metavar="URL",
-                     help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, "
-                          "else the embedded server.")(command)
-        click.option("--config", "config_path", metavar="FILE", default=None,
-                     help="TOML config file (default: $JOBQ_CONFIG).")(command)
+        config_option("redis_url")(command)
+        config_file_option()(command)
         return command
 
     return decorate
@@ -165,14 +202,10 @@ def one_line_errors(run: Callable[..., Any], args: Any, prog_name: str, **extra:
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--redis-url", default=None, metavar="URL", envvar=None,
-              help="redis://, rediss://, unix://; default: $JOBQ_REDIS_URL, the config, else the "
-                   "embedded server.")
-@click.option("--config", "config_path", default=None, metavar="FILE",
-              help="TOML config file (default: $JOBQ_CONFIG).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default=None)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@config_option("redis_url")
+@config_file_option()
+@config_option("log_level")
+@config_option("log_format")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.version_option(package_name="jobq")
 @click.pass_context
@@ -184,21 +217,16 @@ def main(ctx: click.Context, redis_url: str | None, config_path: str | None,
 
 # -- jobq worker --------------------------------------------------------------------------------
 @jobq_command(main)
-@click.option("-q", "--queues", default=None, metavar="Q1,Q2",
-              help="Queues to take jobs from, highest priority first (default: the config's).")
-@click.option("-I", "--import", "imports", multiple=True, metavar="MODULE",
-              help="Module whose tasks may run (repeatable; adds to the config's imports).")
+@config_option("queues")
+@config_option("imports")
 @click.option("--burst", is_flag=True, help="Exit 0 once the queues are empty.")
-def worker(state: State, queues: str | None, imports: tuple[str, ...], burst: bool) -> int:
+def worker(state: State, queues: list[str] | None, imports: tuple[str, ...], burst: bool) -> int:
     """Run one worker in the foreground (jobq-master runs a supervised pool of them)."""
     from ..exceptions import TaskImportError
     from ..registry import TaskResolver
     from ..worker import Worker
 
-    overrides: dict[str, Any] = {}
-    if queues:
-        overrides["queues"] = [q.strip() for q in queues.split(",") if q.strip()]
-    cfg = state.config(**overrides)
+    cfg = state.config(queues=queues)
     jobq_log.setup(cfg.log_level, cfg.log_format, cfg.log_file)
     all_imports = list(dict.fromkeys([*cfg.imports, *imports]))
     sys.path.insert(0, os.getcwd())
