@@ -7,7 +7,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -29,7 +29,8 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, code: int = exitcodes.FAILURE) -> None:
         super().__init__(message)
-        self.exit_code = code
+        # click types exit_code as one value per class; a CliError carries the code it is given
+        self.exit_code = code  # type: ignore[misc]
 
     def show(self, file: Any = None) -> None:
         click.echo(f"jobq: error: {self.format_message()}", err=True)
@@ -180,8 +181,12 @@ def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
 class OneLineErrors(click.Group):
     """A click group whose usage errors are one line (``jobq: error: ...``), exit code 2."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
-        return one_line_errors(super().main, args, prog_name or "jobq", **extra)
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        # standalone_mode is in click's signature only: one_line_errors always handles the errors
+        return one_line_errors(super().main, args, prog_name or "jobq",
+                               complete_var=complete_var, **extra)
 
 
 def one_line_errors(run: Callable[..., Any], args: Any, prog_name: str, **extra: Any) -> Any:

@@ -208,12 +208,12 @@ def _info_text(data: dict[str, Any]) -> str:
         state = "" if m["alive"] else "  (gone)"
         out.append(f"\nmaster {m['id']} on {m['host']}: {len(m['workers'])}/{m['target']} "
                    f"workers, queues {','.join(m['queues'])}{state}")
-        rows = [(w["slot"], w["pid"], w["state"], w.get("job") or "-",
-                 f"{w['age_s']:.1f}s" if w.get("age_s") is not None else "-",
-                 f"{w['memory_mb']:.0f} MB" if w.get("memory_mb") else "-", w["jobs_done"])
-                for w in m["workers"]]
-        out.append(tabulate(rows, headers=("slot", "pid", "state", "job", "age", "memory",
-                                           "done")))
+        workers = [(w["slot"], w["pid"], w["state"], w.get("job") or "-",
+                    f"{w['age_s']:.1f}s" if w.get("age_s") is not None else "-",
+                    f"{w['memory_mb']:.0f} MB" if w.get("memory_mb") else "-", w["jobs_done"])
+                   for w in m["workers"]]
+        out.append(tabulate(workers, headers=("slot", "pid", "state", "job", "age", "memory",
+                                              "done")))
     out.append(f"\nscheduler leader: {data['scheduler_leader'] or 'none'}")
     return "\n".join(out)
 
