@@ -4,6 +4,9 @@ Precedence, highest first: explicit overrides (the command line) > ``JOBQ_REDIS_
 ``redis_url`` only) > the TOML file > the defaults. Every value is checked against one table,
 :data:`_RULES`; any problem raises :class:`ConfigError` with a one-line message that names the
 source, the key and the problem.
+
+The keys the command lines take too (``--workers``, ``--log-level``, ...) are spelled and explained
+once, in :data:`FLAGS`; their type and choices are those of their rule.
 """
 
 from __future__ import annotations
@@ -382,3 +385,55 @@ _DEFAULTS: dict[str, Any] = {
 
 if set(_RULES) != set(_DEFAULTS):  # a field added without a rule, or the reverse
     raise RuntimeError(f"config rules out of sync: {set(_RULES) ^ set(_DEFAULTS)}")
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a config key is given on the command line, by every command that takes it."""
+
+    #: The option's names, e.g. ``("-w", "--workers")``.
+    flags: tuple[str, ...]
+    help: str
+    metavar: str | None = None
+    #: A list key given one flag per item (``-I a -I b``) rather than comma-separated.
+    repeat: bool = False
+
+
+#: Config key -> its command-line twin, for ``jobq`` and ``jobq-master`` alike.
+FLAGS: dict[str, Flag] = {
+    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://; default: ${REDIS_URL_ENV}, "
+                      "the config, else the embedded server.", metavar="URL"),
+    "queues": Flag(("-q", "--queues"), "Queues to take jobs from, highest priority first "
+                   "(default: the config's).", metavar="Q1,Q2"),
+    "imports": Flag(("-I", "--import"), "Module whose tasks may run (repeatable; adds to the "
+                    "config's imports).", metavar="MODULE", repeat=True),
+    "workers": Flag(("-w", "--workers"), "Worker processes (default: CPUs)."),
+    "pidfile": Flag(("--pidfile",), "File the master writes its pid to; a second master given "
+                    "the same file refuses to start.", metavar="FILE"),
+    "log_file": Flag(("--log-file",), "Log to FILE instead of standard error (reopened on "
+                     "USR1).", metavar="FILE"),
+    "log_level": Flag(("--log-level",), "Lowest level logged (default: info)."),
+    "log_format": Flag(("--log-format",), "Log line format; json writes one object per line "
+                       "(default: text)."),
+}
+
+
+def value_type(key: str) -> type:
+    """What a value of config key ``key`` is, as its rule checks it: int, float, str or list."""
+    rule = _RULES[key]
+    if isinstance(rule, _Number):
+        return int if rule.integer else float
+    return str if isinstance(rule, _Str) else list
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The values config key ``key`` is limited to; empty if its rule names none."""
+    rule = _RULES[key]
+    return rule.choices if isinstance(rule, _Str) else ()
+
+
+if not set(FLAGS) <= set(_RULES):  # a flag for a key that does not exist
+    raise RuntimeError(f"command-line flags without a config key: {set(FLAGS) - set(_RULES)}")

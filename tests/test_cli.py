@@ -372,6 +372,14 @@ def test_schedule_add_list_pause_resume_run_now_remove(
                                                    code=exitcodes.NOT_FOUND).stderr
 
 
+def test_schedule_ops_report_the_name_as_given(jobq: Callable[..., Result]) -> None:
+    # a schedule whose name holds an op's verb: only the op is put in the past tense
+    jobq("schedule", "add", "resume-digest", "jobq_testtasks:noop", "--interval", "3600")
+    for op, done in (("pause", "paused"), ("resume", "resumed"), ("remove", "removed")):
+        assert jobq("schedule", op, "resume-digest").stdout == \
+            f"schedule resume-digest: {done}\n"
+
+
 def test_schedule_add_refuses_bad_definitions(jobq: Callable[..., Result]) -> None:
     err = jobq("schedule", "add", "x", "jobq_testtasks:noop", "--cron", "61 * * * *",
                code=exitcodes.USAGE).stderr

@@ -13,13 +13,16 @@ import click
 from tabulate import tabulate
 
 from .. import exitcodes
+from .. import info as info_mod
+from ..exceptions import JobFailed, UnknownJob
+from ..job import QUEUE_NAME
 from ..queue import JobQueue
-from . import CliError, State, main, redis_options, run_guarded, with_state
+from ..schedule import ScheduleDef, ScheduleError
+from ..scheduler import Scheduler
+from .app import CliError, State, jobq_command, main
 
 
 def _queue(state: State, name: str = "default", must_exist: bool = False) -> JobQueue:
-    from ..job import QUEUE_NAME
-
     if not QUEUE_NAME.match(name):
         raise CliError(f"bad queue name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -", exitcodes.USAGE)
     queue = JobQueue(name, redis_url=state.url(), config=state.config())
@@ -56,7 +59,7 @@ def _echo_json(value: Any) -> None:
 
 
 # -- jobs -----------------------------------------------------------------------------------------
-@main.command()
+@jobq_command(main)
 @click.argument("task")
 @click.argument("args_json", required=False)
 @click.option("--kwargs", "kwargs_json", metavar="JSON", help="The task's keyword arguments.")
@@ -68,139 +71,107 @@ def _echo_json(value: Any) -> None:
 @click.option("--max-retries", type=int, default=None)
 @click.option("--wait", is_flag=True, help="Wait for the job and print its result.")
 @click.option("--wait-timeout", type=float, default=None, metavar="SECONDS")
-@redis_options
-@with_state
 def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | None,
             queue_name: str, priority: int, delay: float | None, timeout: float | None,
-            max_retries: int | None, wait: bool, wait_timeout: float | None) -> None:
+            max_retries: int | None, wait: bool, wait_timeout: float | None) -> int:
     """Enqueue TASK (module:function) with ARGS_JSON (a JSON array); print the job id."""
     args = _json_arg(args_json, "ARGS_JSON", list)
     kwargs = _json_arg(kwargs_json, "--kwargs", dict)
-
-    def go() -> int:
-        from ..exceptions import JobFailed
-
-        queue = _queue(state, queue_name)
-        options: dict[str, Any] = {"priority": priority}
-        if delay is not None:
-            options["delay"] = delay
-        if timeout is not None:
-            options["timeout"] = timeout
-        if max_retries is not None:
-            options["max_retries"] = max_retries
-        try:
-            job = queue.enqueue(task, *args, kwargs=kwargs, **options)
-        except (TypeError, ValueError) as exc:
-            raise CliError(str(exc), exitcodes.USAGE) from None
-        if not wait:
-            click.echo(job.id)
-            return exitcodes.OK
-        try:
-            click.echo(json.dumps(job.result(timeout=wait_timeout)))
-        except JobFailed as exc:
-            raise CliError(str(exc), exitcodes.FAILURE) from None
-        except TimeoutError as exc:
-            raise CliError(str(exc), exitcodes.FAILURE) from None
+    queue = _queue(state, queue_name)
+    options: dict[str, Any] = {"priority": priority}
+    if delay is not None:
+        options["delay"] = delay
+    if timeout is not None:
+        options["timeout"] = timeout
+    if max_retries is not None:
+        options["max_retries"] = max_retries
+    try:
+        job = queue.enqueue(task, *args, kwargs=kwargs, **options)
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc), exitcodes.USAGE) from None
+    if not wait:
+        click.echo(job.id)
         return exitcodes.OK
+    try:
+        click.echo(json.dumps(job.result(timeout=wait_timeout)))
+    except JobFailed as exc:
+        raise CliError(str(exc), exitcodes.FAILURE) from None
+    except TimeoutError as exc:
+        raise CliError(str(exc), exitcodes.FAILURE) from None
+    return exitcodes.OK
 
-    sys.exit(run_guarded(go, state))
 
-
-@main.command("job")
+@jobq_command(main, "job")
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-@redis_options
-@with_state
-def job_command(state: State, job_id: str, as_json: bool) -> None:
+def job_command(state: State, job_id: str, as_json: bool) -> int:
     """The whole record of a job: status, attempts with errors and tracebacks, result."""
-
-    def go() -> int:
-        job = _queue(state).get_job(job_id)
-        if job is None:
-            raise CliError(f"unknown job {job_id!r} (never enqueued, or its record expired)",
-                           exitcodes.NOT_FOUND)
-        record = job.to_dict()
-        if as_json:
-            _echo_json(record)
-            return exitcodes.OK
-        rows = [(k, record[k]) for k in ("id", "task", "queue", "status", "priority", "args",
-                                         "kwargs", "retry_count", "max_retries", "deliveries",
-                                         "timeout", "worker", "created_at", "started_at",
-                                         "completed_at", "due_at", "result", "error")]
-        click.echo(tabulate(rows, tablefmt="plain"))
-        for i, err in enumerate(job.errors, 1):
-            click.echo(f"\nattempt {i}: {err.get('type')}: {err.get('msg')}")
-            if err.get("tb"):
-                click.echo(err["tb"].rstrip())
+    job = _queue(state).get_job(job_id)
+    if job is None:
+        raise CliError(f"unknown job {job_id!r} (never enqueued, or its record expired)",
+                       exitcodes.NOT_FOUND)
+    record = job.to_dict()
+    if as_json:
+        _echo_json(record)
         return exitcodes.OK
+    rows = [(k, record[k]) for k in ("id", "task", "queue", "status", "priority", "args",
+                                     "kwargs", "retry_count", "max_retries", "deliveries",
+                                     "timeout", "worker", "created_at", "started_at",
+                                     "completed_at", "due_at", "result", "error")]
+    click.echo(tabulate(rows, tablefmt="plain"))
+    for i, err in enumerate(job.errors, 1):
+        click.echo(f"\nattempt {i}: {err.get('type')}: {err.get('msg')}")
+        if err.get("tb"):
+            click.echo(err["tb"].rstrip())
+    return exitcodes.OK
 
-    sys.exit(run_guarded(go, state))
 
-
-@main.command()
+@jobq_command(main)
 @click.argument("job_ids", nargs=-1, required=True)
-@redis_options
-@with_state
-def cancel(state: State, job_ids: tuple[str, ...]) -> None:
+def cancel(state: State, job_ids: tuple[str, ...]) -> int:
     """Cancel jobs: one not started never runs; a running one is interrupted."""
-
-    def go() -> int:
-        queue = _queue(state)
-        code = exitcodes.OK
-        for job_id in job_ids:
-            outcome = queue.cancel_job(job_id)
-            click.echo(f"{job_id}: {outcome}")
-            if outcome == "unknown":
-                code = exitcodes.NOT_FOUND
-            elif outcome not in ("cancelled", "interrupting"):
-                code = max(code, exitcodes.FAILURE)
-        return code
-
-    sys.exit(run_guarded(go, state))
+    queue = _queue(state)
+    code = exitcodes.OK
+    for job_id in job_ids:
+        outcome = queue.cancel_job(job_id)
+        click.echo(f"{job_id}: {outcome}")
+        if outcome == "unknown":
+            code = exitcodes.NOT_FOUND
+        elif outcome not in ("cancelled", "interrupting"):
+            code = max(code, exitcodes.FAILURE)
+    return code
 
 
-@main.command()
+@jobq_command(main)
 @click.argument("job_ids", nargs=-1)
 @click.option("--failed", is_flag=True, help="Requeue every job of the queue's dead-letter queue.")
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
-@redis_options
-@with_state
-def requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> None:
+def requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
     """Put failed jobs back in their queue, with fresh attempts (their history is kept)."""
     if bool(job_ids) == failed:
         raise CliError("give job ids or --failed", exitcodes.USAGE)
-
-    def go() -> int:
-        queue = _queue(state, queue_name, must_exist=failed)
-        if failed:
-            click.echo(f"requeued {queue.requeue_failed()} job(s) from {queue_name}")
-            return exitcodes.OK
-        code = exitcodes.OK
-        for job_id in job_ids:
-            if queue.requeue(job_id):
-                click.echo(f"{job_id}: requeued")
-            else:
-                job = queue.get_job(job_id)
-                why = "unknown job" if job is None else f"it is {job.status.value}"
-                click.echo(f"{job_id}: not requeued ({why})", err=True)
-                code = exitcodes.NOT_FOUND if job is None else exitcodes.FAILURE
-        return code
-
-    sys.exit(run_guarded(go, state))
-
-
-@main.command()
-@click.argument("queue_name")
-@redis_options
-@with_state
-def empty(state: State, queue_name: str) -> None:
-    """Delete every pending job of QUEUE (running jobs finish)."""
-
-    def go() -> int:
-        click.echo(f"deleted {_queue(state, queue_name, must_exist=True).empty()} pending job(s)")
+    queue = _queue(state, queue_name, must_exist=failed)
+    if failed:
+        click.echo(f"requeued {queue.requeue_failed()} job(s) from {queue_name}")
         return exitcodes.OK
+    code = exitcodes.OK
+    for job_id in job_ids:
+        if queue.requeue(job_id):
+            click.echo(f"{job_id}: requeued")
+        else:
+            job = queue.get_job(job_id)
+            why = "unknown job" if job is None else f"it is {job.status.value}"
+            click.echo(f"{job_id}: not requeued ({why})", err=True)
+            code = exitcodes.NOT_FOUND if job is None else exitcodes.FAILURE
+    return code
 
-    sys.exit(run_guarded(go, state))
+
+@jobq_command(main)
+@click.argument("queue_name")
+def empty(state: State, queue_name: str) -> int:
+    """Delete every pending job of QUEUE (running jobs finish)."""
+    click.echo(f"deleted {_queue(state, queue_name, must_exist=True).empty()} pending job(s)")
+    return exitcodes.OK
 
 
 def _suspend_or_resume(state: State, names: tuple[str, ...], suspend: bool) -> int:
@@ -213,22 +184,18 @@ def _suspend_or_resume(state: State, names: tuple[str, ...], suspend: bool) -> i
     return exitcodes.OK
 
 
-@main.command()
+@jobq_command(main)
 @click.argument("queue_names", nargs=-1)
-@redis_options
-@with_state
-def suspend(state: State, queue_names: tuple[str, ...]) -> None:
+def suspend(state: State, queue_names: tuple[str, ...]) -> int:
     """Workers stop claiming from QUEUE (all queues if none given); running jobs finish."""
-    sys.exit(run_guarded(lambda: _suspend_or_resume(state, queue_names, True), state))
+    return _suspend_or_resume(state, queue_names, True)
 
 
-@main.command()
+@jobq_command(main)
 @click.argument("queue_names", nargs=-1)
-@redis_options
-@with_state
-def resume(state: State, queue_names: tuple[str, ...]) -> None:
+def resume(state: State, queue_names: tuple[str, ...]) -> int:
     """Workers claim from QUEUE again (all queues if none given)."""
-    sys.exit(run_guarded(lambda: _suspend_or_resume(state, queue_names, False), state))
+    return _suspend_or_resume(state, queue_names, False)
 
 
 # -- info and top -----------------------------------------------------------------------------
@@ -242,64 +209,48 @@ def _info_text(data: dict[str, Any]) -> str:
         state = "" if m["alive"] else "  (gone)"
         out.append(f"\nmaster {m['id']} on {m['host']}: {len(m['workers'])}/{m['target']} "
                    f"workers, queues {','.join(m['queues'])}{state}")
-        rows = [(w["slot"], w["pid"], w["state"], w.get("job") or "-",
-                 f"{w['age_s']:.1f}s" if w.get("age_s") is not None else "-",
-                 f"{w['memory_mb']:.0f} MB" if w.get("memory_mb") else "-", w["jobs_done"])
-                for w in m["workers"]]
-        out.append(tabulate(rows, headers=("slot", "pid", "state", "job", "age", "memory",
-                                           "done")))
+        workers = [(w["slot"], w["pid"], w["state"], w.get("job") or "-",
+                    f"{w['age_s']:.1f}s" if w.get("age_s") is not None else "-",
+                    f"{w['memory_mb']:.0f} MB" if w.get("memory_mb") else "-", w["jobs_done"])
+                   for w in m["workers"]]
+        out.append(tabulate(workers, headers=("slot", "pid", "state", "job", "age", "memory",
+                                              "done")))
     out.append(f"\nscheduler leader: {data['scheduler_leader'] or 'none'}")
     return "\n".join(out)
 
 
-@main.command()
+@jobq_command(main)
 @click.option("--json", "as_json", is_flag=True)
-@redis_options
-@with_state
-def info(state: State, as_json: bool) -> None:
+def info(state: State, as_json: bool) -> int:
     """Queues (counts, rates over the last minute), masters and their workers, the leader."""
-
-    def go() -> int:
-        from .. import info as info_mod
-
-        queue = _queue(state)
-        data = info_mod.collect(queue.broker)
-        if as_json:
-            _echo_json(data)
-        else:
-            click.echo(_info_text(data))
-        return exitcodes.OK
-
-    sys.exit(run_guarded(go, state))
+    queue = _queue(state)
+    data = info_mod.collect(queue.broker)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(_info_text(data))
+    return exitcodes.OK
 
 
-@main.command()
+@jobq_command(main)
 @click.option("--interval", type=float, default=1.0, show_default=True)
 @click.option("--iterations", type=int, default=0, help="Stop after N refreshes (0: never).")
-@redis_options
-@with_state
-def top(state: State, interval: float, iterations: int) -> None:
+def top(state: State, interval: float, iterations: int) -> int:
     """`jobq info`, refreshed live until Ctrl-C."""
-
-    def go() -> int:
-        from .. import info as info_mod
-
-        queue = _queue(state)
-        n = 0
-        try:
-            while True:
-                text = _info_text(info_mod.collect(queue.broker))
-                click.clear()
-                click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
-                click.echo(text)
-                n += 1
-                if iterations and n >= iterations:
-                    return exitcodes.OK
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            return exitcodes.OK
-
-    sys.exit(run_guarded(go, state))
+    queue = _queue(state)
+    n = 0
+    try:
+        while True:
+            text = _info_text(info_mod.collect(queue.broker))
+            click.clear()
+            click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
+            click.echo(text)
+            n += 1
+            if iterations and n >= iterations:
+                return exitcodes.OK
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return exitcodes.OK
 
 
 # -- the dead-letter queue --------------------------------------------------------------------
@@ -308,29 +259,23 @@ def dlq() -> None:
     """The dead-letter queue: jobs failed for good (retries exhausted, refused, poison)."""
 
 
-@dlq.command("list")
+@jobq_command(dlq, "list")
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@redis_options
-@with_state
-def dlq_list(state: State, queue_name: str, limit: int, as_json: bool) -> None:
+def dlq_list(state: State, queue_name: str, limit: int, as_json: bool) -> int:
     """Failed jobs of a queue, newest first."""
-
-    def go() -> int:
-        queue = _queue(state, queue_name, must_exist=True)
-        jobs = queue.failed_jobs(limit=limit)
-        if as_json:
-            _echo_json([j.to_dict() for j in jobs])
-            return exitcodes.OK
-        rows = [(j.id, j.task, j.retry_count, _when(j.completed_at.timestamp()
-                                                     if j.completed_at else None),
-                 (j.error or "")[:60]) for j in jobs]
-        click.echo(tabulate(rows, headers=("job", "task", "attempts", "failed at", "error")))
-        click.echo(f"\n{queue.failed_count()} job(s) in the dead-letter queue of {queue_name}")
+    queue = _queue(state, queue_name, must_exist=True)
+    jobs = queue.failed_jobs(limit=limit)
+    if as_json:
+        _echo_json([j.to_dict() for j in jobs])
         return exitcodes.OK
-
-    sys.exit(run_guarded(go, state))
+    rows = [(j.id, j.task, j.retry_count, _when(j.completed_at.timestamp()
+                                                 if j.completed_at else None),
+             (j.error or "")[:60]) for j in jobs]
+    click.echo(tabulate(rows, headers=("job", "task", "attempts", "failed at", "error")))
+    click.echo(f"\n{queue.failed_count()} job(s) in the dead-letter queue of {queue_name}")
+    return exitcodes.OK
 
 
 @dlq.command("show")
@@ -353,22 +298,16 @@ def dlq_requeue(ctx: click.Context, job_ids: tuple[str, ...], all_: bool,
     ctx.invoke(requeue, job_ids=job_ids, failed=all_, queue_name=queue_name)
 
 
-@dlq.command("purge")
+@jobq_command(dlq, "purge")
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
 @click.option("--yes", is_flag=True, help="Do not ask.")
-@redis_options
-@with_state
-def dlq_purge(state: State, queue_name: str, yes: bool) -> None:
+def dlq_purge(state: State, queue_name: str, yes: bool) -> int:
     """Delete the dead-letter queue of a queue and its jobs' records."""
-
-    def go() -> int:
-        queue = _queue(state, queue_name, must_exist=True)
-        if not yes and sys.stdin.isatty():
-            click.confirm(f"delete {queue.failed_count()} failed job(s)?", abort=True)
-        click.echo(f"purged {queue.purge_failed()} job(s)")
-        return exitcodes.OK
-
-    sys.exit(run_guarded(go, state))
+    queue = _queue(state, queue_name, must_exist=True)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"delete {queue.failed_count()} failed job(s)?", abort=True)
+    click.echo(f"purged {queue.purge_failed()} job(s)")
+    return exitcodes.OK
 
 
 # -- schedules --------------------------------------------------------------------------------
@@ -377,37 +316,29 @@ def schedule() -> None:
     """Named schedules (once, interval, cron), stored in Redis for every host."""
 
 
-@schedule.command("list")
+@jobq_command(schedule, "list")
 @click.option("--json", "as_json", is_flag=True)
-@redis_options
-@with_state
-def schedule_list(state: State, as_json: bool) -> None:
+def schedule_list(state: State, as_json: bool) -> int:
     """Every schedule with its next and last run, its last job's status, and the leader."""
-
-    def go() -> int:
-        from ..scheduler import Scheduler
-
-        sched = Scheduler(_queue(state))
-        items = sched.list()
-        if as_json:
-            _echo_json({"leader": sched.leader(), "schedules": items})
-            return exitcodes.OK
-        rows = []
-        for s in items:
-            when = {"cron": s.get("cron"), "interval": f"every {s.get('interval')} s",
-                    "once": f"at {_when(s.get('at'))}"}[s["kind"]]
-            rows.append((s["name"], s["task"], when, s["queue"],
-                         "paused" if s["paused"] else _when(s["next_run"]),
-                         _when(s["last_run"]), s["last_status"] or "-"))
-        click.echo(tabulate(rows, headers=("name", "task", "when", "queue", "next run",
-                                           "last run", "last job")))
-        click.echo(f"\nscheduler leader: {sched.leader() or 'none'}")
+    sched = Scheduler(_queue(state))
+    items = sched.list()
+    if as_json:
+        _echo_json({"leader": sched.leader(), "schedules": items})
         return exitcodes.OK
+    rows = []
+    for s in items:
+        when = {"cron": s.get("cron"), "interval": f"every {s.get('interval')} s",
+                "once": f"at {_when(s.get('at'))}"}[s["kind"]]
+        rows.append((s["name"], s["task"], when, s["queue"],
+                     "paused" if s["paused"] else _when(s["next_run"]),
+                     _when(s["last_run"]), s["last_status"] or "-"))
+    click.echo(tabulate(rows, headers=("name", "task", "when", "queue", "next run",
+                                       "last run", "last job")))
+    click.echo(f"\nscheduler leader: {sched.leader() or 'none'}")
+    return exitcodes.OK
 
-    sys.exit(run_guarded(go, state))
 
-
-@schedule.command("add")
+@jobq_command(schedule, "add")
 @click.argument("name")
 @click.argument("task")
 @click.argument("args_json", required=False)
@@ -420,15 +351,11 @@ def schedule_list(state: State, as_json: bool) -> None:
               show_default=True)
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
 @click.option("--priority", type=int, default=0, show_default=True)
-@redis_options
-@with_state
 def schedule_add(state: State, name: str, task: str, args_json: str | None,
                  kwargs_json: str | None, cron: str | None, interval: float | None,
                  at_: str | None, timezone: str, misfire: str, queue_name: str,
-                 priority: int) -> None:
+                 priority: int) -> int:
     """Add (or replace) schedule NAME running TASK with ARGS_JSON."""
-    from ..schedule import ScheduleDef, ScheduleError
-
     given = [x for x in (cron, interval, at_) if x is not None]
     if len(given) != 1:
         raise CliError("give exactly one of --cron, --interval, --at", exitcodes.USAGE)
@@ -445,25 +372,21 @@ def schedule_add(state: State, name: str, task: str, args_json: str | None,
         except ValueError:
             raise CliError(f"--at {at_!r} is not an ISO date-time", exitcodes.USAGE) from None
 
-    def go() -> int:
-        from ..scheduler import Scheduler
+    d = ScheduleDef(name=name, task=task, args=args, kwargs=kwargs, queue=queue_name,
+                    priority=priority, timezone=timezone, misfire=misfire, source="cli", **fields)
+    try:
+        Scheduler(_queue(state)).add(d)
+    except ScheduleError as exc:
+        raise CliError(str(exc), exitcodes.USAGE) from None
+    click.echo(f"schedule {name} added")
+    return exitcodes.OK
 
-        d = ScheduleDef(name=name, task=task, args=args, kwargs=kwargs, queue=queue_name,
-                        priority=priority, timezone=timezone, misfire=misfire, source="cli",
-                        **fields)
-        try:
-            Scheduler(_queue(state)).add(d)
-        except ScheduleError as exc:
-            raise CliError(str(exc), exitcodes.USAGE) from None
-        click.echo(f"schedule {name} added")
-        return exitcodes.OK
 
-    sys.exit(run_guarded(go, state))
+#: What ``jobq schedule OP NAME`` prints once done: ``schedule NAME: <past tense of OP>``.
+_PAST_TENSE = {"remove": "removed", "pause": "paused", "resume": "resumed"}
 
 
 def _schedule_op(state: State, name: str, op: str) -> int:
-    from ..scheduler import Scheduler
-
     sched = Scheduler(_queue(state))
     if op == "run-now":
         try:
@@ -475,48 +398,42 @@ def _schedule_op(state: State, name: str, op: str) -> int:
     done = {"remove": sched.cancel, "pause": sched.pause, "resume": sched.resume}[op](name)
     if not done:
         raise CliError(f"unknown schedule {name!r}", exitcodes.NOT_FOUND)
-    click.echo(f"schedule {name}: {op.replace('remove', 'removed').replace('pause', 'paused')}"
-               .replace("resume", "resumed"))
+    click.echo(f"schedule {name}: {_PAST_TENSE[op]}")
     return exitcodes.OK
 
 
+def _schedule_op_command(op: str) -> click.Command:
+    """``jobq schedule OP NAME``: the four commands differ in their op only."""
+
+    @jobq_command(schedule, op, help=f"{op.capitalize().replace('-', ' ')} schedule NAME.")
+    @click.argument("name")
+    def command(state: State, name: str) -> int:
+        return _schedule_op(state, name, op)
+
+    return command
+
+
 for _op in ("remove", "pause", "resume", "run-now"):
-    def _make(op: str) -> None:
-        @schedule.command(op, help=f"{op.capitalize().replace('-', ' ')} schedule NAME.")
-        @click.argument("name")
-        @redis_options
-        @with_state
-        def command(state: State, name: str) -> None:
-            sys.exit(run_guarded(lambda: _schedule_op(state, name, op), state))
-
-    _make(_op)
+    _schedule_op_command(_op)
 
 
-@main.command("wait")
+@jobq_command(main, "wait")
 @click.argument("group_id")
 @click.option("--timeout", type=float, default=None, metavar="SECONDS")
 @click.option("--json", "as_json", is_flag=True, help="Print the final progress as JSON.")
-@redis_options
-@with_state
-def wait_command(state: State, group_id: str, timeout: float | None, as_json: bool) -> None:
+def wait_command(state: State, group_id: str, timeout: float | None, as_json: bool) -> int:
     """Wait for a queue.map group, with a progress bar; exit 1 if any of its jobs failed."""
-
-    def go() -> int:
-        from ..exceptions import UnknownJob
-
-        try:
-            group = _queue(state).group(group_id)
-        except UnknownJob:
-            raise CliError(f"unknown group {group_id!r}", exitcodes.NOT_FOUND) from None
-        finished = group.wait(timeout=timeout, progress=not as_json)
-        p = group.progress()
-        if as_json:
-            _echo_json({"group": group_id, "done": p.done, "failed": p.failed,
-                        "total": p.total, "finished": finished})
-        else:
-            click.echo(f"{p.done} done, {p.failed} failed, of {p.total}")
-        if not finished:
-            raise CliError(f"group {group_id} not finished within {timeout} s", exitcodes.FAILURE)
-        return exitcodes.FAILURE if p.failed else exitcodes.OK
-
-    sys.exit(run_guarded(go, state))
+    try:
+        group = _queue(state).group(group_id)
+    except UnknownJob:
+        raise CliError(f"unknown group {group_id!r}", exitcodes.NOT_FOUND) from None
+    finished = group.wait(timeout=timeout, progress=not as_json)
+    p = group.progress()
+    if as_json:
+        _echo_json({"group": group_id, "done": p.done, "failed": p.failed,
+                    "total": p.total, "finished": finished})
+    else:
+        click.echo(f"{p.done} done, {p.failed} failed, of {p.total}")
+    if not finished:
+        raise CliError(f"group {group_id} not finished within {timeout} s", exitcodes.FAILURE)
+    return exitcodes.FAILURE if p.failed else exitcodes.OK

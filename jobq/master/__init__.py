@@ -1,4 +1,5 @@
-"""The pre-fork master: :mod:`.arbiter` supervises, :mod:`.policy` decides, :mod:`.cli` parses."""
+"""The pre-fork master: :mod:`.arbiter` supervises processes, :mod:`.policy` decides,
+:mod:`.duties` does what the master owes the server, in a thread of its own."""
 
 from .arbiter import Master
 

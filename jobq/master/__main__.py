@@ -1,6 +1,6 @@
 """``python -m jobq.master``: the same as ``jobq-master``."""
 
-from ..cli import master_main
+from ..cli.master import main
 
 if __name__ == "__main__":
-    master_main()
+    main()

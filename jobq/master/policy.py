@@ -5,6 +5,7 @@ tests drive them with a fake clock.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 from dataclasses import dataclass, field
@@ -119,8 +120,6 @@ def next_check(now: float, workers: list[WorkerState], limits: Limits,
 def describe_exit(status: int) -> tuple[str, int | None, int | None]:
     """(text, exit code, signal) for a waitpid status."""
     if hasattr(status, "__index__") and status >= 0:
-        import os
-
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             try:

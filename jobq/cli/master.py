@@ -1,4 +1,5 @@
-"""``jobq-master``: parse options, load the config, run the master."""
+"""``jobq-master``'s command line: parse options, load and check the config, run the
+master."""
 
 from __future__ import annotations
 
@@ -11,28 +12,24 @@ from .. import exitcodes
 from .. import log as jobq_log
 from ..config import ConfigError, load_config
 from ..connection import refused_credentials
+from ..master.arbiter import Master, Options
 from ..schedule import ScheduleError
 from ..scheduler import config_schedules
-from .arbiter import Master, Options
+from .app import config_file_option, config_option, one_line_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-w", "--workers", type=int, default=None, help="Worker processes (default: CPUs).")
-@click.option("-q", "--queues", default=None, metavar="Q1,Q2",
-              help="Queues to take jobs from, highest priority first.")
-@click.option("-I", "--import", "imports", multiple=True, metavar="MODULE",
-              help="Module whose tasks may run (repeatable; adds to the config's imports).")
-@click.option("--config", "config_path", default=None, metavar="FILE",
-              help="TOML config file (default: $JOBQ_CONFIG).")
-@click.option("--redis-url", default=None, metavar="URL",
-              help="Default: $JOBQ_REDIS_URL, the config, else the embedded server.")
-@click.option("--pidfile", default=None, metavar="FILE")
-@click.option("--log-file", default=None, metavar="FILE")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default=None)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@config_option("workers")
+@config_option("queues")
+@config_option("imports")
+@config_file_option()
+@config_option("redis_url")
+@config_option("pidfile")
+@config_option("log_file")
+@config_option("log_level")
+@config_option("log_format")
 @click.version_option(package_name="jobq")
-def master_command(workers: int | None, queues: str | None, imports: tuple[str, ...],
+def master_command(workers: int | None, queues: list[str] | None, imports: tuple[str, ...],
                    config_path: str | None, redis_url: str | None, pidfile: str | None,
                    log_file: str | None, log_level: str | None, log_format: str | None) -> None:
     """Run the jobq master: a supervised pool of worker processes and a scheduler.
@@ -41,9 +38,8 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
     TTIN/TTOU one worker more/fewer, USR1 reopen log files.
     """
     overrides: dict[str, Any] = {
-        "workers": workers, "redis_url": redis_url, "pidfile": pidfile, "log_file": log_file,
-        "log_level": log_level, "log_format": log_format,
-        "queues": [q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+        "workers": workers, "queues": queues, "redis_url": redis_url, "pidfile": pidfile,
+        "log_file": log_file, "log_level": log_level, "log_format": log_format,
     }
     try:
         config = load_config(config_path, **overrides)
@@ -69,3 +65,8 @@ def master_command(workers: int | None, queues: str | None, imports: tuple[str, 
                       overrides={k: v for k, v in overrides.items() if v is not None},
                       pidfile=config.pidfile)
     sys.exit(Master(config, options).run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``jobq-master`` (and ``python -m jobq.master``)."""
+    one_line_errors(master_command.main, argv, "jobq-master")

@@ -1,0 +1,164 @@
+"""The package's structure, read from its source (no import is run): dependencies point one
+way, each protocol has one owner.
+
+* No import cycle among jobq's modules, imports inside functions counted.
+* An import inside a function is allowed only where :data:`LAZY` lists it with its reason.
+* Lua scripts are called from :mod:`jobq.broker` only; Redis key names are built in
+  :mod:`jobq.keys` only.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "jobq"
+
+#: (module, module it imports inside a function): why that import is not at the top.
+LAZY: dict[tuple[str, str], str] = {
+    ("jobq.cli", "jobq.cli.master"): "`jobq` itself never needs the master's machinery",
+    ("jobq.cli.bench", "jobq.bench"): "the bench's own tasks register only when it runs",
+    ("jobq", "jobq.pool"): "`import jobq` stays light: WorkerPool brings the master along",
+    ("jobq", "jobq.scheduler"): "`import jobq` stays light: loaded on first use",
+    ("jobq", "jobq.store"): "`import jobq` stays light: loaded on first use",
+    ("jobq.worker", "jobq.pool"): (
+        "scripts import WorkerPool from jobq.worker; the pool sits above the master, which "
+        "imports jobq.worker.loop (not this package face), so no cycle"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if not is_package:
+        base.pop()
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports_of(name: str, path: Path, modules: set[str]) -> list[tuple[str, bool]]:
+    """The jobq modules ``name`` imports, each with whether the import is in a function."""
+    is_package = path.name == "__init__.py"
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(
+                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            if isinstance(child, ast.Import):
+                found.extend((a.name, nested) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                target = _resolve(name, is_package, child)
+                for alias in child.names:  # "from . import x" imports the module x
+                    sub = f"{target}.{alias.name}"
+                    found.append((sub if sub in modules else target, nested))
+            visit(child, nested)
+
+    visit(ast.parse(path.read_text("utf-8"), str(path)), False)
+    return [(t, f) for t, f in found if t in modules and t != name]
+
+
+def _imports() -> dict[str, list[tuple[str, bool]]]:
+    """module -> [(imported jobq module, inside a function?)]."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _imports_of(name, path, set(modules)) for name, path in modules.items()}
+
+
+GRAPH = _imports()
+
+
+def test_the_graph_is_read() -> None:
+    assert "jobq.worker.loop" in GRAPH and "jobq.broker" in GRAPH
+    assert ("jobq.broker", False) in GRAPH["jobq.worker.loop"]
+    assert ("jobq.pool", True) in GRAPH["jobq.worker"]
+
+
+def test_nothing_in_jobq_imports_the_worker_package_face() -> None:
+    """``jobq.worker`` only hands on names for scripts (and finds WorkerPool above the
+    master); jobq's own modules import ``jobq.worker.loop``."""
+    users = sorted(m for m, targets in GRAPH.items() if any(t == "jobq.worker" for t, _ in targets))
+    assert users == []
+
+
+def test_no_import_cycle() -> None:
+    edges = {m: {t for t, _ in targets} for m, targets in GRAPH.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def walk(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for t in sorted(edges[m]):
+            if state.get(t) == 1:
+                cycle = path[path.index(t):] + [t]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                walk(t)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            walk(m)
+
+
+def test_imports_inside_functions_are_listed_with_their_reason() -> None:
+    unlisted = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() for t, inside in targets
+                      if inside and (m, t) not in LAZY)
+    assert not unlisted, f"imports inside functions, not listed in LAZY: {unlisted}"
+    stale = sorted(f"{m} -> {t}" for m, t in LAZY if (t, True) not in GRAPH.get(m, []))
+    assert not stale, f"LAZY lists imports that are gone: {stale}"
+
+
+def _calls_to(attribute: str) -> set[str]:
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == attribute:
+                found.add(_module_name(path))
+    return found
+
+
+def test_lua_scripts_are_called_from_the_broker_only() -> None:
+    assert _calls_to("scripts") <= {"jobq.broker"}
+    for call in ("eval", "evalsha", "register_script", "run_many"):
+        assert _calls_to(call) <= {"jobq.broker", "jobq.scripts"}, call
+
+
+#: What a key name built by hand looks like: ``f"{base}:jobs"``, ``f"{b}:q:{queue}"``, or
+#: a literal ``"{jobq}:..."``.
+KEY_NAME = re.compile(r"^(\{\}|\{[A-Za-z0-9_.:-]+\}):[a-z_]+(:|$)")
+
+
+def test_key_names_are_built_in_keys_only() -> None:
+    """No string shaped like a jobq key name outside keys.py (the broker passes the key base
+    to the Lua scripts, which build names from it, as keys.py documents)."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "keys.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            text = None
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{}"
+                               for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+            if text is not None and KEY_NAME.match(text):
+                offenders.append(f"{_module_name(path)}:{node.lineno}")
+            elif isinstance(node, ast.Attribute) and node.attr == "base" and isinstance(
+                    node.value, ast.Attribute) and node.value.attr == "keys":
+                offenders.append(f"{_module_name(path)}:{node.lineno} (keys.base)")
+    allowed = {o for o in offenders if o.startswith("jobq.broker:") and "keys.base" in o}
+    assert sorted(set(offenders) - allowed) == []
