@@ -51,13 +51,9 @@ SNAPSHOTS_KEPT = 30
 SCHED_WAKE_CAP = 4
 
 
-class Claimed(NamedTuple):
-    """A job handed to a worker: its id, queue, spec and state as stored (None if absent)."""
-
-    job_id: str
-    queue: str
-    spec: str | None
-    state: str | None
+#: A job handed to a worker: (job id, queue, spec, state), spec and state as stored (None when
+#: absent). A plain tuple: a busy worker gets thousands a second, made in C by ``zip``.
+Claimed = tuple[str, str, str | None, str | None]
 
 
 class NewJob(NamedTuple):
@@ -328,9 +324,8 @@ class Broker:
         stale = [str(i) for i in replies[0]] if acks else []
         claimed: list[Claimed] = []
         if want:
-            flat = replies[-1]
-            for i in range(0, len(flat), 4):
-                claimed.append(Claimed(flat[i], flat[i + 1], flat[i + 2], flat[i + 3]))
+            fields = iter(replies[-1])  # id, queue, spec, state, id, ...
+            claimed = list(zip(fields, fields, fields, fields, strict=True))
         return stale, claimed
 
     def _ack_head(self, worker: str, now: float) -> list[Any]:
@@ -362,7 +357,7 @@ class Broker:
         got = pipe.execute()[-1]
         if got and got[0] == hand:  # "id\nqueue\nspec"
             job_id, queue, spec = str(got[1]).split("\n", 2)
-            return Claimed(job_id, queue, spec, None)
+            return job_id, queue, spec, None
         return None
 
     def held_ids(self, worker: str) -> set[str]:

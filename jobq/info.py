@@ -11,8 +11,11 @@ from .broker import Broker
 
 #: The scheduler leader snapshots the counters this often (seconds), for rates.
 SNAPSHOT_EVERY = 5.0
-#: A master whose heartbeat is older than this is shown as gone (seconds).
-STALE = 15.0
+#: A master whose heartbeat is older than this is gone (seconds): shown as gone, and the
+#: schedules of its script's __main__ tasks are dropped.
+MASTER_STALE = 15.0
+#: ... and it is forgotten after this long.
+MASTER_FORGOTTEN = 600.0
 COUNTERS = ("pending", "processing", "scheduled", "deferred", "completed", "failed",
             "cancelled", "retried", "enqueued")
 
@@ -57,7 +60,7 @@ def collect(broker: Broker, now: float | None = None) -> dict[str, Any]:
     masters = []
     for mid, raw in sorted(broker.masters().items()):
         info = serialization.loads(raw)
-        alive = now - info.get("ts", 0) < STALE
+        alive = now - info.get("ts", 0) < MASTER_STALE
         for w in info.get("workers", []):
             w["age_s"] = round(now - w["since"], 1) if w.get("since") else None
         masters.append({"id": mid, "alive": alive, **info})

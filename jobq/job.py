@@ -32,6 +32,7 @@ from .wire import (
     QUEUE_NAME,
     TASK_NAME,
     BadJob,
+    Facts,
     Spec,
     exception_name,
     spec_json,
@@ -182,7 +183,8 @@ class Job:
         self.group: str | None = None
         self.group_index: int | None = None
         self.status = JobStatus.PENDING
-        self.created_at: datetime = datetime.now(UTC)
+        #: when the job was created (epoch seconds; ``created_at`` is the same as a datetime)
+        self.created: float = time.time()
         self.started_at: datetime | None = None
         self.completed_at: datetime | None = None
         self.return_value: Any = None
@@ -261,9 +263,13 @@ class Job:
 
     # -- Redis encoding --------------------------------------------------------------------
     @property
-    def created(self) -> float:
-        """When the job was created (epoch seconds)."""
-        return self.created_at.timestamp()
+    def created_at(self) -> datetime:
+        """When the job was created."""
+        return datetime.fromtimestamp(self.created, UTC)
+
+    @created_at.setter
+    def created_at(self, value: datetime) -> None:
+        self.created = value.timestamp()
 
     def spec(self) -> dict[str, Any]:
         """The compact spec stored in Redis (see :mod:`jobq.wire`)."""
@@ -286,31 +292,26 @@ class Job:
         job.on_parent_failure = s.on_parent_failure
         job.group, job.group_index = s.group, s.group_index
         if s.created is not None:
-            job.created_at = datetime.fromtimestamp(s.created, UTC)
+            job.created = s.created
         return job
 
     def apply_state(self, state: Mapping[str, Any]) -> None:
         """Fold a state or final record (status, attempts, errors, result) into this job."""
-        status = state.get("s")
-        if status:
-            self.status = JobStatus(status)
-        self.retry_count = int(state.get("n", 0) or 0)
-        self.deliveries = int(state.get("d", 0) or 0)
-        errors = state.get("e") or []
-        self.errors = list(errors) if isinstance(errors, list) else []
-        err = state.get("err")
-        if isinstance(err, dict):
-            self.final_error = dict(err)
-            self.error = f"{err.get('type', 'Error')}: {err.get('msg', '')}"
-            self.traceback = err.get("tb")
-        elif self.errors:
-            last = self.errors[-1]
-            self.error = f"{last.get('type', 'Error')}: {last.get('msg', '')}"
-            self.traceback = last.get("tb")
-        self.started_at = _ts(state.get("st"))
-        self.completed_at = _ts(state.get("fin"))
-        self.return_value = state.get("res")
-        self.worker = state.get("w")
+        facts = Facts.from_json(state)
+        if facts.status:
+            self.status = JobStatus(facts.status)
+        self.retry_count = facts.attempts
+        self.deliveries = facts.deliveries
+        self.errors = facts.errors
+        self.final_error = facts.final_error
+        shown = facts.final_error or (facts.errors[-1] if facts.errors else None)
+        if shown:
+            self.error = f"{shown.get('type', 'Error')}: {shown.get('msg', '')}"
+            self.traceback = shown.get("tb")
+        self.started_at = _ts(facts.started)
+        self.completed_at = _ts(facts.finished)
+        self.return_value = facts.result
+        self.worker = facts.worker
 
 
 def exception_names(types: Sequence[type[BaseException] | str], option: str) -> list[str]:

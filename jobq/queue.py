@@ -8,7 +8,6 @@ from typing import Any
 
 import redis
 
-from . import serialization
 from .broker import Broker, NewJob
 from .config import Config, load_config
 from .connection import connect
@@ -27,7 +26,7 @@ from .job import (
 from .keys import Keys
 from .schedule import to_epoch
 from .server import resolve_url
-from .wire import DEFAULT_QUEUE, MAX_ERRORS_KEPT, decode_json, read_record
+from .wire import decode_json, encode_spec, read_record, requeued
 
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
@@ -83,10 +82,11 @@ class JobQueue:
         return job
 
     def _new_job(self, job: Job) -> NewJob:
-        """The job as the broker enqueues it, its spec encoded (and checked: JSON, size)."""
-        assert job.queue is not None
-        spec = serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
-        return NewJob(job.id, job.queue, job.priority, _due_ms(job), spec)
+        """The job as the broker enqueues it, its spec encoded (and checked: JSON, size); its
+        queue is set by :meth:`_build`."""
+        spec = encode_spec(job, max_bytes=self.config.max_payload_bytes)
+        # tuple.__new__ is NewJob._make without its Python-level call: one per job enqueued
+        return tuple.__new__(NewJob, (job.id, job.queue, job.priority, _due_ms(job), spec))
 
     def _enqueue_one(self, job: Job, new: NewJob) -> Job:
         """A job with parents or a unique key (enqueue_one.lua)."""
@@ -323,21 +323,10 @@ class JobQueue:
             spec, record = read_record(raw)
         except BadJob:
             return False
-        if not isinstance(spec, dict) or record.get("s") == "cancelled":
-            # a cancelled job's id may still sit in its queue list as a tombstone: requeueing
-            # that id would run it twice; enqueue the task again instead
+        plan = requeued(spec, record)
+        if plan is None:
             return False
-        queue = spec.get("q") or DEFAULT_QUEUE
-        priority = spec.get("p", 0)
-        kept = record.get("e")
-        errors: list[Any] = kept if isinstance(kept, list) else []
-        err = record.get("err")
-        if isinstance(err, dict) and err not in errors:
-            errors = [*errors, err]
-        state = {"s": "pending", "e": errors[-MAX_ERRORS_KEPT:],
-                 "rq": int(record.get("rq", 0) or 0) + 1}
-        return self.broker.requeue(job_id, raw, queue, priority, serialization.dumps(spec),
-                                   serialization.dumps(state))
+        return self.broker.requeue(job_id, raw, *plan)
 
     def requeue_failed(self) -> int:
         """Requeue every job in this queue's dead-letter queue; returns how many."""

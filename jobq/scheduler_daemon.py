@@ -36,15 +36,12 @@ from .process import BlockingCall, set_title
 from .queue import JobQueue
 from .schedule import ScheduleDef, ScheduleError, plan_fire
 from .scheduler import apply_config_schedules
+from .wire import encode_spec
 
 log = logging.getLogger("jobq.scheduler")
 
 #: How often the leader drops schedules whose owning pool is gone (seconds).
 OWNER_CHECK_EVERY = 10.0
-#: A master that has not written its heartbeat for this long is gone (seconds).
-MASTER_STALE = 15.0
-#: ... and is no longer listed by ``jobq info`` after this long.
-MASTER_FORGOTTEN = 600.0
 #: How long a scheduler that does not lead sleeps at most between its looks (seconds).
 STANDBY_NAP = 0.1
 
@@ -152,7 +149,7 @@ class SchedulerProcess:
         """The job of one run: its id is the (name, due time) key."""
         job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}", queue=d.queue,
                   priority=d.priority, **d.options)
-        spec = serialization.encode_spec(job.spec(), max_bytes=self.config.max_payload_bytes)
+        spec = encode_spec(job, max_bytes=self.config.max_payload_bytes)
         return NewJob(job.id, d.queue, d.priority, 0, spec)
 
     def drop_orphaned_schedules(self, now: float) -> None:
@@ -161,9 +158,9 @@ class SchedulerProcess:
         for master, raw in self.broker.masters().items():
             described = serialization.loads(raw)
             age = now - described.get("ts", 0)
-            if age < MASTER_STALE:
+            if age < info.MASTER_STALE:
                 owners.add(described.get("owner"))
-            elif age > MASTER_FORGOTTEN:
+            elif age > info.MASTER_FORGOTTEN:
                 self.broker.forget_master(master)
         for name, raw in self.broker.schedule_defs().items():
             owner = serialization.loads(raw).get("owner")

@@ -1,4 +1,4 @@
-"""JSON in and out of Redis: compact job specs, and errors that name what failed.
+"""JSON in and out of Redis: compact text, and errors that name what JSON cannot carry.
 
 jobq never unpickles or evaluates anything it reads from Redis. Values travel as JSON:
 tuples arrive as lists, and a value JSON cannot carry is refused when the job is enqueued.
@@ -7,18 +7,28 @@ tuples arrive as lists, and a value JSON cannot carry is refused when the job is
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .exceptions import PayloadTooLarge, SerializationError
+from .exceptions import SerializationError
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 _ascii_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+#: The JSON text of the scalars most tasks return, without the encoder's machinery (which
+#: costs more than a short job's own work).
+_SCALARS: dict[Any, str] = {None: "null", True: "true", False: "false"}
+
+
 def dumps(value: Any) -> str:
     """Compact JSON, text kept as UTF-8 rather than ``\\u`` escapes; but a string with a lone
     surrogate (``"\\ud800"``, which UTF-8 cannot carry to Redis) is escaped instead."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None or kind is bool:
+        return _SCALARS[value]
     text = _encoder.encode(value)
     if not text.isascii():
         try:
@@ -37,10 +47,21 @@ def _not_json(name: str) -> Any:
 _decoder = json.JSONDecoder(parse_constant=_not_json)
 
 
+#: The decoder's own scanner (C; set by its __init__): one value from an index. A worker
+#: decodes every job it runs; this skips ``decode``'s whitespace matching for compact JSON.
+_scan: Callable[[str, int], tuple[Any, int]] = vars(_decoder)["scan_once"]
+
+
 def loads(text: str | bytes) -> Any:
     if not isinstance(text, str):
         text = text.decode(json.detect_encoding(text), "surrogatepass")
-    return _decoder.decode(text)
+    try:
+        value, end = _scan(text, 0)
+        if end == len(text):
+            return value
+    except (StopIteration, ValueError):
+        pass
+    return _decoder.decode(text)  # leading or trailing space, or an error to describe
 
 
 def _describe(value: Any) -> str:
@@ -67,22 +88,6 @@ def encode_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         problem = _check(value)
         if problem:
             raise SerializationError(f"keyword argument {key!r}: {problem}")
-
-
-def encode_spec(spec: dict[str, Any], *, max_bytes: int) -> str:
-    """Encode a job spec, with a clear error for unserializable values and oversized jobs."""
-    try:
-        text = dumps(spec)
-    except (TypeError, ValueError):
-        encode_args(spec.get("a", ()), spec.get("k", {}))
-        raise SerializationError(f"job options are not JSON-serializable: {spec!r:.200}") from None
-    size = len(text.encode("utf-8")) if not text.isascii() else len(text)
-    if size > max_bytes:
-        raise PayloadTooLarge(
-            f"job for {spec.get('t')!r} is {size} bytes encoded, over the limit of {max_bytes} "
-            "(max_payload_bytes): pass a reference (a path, a key) instead of the data"
-        )
-    return text
 
 
 def encode_result(value: Any) -> str:

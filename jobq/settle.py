@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import serialization
 from .config import Config
@@ -54,8 +54,7 @@ class RetryPolicy:
                    config.result_ttl, config.failed_ttl)
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):
     """The task returned ``result`` (started and finished: epoch seconds)."""
 
     result: Any
@@ -63,8 +62,7 @@ class Completed:
     finished: float
 
 
-@dataclass(frozen=True)
-class Failed:
+class Failed(NamedTuple):
     """The job failed with ``exc``; ``permanent`` failures are never retried (bad data, a task
     not allowed, arguments that cannot fit the function)."""
 
@@ -77,8 +75,7 @@ class Failed:
 Outcome = Completed | Failed
 
 
-@dataclass(frozen=True)
-class Settlement:
+class Settlement(NamedTuple):
     """What to acknowledge, and what happened, for the worker's log."""
 
     entry: AckEntry
@@ -120,8 +117,8 @@ def _completed(job_id: str, queue: str, spec_raw: str, spec: Spec, state_raw: st
         else:  # the common case
             record = completed_record(spec_raw, result, outcome.started, outcome.finished,
                                       worker_json)
-    return Settlement(_entry("done", job_id, queue, spec.priority, ttl, record, spec.group),
-                      "completed")
+    return _new(Settlement, (_entry("done", job_id, queue, spec.priority, ttl, record,
+                                    spec.group), "completed", 1, 0, 0.0, None, False))
 
 
 def _failed(job_id: str, queue: str, spec_raw: str | None, spec: Spec | None,
@@ -206,8 +203,12 @@ def ack_id(job_id: str) -> str | bytes:
 
 def _entry(kind: str, job_id: str, queue: str, priority: int, ttl: int, payload: str,
            group: Any) -> AckEntry:
-    return AckEntry(kind, ack_id(job_id), queue, priority, ttl, payload,
-                    group if valid_group(group) else "")
+    # tuple.__new__: AckEntry without its Python-level __new__ (one per job)
+    return _new(AckEntry, (kind, job_id if job_id.isascii() else ack_id(job_id), queue,
+                           priority, ttl, payload, group if valid_group(group) else ""))
+
+
+_new = tuple.__new__
 
 
 def _loose(spec_raw: str | None) -> dict[str, Any]:

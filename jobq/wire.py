@@ -40,9 +40,11 @@ import re
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import serialization
+from .exceptions import PayloadTooLarge, SerializationError
 
 #: Defaults of a job's options; a spec omits options equal to these.
 DEFAULT_QUEUE = "default"
@@ -76,13 +78,13 @@ class BadJob(ValueError):
 
 
 # -- the spec -----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Spec:
-    """What to run and how: the immutable part of a job, as stored at enqueue."""
+class Spec(NamedTuple):
+    """What to run and how: the immutable part of a job, as stored at enqueue (a tuple: the
+    worker decodes one per job)."""
 
     task: str
     args: Sequence[Any] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = MappingProxyType({})
     queue: str = DEFAULT_QUEUE
     priority: int = DEFAULT_PRIORITY
     max_retries: int = DEFAULT_MAX_RETRIES
@@ -101,9 +103,8 @@ class Spec:
         return spec_json(self)
 
     def encode(self, *, max_bytes: int) -> str:
-        """The spec as JSON text; :class:`SerializationError` names an argument JSON cannot
-        carry, :class:`PayloadTooLarge` refuses one over ``max_bytes``."""
-        return serialization.encode_spec(self.to_json(), max_bytes=max_bytes)
+        """The spec as JSON text (see :func:`encode_spec`)."""
+        return encode_spec(self, max_bytes=max_bytes)
 
     @classmethod
     def decode(cls, raw: str | bytes | None) -> Spec:
@@ -114,54 +115,86 @@ class Spec:
 
     @classmethod
     def from_json(cls, data: Any) -> Spec:
-        """Check a decoded spec field by field (:class:`BadJob` says what is wrong)."""
+        """Check a decoded spec field by field (:class:`BadJob` says what is wrong).
+
+        Only the fields present are looked at (most specs carry three or four): this runs
+        once per job in the worker."""
         if not isinstance(data, dict):
             raise BadJob(f"job data is a JSON {type(data).__name__}, not an object")
-        get = data.get
-        task = get("t")
+        task = data.get("t")
         if not isinstance(task, str) or not task:  # its form is the allow-list's to judge
             raise BadJob(f"job data has no valid task name (field 't' is {task!r:.80})")
-        args = get("a", [])
+        args = data.get("a", [])
         if args == {}:  # Lua's cjson cannot tell an empty array from an empty object
             args = []
         if not isinstance(args, list):  # jobq always writes it: null is no list either
             raise BadJob(f"job args (field 'a') must be a list, got {type(args).__name__}")
-        kwargs = _or(get("k"), {})
-        if not isinstance(kwargs, dict):
-            raise BadJob(f"job kwargs (field 'k') must be an object, got "
-                         f"{type(kwargs).__name__}")
-        priority = _or(get("p"), DEFAULT_PRIORITY)
-        if type(priority) is not int:
-            _bad_option("priority", priority, "must be an integer")
-        retries = _or(get("r"), DEFAULT_MAX_RETRIES)
-        if type(retries) is not int or retries < 0:
-            _bad_option("max_retries", retries, "must be an integer >= 0")
-        ttl = get("ttl")
-        if ttl is not None and (type(ttl) is not int or not 0 <= ttl <= MAX_TTL):
-            _bad_option("result_ttl", ttl, f"must be seconds in [0, {MAX_TTL}]")
-        timeout = _or(get("to"), DEFAULT_TIMEOUT)
-        if not _is_number(timeout) or not 0 < timeout <= MAX_TIMEOUT:
-            _bad_option("timeout", timeout, f"must be a number of seconds in (0, {MAX_TIMEOUT}]")
-        group = get("g")
-        if group is not None and not valid_group(group):
-            raise BadJob(f"job group (field 'g') must be a short printable string, "
-                         f"got {group!r:.80}")
-        # what the worker does not need to run the job: a malformed value is dropped, so the
-        # job runs, and reads back, as if the field were absent
-        queue = get("q")
-        if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
-            queue = DEFAULT_QUEUE
-        index = get("gi")
-        if type(index) is not int:
-            index = None
-        created: Any = get("c")
-        if not (_is_number(created) and 0 < created < _YEAR_10000):
-            created = None
-        return cls(
-            task, args, kwargs, queue, priority, retries, float(timeout), ttl,
-            _names(get("ro")), _names(get("dro")), _ids(get("dep")),
-            "run" if get("opf") == "run" else "cancel", group, index,
-            float(created) if created is not None else None)
+        kwargs: Mapping[str, Any] = _NO_KWARGS
+        queue, priority, retries = DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES
+        timeout: float = DEFAULT_TIMEOUT
+        ttl = group = index = created = None
+        retry_on: Sequence[str] = ()
+        dont_retry_on: Sequence[str] = ()
+        depends_on: Sequence[str] = ()
+        on_parent_failure = "cancel"
+        for code, value in data.items():
+            if value is None or code == "t" or code == "a":
+                continue
+            if code == "c":  # informational (see below); in every spec, so looked at first
+                if _is_number(value) and 0 < value < _YEAR_10000:
+                    created = float(value)
+            # what the worker needs to run the job must be well formed ...
+            elif code == "k":
+                if not isinstance(value, dict):
+                    raise BadJob(f"job kwargs (field 'k') must be an object, got "
+                                 f"{type(value).__name__}")
+                kwargs = value
+            elif code == "to":
+                if not _is_number(value) or not 0 < value <= MAX_TIMEOUT:
+                    _bad_option("timeout", value,
+                                f"must be a number of seconds in (0, {MAX_TIMEOUT}]")
+                timeout = float(value)
+            elif code == "p":
+                if type(value) is not int:
+                    _bad_option("priority", value, "must be an integer")
+                priority = value
+            elif code == "r":
+                if type(value) is not int or value < 0:
+                    _bad_option("max_retries", value, "must be an integer >= 0")
+                retries = value
+            elif code == "ttl":
+                if type(value) is not int or not 0 <= value <= MAX_TTL:
+                    _bad_option("result_ttl", value, f"must be seconds in [0, {MAX_TTL}]")
+                ttl = value
+            elif code == "g":
+                if not valid_group(value):
+                    raise BadJob(f"job group (field 'g') must be a short printable string, "
+                                 f"got {value!r:.80}")
+                group = value
+            # ... the rest is informational to it: a malformed value is dropped, so the job
+            # runs, and reads back, as if the field were absent
+            elif code == "q":
+                if isinstance(value, str) and QUEUE_NAME.match(value):
+                    queue = value
+            elif code == "gi":
+                if type(value) is int:
+                    index = value
+            elif code == "ro":
+                retry_on = _names(value)
+            elif code == "dro":
+                dont_retry_on = _names(value)
+            elif code == "dep":
+                depends_on = _ids(value)
+            elif code == "opf":
+                on_parent_failure = "run" if value == "run" else "cancel"
+        # tuple.__new__: the NamedTuple without its Python-level __new__ (one per job run)
+        return tuple.__new__(cls, (task, args, kwargs, queue, priority, retries, timeout, ttl,
+                                   retry_on, dont_retry_on, depends_on, on_parent_failure,
+                                   group, index, created))
+
+
+#: A spec's keyword arguments when it has none (read-only: shared by every such spec).
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 class SpecFields(Protocol):
@@ -230,6 +263,23 @@ def spec_json(s: SpecFields) -> dict[str, Any]:
         spec["c"] = round(s.created, 3)
     return spec
 
+
+def encode_spec(s: SpecFields, *, max_bytes: int) -> str:
+    """A spec as the JSON text stored in Redis. :class:`SerializationError` names the
+    argument JSON cannot carry; :class:`PayloadTooLarge` refuses a job over ``max_bytes``."""
+    spec = spec_json(s)
+    try:
+        text = serialization.dumps(spec)
+    except (TypeError, ValueError):
+        serialization.encode_args(s.args, s.kwargs)
+        raise SerializationError(f"job options are not JSON-serializable: {spec!r:.200}") from None
+    size = len(text.encode("utf-8")) if not text.isascii() else len(text)
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"job for {s.task!r} is {size} bytes encoded, over the limit of {max_bytes} "
+            "(max_payload_bytes): pass a reference (a path, a key) instead of the data"
+        )
+    return text
 
 
 def _bad_option(name: str, value: Any, rule: str) -> NoReturn:
@@ -356,6 +406,52 @@ def completed_record(spec_raw: str, result_json: str, started: float, finished: 
             f'"fin":{finished:.6f},"w":{worker_json}}}')
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What a state or a final record says of a job (the rest is in its spec)."""
+
+    status: str | None = None
+    attempts: int = 0
+    deliveries: int = 0
+    #: one entry per failed attempt, the latest last: type, msg, tb, t (when), w (worker)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: the error that ended the job, in a final record (same keys)
+    final_error: dict[str, Any] = field(default_factory=dict)
+    started: float | None = None
+    finished: float | None = None
+    result: Any = None
+    worker: str | None = None
+
+    @classmethod
+    def from_json(cls, state: Mapping[str, Any]) -> Facts:
+        errors = state.get("e")
+        err = state.get("err")
+        return cls(state.get("s") or None, int(state.get("n", 0) or 0),
+                   int(state.get("d", 0) or 0),
+                   [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else [],
+                   dict(err) if isinstance(err, dict) else {}, state.get("st"), state.get("fin"),
+                   state.get("res"), state.get("w"))
+
+
+def requeued(spec: Any, record: Mapping[str, Any]) -> tuple[str, int, str, str] | None:
+    """How a finished job goes back to its queue: (queue, priority, spec JSON, new state
+    JSON: fresh attempts, its errors kept); None if it must not (a cancelled job's id may
+    still sit in its queue list as a tombstone: requeueing that id would run it twice)."""
+    if not isinstance(spec, dict) or record.get("s") == "cancelled":
+        return None
+    facts = Facts.from_json(record)
+    errors = facts.errors
+    if facts.final_error and facts.final_error not in errors:
+        errors = [*errors, facts.final_error]
+    state = {"s": "pending", "e": errors[-MAX_ERRORS_KEPT:],
+             "rq": int(record.get("rq", 0) or 0) + 1}
+    queue = spec.get("q")
+    priority = spec.get("p")
+    return (queue if isinstance(queue, str) and QUEUE_NAME.match(queue) else DEFAULT_QUEUE,
+            priority if type(priority) is int else DEFAULT_PRIORITY,
+            serialization.dumps(spec), serialization.dumps(state))
+
+
 def read_record(raw: str) -> tuple[Any, dict[str, Any]]:
     """A final record as (its spec, decoded, or None; the rest: state and result)."""
     record = decode_json(raw)
@@ -365,9 +461,8 @@ def read_record(raw: str) -> tuple[Any, dict[str, Any]]:
     return spec, record
 
 
-def encode_result(value: Any) -> str:
-    """A task's return value as JSON; a SerializationError when JSON cannot carry it."""
-    return serialization.encode_result(value)
+#: A task's return value as JSON; a SerializationError when JSON cannot carry it.
+encode_result = serialization.encode_result
 
 
 # -- the ack entry ------------------------------------------------------------------------------
@@ -409,11 +504,3 @@ LUA_CONSTANTS: dict[str, str | int] = {
     "DEFAULT_MAX_RETRIES": DEFAULT_MAX_RETRIES,
     "ACK_FIELDS": ACK_FIELDS,
 }
-
-__all__ = [
-    "ACK_FIELDS", "AckEntry", "BadJob", "DEFAULT_MAX_RETRIES", "DEFAULT_PRIORITY",
-    "DEFAULT_QUEUE", "DEFAULT_TIMEOUT", "MAX_ERRORS_KEPT", "MAX_TIMEOUT", "MAX_TTL",
-    "QUEUE_NAME", "Spec", "TASK_NAME", "add_error", "completed_record",
-    "decode_json", "encode_result", "error_entry", "final_record", "read_record", "read_state",
-    "undecodable", "valid_group",
-]

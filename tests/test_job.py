@@ -26,12 +26,13 @@ from jobq.wire import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
     BadJob,
+    encode_spec,
 )
 from jobq.wire import decode_json as decode
 
 
 def encode(job: Job, max_bytes: int = 1 << 20) -> str:
-    return serialization.encode_spec(job.spec(), max_bytes=max_bytes)
+    return encode_spec(job, max_bytes=max_bytes)
 
 
 # -- construction and validation ---------------------------------------------------------------

@@ -63,7 +63,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> int:
 def claim(queue: JobQueue, count: int, *queues: str, worker: str = "w1") -> list[str]:
     lease = LEASE_MS / 1000 - queue.config.lease_time  # claim at a "now" giving LEASE_MS
     _, claimed = queue.broker.exchange(worker, [], queues or ("default",), count, now=lease)
-    return [c.job_id for c in claimed]
+    return [job_id for job_id, _, _, _ in claimed]
 
 
 # -- enqueue and read back ---------------------------------------------------------------------

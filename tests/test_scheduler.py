@@ -28,7 +28,6 @@ import pytest
 import redis
 from conftest import kill_processes, process_tree, wait_until
 
-from jobq import serialization
 from jobq.broker import NewJob
 from jobq.config import load_config
 from jobq.job import Job, JobStatus
@@ -37,6 +36,7 @@ from jobq.registry import TaskResolver
 from jobq.schedule import next_fire
 from jobq.scheduler import Scheduler
 from jobq.scheduler_daemon import SchedulerProcess
+from jobq.wire import encode_spec
 from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -390,7 +390,7 @@ def test_two_schedulers_firing_the_same_due_time_fire_it_once(
     assert queue.get_status(first) == "completed"
     d = sched.get(names[0])
     assert d is not None
-    spec = serialization.encode_spec(Job(d.task, id=first).spec(), max_bytes=1 << 20)
+    spec = encode_spec(Job(d.task, id=first), max_bytes=1 << 20)
 
     def stale_fire(expected_ms: int, job_id: str) -> int:
         return int(b.broker.fire(names[0], expected_ms, expected_ms + 3_600_000,

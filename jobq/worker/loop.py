@@ -7,7 +7,7 @@ The loop, for a worker on queues ``high,default``::
     │   got jobs? ── no ──► wait: BLPOP its hand list and the queues' wake lists ──┐
     │      │ yes                (idle: no polling)                                  │
     │      ▼                                                                        │
-    │   run: setitimer(timeout) → task(*args, **kwargs) → setitimer(0)              │
+    │   run: setitimer(timeout) → task(*args, **kwargs)                              │
     │   settle (jobq.settle, pure) → an ack entry, journaled in shared memory      │
     └──────┴────────────────────────────────────────────────────────────────────────┘
 
@@ -51,6 +51,10 @@ from ..slots import Slot
 from ..wire import AckEntry, BadJob, Spec, undecodable
 
 log = logging.getLogger("jobq.worker")
+
+#: Builds a NamedTuple from a tuple of its fields without its Python-level __new__: the
+#: worker makes one per job.
+_new = tuple.__new__
 
 #: Aim for a claimed batch to take about this long to run (seconds).
 BATCH_TARGET = 0.004
@@ -205,7 +209,7 @@ class Worker:
         held by us that we do not know of (redis-py or our loop sent the claim again). They
         never started: give them back untouched."""
         try:
-            known = {entry.job_id for entry in self._buffer}
+            known = {job_id for job_id, _, _, _ in self._buffer}
             orphans = sorted(self.broker.held_ids(self.name) - known - {self._running or ""})
             if orphans:
                 n = self.broker.give_back(self.name, orphans)
@@ -216,6 +220,7 @@ class Worker:
 
     def _wait_for_work(self) -> None:
         """Block until a job is enqueued on one of our queues (or IDLE_TICK passes)."""
+        signal.setitimer(signal.ITIMER_REAL, 0)  # the last job's alarm: not needed idle
         if self.slot is not None:
             self.slot.idle()
         self._set_title("idle")
@@ -268,7 +273,6 @@ class Worker:
                          task)
             return
         task = spec.task
-        self._running = job_id
         if self.slot is not None:
             self.slot.begin(job_id, started, started + spec.timeout)
         self._set_title(f"{queue} {task} {job_id}")
@@ -276,17 +280,20 @@ class Worker:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s %s started", job_id, task, extra={"job_id": job_id, "task": task})
         outcome: Completed | Failed
+        # Armed first, then the job is named: an alarm left from the job before (the timer is
+        # only disarmed when the worker stops running jobs, one system call less per job) is
+        # replaced before it could be taken for this job's.
         signal.setitimer(signal.ITIMER_REAL, spec.timeout)
+        self._running = job_id
         try:
             result = fn(*spec.args, **spec.kwargs)
         except BaseException as exc:  # noqa: B036 - a job's failure is data, not our crash
-            signal.setitimer(signal.ITIMER_REAL, 0)
             self._running = None
             failure, permanent = _as_failure(exc, fn, spec)
             outcome = Failed(failure, started, time.time(), permanent)
         else:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            outcome = Completed(result, started, time.time())
+            self._running = None  # from here an alarm is ignored (_on_alarm)
+            outcome = _new(Completed, (result, started, time.time()))
         finally:
             self._running = None
             context.running = None
@@ -297,10 +304,12 @@ class Worker:
         self._avg = 0.5 * self._avg + 0.5 * (outcome.finished - outcome.started)
         if isinstance(outcome, Completed):
             self.jobs_done += 1
-        s = settle(claimed.job_id, claimed.queue, claimed.spec, spec, claimed.state, outcome,
-                   worker=self.name, worker_json=self._name_json, policy=self.policy)
+        job_id, queue, spec_raw, state_raw = claimed
+        s = settle(job_id, queue, spec_raw, spec, state_raw, outcome, worker=self.name,
+                   worker_json=self._name_json, policy=self.policy)
         self._ack(s.entry)
-        _log_settlement(claimed.job_id, task, s, outcome)
+        if s.status != "completed" or log.isEnabledFor(logging.DEBUG):
+            _log_settlement(job_id, task, s, outcome)
 
     def _ack(self, entry: AckEntry) -> None:
         if not self._acks:
