@@ -16,6 +16,7 @@ calls share.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -23,9 +24,10 @@ from typing import Any, NamedTuple
 import redis
 
 from .config import Config
+from .connection import block_limit
 from .keys import Keys
 from .scripts import Scripts
-from .wire import ACK_FIELDS, AckEntry
+from .wire import ACK_FIELDS, ROUTE, AckEntry
 
 #: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
 WAKE_CAP = 64
@@ -49,6 +51,10 @@ DONE_TOKEN_TTL = 300
 SNAPSHOTS_KEPT = 30
 #: Tokens kept in the scheduler's wake list (one is enough to wake it).
 SCHED_WAKE_CAP = 4
+#: The server counts as stalled when no reaper ran for half a lease (leases lapse when
+#: renewals cannot land for about two thirds of one), or STALL_TICKS of the reaper's ticks if
+#: that is longer (see reap.lua; reapers tick at most every sixth of a lease).
+STALL_TICKS = 3
 
 
 #: A job handed to a worker: (job id, queue, spec, state), spec and state as stored (None when
@@ -102,11 +108,21 @@ class Broker:
         self.config = config
         self.scripts = Scripts(client)
         self._r: Any = client  # redis-py's replies are untyped: they are typed here, once
+        self._block_max = block_limit(client)
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.config.lease_time * 1000)
 
     @property
     def cancelled_ttl(self) -> int:
         """How long the record of a job cancelled on the server is kept (seconds)."""
         return max(self.config.failed_ttl, CANCELLED_TTL_MIN)
+
+    def _block(self, timeout: float) -> float:
+        """A blocking command's timeout: ``timeout`` (0: as long as may be), within the
+        client's read timeout (the caller loops until what it waits for happened)."""
+        return min(timeout, self._block_max) if timeout > 0 else self._block_max
 
     def disconnect(self) -> None:
         """Drop the pooled connections (after a blocking call was interrupted: a reply may
@@ -114,9 +130,8 @@ class Broker:
         self.client.connection_pool.disconnect()
 
     # -- enqueue ---------------------------------------------------------------------------------
-    def _enqueue_head(self, now: float | None = None) -> list[Any]:
-        now = time.time() if now is None else now
-        return [self.keys.base, WAKE_CAP, int(now * 1000), int(self.config.lease_time * 1000)]
+    def _enqueue_head(self) -> list[Any]:
+        return [self.keys.base, WAKE_CAP, self.lease_ms]
 
     def enqueue(self, job: NewJob, *, spin: float = 0.0) -> int:
         """Add one job (enqueue.lua): handed to an idle worker, queued, or scheduled."""
@@ -220,8 +235,9 @@ class Broker:
             self._r.hdel(self.keys.waiting, job_id)
 
     def wait_done(self, job_id: str, timeout: float) -> None:
-        """Block until a watched job finishes, or ``timeout`` seconds (0: for good)."""
-        self._r.blpop([self.keys.done(job_id)], timeout=timeout)
+        """Block until a watched job finishes, or ``timeout`` seconds (0: as long as the
+        connection allows; the caller looks again)."""
+        self._r.blpop([self.keys.done(job_id)], timeout=self._block(timeout))
 
     # -- cancel, requeue, empty, suspend ---------------------------------------------------------
     def cancel(self, job_id: str, reason: str) -> str:
@@ -315,9 +331,8 @@ class Broker:
         if acks:
             calls.append(("ack", [self.keys.jobs], self._ack_head(worker, now) + list(acks)))
         if want:
-            lease = int((now + self.config.lease_time) * 1000)
             calls.append(("claim", [self.keys.jobs],
-                          [self.keys.base, worker, lease, want, *queues]))
+                          [self.keys.base, worker, self.lease_ms, want, *queues]))
         if not calls:
             return [], []
         replies = self.scripts.run_many(calls)
@@ -349,11 +364,9 @@ class Broker:
         straight: no claim round trip) and block on its hand list and the queues' wake
         tokens, in one round trip. Returns a job handed to it (already held by it), if any."""
         hand = self.keys.hand(worker)
-        now_ms = int(time.time() * 1000)
         pipe = self._r.pipeline(transaction=False)
-        for q in queues:
-            pipe.zadd(self.keys.idle(q), {worker: now_ms})
-        pipe.blpop([hand, *[self.keys.wake(q) for q in queues]], timeout=timeout)
+        self.scripts.queue(pipe, "idle", [], [self.keys.base, worker, *queues])
+        pipe.blpop([hand, *[self.keys.wake(q) for q in queues]], timeout=self._block(timeout))
         got = pipe.execute()[-1]
         if got and got[0] == hand:  # "id\nqueue\nspec"
             job_id, queue, spec = str(got[1]).split("\n", 2)
@@ -371,17 +384,15 @@ class Broker:
     def scheduled_count(self, queues: Sequence[str]) -> int:
         """Jobs of these queues waiting for a later time (delayed, or retries)."""
         pipe = self._r.pipeline(transaction=False)
-        for q in queues:
+        for q in dict.fromkeys(q.partition(ROUTE)[0] for q in queues):  # a route: its queue
             pipe.hget(self.keys.stats(q), "scheduled")
         return sum(max(0, int(n or 0)) for n in pipe.execute())
 
-    def renew_leases(self, workers: Sequence[str], now: float | None = None) -> None:
-        """Extend the leases of live workers (XX: a released lease is never re-created)."""
-        if not workers:
-            return
-        now = time.time() if now is None else now
-        deadline = int((now + self.config.lease_time) * 1000)
-        self._r.zadd(self.keys.leases, dict.fromkeys(workers, deadline), xx=True)
+    def renew_leases(self, workers: Sequence[str]) -> None:
+        """renew.lua: extend the leases of live workers, on the server's clock (a released
+        lease is never re-created)."""
+        if workers:
+            self.scripts.run("renew", [self.keys.leases], [self.lease_ms, *workers])
 
     # -- giving back the jobs of workers that are gone -------------------------------------------
     def release(self, worker: str, *, cause: str, current: str | None,
@@ -400,18 +411,22 @@ class Broker:
             return None
         return Released([str(i) for i in out[0]], [str(i) for i in out[1]])
 
-    def expired_workers(self, now: float | None = None) -> list[str]:
-        """Workers whose lease lapsed (their host or master died), a batch at a time."""
-        now = time.time() if now is None else now
-        return [str(w) for w in self._r.zrangebyscore(
-            self.keys.leases, "-inf", int(now * 1000), start=0, num=REAP_BATCH)]
+    def expired_workers(self, tick: float) -> list[str]:
+        """reap.lua: workers whose lease lapsed on the server's clock (their host or master
+        died), a batch at a time; none for a lease after a stall of the server: no reap for
+        half a lease (or ``STALL_TICKS`` ticks of ``tick`` seconds) while the server was
+        frozen, or refused writes, or no reaper ran."""
+        stall_ms = int(max(self.config.lease_time / 2, STALL_TICKS * tick) * 1000)
+        return [str(w) for w in self.scripts.run("reap", [self.keys.leases], [
+            self.keys.base, self.lease_ms, stall_ms, REAP_BATCH])]
 
-    def reap(self, now: float | None = None) -> list[tuple[str, Released]]:
+    def reap(self, tick: float, now: float | None = None) -> list[tuple[str, Released]]:
         """Give back the jobs of every worker whose lease lapsed (its host or master died);
-        returns (worker, what was given back) for each."""
+        returns (worker, what was given back) for each. ``tick``: how often the caller reaps
+        (seconds), see :meth:`expired_workers`."""
         now = time.time() if now is None else now
         out = []
-        for worker in self.expired_workers(now):
+        for worker in self.expired_workers(tick):
             released = self.release(worker, current=None, now=now, only_if_expired=True,
                                     cause="lease expired: the worker or its host stopped "
                                           "renewing it")
@@ -457,7 +472,7 @@ class Broker:
 
     def sleep_until_woken(self, timeout: float) -> None:
         """Block until a token in the scheduler's wake list, or ``timeout`` seconds."""
-        self._r.blpop([self.keys.sched_wake], timeout=timeout)
+        self._r.blpop([self.keys.sched_wake], timeout=self._block(timeout))
 
     def schedule_defs(self) -> dict[str, str]:
         """Every stored schedule definition (JSON), by name."""
@@ -529,6 +544,16 @@ class Broker:
     def snapshots(self) -> list[str]:
         return [str(s) for s in self._r.lrange(self.keys.history, 0, -1)]
 
+    # -- the namespace's epoch: did the server lose its data? -----------------------------------
+    def epoch(self) -> str:
+        """The namespace's epoch: a random token, written if there is none (first use, or the
+        server lost its data: restarted empty). A process that knew another token knows the
+        data it relied on is gone. (A new token every time: one process creating it twice
+        must not find the same one.)"""
+        mine = os.urandom(8).hex()
+        before = self._r.set(self.keys.epoch, mine, nx=True, get=True)
+        return mine if before is None else str(before)
+
     # -- tools -------------------------------------------------------------------------------------
     def delete_namespace(self) -> None:
         """Delete every key of this namespace (SCAN: for tools such as the bench only)."""
@@ -558,7 +583,7 @@ class Broker:
 
     def wait_group(self, group_id: str, timeout: float) -> None:
         """Block until a job of the group finishes, or ``timeout`` seconds."""
-        self._r.blpop([self.keys.group_wake(group_id)], timeout=timeout)
+        self._r.blpop([self.keys.group_wake(group_id)], timeout=self._block(timeout))
 
 
 def _opt_str(value: Any) -> str | None:

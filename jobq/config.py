@@ -67,10 +67,11 @@ class Config:
     max_payload_bytes: int = 1048576
 
     lease_time: float = 15.0
+    connect_timeout: float = 10.0
     max_deliveries: int = 5
 
     graceful_timeout: float = 30.0
-    hard_timeout_grace: float = 5.0
+    hard_timeout_grace: float = 0.5
     memory_soft_limit_mb: int = 0
     memory_hard_limit_mb: int = 0
     heartbeat_timeout: float = 60.0
@@ -343,6 +344,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "failed_ttl": _Ttl(),
     "dlq_max": _count(),
     "max_payload_bytes": _positive_int(),
+    "connect_timeout": _seconds(zero=False),
     "lease_time": _Number("a number of seconds > 0 and <= 300", integer=False, low=0, high=300,
                           low_open=True),
     "max_deliveries": _positive_int(),

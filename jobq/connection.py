@@ -1,12 +1,16 @@
-"""Connecting to Redis/Valkey from a URL, and talking about URLs without leaking secrets."""
+"""Connecting to Redis/Valkey from a URL: timeouts sized to the lease, a check that the
+server is one jobq can use, and errors that name the problem in one line without a secret."""
 
 from __future__ import annotations
 
+import socket
+import time
 import weakref
 from typing import Any
 
 import redis
 
+from .exceptions import JobqError
 from .urls import redact, scrub
 
 #: URL scheme -> the scheme redis-py understands; ``valkey(s)://`` are aliases.
@@ -21,18 +25,54 @@ SCHEMES = {
 DEFAULTS: dict[str, Any] = {
     "health_check_interval": 30,
     "retry_on_timeout": False,
-    # No read timeout: redis-py's default (5 s) would break BLPOP & co. blocking for longer.
-    # A dead TCP peer is caught by keepalive and the health check instead.
-    "socket_timeout": None,
     "socket_connect_timeout": 5,
 }
-#: Added for TCP URLs only: redis-py's unix socket connection rejects it.
-TCP_DEFAULTS: dict[str, Any] = {"socket_keepalive": True}
+#: The lease a client is sized for when its caller has no config (seconds).
+DEFAULT_LEASE = 15.0
+#: The shortest read timeout (seconds): a busy server may take a while on a big script.
+MIN_SOCKET_TIMEOUT = 1.0
+#: The oldest Redis jobq runs on: its scripts declare themselves (#!lua) and read the server's
+#: clock (TIME), both Redis 7.0 (every Valkey reports 7.2 or later).
+MIN_REDIS = (7, 0)
+
+
+class ServerProblem(JobqError):
+    """The server at a URL cannot be used: unreachable, not a Redis/Valkey server, refusing
+    our credentials, or too old. The message is one line without a secret."""
+
+    def __init__(self, message: str, *, lasting: bool) -> None:
+        super().__init__(message)
+        #: waiting will not help (not a Redis server, wrong password, too old)
+        self.lasting = lasting
+
+
+def client_options(lease_time: float, *, tcp: bool) -> dict[str, Any]:
+    """Read timeout and TCP keepalive sized to the lease: a call to a server that froze or
+    vanished fails within about a lease instead of never (a frozen master, a stuck worker),
+    and so does a dead TCP peer (the kernel's default keepalive waits two hours)."""
+    options: dict[str, Any] = {"socket_timeout": max(MIN_SOCKET_TIMEOUT, lease_time)}
+    if tcp:
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = {
+            socket.TCP_KEEPIDLE: max(1, int(lease_time / 3)),
+            socket.TCP_KEEPINTVL: max(1, int(lease_time / 6)),
+            socket.TCP_KEEPCNT: 3,
+        }
+    return options
+
+
+def block_limit(client: redis.Redis) -> float:
+    """The longest a blocking command (BLPOP) of ``client`` may wait in one call: half its read
+    timeout (a longer one would be taken for a dead server)."""
+    timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    return float(timeout) / 2 if timeout else 3600.0
 
 
 
-def connect(url: str, *, decode_responses: bool = True, **kw: Any) -> redis.Redis:
-    """Return a client for ``url`` (``redis://``, ``rediss://``, ``unix://``, ``valkey[s]://``).
+def connect(url: str, *, lease_time: float = DEFAULT_LEASE, decode_responses: bool = True,
+            **kw: Any) -> redis.Redis:
+    """Return a client for ``url`` (``redis://``, ``rediss://``, ``unix://``, ``valkey[s]://``)
+    with timeouts sized to ``lease_time`` (see :func:`client_options`).
 
     Query parameters (``db``, ``ssl_cert_reqs``, ``ssl_ca_certs``, ...) pass through to
     redis-py's ``from_url``; ``kw`` overrides :data:`DEFAULTS`. No connection is made yet.
@@ -42,9 +82,8 @@ def connect(url: str, *, decode_responses: bool = True, **kw: Any) -> redis.Redi
     if target is None:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ValueError(f"unsupported redis URL {redact(url)!r}: expected one of {known}")
-    options = {**DEFAULTS, "decode_responses": decode_responses}
-    if target != "unix":
-        options.update(TCP_DEFAULTS)
+    options = {**DEFAULTS, "decode_responses": decode_responses,
+               **client_options(lease_time, tcp=target != "unix")}
     options.update(kw)
     client = redis.Redis.from_url(f"{target}://{rest}", **options)
     _clients.add(client)
@@ -69,6 +108,8 @@ def describe_error(exc: BaseException, url: str) -> str:
     where = redact(url)
     if _is_auth_error(exc):
         line = f"authentication failed for {where}: {_reason(exc)}"
+    elif refuses_writes(exc):
+        line = f"{where} refuses writes for now: {_reason(exc)}"
     elif isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
         line = f"cannot connect to {where}: {_reason(exc)}"
     else:
@@ -76,17 +117,72 @@ def describe_error(exc: BaseException, url: str) -> str:
     return scrub(line, url)
 
 
-def refused_credentials(url: str) -> str | None:
-    """One line (password hidden) if the server at ``url`` refuses our credentials, else None;
-    also None when it cannot be reached (long-running processes wait for the server)."""
-    client = connect(url)
+def check_server(url: str, *, timeout: float) -> None:
+    """Make sure a Redis/Valkey server jobq can use answers at ``url``: raise
+    :class:`ServerProblem` at once if the address answers but is not one (or refuses our
+    credentials, or is too old), or after ``timeout`` seconds of trying if nothing answers."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        client = connect(url, socket_connect_timeout=max(0.5, min(5.0, timeout)),
+                         socket_timeout=max(1.0, min(5.0, timeout)))
+        try:
+            version = _version(client)
+            break
+        except redis.AuthenticationError as exc:
+            raise ServerProblem(describe_error(exc, url), lasting=True) from exc
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise ServerProblem(describe_error(exc, url), lasting=False) from exc
+        except redis.ResponseError as exc:
+            if _is_auth_error(exc):
+                raise ServerProblem(describe_error(exc, url), lasting=True) from exc
+            raise ServerProblem(f"{redact(url)} answers, but not as a Redis/Valkey server jobq "
+                                f"can use: {scrub(str(exc), url)}", lasting=True) from exc
+        except redis.RedisError as exc:  # InvalidResponse & co: it speaks another protocol
+            raise ServerProblem(f"{redact(url)} is not a Redis/Valkey server (it does not "
+                                "answer in the Redis protocol)", lasting=True) from exc
+        finally:
+            client.close()
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    numbers = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:2])
+    if version and numbers < MIN_REDIS:
+        raise ServerProblem(f"{redact(url)} runs Redis {version}; jobq needs Redis "
+                            f"{'.'.join(map(str, MIN_REDIS))} or later, or Valkey",
+                            lasting=True)
+
+
+#: How a server says it takes no writes now: out of memory (maxmemory, noeviction), a
+#: replica, or unable to persist (stop-writes-on-bgsave-error).
+_REFUSED_WRITES = ("OOM ", "READONLY ", "MISCONF ", "command not allowed when used memory")
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server refusing writes for now: a condition of the server, to
+    wait out, not a failure of what was sent."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSED_WRITES)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server cannot be used now (lost, timed out, refusing writes):
+    a condition to wait out with back-off, keeping what was to be written."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError) or \
+        refuses_writes(exc)
+
+
+def _version(client: redis.Redis) -> str:
+    """The server's Redis version ("7.2.4"; Valkey reports the Redis version it matches), or
+    "" when our user may not ask (an ACL without INFO): then it just has to answer PING."""
     try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        return describe_error(exc, url) if _is_auth_error(exc) else None
-    finally:
-        client.close()
-    return None
+        return str(client.info("server").get("redis_version", "0"))
+    except redis.ResponseError as exc:
+        if not str(exc).startswith("NOPERM"):
+            raise
+    client.ping()
+    return ""
 
 
 def _is_auth_error(exc: BaseException) -> bool:

@@ -40,8 +40,9 @@ from .wire import (
 
 #: Set when this process started a worker pool itself (:class:`jobq.worker.WorkerPool`): its
 #: workers are forked from it, so functions of ``__main__`` exist there too and may be
-#: enqueued.
+#: enqueued; ``main_owner`` names that pool (its jobs are routed to it alone, see wire.route).
 main_tasks_allowed = False
+main_owner: str | None = None
 
 
 class JobSource(Protocol):
@@ -182,6 +183,8 @@ class Job:
         #: ``queue.map``: the group this job belongs to, and its index in the input
         self.group: str | None = None
         self.group_index: int | None = None
+        #: the pool that alone can run it (a task of this script's __main__), if any
+        self.owner: str | None = main_owner if self.task.startswith("__main__:") else None
         self.status = JobStatus.PENDING
         #: when the job was created (epoch seconds; ``created_at`` is the same as a datetime)
         self.created: float = time.time()
@@ -291,6 +294,7 @@ class Job:
         job.depends_on = list(s.depends_on)
         job.on_parent_failure = s.on_parent_failure
         job.group, job.group_index = s.group, s.group_index
+        job.owner = s.owner
         if s.created is not None:
             job.created = s.created
         return job

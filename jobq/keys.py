@@ -40,6 +40,8 @@ key                        type    holds
 {ns}:sched:leader          string  the leading scheduler's token, with a TTL (the lease)
 {ns}:sched:wake            list    tokens that wake the leading scheduler early
 {ns}:stats:history         list    snapshots of every queue's counters, newest first (rates)
+{ns}:reaper                hash    when a reaper last ran, and until when none may reap
+{ns}:epoch                 string  a token written when the namespace is first used
 =========================  ======  ==========================================================
 
 The Lua scripts (``jobq/lua``) build the same names from the key base they are given.
@@ -53,7 +55,7 @@ class Keys:
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
-                 "sched_last", "sched_leader", "sched_wake", "history")
+                 "sched_last", "sched_leader", "sched_wake", "history", "epoch")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -75,6 +77,7 @@ class Keys:
         self.sched_leader = f"{b}:sched:leader"
         self.sched_wake = f"{b}:sched:wake"
         self.history = f"{b}:stats:history"
+        self.epoch = f"{b}:epoch"
 
     @property
     def pattern(self) -> str:

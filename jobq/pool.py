@@ -20,6 +20,7 @@ import psutil
 
 from . import job as jobs
 from .master.arbiter import Master, Options
+from .process import die_with_parent
 from .queue import JobQueue
 from .scheduler import drop_owned_schedules, owner_id
 
@@ -61,8 +62,9 @@ class WorkerPool:
             workers=self.num_workers, queues=self.queues,
             imports=list(dict.fromkeys([*self.queue.config.imports, *self.imports])),
             redis_url=self.queue.url)
-        jobs.main_tasks_allowed = True
         owner = owner_id()
+        jobs.main_tasks_allowed, jobs.main_owner = True, owner
+        script = os.getpid()
         ready_r, ready_w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -72,6 +74,11 @@ class WorkerPool:
             try:
                 os.close(ready_r)
                 os.setsid()  # Ctrl-C in the terminal reaches the script, which stops us
+                # ... and the pool dies with the script, however it ends (return, exception,
+                # Ctrl-C, TERM, kill -9): SIGTERM, a graceful stop, when the script is gone
+                die_with_parent(signal.SIGTERM)
+                if os.getppid() != script:
+                    return  # it died before that took effect (finally: exit)
 
                 def ready() -> None:
                     os.write(ready_w, b"1")

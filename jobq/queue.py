@@ -26,7 +26,7 @@ from .job import (
 from .keys import Keys
 from .schedule import to_epoch
 from .server import resolve_url
-from .wire import decode_json, encode_spec, read_record, requeued
+from .wire import decode_json, encode_spec, read_record, requeued, route
 
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
@@ -58,7 +58,7 @@ class JobQueue:
         if redis_url:
             self.config = self.config.replace(redis_url=redis_url)
         self.url = resolve_url(self.config)
-        self.redis = connection or connect(self.url)
+        self.redis = connection or connect(self.url, lease_time=self.config.lease_time)
         self.keys = Keys(prefix or self.config.prefix)
         self.broker = Broker(self.redis, self.keys, self.config)
 
@@ -86,7 +86,8 @@ class JobQueue:
         queue is set by :meth:`_build`."""
         spec = encode_spec(job, max_bytes=self.config.max_payload_bytes)
         # tuple.__new__ is NewJob._make without its Python-level call: one per job enqueued
-        return tuple.__new__(NewJob, (job.id, job.queue, job.priority, _due_ms(job), spec))
+        where = route(job.queue or self.name, job.owner)
+        return tuple.__new__(NewJob, (job.id, where, job.priority, _due_ms(job), spec))
 
     def _enqueue_one(self, job: Job, new: NewJob) -> Job:
         """A job with parents or a unique key (enqueue_one.lua)."""
@@ -329,16 +330,20 @@ class JobQueue:
         return self.broker.requeue(job_id, raw, *plan)
 
     def requeue_failed(self) -> int:
-        """Requeue every job in this queue's dead-letter queue; returns how many."""
+        """Requeue the jobs in this queue's dead-letter queue now, each once; returns how many.
+
+        The queue is read once: a job that fails again while this runs comes back to the
+        dead-letter queue and stays there (requeueing until it is empty would loop as long
+        as the workers keep failing them)."""
         count = 0
-        while True:
-            ids = self.broker.dlq_ids(self.name, 0, 999)
-            if not ids:
-                return count
-            moved = sum(self.requeue(i) for i in ids)
-            if not moved:  # records gone (expired): drop their ids
-                self.broker.drop_from_dlq(self.name, ids)
-            count += moved
+        snapshot = self.broker.dlq_ids(self.name)
+        for start in range(0, len(snapshot), 1000):
+            ids = snapshot[start:start + 1000]
+            moved = [i for i in ids if self.requeue(i)]
+            gone = [i for i in ids if i not in set(moved) and self.broker.final_record(i) is None]
+            self.broker.drop_from_dlq(self.name, gone)  # their records expired
+            count += len(moved)
+        return count
 
     def purge_failed(self) -> int:
         """Delete this queue's dead-letter queue and the records of its jobs."""

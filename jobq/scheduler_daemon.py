@@ -32,11 +32,12 @@ from .config import Config, load_config
 from .connection import connect, describe_error
 from .job import Job
 from .keys import Keys
+from .log import Trouble
 from .process import BlockingCall, set_title
 from .queue import JobQueue
 from .schedule import ScheduleDef, ScheduleError, plan_fire
 from .scheduler import apply_config_schedules
-from .wire import encode_spec
+from .wire import encode_spec, route
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -55,11 +56,12 @@ class SchedulerProcess:
         self.url = url
         self.config_path = config_path
         self.overrides = overrides or {}
-        self.redis = connect(url)
+        self.redis = connect(url, lease_time=config.lease_time)
         self.keys = Keys(config.prefix)
         self.broker = Broker(self.redis, self.keys, config)
         self.token = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.leading = False
+        self.epoch: str | None = None
         self.stopping = False
         self.sleeping = BlockingCall(on_interrupt=self.broker.disconnect)
         self.reload = False
@@ -72,16 +74,22 @@ class SchedulerProcess:
         set_title("jobq scheduler")
         self._apply_config()
         parent = os.getppid()
+        trouble: Trouble | None = None
         while not self.stopping:
             if os.getppid() != parent:
                 log.warning("scheduler %s: its master is gone; stopping", self.token)
                 break
             try:
                 wake_at = self.step(time.time())
+                if trouble is not None:
+                    trouble.over()
+                    trouble = None
             except redis.RedisError as exc:
-                log.warning("scheduler: %s", describe_error(exc, self.url))
+                if trouble is None:
+                    trouble = Trouble(log, f"scheduler: {describe_error(exc, self.url)}")
+                trouble.again()
                 self.leading = False
-                wake_at = time.time() + self.config.scheduler_tick
+                wake_at = time.time() + self.tick
             if self.reload:
                 self.reload = False
                 self._reload()
@@ -90,6 +98,14 @@ class SchedulerProcess:
             self._resign()
         return 0
 
+    @property
+    def tick(self) -> float:
+        """How often the scheduler looks again at the latest (seconds): within a third of
+        its leader lease (to keep it), and a sixth of the workers' lease (so that a gap of
+        half a lease between two reaps means the server stalled, see Broker.reap)."""
+        c = self.config
+        return min(c.scheduler_tick, c.leader_lease / 3, c.lease_time / 6)
+
     def step(self, now: float) -> float:
         """One pass: keep or take the lead, then (leading) promote, fire, reap.
         Returns when to look again."""
@@ -97,12 +113,12 @@ class SchedulerProcess:
         if leading != self.leading:
             self.leading = leading
             log.info("scheduler %s %s", self.token, "leads" if leading else "stands by")
-        renew_at = now + min(self.config.scheduler_tick, self.config.leader_lease / 3)
+        renew_at = now + self.tick
         if not leading:
             return renew_at
         next_job = self.broker.promote(now)
         next_fire = self.fire_due(now)
-        for worker, released in self.broker.reap(now):
+        for worker, released in self.broker.reap(self.tick, now):
             message = released.describe(worker, "lease expired")
             if message:
                 log.warning("%s", message)
@@ -112,6 +128,7 @@ class SchedulerProcess:
         if now >= self.next_snapshot:
             self.next_snapshot = now + info.SNAPSHOT_EVERY
             info.snapshot(self.broker, now)
+            self._check_epoch()
         return min(x for x in (renew_at, next_job, next_fire) if x is not None)
 
     def fire_due(self, now: float) -> float | None:
@@ -149,8 +166,9 @@ class SchedulerProcess:
         """The job of one run: its id is the (name, due time) key."""
         job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}", queue=d.queue,
                   priority=d.priority, **d.options)
+        job.owner = d.owner or None  # a task of a script's __main__: for its pool alone
         spec = encode_spec(job, max_bytes=self.config.max_payload_bytes)
-        return NewJob(job.id, d.queue, d.priority, 0, spec)
+        return NewJob(job.id, route(d.queue, job.owner), d.priority, 0, spec)
 
     def drop_orphaned_schedules(self, now: float) -> None:
         """Schedules of a ``__main__`` task die with the pool that could run it."""
@@ -167,6 +185,15 @@ class SchedulerProcess:
             if owner and owner not in owners:
                 log.info("schedule %s removed: the pool that owned it is gone", name)
                 self.broker.remove_schedule(name)
+
+    def _check_epoch(self) -> None:
+        """The server lost its data (restarted empty): the schedules of the config are gone
+        with it; put them back (the master says what else was lost)."""
+        epoch = self.broker.epoch()
+        if self.epoch is not None and epoch != self.epoch and self.config.schedules:
+            log.warning("the server lost its data: applying the config's schedules again")
+            self._apply_config()
+        self.epoch = epoch
 
     def _sleep(self, wake_at: float) -> None:
         timeout = max(0.001, wake_at - time.time())

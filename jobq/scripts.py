@@ -24,8 +24,11 @@ from redis.exceptions import NoScriptError
 
 from .wire import LUA_CONSTANTS
 
+#: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
+#: to make room.
+FREE_MEMORY = frozenset({"empty"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
-         "resign", "requeue", "empty", "enqueue_one", "giveback")
+         "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap")
 
 
 def _constants() -> str:
@@ -38,9 +41,16 @@ def _constants() -> str:
 
 def _source(name: str) -> str:
     """A script with the shared constants and the helpers of lib.lua in front (each call
-    stays atomic)."""
+    stays atomic).
+
+    It opens with ``#!lua`` (Redis 7, Valkey): a script that may write is then refused as a
+    whole, before it runs, while the server is out of memory, instead of running until its
+    first write that adds memory (claim.lua's first write is an LPOP, which frees some, so a
+    legacy script went on claiming). The caller keeps what it wanted written and tries again.
+    Scripts that free memory run all the same (:data:`FREE_MEMORY`)."""
     lua = resources.files("jobq").joinpath("lua")
-    return (_constants() + lua.joinpath("lib.lua").read_text("utf-8")
+    shebang = "#!lua flags=allow-oom\n" if name in FREE_MEMORY else "#!lua\n"
+    return (shebang + _constants() + lua.joinpath("lib.lua").read_text("utf-8")
             + lua.joinpath(f"{name}.lua").read_text("utf-8"))
 
 

@@ -22,6 +22,7 @@ Spec fields::
     p  priority (0; lower runs first)     opf  "run": run even if a parent failed
     r  max_retries (3)                    g    queue.map group id   gi  index in the group
     to timeout, seconds (300)             c    created, epoch seconds
+    o  owner: the pool that alone can run it (a task of a script's ``__main__``), see route()
 
 A field present with the value ``null`` counts as absent, but for ``t`` and ``a``, which
 jobq always writes. What the worker needs to run a job (``t a k p r to ttl g``) must be
@@ -97,6 +98,7 @@ class Spec(NamedTuple):
     group: str | None = None
     group_index: int | None = None
     created: float | None = None
+    owner: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The compact object stored in Redis: options equal to their defaults left out."""
@@ -132,7 +134,7 @@ class Spec(NamedTuple):
         kwargs: Mapping[str, Any] = _NO_KWARGS
         queue, priority, retries = DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES
         timeout: float = DEFAULT_TIMEOUT
-        ttl = group = index = created = None
+        ttl = group = index = created = owner = None
         retry_on: Sequence[str] = ()
         dont_retry_on: Sequence[str] = ()
         depends_on: Sequence[str] = ()
@@ -187,10 +189,13 @@ class Spec(NamedTuple):
                 depends_on = _ids(value)
             elif code == "opf":
                 on_parent_failure = "run" if value == "run" else "cancel"
+            elif code == "o":
+                if isinstance(value, str) and value and ROUTE not in value:
+                    owner = value
         # tuple.__new__: the NamedTuple without its Python-level __new__ (one per job run)
         return tuple.__new__(cls, (task, args, kwargs, queue, priority, retries, timeout, ttl,
                                    retry_on, dont_retry_on, depends_on, on_parent_failure,
-                                   group, index, created))
+                                   group, index, created, owner))
 
 
 #: A spec's keyword arguments when it has none (read-only: shared by every such spec).
@@ -230,6 +235,8 @@ class SpecFields(Protocol):
     def group_index(self) -> int | None: ...
     @property
     def created(self) -> float | None: ...
+    @property
+    def owner(self) -> str | None: ...
 
 
 def spec_json(s: SpecFields) -> dict[str, Any]:
@@ -261,7 +268,20 @@ def spec_json(s: SpecFields) -> dict[str, Any]:
         spec["gi"] = s.group_index
     if s.created is not None:
         spec["c"] = round(s.created, 3)
+    if s.owner:
+        spec["o"] = s.owner
     return spec
+
+
+#: Separates a queue from the owner in a route (no queue name holds it).
+ROUTE = "~"
+
+
+def route(queue: str, owner: str | None) -> str:
+    """Where a job waits: its queue, or for a job only one pool can run (a task of the
+    ``__main__`` of the script that started it) ``queue~owner``, which only that pool's workers
+    claim from. The scripts count and dead-letter a route's jobs under its queue."""
+    return f"{queue}{ROUTE}{owner}" if owner else queue
 
 
 def encode_spec(s: SpecFields, *, max_bytes: int) -> str:
@@ -447,7 +467,9 @@ def requeued(spec: Any, record: Mapping[str, Any]) -> tuple[str, int, str, str] 
              "rq": int(record.get("rq", 0) or 0) + 1}
     queue = spec.get("q")
     priority = spec.get("p")
-    return (queue if isinstance(queue, str) and QUEUE_NAME.match(queue) else DEFAULT_QUEUE,
+    owner = spec.get("o")
+    queue = queue if isinstance(queue, str) and QUEUE_NAME.match(queue) else DEFAULT_QUEUE
+    return (route(queue, owner if isinstance(owner, str) else None),
             priority if type(priority) is int else DEFAULT_PRIORITY,
             serialization.dumps(spec), serialization.dumps(state))
 

@@ -67,6 +67,16 @@ def redis_url(server_url: str, server_home: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.fixture
+def quick_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config (``JOBQ_CONFIG``) whose commands give up on an unreachable server after half
+    a second instead of ten: for tests that try many."""
+    path = tmp_path / "quick-connect.toml"
+    path.write_text("connect_timeout = 0.5\n")
+    monkeypatch.setenv("JOBQ_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     client = connect(redis_url)
     yield client

@@ -317,6 +317,18 @@ def chaos_record(key: str) -> str:
     return _chaos_mark(key)
 
 
+def chaos_record_payload(key: str, payload: str) -> str:
+    """A short job carrying a payload (to fill a server): record the run."""
+    return _chaos_mark(key)
+
+
+def chaos_record_sleep(key: str, seconds: float) -> str:
+    """Record the run, then sleep ``seconds``."""
+    job_id = _chaos_mark(key)
+    time.sleep(seconds)
+    return job_id
+
+
 def chaos_cpu(key: str, seconds: float) -> str:
     """A CPU-heavy job: record the run, then burn ``seconds`` of this thread's CPU time in
     pure Python (arithmetic, no sleeping: the GIL is never released on purpose)."""

@@ -758,7 +758,8 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSe
 
 
 def test_bad_command_lines_are_one_line_with_the_documented_exit_code(
-        redis_url: str, r: redis.Redis, spawn: Spawn, auth_server: EmbeddedServer) -> None:
+        redis_url: str, r: redis.Redis, spawn: Spawn, auth_server: EmbeddedServer,
+        quick_connect: Path) -> None:
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     wrong_pw = f"unix://:WRONG-pw-77@{auth_server.socket_path}"
     no_pw = auth_server.url

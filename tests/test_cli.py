@@ -182,6 +182,23 @@ def test_empty(jobq: Callable[..., Result], queue: JobQueue) -> None:
     assert "unknown queue 'nosuch'" in jobq("empty", "nosuch", code=exitcodes.NOT_FOUND).stderr
 
 
+def test_dlq_requeue_all_requeues_what_is_there_once_while_workers_fail_them_again(
+        jobq: Callable[..., Result], queue: JobQueue, r: redis.Redis, spawn: Spawn,
+        tmp_path: Path) -> None:
+    ids = fail_jobs(queue, spawn, 8)
+    start_master(spawn, tmp_path, workers=2)
+    wait_until(lambda: r.zcard(queue.keys.idle("default")) == 2, message="2 idle workers")
+
+    # each requeued job fails again at once (max_retries 0) and is back in the dead-letter
+    # queue while the command still runs: it must not be requeued a second time
+    assert jobq("dlq", "requeue", "--all").stdout == "requeued 8 job(s) from default\n"
+    wait_until(lambda: queue.get_stats()["failed"] >= 16 and queue.failed_count() == 8,
+               message="the 8 requeued jobs failed again")
+    assert queue.get_stats()["failed"] == 16  # 8 first runs + 8 requeued runs, no more
+    assert queue.get_stats()["requeued"] == 8
+    assert sorted(j.id for j in queue.failed_jobs()) == sorted(ids)
+
+
 def test_dlq_list_show_requeue_purge(jobq: Callable[..., Result], queue: JobQueue,
                                      spawn: Spawn) -> None:
     ids = fail_jobs(queue, spawn, 3)
@@ -401,7 +418,7 @@ def test_schedule_add_refuses_bad_definitions(jobq: Callable[..., Result]) -> No
 # -- errors ----------------------------------------------------------------------------------
 
 def test_an_unreachable_server_is_one_line_exit_3_without_the_password(
-        jobq: Callable[..., Result]) -> None:
+        jobq: Callable[..., Result], quick_connect: Path) -> None:
     url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
     for args in (["info"], ["info", "--json"], ["job", "x"], ["enqueue", "jobq_testtasks:noop"],
                  ["dlq", "list"], ["schedule", "list"]):
@@ -414,7 +431,7 @@ def test_an_unreachable_server_is_one_line_exit_3_without_the_password(
     assert "s3cret-pw" not in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_debug_shows_the_traceback(redis_url: str) -> None:
+def test_debug_shows_the_traceback(redis_url: str, quick_connect: Path) -> None:
     url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
     result = CliRunner().invoke(main, ["--debug", "--redis-url", url, "info"])
     assert result.exit_code == exitcodes.CONNECT

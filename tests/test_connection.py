@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from jobq.config import Config
-from jobq.connection import connect, describe_error
+from jobq.connection import DEFAULT_LEASE, connect, describe_error
 from jobq.server import EmbeddedServer, resolve_url
 from jobq.urls import redact
 
@@ -78,7 +78,9 @@ def test_connect_url_shapes(url: str, connection_class: type, host: str, port: i
     kwargs = pool.connection_kwargs
     assert (kwargs["host"], kwargs.get("port", 6379)) == (host, port)  # 6379: redis-py default
     assert kwargs["health_check_interval"] == 30
-    assert kwargs["socket_timeout"] is None  # blocking commands may wait longer than 5 s
+    # reads time out after a lease (blocking commands wait at most half of that per call)
+    assert kwargs["socket_timeout"] == DEFAULT_LEASE
+    assert kwargs["socket_keepalive"] is True and kwargs["socket_keepalive_options"]
     assert kwargs["socket_keepalive"] is True
     if "ssl_cert_reqs" in url:
         assert kwargs["ssl_cert_reqs"] == "none"

@@ -14,8 +14,9 @@ from typing import Any
 
 import jobq_testtasks as tasks
 import psutil
+import pytest
 import redis
-from conftest import subprocess_env, wait_until
+from conftest import kill_processes, process_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
@@ -566,3 +567,135 @@ def test_a_job_handed_to_a_worker_that_dies_before_starting_it_runs_once_elsewhe
     assert job.result(timeout=15) == "ran"
     assert runs(r, k) == ["ran"]  # exactly once: it never started in the killed worker
     assert wait_workers(master, 1, without={first})
+
+
+#: A script that starts its own pool, with an interval schedule of one of its own functions,
+#: enqueues a job, says where the pool is, and waits to be ended.
+POOL_SCRIPT = '''
+import sys, time
+from jobq import JobQueue, task
+from jobq.scheduler import Scheduler
+from jobq.worker import WorkerPool
+
+def tick(key):
+    import redis, os
+    redis.Redis.from_url(os.environ["JOBQ_REDIS_URL"]).rpush("test:" + key, "tick")
+
+queue = JobQueue()
+pool = WorkerPool(queue, num_workers=2)
+pool.start()
+Scheduler(queue).schedule_interval("tick-" + sys.argv[1], tick, 0.2, args=(sys.argv[1],))
+print(pool.pid, flush=True)
+time.sleep(300)
+'''
+
+
+@pytest.mark.parametrize("ending", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                         ids=["ctrl-c", "term", "kill-9"])
+def test_a_worker_pool_dies_with_the_script_that_started_it(
+        ending: signal.Signals, redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    k = key()
+    (tmp_path / "pool_script.py").write_text(POOL_SCRIPT)
+    env = subprocess_env(JOBQ_REDIS_URL=redis_url)
+    env.pop("JOBQ_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "pool_script.py", k], cwd=tmp_path, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        master_pid = int(proc.stdout.readline())  # type: ignore[union-attr]
+        family = process_tree(master_pid)
+        assert len(family) == 4, [titles(p) for p in family]  # master, 2 workers, scheduler
+        wait_until(lambda: len(runs(r, k)) >= 2, message="the pool's schedule firing")
+
+        proc.send_signal(ending)  # what Ctrl-C, a TERM or a kill -9 do to the script
+        proc.wait(timeout=30)
+        _, still = psutil.wait_procs(family, timeout=20)
+        assert still == [], [titles(p) for p in still]  # nothing left to fire the schedule
+    finally:
+        kill_processes(process_tree(proc.pid))
+
+
+@pytest.mark.parametrize("breakage", ["syntax-error", "unknown-import", "bad-schedule"])
+def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
+        breakage: str, queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    module = code / "hupcheck.py"
+    module.write_text("def version():\n    return 1\n")
+    log_file = tmp_path / "master.log"
+    settings = {"imports": ["jobq_testtasks", "hupcheck"], "log_file": str(log_file)}
+    env = subprocess_env(JOBQ_CONFIG=str(write_config(tmp_path, **settings)))
+    env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])
+    master = spawn("-w", "2", env=env, module="jobq.master")
+    old = wait_workers(master, 2)
+    assert queue.enqueue("hupcheck:version").result(timeout=15) == 1
+
+    if breakage == "syntax-error":  # the code the workers would import no longer compiles
+        module.write_text("# broken\ndef version(:\n    return 2\n")
+    elif breakage == "unknown-import":  # the config gained a module that does not exist
+        write_config(tmp_path, **{**settings, "imports": [*settings["imports"], "nosuchmod"]})
+    else:  # the config gained a [[schedule]] table that cannot work
+        path = write_config(tmp_path, **settings)
+        path.write_text(path.read_text() + '[[schedule]]\nname = "bad"\n'
+                        'task = "hupcheck:version"\ncron = "not a cron"\n')
+    os.kill(master.pid, signal.SIGHUP)
+
+    wait_until(lambda: "reload refused" in log_file.read_text(), 20,
+               message="the reload to be refused")
+    [line] = [ln for ln in log_file.read_text().splitlines() if "reload refused" in ln]
+    assert {"syntax-error": "SyntaxError", "unknown-import": "'nosuchmod'",
+            "bad-schedule": "cron"}[breakage] in line
+    assert master.poll() is None
+    assert sorted(wait_workers(master, 2)) == sorted(old)  # the very same workers run on
+    assert queue.enqueue("hupcheck:version").result(timeout=15) == 1
+    assert "gen=0" in titles(psutil.Process(master.pid))
+
+
+#: A script with its own pool of one worker, running a function of its own ``__main__``.
+MAIN_JOBS_SCRIPT = '''
+from jobq import JobQueue
+from jobq.worker import WorkerPool
+
+def square(x):
+    return x * x
+
+queue = JobQueue()
+pool = WorkerPool(queue, num_workers=1)
+pool.start()
+jobs = [queue.enqueue(square, i) for i in range(40)]
+print(sum(job.result(timeout=60) for job in jobs), flush=True)
+pool.stop()
+'''
+
+
+def test_jobs_of_a_scripts_main_run_only_in_the_pool_it_started(
+        redis_url: str, queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    # another master serves the same queue, its workers idle (producers hand jobs straight to
+    # idle workers): it has no such function, and must never take those jobs
+    other = start_master(spawn, tmp_path, workers=2)
+    wait_workers(other, 2)
+    (tmp_path / "main_jobs.py").write_text(MAIN_JOBS_SCRIPT)
+    env = subprocess_env(JOBQ_REDIS_URL=redis_url)
+    env.pop("JOBQ_CONFIG", None)
+    proc = subprocess.run([sys.executable, "main_jobs.py"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(sum(i * i for i in range(40)))
+    stats = queue.get_stats()
+    assert (stats["completed"], stats["failed"]) == (40, 0)
+    assert queue.failed_count() == 0
+
+
+def test_a_task_module_that_kills_its_worker_at_import_stops_the_master_with_exit_7(
+        spawn: Spawn, tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "killself.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    log_file = tmp_path / "master.log"
+    master = start_master(spawn, tmp_path, imports=("killself",), pythonpath=code,
+                          log_file=str(log_file))
+    exit_code, err = finish(master, timeout=60)
+    assert exit_code == exitcodes.WORKER_BOOT, err
+    assert err.count("\n") == 1 and "crashing at boot" in err and "signal 9" in err, err
+    # the crash is logged once, then counted; not a line per fork
+    crashes = [ln for ln in log_file.read_text().splitlines() if "killed by signal 9" in ln]
+    assert 1 <= len(crashes) <= 3, crashes

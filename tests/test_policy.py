@@ -13,16 +13,19 @@ import signal
 import pytest
 
 from jobq import exitcodes
+from jobq.config import Config
 from jobq.master.policy import (
     BOOT_BACKOFF_CAP,
     BOOT_BACKOFF_FIRST,
     BREAKER_COUNT,
     BREAKER_WINDOW,
+    STABLE_AFTER,
     CrashBreaker,
     Kill,
     Limits,
     Retire,
     SlotHistory,
+    SpawnPacer,
     WorkerState,
     check_workers,
     describe_exit,
@@ -85,6 +88,17 @@ def test_a_job_within_its_grace_is_not_killed_yet() -> None:
     w = busy(7, started=NOW - 8, timeout=4.0)  # deadline + grace = NOW + 1
     assert check_workers(NOW, [w], LIMITS) == []
     assert [type(a) for a in check_workers(NOW + 1.001, [w], LIMITS)] == [Kill]
+
+
+def test_by_default_a_job_stuck_past_its_limit_frees_its_slot_within_a_second() -> None:
+    # the SIGALRM path is tried first (JobTimeout inside the job); a job that does not stop
+    # (stuck in C) has its worker killed 0.5 s after the limit, from the config's default
+    limits = Limits.from_config(Config())
+    w = busy(7, started=NOW - 2.0, timeout=2.0)  # at its limit now
+    assert check_workers(NOW + 0.499, [w], limits) == []
+    [action] = check_workers(NOW + 0.501, [w], limits)
+    assert isinstance(action, Kill) and "0.5 s grace" in action.cause
+    assert next_check(NOW, [w], limits) <= NOW + 0.52
 
 
 def test_a_worker_over_the_memory_hard_limit_is_killed_even_while_busy() -> None:
@@ -197,7 +211,7 @@ def test_exit_code_of_import_from_a_worker_that_was_up_is_just_a_crash() -> None
     decision = on_exit(NOW, worker(1), exited(exitcodes.IMPORT), SlotHistory(), CrashBreaker(),
                        stopping=False)
     assert decision.stop_master is None
-    assert decision.respawn_at == NOW and decision.unexpected
+    assert decision.respawn_at == NOW + BOOT_BACKOFF_FIRST and decision.unexpected
     assert decision.cause.startswith("worker exited with code 4")
 
 def test_boot_failures_back_off_exponentially_up_to_the_cap() -> None:
@@ -218,20 +232,30 @@ def test_boot_failures_back_off_exponentially_up_to_the_cap() -> None:
     assert history.failures == 12
 
 
-def test_back_off_resets_once_a_worker_of_the_slot_was_up() -> None:
+def test_back_off_resets_once_a_worker_of_the_slot_stayed_up() -> None:
     history = SlotHistory()
     breaker = CrashBreaker()
     for i in range(3):
         on_exit(NOW + i, worker(i, ready=False), exited(1), history, breaker, stopping=False)
     assert history.failures == 3
-    # a worker that came up, then crashed: restarted at once, the back-off forgotten
-    decision = on_exit(NOW + 10, worker(5, ready=True), killed(signal.SIGKILL), history,
-                       breaker, stopping=False)
-    assert decision.respawn_at == NOW + 10 and decision.unexpected
-    assert history.failures == 0
+    history.seen_up(NOW + 10, ready_since=NOW + 10 - STABLE_AFTER + 0.1)  # not long enough
+    assert history.failures == 3
+    history.seen_up(NOW + 10, ready_since=NOW + 10 - STABLE_AFTER)
+    assert (history.failures, history.not_before) == (0, 0.0)
     decision = on_exit(NOW + 11, worker(6, ready=False), exited(1), history, breaker,
                        stopping=False)
     assert decision.respawn_at == pytest.approx(NOW + 11 + BOOT_BACKOFF_FIRST, abs=1e-6)
+
+
+def test_a_worker_that_was_up_and_was_killed_is_replaced_at_once_and_is_no_crash() -> None:
+    # a kill storm (the OOM killer, an operator, our own hard limit) must not stop the master
+    history = SlotHistory(failures=2, not_before=NOW + 1)
+    breaker = CrashBreaker()
+    for i in range(3 * BREAKER_COUNT):
+        decision = on_exit(NOW + i * 0.01, worker(i), killed(signal.SIGKILL), history, breaker,
+                           stopping=False)
+        assert decision.stop_master is None and decision.respawn_at == NOW + i * 0.01
+    assert history.failures == 2 and breaker.times == []
 
 
 def test_breaker_trips_on_repeated_boot_exits() -> None:
@@ -258,22 +282,45 @@ def test_breaker_forgets_exits_older_than_its_window() -> None:
         assert decision.stop_master is None
 
 
-def test_breaker_ignores_exits_by_signal() -> None:
+def test_deaths_by_a_signal_at_boot_are_crashes_too() -> None:
+    # a task module that SIGKILLs itself at import: back off, then stop the master (exit 7)
     breaker = CrashBreaker()
     history = SlotHistory()
-    for i in range(3 * BREAKER_COUNT):
-        decision = on_exit(NOW + i * 0.01, worker(i, ready=False), killed(signal.SIGKILL),
-                           history, breaker, stopping=False)
-        assert decision.stop_master is None
+    decisions = [on_exit(NOW + i * 0.01, worker(i, ready=False), killed(signal.SIGKILL),
+                         history, breaker, stopping=False) for i in range(BREAKER_COUNT)]
+    assert all(d.stop_master is None for d in decisions[:-1])
+    assert decisions[1].respawn_at == pytest.approx(NOW + 0.01 + 2 * BOOT_BACKOFF_FIRST)
+    code, reason = decisions[-1].stop_master  # type: ignore[misc]
+    assert code == exitcodes.WORKER_BOOT and "crashing at boot" in reason
+    assert "killed by signal 9" in reason
 
 
-def test_breaker_ignores_workers_that_were_up() -> None:
+def test_a_worker_that_fails_after_it_was_up_is_a_crash_too() -> None:
+    # workers that come up, then die of an error of their own (a server refusing writes used
+    # to do that, 14 times a second): backed off, and the breaker stops the master
     breaker = CrashBreaker()
     history = SlotHistory()
-    for i in range(3 * BREAKER_COUNT):
-        decision = on_exit(NOW + i * 0.01, worker(i), exited(1), history, breaker,
-                           stopping=False)
-        assert decision.stop_master is None and decision.respawn_at == NOW + i * 0.01
+    decisions = [on_exit(NOW + i * 0.01, worker(i), exited(1), history, breaker,
+                         stopping=False) for i in range(BREAKER_COUNT)]
+    delays = [round(d.respawn_at - (NOW + i * 0.01), 6)  # type: ignore[operator]
+              for i, d in enumerate(decisions[:3])]
+    assert delays == [BOOT_BACKOFF_FIRST, 2 * BOOT_BACKOFF_FIRST, 4 * BOOT_BACKOFF_FIRST]
+    code, reason = decisions[-1].stop_master  # type: ignore[misc]
+    assert code == exitcodes.WORKER_BOOT and "crashing right after they start" in reason
+
+
+def test_the_spawn_pacer_lets_a_burst_through_then_a_few_a_second() -> None:
+    pacer = SpawnPacer(rate=4.0, burst=2.0)
+    assert [pacer.next_spawn(NOW), pacer.next_spawn(NOW)] == [NOW, NOW]
+    assert pacer.next_spawn(NOW) == pytest.approx(NOW + 0.25)
+    assert pacer.next_spawn(NOW + 0.25) == NOW + 0.25
+    forks = 0
+    t = NOW + 1.0
+    while t < NOW + 11.0:  # ten seconds of asking all the time
+        if pacer.next_spawn(t) == t:
+            forks += 1
+        t += 0.01
+    assert 38 <= forks <= 42  # about 4 a second
 
 
 def test_planned_exits_respawn_at_once() -> None:

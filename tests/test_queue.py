@@ -26,7 +26,6 @@ from jobq.registry import TaskResolver
 from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
-LEASE_MS = 4102444800000  # far in the future: the claims below are never reaped
 
 
 def run_worker(config: Config, url: str, queues: tuple[str, ...] = ("default",)) -> Worker:
@@ -61,8 +60,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> int:
 
 
 def claim(queue: JobQueue, count: int, *queues: str, worker: str = "w1") -> list[str]:
-    lease = LEASE_MS / 1000 - queue.config.lease_time  # claim at a "now" giving LEASE_MS
-    _, claimed = queue.broker.exchange(worker, [], queues or ("default",), count, now=lease)
+    _, claimed = queue.broker.exchange(worker, [], queues or ("default",), count)
     return [job_id for job_id, _, _, _ in claimed]
 
 
@@ -463,7 +461,10 @@ def test_strict_priority_between_queues(queue: JobQueue, r: redis.Redis) -> None
     assert held == {high[0].id: "high", high[1].id: "high", high[2].id: "high",
                     low[0].id: "default", low[1].id: "default"}
     assert set(r.hgetall(queue.keys.active).values()) == {"w1"}
-    assert r.zscore(queue.keys.leases, "w1") == LEASE_MS
+    # the lease runs from now on the server's clock
+    seconds, micros = r.time()
+    server_now = seconds * 1000 + micros // 1000
+    assert 0 < r.zscore(queue.keys.leases, "w1") - server_now <= queue.config.lease_time * 1000
 
 
 def test_suspended_queue_is_skipped(queue: JobQueue, r: redis.Redis) -> None:

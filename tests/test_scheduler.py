@@ -705,13 +705,14 @@ def test_a_bad_config_schedule_is_refused_and_the_scheduler_keeps_promoting(
     _, err = refused.communicate(timeout=20)
     assert refused.returncode == 2 and "schedule 'bad'" in err, err
 
-    # on reload (HUP): the scheduler refuses the tables and goes on promoting
+    # on reload (HUP): the master refuses the reload, as it refused the start, and the
+    # scheduler goes on promoting
     [master] = masters.start(1)
     path = masters.tmp_path / f"jobq-{len(masters.procs) - 1}.toml"
     path.write_text(path.read_text() + bad)
     os.kill(master.pid, signal.SIGHUP)
-    wait_until(lambda: "config schedules not applied: schedule 'bad'" in masters.log(), 10,
-               message="the scheduler to refuse the reloaded schedules")
+    wait_until(lambda: "reload refused" in masters.log() and "schedule 'bad'" in masters.log(),
+               10, message="the master to refuse the reload")
     job = queue.enqueue(tasks.noop, delay=0.3)
     assert done(queue, job.id).status is JobStatus.COMPLETED
     assert Scheduler(queue).get("bad") is None

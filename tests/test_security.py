@@ -402,7 +402,7 @@ def dump_redis(server: EmbeddedServer) -> str:
 
 
 def test_the_password_never_shows(pw_server: EmbeddedServer, admin: redis.Redis, spawn: Spawn,
-                                  tmp_path: Path) -> None:
+                                  tmp_path: Path, quick_connect: Path) -> None:
     port = pw_server.port  # type: ignore[attr-defined]
     url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
     unreachable = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"

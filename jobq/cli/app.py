@@ -15,11 +15,12 @@ import redis
 
 from .. import exitcodes
 from ..config import CONFIG_ENV, FLAGS, Config, ConfigError, choices, load_config, value_type
-from ..connection import describe_error
+from ..connection import ServerProblem, check_server, describe_error
 from ..server import ServerError, resolve_url
 from ..urls import redact
 
-_connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
+_connection_errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError,
+                      redis.exceptions.InvalidResponse)
 
 #: What a click option decorator applies to: a command's function, or a built command.
 _Decorated = TypeVar("_Decorated", bound=Callable[..., Any] | click.Command)
@@ -65,11 +66,22 @@ class State:
                                        **overrides)
         return self._config
 
-    def url(self) -> str:
+    def url(self, *, wait: bool = True) -> str:
+        """The server's URL, once it answers as a server jobq can use: one line and exit 3
+        when it is not one, or (``wait``) when nothing answered within ``connect_timeout``."""
+        config = self.config()
         try:
-            return resolve_url(self.config())
+            url = resolve_url(config)
         except ServerError as exc:
             raise CliError(f"cannot start the embedded server: {exc}", exitcodes.SERVER) from exc
+        try:
+            check_server(url, timeout=config.connect_timeout if wait else 0)
+        except ServerProblem as exc:
+            if wait or exc.lasting:
+                if self.debug:  # the error underneath, as --debug promises
+                    traceback.print_exception(exc.__cause__ or exc)
+                raise CliError(str(exc), exitcodes.CONNECT) from None
+        return url
 
 
 def run_guarded(fn: Callable[[], Any], state: State) -> Any:

@@ -11,7 +11,6 @@ import click
 from .. import exitcodes
 from .. import log as jobq_log
 from ..config import ConfigError, load_config
-from ..connection import refused_credentials
 from ..master.arbiter import Master, Options
 from ..schedule import ScheduleError
 from ..scheduler import config_schedules
@@ -51,10 +50,6 @@ def master_command(workers: int | None, queues: list[str] | None, imports: tuple
         where = f"{config_path}: " if isinstance(exc, ScheduleError) and config_path else ""
         click.echo(f"jobq-master: error: {where}{exc}", err=True)
         sys.exit(exitcodes.USAGE)
-    refused = refused_credentials(config.redis_url) if config.redis_url else None
-    if refused:  # waiting never fixes a wrong password: say so, start nothing
-        click.echo(f"jobq-master: error: {refused}", err=True)
-        sys.exit(exitcodes.CONNECT)
     try:
         jobq_log.setup(config.log_level, config.log_format, config.log_file)
     except OSError as exc:

@@ -11,7 +11,6 @@ import click
 
 from .. import exitcodes
 from .. import log as jobq_log
-from ..connection import refused_credentials
 from ..demo import run_demo
 from ..exceptions import TaskImportError
 from ..registry import TaskResolver
@@ -35,10 +34,9 @@ def worker(state: State, queues: list[str] | None, imports: tuple[str, ...], bur
         resolver = TaskResolver(all_imports)
     except TaskImportError as exc:
         raise CliError(str(exc), exitcodes.IMPORT) from exc
-    url = state.url()
-    refused = refused_credentials(url)
-    if refused:  # waiting never fixes a wrong password
-        raise CliError(refused, exitcodes.CONNECT)
+    # a burst worker gives up on a server that does not answer; a long-running one waits for
+    # it (saying so); neither waits on a wrong password or an address that is no server
+    url = state.url(wait=burst)
     return Worker(cfg.queues, config=cfg, url=url, resolver=resolver, burst=burst).run()
 
 

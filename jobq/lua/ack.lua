@@ -104,7 +104,7 @@ for q, c in pairs(delta) do
   count(B, q, 'cancelled', c[7])
   if c[5] > 0 then wake(B, q, c[5], wake_cap) end
   if #recent[q] > 0 and recent_cap > 0 then
-    local rk = B .. ':recent:' .. q
+    local rk = B .. ':recent:' .. base(q)
     redis.call('LPUSH', rk, unpack(recent[q]))
     redis.call('LTRIM', rk, 0, recent_cap - 1)
   end

@@ -3,14 +3,14 @@
 -- KEYS[1]  the jobs hash ({ns}:jobs)
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  worker id
--- ARGV[3]  lease deadline of this worker (ms since the epoch)
+-- ARGV[3]  lease length (ms), from now on the server's clock
 -- ARGV[4]  COUNT, the most jobs to claim
 -- ARGV[5..] queue names, in claim order (strict priority between queues)
 --
 -- Each claimed id is recorded in the hash {ns}:held:<worker> (id -> queue: what to give back if
 -- the worker dies) and
 -- in {ns}:active (id -> worker, what `status` reads). The worker's lease in {ns}:leases is
--- pushed to ARGV[3]. A cancelled job left in a list is a tombstone: its spec is gone and its
+-- pushed to the server's now + ARGV[3]. A cancelled job left in a list is a tombstone: its spec is gone and its
 -- final record exists; it is dropped here.
 -- Returns a flat array: id, queue, spec, state, ... (spec false when the spec is missing,
 -- which the worker fails into the dead-letter queue; state false when the job has none).
@@ -23,7 +23,7 @@ local held, active = {}, {}
 for i = 5, #ARGV do
   if need <= 0 then break end
   local q = ARGV[i]
-  if redis.call('SISMEMBER', B .. ':suspended', q) == 0 then
+  if redis.call('SISMEMBER', B .. ':suspended', base(q)) == 0 then
     local levels = B .. ':q:' .. q
     local got = 0
     while need > 0 do
@@ -61,6 +61,6 @@ end
 if #held > 0 then
   redis.call('HSET', B .. ':held:' .. worker, unpack(held))
   redis.call('HSET', B .. ':active', unpack(active))
-  redis.call('ZADD', B .. ':leases', ARGV[3], worker)
+  redis.call('ZADD', B .. ':leases', server_ms() + tonumber(ARGV[3]), worker)
 end
 return out

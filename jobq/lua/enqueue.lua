@@ -3,12 +3,11 @@
 -- KEYS[1]  the jobs hash ({ns}:jobs): id -> job spec (JSON, written once, never rewritten)
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  cap on wake tokens per queue
--- ARGV[3]  now (ms since the epoch)
--- ARGV[4]  lease time (ms), for jobs handed straight to an idle worker
--- ARGV[5..] groups of 5: id, queue, priority, due (ms since the epoch; 0 = now), spec
+-- ARGV[3]  lease time (ms), for jobs handed straight to an idle worker
+-- ARGV[4..] groups of 5: id, queue, priority, due (ms since the epoch; 0 = now), spec
 --
 -- A ready job is handed straight to an idle worker of its queue when there is one: the
--- worker registered in {ns}:idle:<queue> (score: when, ms) and blocks on its own list
+-- worker registered in {ns}:idle:<queue> (score: when, ms, server clock) and blocks on its own list
 -- {ns}:hand:<worker>, which receives "id\nqueue\nspec"; the job is recorded as held by that
 -- worker (its held hash, {ns}:active, its lease) as a claim would, so it is just as safe, and
 -- the worker starts it without another round trip. Otherwise the job goes to the end of
@@ -18,13 +17,12 @@
 -- Returns the number of jobs added (an id already present is skipped).
 local B = ARGV[1]
 local wake_cap = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local lease = tonumber(ARGV[4])
+local lease = tonumber(ARGV[3])
 local IDLE_FRESH = 3000  -- an idle registration older than this (ms) is from a dead worker
 local jobs = KEYS[1]
 local ready, later = {}, {}
 local added = 0
-for i = 5, #ARGV, 5 do
+for i = 4, #ARGV, 5 do
   local id, q, prio, due, spec = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]),
     ARGV[i + 4]
   if redis.call('HSETNX', jobs, id, spec) == 1 then
@@ -39,12 +37,13 @@ for i = 5, #ARGV, 5 do
     end
   end
 end
+local now = next(ready) and server_ms()
 for q, list in pairs(ready) do
   local handed = 0
   local idle_key = B .. ':idle:' .. q
   redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', now - IDLE_FRESH)
   local idle = {}
-  if redis.call('SISMEMBER', B .. ':suspended', q) == 0 then  -- workers skip a suspended one
+  if redis.call('SISMEMBER', B .. ':suspended', base(q)) == 0 then  -- workers skip a suspended one
     idle = redis.call('ZRANGE', idle_key, 0, #list - 1)
   end
   if #idle > 0 then
@@ -74,14 +73,14 @@ for q, list in pairs(ready) do
     end
   end
   for prio, ids in pairs(per_level) do push_ready(B, q, prio, ids, false) end
-  redis.call('SADD', B .. ':queues', q)
+  redis.call('SADD', B .. ':queues', base(q))
   count(B, q, 'processing', handed)
   count(B, q, 'pending', #list - handed)
   count(B, q, 'enqueued', #list)
   wake(B, q, #list - handed, wake_cap)
 end
 for q, n in pairs(later) do
-  redis.call('SADD', B .. ':queues', q)
+  redis.call('SADD', B .. ':queues', base(q))
   count(B, q, 'scheduled', n)
   count(B, q, 'enqueued', n)
 end

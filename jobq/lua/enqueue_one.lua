@@ -40,7 +40,7 @@ for i = 12, #ARGV do
 end
 if redis.call('HSETNX', KEYS[1], id, spec) == 0 then return {'duplicate', id} end
 if ukey ~= '' then redis.call('SET', B .. ':u:' .. ukey, id, 'EX', tonumber(ARGV[9])) end
-redis.call('SADD', B .. ':queues', q)
+redis.call('SADD', B .. ':queues', base(q))
 count(B, q, 'enqueued', 1)
 local job = cjson.decode(spec)
 if failed and job.opf ~= 'run' then

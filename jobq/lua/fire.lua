@@ -27,7 +27,7 @@ if ARGV[7] then
   local id, q, prio, spec = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   if redis.call('HSETNX', KEYS[1], id, spec) == 1 then
     push_ready(B, q, prio, {id}, false)
-    redis.call('SADD', B .. ':queues', q)
+    redis.call('SADD', B .. ':queues', base(q))
     count(B, q, 'pending', 1)
     count(B, q, 'enqueued', 1)
     wake(B, q, 1, tonumber(ARGV[6]))

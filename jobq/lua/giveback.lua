@@ -7,7 +7,10 @@
 -- ARGV[4..] job ids
 --
 -- Used after a lost reply: a claim the server ran but whose answer never arrived left jobs
--- held by a worker that does not know it has them. They go back to the front of their level.
+-- held by a worker that does not know it has them, or a job was handed to it
+-- ({ns}:hand:<worker>) while it could not take it. They go back to the front of their level,
+-- and out of the worker's hand list (else it would run a job it no longer holds, which
+-- another worker runs too).
 -- Returns the number given back.
 local B, worker = ARGV[1], ARGV[2]
 local held = B .. ':held:' .. worker
@@ -16,7 +19,11 @@ for i = #ARGV, 4, -1 do  -- last first, so that LPUSH keeps their order
   local id = ARGV[i]
   local q = redis.call('HGET', held, id)
   if q then
-    local ok, job = pcall(cjson.decode, redis.call('HGET', KEYS[1], id) or 'null')
+    local spec = redis.call('HGET', KEYS[1], id)
+    if spec then
+      redis.call('LREM', B .. ':hand:' .. worker, 0, id .. '\n' .. q .. '\n' .. spec)
+    end
+    local ok, job = pcall(cjson.decode, spec or 'null')
     if not (ok and type(job) == 'table') then job = {} end
     redis.call('HDEL', held, id)
     redis.call('HDEL', B .. ':active', id)

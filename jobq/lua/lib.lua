@@ -2,11 +2,28 @@
 -- script, so every script stays one atomic EVALSHA, after the constants jobq/wire.py
 -- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, ACK_FIELDS).
 
--- A spec's queue, priority (as the level's name) and max_retries, with the defaults wire.py
--- leaves out of specs. A field present as JSON null counts as absent.
+-- Now on the server's clock (ms since the epoch). Leases are measured on it, so that a client
+-- whose clock is off, or whose call waited in a frozen server, cannot shorten one.
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A queue as users know it. The jobs of a task in a script's __main__ go on a route of their
+-- own, "queue~owner", that only the pool that script started claims from (wire.route); they
+-- count, and fail into the dead-letter queue, under their queue.
+local function base(q)
+  return (string.match(q, '^[^~]*'))
+end
+
+-- A spec's route (its queue, or queue~owner), priority (as the level's name) and
+-- max_retries, with the defaults wire.py leaves out of specs. A field present as JSON null
+-- counts as absent.
 local function spec_queue(job)
-  if type(job.q) == 'string' then return job.q end
-  return DEFAULT_QUEUE
+  local q = DEFAULT_QUEUE
+  if type(job.q) == 'string' then q = job.q end
+  if type(job.o) == 'string' and job.o ~= '' then q = q .. '~' .. job.o end
+  return q
 end
 local function spec_level(job)
   return tostring(tonumber(job.p) or DEFAULT_PRIORITY)
@@ -24,7 +41,7 @@ end
 
 -- Add n to a counter of a queue's stats.
 local function count(B, q, field, n)
-  if n ~= 0 then redis.call('HINCRBY', B .. ':stats:' .. q, field, n) end
+  if n ~= 0 then redis.call('HINCRBY', B .. ':stats:' .. base(q), field, n) end
 end
 
 -- Leave up to n wake tokens for idle workers of queue q (at most cap waiting).
@@ -38,7 +55,7 @@ end
 -- Put a failed job's id in its queue's dead-letter queue, keeping at most cap ids, none
 -- older than ttl seconds (their records have expired too).
 local function to_dlq(B, q, id, now, cap, ttl)
-  local dlq = B .. ':dlq:' .. q
+  local dlq = B .. ':dlq:' .. base(q)
   redis.call('ZADD', dlq, now, id)
   redis.call('ZREMRANGEBYSCORE', dlq, '-inf', now - ttl * 1000)
   if redis.call('ZCARD', dlq) > cap then

@@ -3,7 +3,7 @@
 -- KEYS[1]  the jobs hash ({ns}:jobs)
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  worker id
--- ARGV[3]  now (ms since the epoch)
+-- ARGV[3]  now (ms since the epoch), for the times written in records
 -- ARGV[4]  cause, recorded in the job's errors ("worker killed by signal 9 (SIGKILL)", ...)
 -- ARGV[5]  id of the job the worker was running, "" when unknown (lease lapsed: every held
 --          job may have started), "-" when it was running none
@@ -11,7 +11,8 @@
 -- ARGV[7]  how long failed records are kept (s)
 -- ARGV[8]  dead-letter queue cap per queue
 -- ARGV[9]  cap on wake tokens per queue
--- ARGV[10] "1": only if the worker's lease has lapsed (the reaper), "0": unconditionally
+-- ARGV[10] "1": only if the worker's lease has lapsed on the server's clock (the reaper),
+--          "0": unconditionally
 -- ARGV[11..] the worker's queues: it is taken off their idle lists
 --
 -- The running job counts one attempt and one delivery (the worker died under it); with the
@@ -32,7 +33,7 @@ local jobs = KEYS[1]
 local held_key = B .. ':held:' .. worker
 if ARGV[10] == '1' then
   local deadline = redis.call('ZSCORE', B .. ':leases', worker)
-  if deadline and tonumber(deadline) > now then return false end
+  if deadline and tonumber(deadline) > server_ms() then return false end
 end
 local held = redis.call('HGETALL', held_key)
 local requeued, failed = {}, {}

@@ -17,9 +17,9 @@ if redis.call('GET', B .. ':r:' .. id) ~= ARGV[3] then return 0 end
 if redis.call('HSETNX', KEYS[1], id, ARGV[6]) == 0 then return 0 end
 redis.call('HSET', B .. ':state', id, ARGV[7])
 redis.call('DEL', B .. ':r:' .. id)
-redis.call('ZREM', B .. ':dlq:' .. q, id)
+redis.call('ZREM', B .. ':dlq:' .. base(q), id)
 push_ready(B, q, prio, {id}, false)
-redis.call('SADD', B .. ':queues', q)
+redis.call('SADD', B .. ':queues', base(q))
 count(B, q, 'pending', 1)
 count(B, q, 'requeued', 1)
 wake(B, q, 1, tonumber(ARGV[8]))

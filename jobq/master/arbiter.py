@@ -58,19 +58,23 @@ import psutil
 from .. import exitcodes
 from .. import log as jobq_log
 from ..config import Config, ConfigError, load_config
+from ..connection import ServerProblem, check_server
 from ..exceptions import TaskImportError
+from ..log import Repeats
 from ..process import die_with_parent, kill_group, memory_mb, send_signal, set_title
 from ..registry import TaskResolver
+from ..schedule import ScheduleError
+from ..scheduler import config_schedules
 from ..scheduler_daemon import scheduler_main
 from ..server import resolve_url
 from ..slots import BUSY, IDLE, SlotTable
-from ..wire import AckEntry
+from ..wire import AckEntry, route
 from ..worker.loop import Worker
 from . import policy
 from .duties import Duties, Seen
 from .notify import notify
 from .pidfile import PidfileError, acquire, release
-from .policy import CrashBreaker, Kill, Limits, Retire, SlotHistory, WorkerState
+from .policy import CrashBreaker, Kill, Limits, Retire, SlotHistory, SpawnPacer, WorkerState
 
 log = logging.getLogger("jobq.master")
 
@@ -83,6 +87,9 @@ MEMORY_EVERY = 1.0
 RELOAD_READY_WAIT = 10.0
 #: Restart delay of a scheduler process that died.
 SCHEDULER_RESTART = 1.0
+#: Retry back-off while the server does not answer at start (seconds), and how often the
+#: master says it is still waiting.
+SERVER_WAIT_FIRST, SERVER_WAIT_CAP, SERVER_WAIT_SAY_EVERY = 0.1, 5.0, 60.0
 #: How long a stopping master waits for its duties (giving back dead workers' jobs).
 DUTIES_DRAIN = 10.0
 #: The byte the duties thread writes to the wakeup fd (no signal has number 0).
@@ -113,6 +120,8 @@ class Master:
         self.histories: dict[int, SlotHistory] = {}
         self.spawn_at: dict[int, float] = {}  # slot -> when to (re)spawn a worker there
         self.breaker = CrashBreaker()
+        self.repeats = Repeats(log)  # a line that would repeat: once, then with a count
+        self.pacer = SpawnPacer(burst=max(4.0, float(config.workers)))
         self.generation = 0
         self.target = config.workers
         self.scheduler_pid = 0
@@ -123,6 +132,8 @@ class Master:
         self.int_count = 0
         self.reload_started: float | None = None
         self.to_retire: list[int] = []
+        #: a reload being checked: (the checking child's pid, the new config, its report fd)
+        self.reload_check: tuple[int, Config, int] | None = None
         self.next_memory = 0.0
         self.started = time.time()
         self.id = ""
@@ -136,12 +147,7 @@ class Master:
 
     @property
     def limits(self) -> Limits:
-        c = self.config
-        return Limits(hard_timeout_grace=c.hard_timeout_grace,
-                      heartbeat_timeout=c.heartbeat_timeout,
-                      memory_soft_mb=c.memory_soft_limit_mb,
-                      memory_hard_mb=c.memory_hard_limit_mb,
-                      graceful_timeout=c.graceful_timeout)
+        return Limits.from_config(self.config)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -150,14 +156,16 @@ class Master:
             try:
                 self._pidfile = acquire(self.options.pidfile)
             except PidfileError as exc:
-                log.error("%s", exc)
-                print(f"jobq-master: error: {exc}", file=sys.stderr, flush=True)
+                self._fatal(str(exc))
                 return exitcodes.PIDFILE
         try:
             self.url = resolve_url(self.config)
             self.id = f"{self.host}.{os.getpid()}"
             self.pid = os.getpid()
             self._install_signals()
+            self._title()
+            if not self._wait_for_server():
+                return self.exit_code
             self.duties = Duties(self.config, self.url, self.id, describe=self._describe,
                                  wake=self._wake_from_duties, embedded=self.embedded)
             self.duties.start()
@@ -187,6 +195,40 @@ class Master:
             self._cleanup()
         log.info("master %d stopped", os.getpid())
         return self.exit_code
+
+    def _wait_for_server(self) -> bool:
+        """Before anything is forked: the server must answer, as one jobq can use. A lasting
+        problem (not a Redis server, refused credentials, too old) stops the master (exit 3);
+        while nothing answers, it tries again with back-off, saying why once a minute, and
+        stops at once on TERM, INT or QUIT. False when it is to stop."""
+        delay, said, tries = SERVER_WAIT_FIRST, -SERVER_WAIT_SAY_EVERY, 0
+        while True:
+            try:
+                check_server(self.url, timeout=0)
+            except ServerProblem as exc:
+                if exc.lasting:
+                    self._fatal(str(exc))
+                    self.exit_code = exitcodes.CONNECT
+                    return False
+                tries += 1
+                if time.monotonic() - said >= SERVER_WAIT_SAY_EVERY:
+                    said = time.monotonic()
+                    log.warning("waiting for the server: %s (tried %d time(s); nothing starts "
+                                "until it answers)", exc, tries)
+            else:
+                if tries:
+                    log.info("the server answers after %d tries", tries)
+                return True
+            readable, _, _ = select.select([self._wakeup_r], [], [], delay)
+            if readable:
+                try:
+                    signals = os.read(self._wakeup_r, 512)
+                except BlockingIOError:
+                    signals = b""
+                if {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT} & set(signals):
+                    log.info("stopping: told to while waiting for the server")
+                    return False
+            delay = min(delay * 2, SERVER_WAIT_CAP)
 
     def _wait(self, until: float) -> None:
         timeout = max(0.0, min(until - time.time(), 1.0))
@@ -248,15 +290,56 @@ class Master:
                 handler()
 
     def handle_hup(self) -> None:
+        """Reload, checked first: the new config is loaded and its schedules checked here,
+        the task modules imported in a short-lived child (new code can fail at import); only
+        then are the workers replaced. A reload that would break the pool is refused and the
+        running workers and config stay."""
         if self.stopping:
+            return
+        if self.reload_check is not None:
+            log.info("HUP: a reload is being checked already")
             return
         notify("RELOADING=1")
         try:
             config = load_config(self.options.config_path, **(self.options.overrides or {}))
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
-            notify("READY=1")
+            config_schedules(config)
+        except (ConfigError, ScheduleError) as exc:
+            self._refuse_reload(str(exc))
             return
+        read, write = os.pipe()
+        pid = self._fork(lambda: self._check_child(config, write))
+        os.close(write)
+        self.reload_check = (pid, config, read)
+
+    def _check_child(self, config: Config, report: int) -> int:
+        """In the child that checks a reload: import the task modules as a worker would."""
+        set_title("jobq-master: checking a reload")
+        try:
+            TaskResolver(config.imports, allow_main=self.options.allow_main)
+        except TaskImportError as exc:
+            os.write(report, str(exc).encode(errors="replace")[:2000])
+            return exitcodes.IMPORT
+        return exitcodes.OK
+
+    def _reload_checked(self, status: int) -> None:
+        """The reload's check ended: reload, or refuse with what the check said."""
+        assert self.reload_check is not None
+        _, config, read = self.reload_check
+        self.reload_check = None
+        with os.fdopen(read, "rb") as report:
+            said = report.read().decode(errors="replace")
+        if os.waitstatus_to_exitcode(status) != exitcodes.OK:
+            self._refuse_reload(said or f"checking it, a child {policy.describe_exit(status)[0]}")
+        elif not self.stopping:
+            self._reload(config)
+
+    def _refuse_reload(self, why: str) -> None:
+        message = " ".join(f"reload refused, the running workers and config stay: {why}".split())
+        log.error("%s", message)
+        notify("READY=1")
+        notify(f"STATUS={message}")
+
+    def _reload(self, config: Config) -> None:
         log.info("reloading: config re-read, replacing %d worker(s)", len(self.workers))
         self.config = config
         if self.duties is not None:
@@ -357,6 +440,10 @@ class Master:
     def _spawn_due(self, now: float) -> None:
         for slot, when in sorted(self.spawn_at.items()):
             if when <= now:
+                at = self.pacer.next_spawn(now)
+                if at > now:  # forking too fast: this one waits its turn
+                    self.spawn_at[slot] = at
+                    continue
                 del self.spawn_at[slot]
                 self._spawn_worker(slot, now)
 
@@ -414,26 +501,34 @@ class Master:
             slot.fail_boot(message)
             log.error("worker %d: %s", slot_index, message)
             return exitcodes.IMPORT
-        worker = Worker(self.config.queues, config=self.config, url=self.url,
+        worker = Worker(self._worker_queues(), config=self.config, url=self.url,
                         resolver=resolver, name=name, slot=slot, renew_leases=False,
                         max_jobs=max_jobs, master_pid=self.pid, title=f"{slot_index}")
         return worker.run()
+
+    def _worker_queues(self) -> list[str]:
+        """What the workers claim from: the config's queues; for a script's pool, first the
+        routes of its own ``__main__`` jobs, which no other pool can run (wire.route)."""
+        queues = list(self.config.queues)
+        if self.options.allow_main and self.options.owner:
+            queues = [route(q, self.options.owner) for q in queues] + queues
+        return queues
 
     def _read_slots(self, now: float) -> None:
         for w in self.workers.values():
             view = self.slots.read(w.slot)
             if view.pid != w.pid:
                 continue  # not yet booted
-            w.ready = w.ready or view.state in (IDLE, BUSY)
+            if not w.ready and view.state in (IDLE, BUSY):
+                w.ready, w.ready_since = True, now
             w.busy = view.state == BUSY
             w.job_id = view.job_id
             w.job_started = view.job_started
             w.deadline = view.deadline
             w.heartbeat = view.heartbeat
             w.jobs_done = view.jobs_done
-            if w.ready and self.histories.get(w.slot):
-                self.histories[w.slot].failures = 0
-                self.histories[w.slot].not_before = 0.0
+            if w.ready and w.slot in self.histories:
+                self.histories[w.slot].seen_up(now, w.ready_since)
 
     def _read_memory(self) -> None:
         for w in self.workers.values():
@@ -470,6 +565,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.reload_check is not None and pid == self.reload_check[0]:
+                self._reload_checked(status)
+                continue
             if pid == self.scheduler_pid:
                 self.scheduler_pid = 0
                 if not self.stopping:
@@ -497,15 +595,16 @@ class Master:
         acks = [e for e in map(AckEntry.from_fields, self.slots.unsent_acks(w.slot))
                 if e is not None]
         if self.duties is not None:  # it sends the acks, then gives back the jobs
-            self.duties.worker_gone(w.name, current, decision.cause, acks, self.config.queues)
+            self.duties.worker_gone(w.name, current, decision.cause, acks,
+                                    self._worker_queues())
         self.slots.clear(w.slot)
         if decision.unexpected and not self.stopping:
-            log.warning("worker %d (slot %d) %s%s", w.pid, w.slot, decision.cause,
-                        f"; its job {current} was given back" if current != "-" else "")
+            self.repeats.say(decision.cause, "worker %d (slot %d) %s%s", w.pid, w.slot,
+                             decision.cause,
+                             f"; its job {current} was given back" if current != "-" else "")
         if decision.stop_master:
             code, reason = decision.stop_master
-            log.error("stopping: %s", reason)
-            print(f"jobq-master: error: {reason}", file=sys.stderr, flush=True)
+            self._fatal(reason)
             self.exit_code = code
             self._stop("quit")
             return
@@ -557,6 +656,13 @@ class Master:
             lambda: scheduler_main(self.config, self.url, self.options))
         log.debug("spawned scheduler %d", self.scheduler_pid)
 
+    def _fatal(self, message: str) -> None:
+        """Why the master stops: one line on stderr (``jobq-master: error: ...``), and in the
+        log file if there is one (logging to stderr would say it twice)."""
+        if self.config.log_file:
+            log.error("stopping: %s", message)
+        print(f"jobq-master: error: {message}", file=sys.stderr, flush=True)
+
     # -- odds and ends ----------------------------------------------------------------------
     def _title(self) -> None:
         set_title(f"jobq-master [{','.join(self.config.queues)}] workers={self.target}"
@@ -565,6 +671,8 @@ class Master:
     def _cleanup(self) -> None:
         for pid in list(self.workers):
             kill_group(pid)
+        if self.reload_check is not None:
+            kill_group(self.reload_check[0])
         if self.scheduler_pid:
             send_signal(self.scheduler_pid, signal.SIGKILL)
         if self.duties is not None:  # gives back what dead workers held, forgets this master

@@ -35,7 +35,9 @@ from ..broker import Broker
 from ..config import Config
 from ..connection import connect, describe_error
 from ..keys import Keys
+from ..log import Trouble
 from ..server import EmbeddedServer, ServerError
+from ..urls import redact
 from ..wire import AckEntry
 
 log = logging.getLogger("jobq.master")
@@ -94,7 +96,8 @@ class Duties:
         self.config = config
         self.url = url
         self.master_id = master_id
-        self.broker = Broker(connect(url), Keys(config.prefix), config)
+        self.broker = Broker(connect(url, lease_time=config.lease_time), Keys(config.prefix),
+                             config)
         self.interrupts: queue.SimpleQueue[Interrupt] = queue.SimpleQueue()
         self._describe = describe
         self._wake = wake
@@ -104,6 +107,8 @@ class Duties:
         self._seen: list[Seen] = []
         self._stopping = threading.Event()
         self._interrupted: set[tuple[int, str]] = set()
+        self._trouble: Trouble | None = None  # the server, as lease renewals find it
+        self._epoch: str | None = None
         self._thread = threading.Thread(target=self._run, name="jobq-duties", daemon=True)
         self._next_renew = self._next_cancel = self._next_beat = self._next_server = 0.0
 
@@ -138,7 +143,10 @@ class Duties:
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._due(time.time())
+            try:
+                self._due(time.time())
+            except Exception:  # a bug here must not end the renewals of every lease
+                log.exception("master duties: unexpected error; going on")
             if self._stopping.is_set() and not self._gone and self._events.empty():
                 break
             try:
@@ -166,7 +174,7 @@ class Duties:
             return
         if now >= self._next_renew:
             self._next_renew = now + self.config.lease_time / 3
-            self._renew(now)
+            self._renew()
         if now >= self._next_cancel:
             self._next_cancel = now + CANCEL_CHECK_EVERY
             self._find_cancelled()
@@ -202,12 +210,19 @@ class Duties:
             if message:
                 log.warning("%s", message)
 
-    def _renew(self, now: float) -> None:
+    def _renew(self) -> None:
         """Extend the lease of every live worker (a released lease is never re-created)."""
         try:
-            self.broker.renew_leases([w.name for w in self._seen], now)
+            self.broker.renew_leases([w.name for w in self._seen])
         except redis.RedisError as exc:
-            log.warning("cannot renew leases (%s)", describe_error(exc, self.url))
+            if self._trouble is None:
+                self._trouble = Trouble(log, f"cannot renew leases: "
+                                             f"{describe_error(exc, self.url)}")
+            self._trouble.again()
+        else:
+            if self._trouble is not None:
+                self._trouble.over()
+                self._trouble = None
 
     def _find_cancelled(self) -> None:
         """Tell the arbiter which workers run a job that was asked to stop."""
@@ -230,8 +245,21 @@ class Duties:
         try:
             self.broker.describe_master(self.master_id, serialization.dumps(
                 self._describe(self._seen, now)))
+            self._check_epoch()
         except redis.RedisError as exc:
             log.debug("heartbeat failed: %s", exc)
+
+    def _check_epoch(self) -> None:
+        """Say so, once, when the server lost its data (restarted empty): the jobs queued,
+        scheduled and running are gone from it, and nothing else would tell."""
+        epoch = self.broker.epoch()
+        if self._epoch is not None and epoch != self._epoch:
+            running = sum(1 for w in self._seen if w.busy)
+            log.error("the server at %s lost its data (restarted without persistence?): every "
+                      "job it held is gone: queued, scheduled, deferred, and the %d running "
+                      "here, whose results will be dropped; counters start again from zero",
+                      redact(self.url), running)
+        self._epoch = epoch
 
     def _forget_master(self) -> None:
         try:

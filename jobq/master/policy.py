@@ -11,27 +11,41 @@ import signal
 from dataclasses import dataclass, field
 
 from .. import exitcodes
+from ..config import Config
 
-#: A worker that dies before it reports ready is a boot failure; restarts of its slot back
-#: off from BOOT_BACKOFF_FIRST doubling to BOOT_BACKOFF_CAP, and reset once a worker of that
-#: slot comes up.
+#: A crash: a worker that dies before it reports ready (by a signal too), or exits with an
+#: error code after it was up (the worker process itself failed). Restarts of its slot back
+#: off from BOOT_BACKOFF_FIRST doubling to BOOT_BACKOFF_CAP, reset once a worker of that slot
+#: stayed up STABLE_AFTER seconds.
 BOOT_BACKOFF_FIRST = 0.05
 BOOT_BACKOFF_CAP = 10.0
-#: The crash-rate breaker: this many workers exiting with an error before they were ready,
-#: within BREAKER_WINDOW seconds, stop the master (something is broken, not unlucky).
+STABLE_AFTER = 5.0
+#: The crash-rate breaker: this many crashes within BREAKER_WINDOW seconds stop the master
+#: (something is broken, not unlucky).
 BREAKER_COUNT = 10
 BREAKER_WINDOW = 60.0
+#: Whatever happens, the master forks at most SPAWN_RATE workers a second (beyond a burst of
+#: its pool's size, to fill it at start and on a reload).
+SPAWN_RATE = 4.0
 
 
 @dataclass(frozen=True)
 class Limits:
     """The master's knobs (from the config)."""
 
-    hard_timeout_grace: float = 5.0
+    hard_timeout_grace: float = 0.5
     heartbeat_timeout: float = 60.0
     memory_soft_mb: float = 0.0
     memory_hard_mb: float = 0.0
     graceful_timeout: float = 30.0
+
+    @classmethod
+    def from_config(cls, c: Config) -> Limits:
+        return cls(hard_timeout_grace=c.hard_timeout_grace,
+                   heartbeat_timeout=c.heartbeat_timeout,
+                   memory_soft_mb=c.memory_soft_limit_mb,
+                   memory_hard_mb=c.memory_hard_limit_mb,
+                   graceful_timeout=c.graceful_timeout)
 
 
 @dataclass
@@ -52,6 +66,7 @@ class WorkerState:
     memory_mb: float | None = None
     jobs_done: int = 0
     retiring_since: float | None = None  # asked to stop after its current job
+    ready_since: float | None = None  # when the master first saw it ready
     killing: str | None = None  # why we killed it, once we did
 
 
@@ -136,10 +151,38 @@ def describe_exit(status: int) -> tuple[str, int | None, int | None]:
 
 @dataclass
 class SlotHistory:
-    """Boot failures of one slot, for its restart back-off."""
+    """Crashes of one slot in a row, for its restart back-off."""
 
     failures: int = 0
     not_before: float = 0.0
+
+    def seen_up(self, now: float, ready_since: float | None) -> None:
+        """A worker of the slot is up: once it stayed up STABLE_AFTER, the back-off is
+        forgotten."""
+        if self.failures and ready_since is not None and now - ready_since >= STABLE_AFTER:
+            self.failures = 0
+            self.not_before = 0.0
+
+
+@dataclass
+class SpawnPacer:
+    """At most ``rate`` forks a second beyond a burst of ``burst`` (a token bucket)."""
+
+    rate: float = SPAWN_RATE
+    burst: float = 4.0
+    tokens: float = -1.0  # full at the first call
+    at: float = 0.0
+
+    def next_spawn(self, now: float) -> float:
+        """When the next fork may happen (``now`` if at once); takes the token if now."""
+        if self.tokens < 0:
+            self.tokens, self.at = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return now
+        return now + (1 - self.tokens) / self.rate
 
 
 @dataclass
@@ -178,18 +221,23 @@ def on_exit(now: float, worker: WorkerState, status: int, history: SlotHistory,
     if code == exitcodes.IMPORT and not worker.ready:  # only a booting worker imports
         reason = boot_error or "a worker could not import its task modules"
         return ExitDecision(cause, None, (exitcodes.IMPORT, reason))
-    if not worker.ready and not planned:
-        history.failures += 1
-        delay = min(BOOT_BACKOFF_CAP, BOOT_BACKOFF_FIRST * 2 ** (history.failures - 1))
-        history.not_before = now + delay
-        if sig is None and breaker.record(now):
-            reason = (f"workers keep failing at boot ({breaker.count} within "
-                      f"{breaker.window:g} s); last one {text}"
-                      + (f": {boot_error}" if boot_error else ""))
-            return ExitDecision(cause, None, (exitcodes.WORKER_BOOT, reason))
-        return ExitDecision(cause, history.not_before)
-    history.failures = 0
-    return ExitDecision(cause, now, unexpected=not planned)
+    # A crash: it died booting, or the worker process itself failed after it was up. A
+    # worker that was up and was killed (by us: hard limit, memory; or from outside: the OOM
+    # killer, an operator) is replaced at once: a kill storm must not stop the master, and the
+    # spawn pacer caps the forks anyway.
+    crashed = not planned and (not worker.ready or (sig is None and not worker.killing))
+    if not crashed:
+        return ExitDecision(cause, now, unexpected=not planned)
+    history.failures += 1
+    delay = min(BOOT_BACKOFF_CAP, BOOT_BACKOFF_FIRST * 2 ** (history.failures - 1))
+    history.not_before = now + delay
+    if breaker.record(now):
+        when = "at boot" if not worker.ready else "right after they start"
+        reason = (f"workers keep crashing {when} ({breaker.count} within "
+                  f"{breaker.window:g} s); last one {text}"
+                  + (f": {boot_error}" if boot_error else ""))
+        return ExitDecision(cause, None, (exitcodes.WORKER_BOOT, reason))
+    return ExitDecision(cause, history.not_before)
 
 
 def max_jobs_for(base: int, jitter: float, rng: random.Random) -> int:

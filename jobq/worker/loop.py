@@ -41,14 +41,15 @@ from .. import context, serialization
 from .. import log as jobq_log
 from ..broker import Broker, Claimed, Released
 from ..config import Config
-from ..connection import connect, describe_error
+from ..connection import connect, describe_error, unavailable
 from ..exceptions import JobCancelled, JobTimeout, TaskNotAllowed
 from ..keys import Keys
+from ..log import Trouble
 from ..process import BlockingCall, Interrupted, set_title
 from ..registry import TaskResolver
 from ..settle import Completed, Failed, RetryPolicy, Settlement, settle
 from ..slots import Slot
-from ..wire import AckEntry, BadJob, Spec, undecodable
+from ..wire import ACK_FIELDS, AckEntry, BadJob, Spec, undecodable
 
 log = logging.getLogger("jobq.worker")
 
@@ -104,7 +105,8 @@ class Worker:
         self._name_json = serialization.dumps(self.name)
         # A job's data may be any bytes: surrogateescape keeps bytes that are not UTF-8 (the
         # job then fails as a BadJob) instead of breaking the claim, and gives ids back as is.
-        self.redis = connect(url, encoding_errors="surrogateescape")
+        self.redis = connect(url, lease_time=config.lease_time,
+                             encoding_errors="surrogateescape")
         self.keys = Keys(config.prefix)
         self.broker = Broker(self.redis, self.keys, config)
         self.jobs_done = 0
@@ -119,6 +121,8 @@ class Worker:
         self._next_housekeeping = 0.0
         self._resync = False  # look for jobs held by a claim whose reply was lost
         self._lease_stop = threading.Event()
+        self._trouble: Trouble | None = None  # the server cannot be used now
+        self._epoch: str | None = None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -128,6 +132,8 @@ class Worker:
         log.info("worker %s started on %s", self.name, ",".join(self.queues))
         if self.slot is not None:
             self.slot.idle()  # tells the master this worker is up
+        self._set_title("idle")
+        self._data_lost()  # learn the epoch
         try:
             while not self._stopping:
                 if self.max_jobs and self.jobs_done >= self.max_jobs:
@@ -165,16 +171,18 @@ class Worker:
             claim = False
         want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
         delay = RECONNECT_FIRST
-        logged = False
         while True:
             try:
                 stale, claimed = self.broker.exchange(self.name, self._acks, self.queues, want)
                 break
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                if not logged:
-                    log.warning("lost the server (%s); reconnecting",
-                                describe_error(exc, self.url))
-                    logged = True
+            except redis.RedisError as exc:
+                if not unavailable(exc):
+                    raise
+                # lost, frozen, or refusing writes (out of memory): a condition of the server,
+                # not of this worker. Its results stay here (and in the journal) until they
+                # are through; nothing new is claimed meanwhile (the call that would claim is
+                # the one that fails).
+                self._in_trouble(exc)
                 if self._stopping and not self._acks:
                     return False
                 if self._orphaned():
@@ -187,11 +195,15 @@ class Worker:
                     self.slot.idle()  # waiting for the server is not hanging: keep beating
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_CAP)
-        if logged:
-            log.warning("reconnected to the server")
+        if self._trouble is not None:
+            self._trouble.over()
+            self._trouble = None
             self._resync = True
         if self._acks:
-            if stale:
+            if stale and self._data_lost():
+                log.error("results of %d job(s) dropped: the server lost its data, and those "
+                          "jobs with it (%s)", len(stale), ", ".join(stale[:5]))
+            elif stale:
                 log.warning("results of %d job(s) dropped: their lease lapsed and they were "
                             "given back (%s)", len(stale), ", ".join(stale[:5]))
             self._acks = []
@@ -204,6 +216,25 @@ class Worker:
             self._give_back_orphans()
         return bool(self._buffer)
 
+    def _in_trouble(self, exc: BaseException) -> None:
+        """The server cannot be used now: said once (and once a minute while it lasts), not
+        per attempt; :meth:`_exchange` says when it is over."""
+        if self._trouble is None:
+            self._trouble = Trouble(log, describe_error(exc, self.url),
+                                    pending=len(self._acks) // ACK_FIELDS)
+        self._trouble.again()
+
+    def _data_lost(self) -> bool:
+        """Whether the server lost its data since this worker last looked (see
+        :meth:`Broker.epoch`)."""
+        try:
+            epoch = self.broker.epoch()
+        except redis.RedisError:
+            return False
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        return lost
+
     def _give_back_orphans(self) -> None:
         """After a lost connection: a claim the server ran but whose reply was lost left jobs
         held by us that we do not know of (redis-py or our loop sent the claim again). They
@@ -213,7 +244,8 @@ class Worker:
             orphans = sorted(self.broker.held_ids(self.name) - known - {self._running or ""})
             if orphans:
                 n = self.broker.give_back(self.name, orphans)
-                log.warning("gave back %d job(s) claimed by a reply lost with the server", n)
+                log.warning("gave back %d job(s) claimed by a reply lost with the server (%s)",
+                            n, ", ".join(orphans[:8]))
             self._resync = False
         except redis.RedisError:
             pass  # try again after the next exchange
@@ -235,8 +267,10 @@ class Worker:
                     return
                 tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
                 handed = self.broker.wait_for_work(self.name, self.queues, tick)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            log.warning("idle wait failed (%s); retrying", describe_error(exc, self.url))
+        except redis.RedisError as exc:
+            if not unavailable(exc):
+                raise
+            self._in_trouble(exc)
             time.sleep(RECONNECT_FIRST)
             return
         if handed is not None:  # already held by us
@@ -248,7 +282,7 @@ class Worker:
         self._next_housekeeping = time.monotonic() + HOUSEKEEP_EVERY
         try:
             self.broker.promote(time.time())
-            for worker, released in self.broker.reap():
+            for worker, released in self.broker.reap(HOUSEKEEP_EVERY):
                 log_release(worker, "lease expired", released)
         except redis.RedisError as exc:
             log.warning("housekeeping failed: %s", describe_error(exc, self.url))
@@ -363,7 +397,8 @@ class Worker:
     def _start_lease_thread(self) -> threading.Thread:
         """Renew this worker's lease while it holds jobs (used when no master does it)."""
         stop = self._lease_stop
-        broker = Broker(connect(self.url), self.keys, self.config)
+        broker = Broker(connect(self.url, lease_time=self.config.lease_time), self.keys,
+                        self.config)
 
         def renew() -> None:
             period = self.config.lease_time / 3
