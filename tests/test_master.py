@@ -572,8 +572,12 @@ def test_a_job_handed_to_a_worker_that_dies_before_starting_it_runs_once_elsewhe
 #: A script that starts its own pool, with an interval schedule of one of its own functions,
 #: enqueues a job, says where the pool is, and waits to be ended.
 POOL_SCRIPT = '''
-import sys, time
+import signal, sys, time
 from jobq import JobQueue, task
+
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, even when whoever started this script
+# runs it with SIGINT ignored (a background job of a non-interactive shell)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from jobq.scheduler import Scheduler
 from jobq.worker import WorkerPool
 
