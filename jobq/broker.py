@@ -526,15 +526,52 @@ class Broker:
         return {str(k): str(v) for k, v in self._r.hgetall(self.keys.sched_last).items()}
 
     # -- masters, for jobq info and the scheduler -----------------------------------------------
-    def describe_master(self, master_id: str, description: str) -> None:
-        self._r.hset(self.keys.masters, master_id, description)
+    def describe_master(self, master_id: str, description: str, tasks_ttl: float) -> None:
+        """The master's heartbeat: its description, and its workers' announcement of their
+        tasks kept alive for ``tasks_ttl`` seconds more."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hset(self.keys.masters, master_id, description)
+        self.keep_tasks(master_id, tasks_ttl, pipe)
+        pipe.execute()
 
     def forget_master(self, master_id: str) -> None:
         self._r.hdel(self.keys.masters, master_id)
+        self.withdraw_tasks(master_id)
 
     def masters(self) -> dict[str, str]:
         """Every master's last description (JSON), by id."""
         return {str(k): str(v) for k, v in self._r.hgetall(self.keys.masters).items()}
+
+    # -- the task catalog (catalog.py) ---------------------------------------------------------
+    def announce_tasks(self, announcer: str, generation: int, entries: dict[str, str],
+                       ttl: float) -> bool:
+        """announce.lua: replace what ``announcer`` can run; False if a newer generation of
+        it announced already."""
+        pairs = [x for name_entry in entries.items() for x in name_entry]
+        return bool(self.scripts.run("announce", [self.keys.catalog], [
+            self.keys.base, announcer, generation, int(ttl * 1000), *pairs]))
+
+    def keep_tasks(self, announcer: str, ttl: float, pipe: Any = None) -> None:
+        """Keep an announcement alive for ``ttl`` seconds more."""
+        (pipe if pipe is not None else self._r).pexpire(self.keys.tasks(announcer),
+                                                        int(ttl * 1000))
+
+    def withdraw_tasks(self, announcer: str) -> None:
+        self._r.pipeline().delete(self.keys.tasks(announcer)).srem(
+            self.keys.catalog, announcer).execute()
+
+    def announced_task(self, name: str) -> list[tuple[str, str]]:
+        """Who announced task ``name`` and what each said: [(announcer, JSON), ...]."""
+        flat = self.scripts.run("tasks", [self.keys.catalog], [self.keys.base, name])
+        return [(str(flat[i]), str(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    def announced_tasks(self) -> dict[str, dict[str, str]]:
+        """Every live announcement: announcer -> {task name: JSON}."""
+        flat = self.scripts.run("tasks", [self.keys.catalog], [self.keys.base, ""])
+        out: dict[str, dict[str, str]] = {}
+        for i in range(0, len(flat), 3):
+            out.setdefault(str(flat[i]), {})[str(flat[i + 1])] = str(flat[i + 2])
+        return out
 
     # -- counters history, for rates --------------------------------------------------------------
     def add_snapshot(self, snapshot: str) -> None:

@@ -23,6 +23,11 @@ class TaskImportError(JobqError):
     """A task module (``-I``, ``imports = [...]``) failed to import; the message names it."""
 
 
+class UnknownTask(JobqError, LookupError):
+    """``enqueue(name, ..., strict=True)``: no running worker announced a task of that name
+    (see :mod:`jobq.catalog`)."""
+
+
 class UnknownJob(JobqError, KeyError):
     """No job with this id exists (never enqueued, or its record expired)."""
 

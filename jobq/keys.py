@@ -34,6 +34,8 @@ key                        type    holds
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
+{ns}:catalog               set     who announced tasks: master ids, lone workers' names
+{ns}:tasks:<announcer>     hash    task name -> what it is (JSON), with a TTL (catalog.py)
 {ns}:sched:defs            hash    schedule name -> definition (JSON)
 {ns}:sched:due             zset    schedule name -> next due time (ms)
 {ns}:sched:last            hash    schedule name -> last fire (JSON)
@@ -55,7 +57,7 @@ class Keys:
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
-                 "sched_last", "sched_leader", "sched_wake", "history", "epoch")
+                 "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -78,12 +80,16 @@ class Keys:
         self.sched_wake = f"{b}:sched:wake"
         self.history = f"{b}:stats:history"
         self.epoch = f"{b}:epoch"
+        self.catalog = f"{b}:catalog"
 
     @property
     def pattern(self) -> str:
         """A SCAN pattern matching every key of the namespace (for tools, never the job
         path)."""
         return f"{self.base}:*"
+
+    def tasks(self, announcer: str) -> str:
+        return f"{self.base}:tasks:{announcer}"
 
     def levels(self, queue: str) -> str:
         return f"{self.base}:q:{queue}"

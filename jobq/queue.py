@@ -9,9 +9,10 @@ from typing import Any
 import redis
 
 from .broker import Broker, NewJob
+from .catalog import Catalog, TaskInfo
 from .config import Config, load_config
 from .connection import connect
-from .exceptions import UnknownJob
+from .exceptions import UnknownJob, UnknownTask
 from .groups import CHUNK_TASK, GROUP_TTL, Group
 from .job import (
     MAX_TTL,
@@ -31,7 +32,7 @@ from .wire import decode_json, encode_spec, read_record, requeued, route
 #: Job options ``enqueue`` accepts as keywords (anything else is an error).
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
                          "retry_on", "dont_retry_on", "delay", "at", "depends_on",
-                         "on_parent_failure", "unique_key", "unique_ttl"})
+                         "on_parent_failure", "unique_key", "unique_ttl", "strict"})
 #: How long enqueue polls for the server's reply before it sleeps (see Scripts.run_many).
 REPLY_SPIN = 0.0002
 #: How long a unique key holds by default (seconds).
@@ -61,6 +62,7 @@ class JobQueue:
         self.redis = connection or connect(self.url, lease_time=self.config.lease_time)
         self.keys = Keys(prefix or self.config.prefix)
         self.broker = Broker(self.redis, self.keys, self.config)
+        self.catalog = Catalog(self.broker)
 
     def __repr__(self) -> str:
         return f"<JobQueue {self.name}>"
@@ -73,6 +75,12 @@ class JobQueue:
         Positional arguments go to the task, its keyword arguments in ``kwargs=``; every
         other keyword is a job option (priority, timeout, max_retries, result_ttl, queue, id).
         Returns the job. Enqueueing an id that is already queued does nothing (idempotent).
+
+        The options a task declared (``@task(queue=..., timeout=...)``) apply unless given
+        here; a task given by name gets those its workers announced (:mod:`jobq.catalog`),
+        and its arguments are checked against its signature (TypeError). A name no running
+        worker announced is enqueued as given, with the config's defaults, or with
+        ``strict=True`` refused (:class:`~jobq.exceptions.UnknownTask`).
         """
         job = self._build(job, args, kwargs, options)
         new = self._new_job(job)
@@ -138,14 +146,17 @@ class JobQueue:
         """Jobs of one function and options: the options are checked once, on a template,
         and each job is a copy of it with its own id and arguments (bulk enqueue is mostly
         this loop)."""
-        template = self._build(func, (), None, options)
+        template = self._build(func, (), None, options, check=False)
         shared = {k: v for k, v in template.__dict__.items() if k not in ("id", "args")}
+        check = self._declared(func)[1]
         built = []
         for args in arg_list:
             if not isinstance(args, tuple | list):
                 if isinstance(args, str | bytes) or not isinstance(args, Sequence):
                     raise TypeError(f"each item of arg_list must be a tuple or list of "
                                     f"arguments, got {type(args).__name__}")
+            if check is not None:
+                check(args, {})
             job = Job.__new__(Job)
             job.__dict__.update(shared)
             job.id = new_id()
@@ -153,8 +164,18 @@ class JobQueue:
             built.append(job)
         return built
 
+    def _declared(self, func: Any) -> tuple[dict[str, Any], Any]:
+        """The job options a task declared (with @task; announced in the catalog for a task
+        given by name), and the check of its arguments (None: not checked here)."""
+        if isinstance(func, str):
+            if func == CHUNK_TASK:
+                return {}, None
+            info, check = self.catalog.get(func), self.catalog.checker(func)
+            return (info.job_options() if info is not None else {}), check
+        return dict(getattr(func, "job_options", {})), None
+
     def _build(self, job: Any, args: Sequence[Any], kwargs: dict[str, Any] | None,
-               options: dict[str, Any]) -> Job:
+               options: dict[str, Any], *, check: bool = True) -> Job:
         if isinstance(job, Job):
             if args or kwargs or options:
                 raise TypeError("pass arguments and options to Job(...), not to enqueue()")
@@ -162,16 +183,21 @@ class JobQueue:
             unknown = set(options) - JOB_OPTIONS
             if unknown:
                 raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+            declared, checker = self._declared(job)
             defaults = {"timeout": self.config.default_timeout,
-                        "max_retries": self.config.default_max_retries,
-                        **getattr(job, "job_options", {})}
+                        "max_retries": self.config.default_max_retries, **declared}
             defaults.update(options)
+            strict = defaults.pop("strict", False)
             delay, at = defaults.pop("delay", None), defaults.pop("at", None)
             depends_on = defaults.pop("depends_on", None)
             on_parent_failure = defaults.pop("on_parent_failure", "cancel")
             unique_key = defaults.pop("unique_key", None)
             unique_ttl = defaults.pop("unique_ttl", UNIQUE_TTL)
             job = Job(job, args, kwargs, **defaults)
+            if strict and checker is None and isinstance(job.func, str):
+                raise UnknownTask(f"unknown task {job.task!r}: no running worker announced it")
+            if check and checker is not None:
+                checker(job.args, job.kwargs)
             job.due_at = _due(delay, at)
             job.depends_on = _parent_ids(depends_on)
             if job.depends_on and (delay or at is not None):
@@ -209,13 +235,18 @@ class JobQueue:
         name = task_name(func)
         group_id = new_id()
         options.setdefault("result_ttl", GROUP_TTL)
+        declared, check = self._declared(func)
+        chunk_options = {**declared, **options}  # a chunk runs as its items' task would
         jobs = []
         for index, start in enumerate(range(0, len(items), size)):
             if size == 1:
                 job = self._build(func, (items[start],), None, dict(options))
             else:
+                if check is not None:
+                    for item in items[start:start + size]:
+                        check((item,), {})
                 job = self._build(CHUNK_TASK, (name, items[start:start + size], start), None,
-                                  dict(options))
+                                  dict(chunk_options))
             job.group, job.group_index = group_id, index
             jobs.append(job)
         new = [self._new_job(j) for j in jobs]  # refuse a bad item before anything is written
@@ -225,6 +256,14 @@ class JobQueue:
         if new:
             self.broker.enqueue_many(new)
         return Group(self, group_id)
+
+    def task_info(self, name: str) -> TaskInfo | None:
+        """Task ``name`` as the running workers announced it; None if none did."""
+        return self.catalog.get(name)
+
+    def tasks(self) -> dict[str, TaskInfo]:
+        """Every task the running workers announced, by name (the catalog)."""
+        return self.catalog.all()
 
     def group(self, group_id: str) -> Group:
         """The handle of a ``map`` group by id."""

@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from .catalog import TaskInfo
 from .exceptions import TaskImportError, TaskNotAllowed
 from .groups import CHUNK_TASK, run_chunk
 from .job import Job
@@ -99,6 +100,29 @@ class TaskResolver:
             # through this allow-list
             CHUNK_TASK: functools.partial(run_chunk, self.resolve),
         }
+
+    def describe(self, now: float) -> dict[str, TaskInfo]:
+        """Every task this worker can run by name, for the catalog (:mod:`jobq.catalog`):
+        the tasks registered with @task, and the public functions defined in the allowed
+        modules. Not those of ``__main__``: only the script's own pool can run them."""
+        found: dict[str, TaskInfo] = {}
+        for name, registered in REGISTRY.items():
+            if registered.fn.__module__ != "__main__":
+                found[name] = TaskInfo.describe(name, registered.fn, registered.job_options,
+                                                declared=True, now=now)
+        for module_name, module in self.modules.items():
+            if module_name == "__main__":
+                continue
+            for attr, obj in sorted(vars(module).items()):
+                name = f"{module_name}:{attr}"
+                if attr.startswith("_") or name in found or not TASK_NAME.match(name):
+                    continue
+                fn = obj.fn if isinstance(obj, Task) else obj
+                if isinstance(fn, types.FunctionType) and fn.__module__ == module.__name__:
+                    found[name] = TaskInfo.describe(
+                        name, fn, obj.job_options if isinstance(obj, Task) else {},
+                        declared=isinstance(obj, Task), now=now)
+        return found
 
     def resolve(self, name: str) -> Callable[..., Any]:
         fn = self._cache.get(name)

@@ -46,8 +46,8 @@ class ScheduleDef:
     kind: str  # "once" | "interval" | "cron"
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
-    queue: str = "default"
-    priority: int = 0
+    queue: str | None = None  # None: the task's declared queue (the catalog), else default
+    priority: int | None = None  # None: the task's declared priority, else 0
     options: dict[str, Any] = field(default_factory=dict)  # max_retries, timeout, result_ttl
     at: float | None = None  # once: epoch seconds
     interval: float | None = None  # interval: seconds
@@ -70,9 +70,11 @@ class ScheduleDef:
             raise ScheduleError(f"schedule name {self.name!r}: use 1-100 of A-Z a-z 0-9 _ . : -")
         if not isinstance(self.task, str) or not TASK_NAME.match(self.task):
             raise ScheduleError(f"{where}: task: {self.task!r} is not 'module:function'")
-        if not isinstance(self.queue, str) or not QUEUE_NAME.match(self.queue):
+        if self.queue is not None and (
+                not isinstance(self.queue, str) or not QUEUE_NAME.match(self.queue)):
             raise ScheduleError(f"{where}: queue: {self.queue!r} is not a valid queue name")
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+        if self.priority is not None and (
+                isinstance(self.priority, bool) or not isinstance(self.priority, int)):
             raise ScheduleError(f"{where}: priority: expected an integer, got {self.priority!r}")
         if not isinstance(self.args, list) or not isinstance(self.kwargs, dict):
             raise ScheduleError(f"{where}: args must be a list and kwargs a table")

@@ -73,18 +73,18 @@ class Scheduler:
     def _define(self, name: str, func: Callable[..., Any] | str, args: Any, kwargs: Any,
                 options: dict[str, Any], **fields: Any) -> ScheduleDef:
         misfire = options.pop("misfire", "skip")
-        queue = options.pop("queue", None)
-        priority = options.pop("priority", 0)
-        job = Job(func, tuple(args), kwargs, queue=queue, priority=priority, **options)
+        # what the caller chose, and what a task object declared (the caller has its code);
+        # a task named by a string gets its declared options from the catalog at each fire
+        chosen = {**getattr(func, "job_options", {}), **options}
+        queue, priority = chosen.pop("queue", None), chosen.pop("priority", None)
+        job = Job(func, tuple(args), kwargs, queue=queue, **chosen)
         serialization.encode_args(job.args, job.kwargs)
-        chosen: list[tuple[str, Any]] = [("max_retries", job.max_retries),
-                                         ("timeout", job.timeout),
-                                         ("result_ttl", job.result_ttl)]
-        opts: dict[str, Any] = {k: v for k, v in chosen if k in options}
+        kept = {"max_retries": job.max_retries, "timeout": job.timeout,
+                "result_ttl": job.result_ttl}
+        opts: dict[str, Any] = {k: v for k, v in kept.items() if k in chosen}
         check_enqueueable(job.task)
         return ScheduleDef(name=name, task=job.task, args=list(job.args), kwargs=job.kwargs,
-                           queue=job.queue or self.queue.name, priority=job.priority,
-                           options=opts, misfire=misfire,
+                           queue=queue, priority=priority, options=opts, misfire=misfire,
                            owner=owner_id() if job.task.startswith("__main__:") else "",
                            **fields)
 
@@ -134,8 +134,9 @@ class Scheduler:
         d = self.get(name)
         if d is None:
             raise KeyError(name)
-        return self.queue.enqueue(d.task, *d.args, kwargs=d.kwargs, queue=d.queue,
-                                  priority=d.priority, **d.options)
+        given = {"queue": d.queue, "priority": d.priority, **d.options}
+        return self.queue.enqueue(d.task, *d.args, kwargs=d.kwargs,
+                                  **{k: v for k, v in given.items() if v is not None})
 
     def list(self) -> list[dict[str, Any]]:
         """Every schedule with its next and last run, the last job's status, the leader."""

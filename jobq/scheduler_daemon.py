@@ -28,6 +28,7 @@ import redis
 
 from . import info, serialization
 from .broker import Broker, NewJob
+from .catalog import Catalog
 from .config import Config, load_config
 from .connection import connect, describe_error
 from .job import Job
@@ -37,7 +38,7 @@ from .process import BlockingCall, set_title
 from .queue import JobQueue
 from .schedule import ScheduleDef, ScheduleError, plan_fire
 from .scheduler import apply_config_schedules
-from .wire import encode_spec, route
+from .wire import DEFAULT_QUEUE, encode_spec, route
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -59,6 +60,7 @@ class SchedulerProcess:
         self.redis = connect(url, lease_time=config.lease_time)
         self.keys = Keys(config.prefix)
         self.broker = Broker(self.redis, self.keys, config)
+        self.catalog = Catalog(self.broker)
         self.token = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.leading = False
         self.epoch: str | None = None
@@ -163,12 +165,23 @@ class SchedulerProcess:
         return self.broker.next_schedule_due()
 
     def _job(self, d: ScheduleDef, name: str, run: float) -> NewJob:
-        """The job of one run: its id is the (name, due time) key."""
-        job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}", queue=d.queue,
-                  priority=d.priority, **d.options)
+        """The job of one run: its id is the (name, due time) key. Its options are the
+        schedule's, then those its task declared (as the catalog says now), then the
+        config's defaults."""
+        declared = self.catalog.get(d.task) if not d.owner else None
+        options = {"timeout": self.config.default_timeout,
+                   "max_retries": self.config.default_max_retries,
+                   **(declared.job_options() if declared is not None else {}), **d.options}
+        if d.queue is not None:
+            options["queue"] = d.queue
+        if d.priority is not None:
+            options["priority"] = d.priority
+        options.setdefault("queue", DEFAULT_QUEUE)
+        job = Job(d.task, d.args, d.kwargs, id=f"{name}@{int(run * 1000)}", **options)
         job.owner = d.owner or None  # a task of a script's __main__: for its pool alone
         spec = encode_spec(job, max_bytes=self.config.max_payload_bytes)
-        return NewJob(job.id, route(d.queue, job.owner), d.priority, 0, spec)
+        return NewJob(job.id, route(job.queue or DEFAULT_QUEUE, job.owner), job.priority, 0,
+                      spec)
 
     def drop_orphaned_schedules(self, now: float) -> None:
         """Schedules of a ``__main__`` task die with the pool that could run it."""

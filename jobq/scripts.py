@@ -28,7 +28,8 @@ from .wire import LUA_CONSTANTS
 #: to make room.
 FREE_MEMORY = frozenset({"empty"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
-         "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap")
+         "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap",
+         "announce", "tasks")
 
 
 def _constants() -> str:

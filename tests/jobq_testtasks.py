@@ -83,6 +83,13 @@ def registered(x: int) -> int:
     return x * 2
 
 
+@task(queue="high", timeout=2, max_retries=0, priority=-3, retry_on=[KeyError])
+def declared(seconds: float, *, label: str = "") -> str:
+    """Sleeps, then says so: a task with declared options, for the catalog's tests."""
+    time.sleep(seconds)
+    return f"{label}slept {seconds}"
+
+
 def _private() -> str:
     return "never"
 

@@ -777,7 +777,7 @@ def test_bad_command_lines_are_one_line_with_the_documented_exit_code(
         (["enqueue", "jobq_testtasks:add", "[1, 2]", "--timeout", "-3"], usage,
          "timeout must be > 0"),
         (["enqueue", "jobq_testtasks:add", "[1, 2]", "-q", "bad queue"], usage,
-         "bad queue name"),
+         "queue name 'bad queue' must be"),
         (["enqueue"], usage, "Missing argument 'TASK'"),
         (["job"], usage, "Missing argument 'JOB_ID'"),
         (["requeue"], usage, "give job ids or --failed"),

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,11 @@ from conftest import subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
+from jobq.config import load_config
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
+from jobq.registry import TaskResolver
+from jobq.worker.loop import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -57,6 +61,15 @@ def jobq(redis_url: str) -> Callable[..., Result]:
         return result
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def announced(redis_url: str) -> None:
+    """The test tasks are in the task catalog, as if a worker that imports them were up (the
+    CLI refuses to enqueue a task no running worker announced)."""
+    config = load_config(redis_url=redis_url)
+    Worker(["default"], config=config, url=redis_url, resolver=TaskResolver(["jobq_testtasks"]),
+           announcer="testhost.1")._announce()
 
 
 def as_json(result: Result) -> Any:
@@ -123,6 +136,74 @@ def test_enqueue_refuses_bad_json_with_one_line_and_exit_2(
     err = jobq("enqueue", "not a task", code=exitcodes.USAGE).stderr
     assert "not a task" in err
     assert queue.get_stats()["enqueued"] == 0
+
+
+def test_enqueue_applies_the_declared_options_and_checks_the_arguments(
+        jobq: Callable[..., Result], queue: JobQueue) -> None:
+    job = queue.get_job(jobq("enqueue", "jobq_testtasks:declared", "[4]").stdout.strip())
+    assert (job.queue, job.timeout, job.max_retries, job.priority) == ("high", 2, 0, -3)
+    given = queue.get_job(jobq("enqueue", "jobq_testtasks:declared", "[4]", "-q", "low",
+                               "--timeout", "9", "--max-retries", "2", "--priority", "1"
+                               ).stdout.strip())
+    assert (given.queue, given.timeout, given.max_retries, given.priority) == ("low", 9, 2, 1)
+
+    err = jobq("enqueue", "jobq_testtasks:declared", "[1, 2]", code=exitcodes.USAGE).stderr
+    assert "jobq_testtasks:declared(seconds: float" in err and "too many positional" in err
+    err = jobq("enqueue", "jobq_testtasks:declared", "[1]", "--kwargs", '{"limit": 5}',
+               code=exitcodes.USAGE).stderr
+    assert "unexpected keyword argument 'limit'" in err
+    # an object where the positional arguments go: a hint, not one positional dict
+    err = jobq("enqueue", "jobq_testtasks:declared", '{"seconds": 1}', code=exitcodes.USAGE).stderr
+    assert "--kwargs '{\"seconds\": 1}'" in err
+    assert jobq("enqueue", "jobq_testtasks:declared", "--kwargs", '{"seconds": 1}').stdout
+    assert queue.get_stats()["enqueued"] == 0  # "default": every job went to "high" or "low"
+    assert JobQueue("high").get_stats()["enqueued"] == 2
+
+
+def test_enqueue_of_an_unknown_task_exits_5_unless_forced(
+        jobq: Callable[..., Result], queue: JobQueue) -> None:
+    err = jobq("enqueue", "jobq_testtasks:not_there", "[1]", code=exitcodes.NOT_FOUND).stderr
+    assert "unknown task 'jobq_testtasks:not_there': no running worker announced it" in err
+    assert "jobq_testtasks:add" in err  # what that module has
+    assert "--force" in err
+    jobq("enqueue", "elsewhere:task", code=exitcodes.NOT_FOUND)
+    assert queue.get_stats()["enqueued"] == 0
+    job = queue.get_job(jobq("enqueue", "elsewhere:task", "[1]", "--force").stdout.strip())
+    assert (job.task, job.args, job.queue) == ("elsewhere:task", (1,), "default")
+
+
+def test_enqueue_takes_every_job_option(jobq: Callable[..., Result], queue: JobQueue) -> None:
+    parent = jobq("enqueue", "jobq_testtasks:noop").stdout.strip()
+    child = queue.get_job(jobq("enqueue", "jobq_testtasks:add", "[1, 2]", "--depends-on",
+                               parent, "--unique-key", "nightly-add").stdout.strip())
+    assert child.status is JobStatus.DEFERRED
+    assert child.depends_on == [parent]
+    again = jobq("enqueue", "jobq_testtasks:add", "[1, 2]", "--unique-key",
+                 "nightly-add").stdout.strip()
+    assert again == child.id  # the key is held: the same job, nothing new
+    later = queue.get_job(jobq("enqueue", "jobq_testtasks:noop", "--delay", "3600"
+                               ).stdout.strip())
+    assert later.status is JobStatus.SCHEDULED and later.due_at > time.time() + 3500
+    at = queue.get_job(jobq("enqueue", "jobq_testtasks:noop", "--at",
+                            "2100-01-02T03:04:05+00:00").stdout.strip())
+    assert at.status is JobStatus.SCHEDULED and at.due_at == 4102542245.0
+    err = jobq("enqueue", "jobq_testtasks:noop", "--at", "soon", code=exitcodes.USAGE).stderr
+    assert "--at 'soon' is not an ISO date-time" in err
+    err = jobq("enqueue", "jobq_testtasks:noop", "--depends-on", "nobody",
+               code=exitcodes.NOT_FOUND).stderr
+    assert "no job with id 'nobody'" in err
+
+
+def test_tasks_lists_the_catalog(jobq: Callable[..., Result]) -> None:
+    listed = {t["name"]: t for t in as_json(jobq("tasks", "--json"))}
+    declared = listed["jobq_testtasks:declared"]
+    assert declared["queue"] == "high" and declared["hosts"] == ["testhost.1"]
+    assert declared["options"] == {"priority": -3, "max_retries": 0, "timeout": 2,
+                                   "retry_on": ["KeyError"]}
+    assert declared["signature"] == "(seconds: float, *, label: str = '') -> str"
+    assert declared["declared"] is True and listed["jobq_testtasks:add"]["declared"] is False
+    text = jobq("tasks").stdout
+    assert "jobq_testtasks:add(a: int, b: int) -> int" in text and "testhost.1" in text
 
 
 def test_job_of_an_unknown_id_exits_5(jobq: Callable[..., Result]) -> None:

@@ -410,7 +410,8 @@ at = 2030-01-01T00:00:00+01:00
         options={"max_retries": 1, "timeout": 60.0, "result_ttl": 0})
     assert heartbeat.kind == "interval" and heartbeat.interval == 30
     assert heartbeat.start == NOW and heartbeat.source == "config"
-    assert heartbeat.misfire == "skip" and heartbeat.queue == "default"
+    # no queue given: the task's declared one (from the catalog at each fire), else default
+    assert heartbeat.misfire == "skip" and heartbeat.queue is None
     assert launch.kind == "once"
     assert launch.at == datetime(2029, 12, 31, 23, tzinfo=UTC).timestamp()
     assert config_schedules(load_config(write(tmp_path, 'prefix = "x"\n'))) == []

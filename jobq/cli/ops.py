@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from .. import exitcodes
 from .. import info as info_mod
-from ..exceptions import JobFailed, UnknownJob
+from ..exceptions import JobFailed, UnknownJob, UnknownTask
 from ..job import QUEUE_NAME
 from ..queue import JobQueue
 from ..schedule import ScheduleDef, ScheduleError
@@ -59,34 +59,70 @@ def _echo_json(value: Any) -> None:
 
 
 # -- jobs -----------------------------------------------------------------------------------------
+def _unknown_task(queue: JobQueue, task: str) -> CliError:
+    """A task name no running worker announced: say what its module has, and the way out."""
+    module = task.split(":")[0]
+    near = [name for name in queue.tasks() if name.startswith(module + ":")]
+    hint = f"; {module} has {', '.join(near[:8])}{' ...' if len(near) > 8 else ''}" if near else ""
+    return CliError(f"unknown task {task!r}: no running worker announced it{hint} (jobq tasks "
+                    "lists what they can run; --force goes ahead anyway)", exitcodes.NOT_FOUND)
+
+
+def _positional(text: str | None) -> list[Any]:
+    """ARGS_JSON: a JSON array (a single argument may be given bare), never an object."""
+    args = _json_arg(text, "ARGS_JSON", list)
+    if len(args) == 1 and isinstance(args[0], dict) and text and text.lstrip()[:1] == "{":
+        raise CliError(f"ARGS_JSON is the positional arguments (a JSON array); give keyword "
+                       f"arguments with --kwargs '{text.strip()}'", exitcodes.USAGE)
+    return args
+
+
 @jobq_command(main)
 @click.argument("task")
 @click.argument("args_json", required=False)
 @click.option("--kwargs", "kwargs_json", metavar="JSON", help="The task's keyword arguments.")
-@click.option("-q", "--queue", "queue_name", default="default", show_default=True)
-@click.option("--priority", type=int, default=0, show_default=True,
-              help="Lower runs first.")
-@click.option("--delay", type=float, default=None, help="Run after this many seconds.")
+@click.option("-q", "--queue", "queue_name", default=None,
+              help="The queue (default: the task's declared queue, else 'default').")
+@click.option("--priority", type=int, default=None, help="Lower runs first (default: the "
+              "task's declared priority, else 0).")
+@click.option("--delay", type=float, default=None, metavar="SECONDS",
+              help="Run after this many seconds.")
+@click.option("--at", "at_", default=None, metavar="TIME",
+              help="Run at this ISO date-time (without a zone: local time).")
+@click.option("--depends-on", "depends_on", multiple=True, metavar="JOB_ID",
+              help="Run once this job finished (repeat, or separate ids by commas).")
+@click.option("--unique-key", default=None, metavar="KEY",
+              help="Enqueue nothing while a job with this key is alive.")
 @click.option("--timeout", type=float, default=None, help="The job's time limit (seconds).")
 @click.option("--max-retries", type=int, default=None)
+@click.option("--force", is_flag=True,
+              help="Enqueue even if no running worker announced the task.")
 @click.option("--wait", is_flag=True, help="Wait for the job and print its result.")
 @click.option("--wait-timeout", type=float, default=None, metavar="SECONDS")
 def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | None,
-            queue_name: str, priority: int, delay: float | None, timeout: float | None,
-            max_retries: int | None, wait: bool, wait_timeout: float | None) -> int:
-    """Enqueue TASK (module:function) with ARGS_JSON (a JSON array); print the job id."""
-    args = _json_arg(args_json, "ARGS_JSON", list)
+            queue_name: str | None, priority: int | None, delay: float | None,
+            at_: str | None, depends_on: tuple[str, ...], unique_key: str | None,
+            timeout: float | None, max_retries: int | None, force: bool, wait: bool,
+            wait_timeout: float | None) -> int:
+    """Enqueue TASK (module:function) with ARGS_JSON (a JSON array); print the job id.
+
+    The task's declared options (queue, timeout, retries, ...) apply unless given here, as
+    its workers announced them (jobq tasks); its arguments are checked against its
+    signature."""
+    args = _positional(args_json)
     kwargs = _json_arg(kwargs_json, "--kwargs", dict)
-    queue = _queue(state, queue_name)
-    options: dict[str, Any] = {"priority": priority}
-    if delay is not None:
-        options["delay"] = delay
-    if timeout is not None:
-        options["timeout"] = timeout
-    if max_retries is not None:
-        options["max_retries"] = max_retries
+    queue = _queue(state)
+    given = {"queue": queue_name, "priority": priority, "delay": delay, "timeout": timeout,
+             "max_retries": max_retries, "unique_key": unique_key,
+             "at": _iso_time(at_, "--at") if at_ is not None else None,
+             "depends_on": [i for ids in depends_on for i in ids.split(",") if i] or None}
+    options = {k: v for k, v in given.items() if v is not None}
     try:
-        job = queue.enqueue(task, *args, kwargs=kwargs, **options)
+        job = queue.enqueue(task, *args, kwargs=kwargs, strict=not force, **options)
+    except UnknownTask:
+        raise _unknown_task(queue, task) from None
+    except UnknownJob as exc:
+        raise CliError(str(exc), exitcodes.NOT_FOUND) from None
     except (TypeError, ValueError) as exc:
         raise CliError(str(exc), exitcodes.USAGE) from None
     if not wait:
@@ -98,6 +134,36 @@ def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | N
         raise CliError(str(exc), exitcodes.FAILURE) from None
     except TimeoutError as exc:
         raise CliError(str(exc), exitcodes.FAILURE) from None
+    return exitcodes.OK
+
+
+def _iso_time(text: str, what: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{what} {text!r} is not an ISO date-time (e.g. 2026-12-01T09:30 or "
+                       "2026-12-01T09:30+01:00)", exitcodes.USAGE) from None
+
+
+@jobq_command(main)
+@click.option("--json", "as_json", is_flag=True)
+def tasks(state: State, as_json: bool) -> int:
+    """The task catalog: every task the running workers can run, with its declared options
+    and signature, and the masters (or lone workers) that can run it."""
+    found = _queue(state).tasks()
+    if as_json:
+        _echo_json([{"name": t.name, "queue": t.queue, "options": t.options,
+                     "signature": t.signature, "doc": t.doc, "declared": t.declared,
+                     "announced": t.announced, "hosts": list(t.hosts)}
+                    for t in found.values()])
+        return exitcodes.OK
+    if not found:
+        click.echo("no tasks: no running worker announced any (is a jobq-master up?)")
+        return exitcodes.OK
+    rows = [(t.name + t.signature if len(t.signature) <= 60 else t.name + "(...)",
+             t.queue or "-", " ".join(f"{k}={v}" for k, v in t.options.items()) or "-",
+             ", ".join(t.hosts)) for t in found.values()]
+    click.echo(tabulate(rows, headers=("task", "queue", "options", "hosts")))
     return exitcodes.OK
 
 
@@ -329,7 +395,7 @@ def schedule_list(state: State, as_json: bool) -> int:
     for s in items:
         when = {"cron": s.get("cron"), "interval": f"every {s.get('interval')} s",
                 "once": f"at {_when(s.get('at'))}"}[s["kind"]]
-        rows.append((s["name"], s["task"], when, s["queue"],
+        rows.append((s["name"], s["task"], when, s["queue"] or "(task's)",
                      "paused" if s["paused"] else _when(s["next_run"]),
                      _when(s["last_run"]), s["last_status"] or "-"))
     click.echo(tabulate(rows, headers=("name", "task", "when", "queue", "next run",
@@ -349,18 +415,26 @@ def schedule_list(state: State, as_json: bool) -> int:
 @click.option("--timezone", default="UTC", show_default=True)
 @click.option("--misfire", type=click.Choice(["skip", "catch_up", "all"]), default="skip",
               show_default=True)
-@click.option("-q", "--queue", "queue_name", default="default", show_default=True)
-@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("-q", "--queue", "queue_name", default=None,
+              help="The queue (default: the task's declared queue, else 'default').")
+@click.option("--priority", type=int, default=None,
+              help="Lower runs first (default: the task's declared priority, else 0).")
+@click.option("--force", is_flag=True,
+              help="Add it even if no running worker announced the task.")
 def schedule_add(state: State, name: str, task: str, args_json: str | None,
                  kwargs_json: str | None, cron: str | None, interval: float | None,
-                 at_: str | None, timezone: str, misfire: str, queue_name: str,
-                 priority: int) -> int:
-    """Add (or replace) schedule NAME running TASK with ARGS_JSON."""
+                 at_: str | None, timezone: str, misfire: str, queue_name: str | None,
+                 priority: int | None, force: bool) -> int:
+    """Add (or replace) schedule NAME running TASK with ARGS_JSON.
+
+    Each run gets the task's declared options as its workers announce them then, unless
+    given here."""
     given = [x for x in (cron, interval, at_) if x is not None]
     if len(given) != 1:
         raise CliError("give exactly one of --cron, --interval, --at", exitcodes.USAGE)
-    args = _json_arg(args_json, "ARGS_JSON", list)
+    args = _positional(args_json)
     kwargs = _json_arg(kwargs_json, "--kwargs", dict)
+    queue = _queue(state)
     fields: dict[str, Any] = {}
     if cron is not None:
         fields = {"kind": "cron", "cron": cron}
@@ -375,8 +449,14 @@ def schedule_add(state: State, name: str, task: str, args_json: str | None,
     d = ScheduleDef(name=name, task=task, args=args, kwargs=kwargs, queue=queue_name,
                     priority=priority, timezone=timezone, misfire=misfire, source="cli", **fields)
     try:
-        Scheduler(_queue(state)).add(d)
-    except ScheduleError as exc:
+        d.validate()
+        check = queue.catalog.checker(task)
+        if check is not None:
+            check(args, kwargs)
+        elif not force:
+            raise _unknown_task(queue, task)
+        Scheduler(queue).add(d)
+    except (ScheduleError, TypeError) as exc:
         raise CliError(str(exc), exitcodes.USAGE) from None
     click.echo(f"schedule {name} added")
     return exitcodes.OK

@@ -503,7 +503,8 @@ class Master:
             return exitcodes.IMPORT
         worker = Worker(self._worker_queues(), config=self.config, url=self.url,
                         resolver=resolver, name=name, slot=slot, renew_leases=False,
-                        max_jobs=max_jobs, master_pid=self.pid, title=f"{slot_index}")
+                        max_jobs=max_jobs, master_pid=self.pid, title=f"{slot_index}",
+                        announcer=self.id, generation=self.generation)
         return worker.run()
 
     def _worker_queues(self) -> list[str]:

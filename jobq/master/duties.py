@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from .. import serialization
+from .. import catalog, serialization
 from ..broker import Broker
 from ..config import Config
 from ..connection import connect, describe_error
@@ -244,7 +244,7 @@ class Duties:
     def _heartbeat(self, now: float) -> None:
         try:
             self.broker.describe_master(self.master_id, serialization.dumps(
-                self._describe(self._seen, now)))
+                self._describe(self._seen, now)), catalog.ttl(self.config.lease_time))
             self._check_epoch()
         except redis.RedisError as exc:
             log.debug("heartbeat failed: %s", exc)

@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from .. import context, serialization
+from .. import catalog, context, serialization
 from .. import log as jobq_log
 from ..broker import Broker, Claimed, Released
 from ..config import Config
@@ -89,7 +89,8 @@ class Worker:
     def __init__(self, queues: Sequence[str], *, config: Config, url: str,
                  resolver: TaskResolver, name: str | None = None, burst: bool = False,
                  slot: Slot | None = None, renew_leases: bool = True, max_jobs: int = 0,
-                 master_pid: int | None = None, title: str = "") -> None:
+                 master_pid: int | None = None, title: str = "", announcer: str | None = None,
+                 generation: int = 0) -> None:
         self.queues = list(queues)
         self.config = config
         self.url = url
@@ -100,6 +101,10 @@ class Worker:
         self.renew_leases = renew_leases
         self.max_jobs = max_jobs
         self.master_pid = master_pid
+        #: whom the tasks this worker can run are announced for (its master, or itself)
+        self.announcer = announcer or self.name
+        self.generation = generation
+        self._announced = False
         self.title_prefix = f"jobq worker {title or self.name}"
         self.policy = RetryPolicy.from_config(config)
         self._name_json = serialization.dumps(self.name)
@@ -136,6 +141,8 @@ class Worker:
         self._data_lost()  # learn the epoch
         try:
             while not self._stopping:
+                if not self._announced:
+                    self._announce()
                 if self.max_jobs and self.jobs_done >= self.max_jobs:
                     log.info("worker %s recycles itself after %d jobs", self.name,
                              self.jobs_done)
@@ -233,7 +240,22 @@ class Worker:
             return False
         lost = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
+        if lost:
+            self._announced = False  # the catalog went with the rest
         return lost
+
+    def _announce(self) -> None:
+        """Tell the task catalog what this worker can run (see :mod:`jobq.catalog`); tried
+        again on the next pass while the server cannot take it."""
+        try:
+            entries = {name: info.to_json()
+                       for name, info in self.resolver.describe(time.time()).items()}
+            self.broker.announce_tasks(self.announcer, self.generation, entries,
+                                       catalog.ttl(self.config.lease_time))
+        except redis.RedisError as exc:
+            log.debug("could not announce the tasks yet: %s", describe_error(exc, self.url))
+            return
+        self._announced = True
 
     def _give_back_orphans(self) -> None:
         """After a lost connection: a claim the server ran but whose reply was lost left jobs
@@ -408,6 +430,7 @@ class Worker:
                     if time.monotonic() >= next_renewal:
                         next_renewal = time.monotonic() + period
                         broker.renew_leases([self.name])
+                        broker.keep_tasks(self.announcer, catalog.ttl(self.config.lease_time))
                     running = self._running
                     if running and broker.cancel_requested(running):
                         os.kill(os.getpid(), signal.SIGUSR2)  # JobCancelled in the job
@@ -436,6 +459,10 @@ class Worker:
                         "lease lapses", describe_error(exc, self.url))
         if lease_thread is not None:
             self._lease_stop.set()
+            try:
+                self.broker.withdraw_tasks(self.announcer)  # alone: the announcement is ours
+            except redis.RedisError:
+                pass  # it lapses with its TTL
         log.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
 
 
