@@ -10,7 +10,7 @@ USAGE = 2
 CONNECT = 3
 #: A task module (-I/--import, imports = [...]) failed to import.
 IMPORT = 4
-#: The job, queue or schedule named does not exist.
+#: The job, queue, schedule or task named does not exist (a task: no running worker has it).
 NOT_FOUND = 5
 #: The pidfile names a running master.
 PIDFILE = 6
