@@ -223,3 +223,17 @@ def test_a_master_announces_its_tasks_and_every_way_by_name_applies_them(
     master.send_signal(signal.SIGTERM)
     assert master.wait(timeout=30) == 0
     assert queue.tasks() == {}  # a master that stops withdraws what it announced
+
+
+def test_a_reload_announces_the_new_code_and_drops_what_it_removed(
+        spawn: Any, tmp_path: Any, queue: JobQueue) -> None:
+    module = tmp_path / "reloaded_tasks.py"
+    module.write_text("from jobq import task\n\n@task(timeout=5)\ndef old(x): return x\n")
+    master = spawn("-I", "reloaded_tasks", "-w", "1", module="jobq.master",
+                   env=subprocess_env(PYTHONPATH=f"{tmp_path}:{subprocess_env()['PYTHONPATH']}"))
+    # only what the module declares: nothing jobq itself registers (the demo's tasks)
+    wait_until(lambda: set(queue.tasks()) == {"reloaded_tasks:old"}, timeout=30)
+    module.write_text("from jobq import task\n\n@task(timeout=7)\ndef new(x, y): return x\n")
+    master.send_signal(signal.SIGHUP)
+    wait_until(lambda: set(queue.tasks()) == {"reloaded_tasks:new"}, timeout=30)
+    assert queue.tasks()["reloaded_tasks:new"].options == {"timeout": 7}

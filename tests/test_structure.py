@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jobq"
 LAZY: dict[tuple[str, str], str] = {
     ("jobq.cli", "jobq.cli.master"): "`jobq` itself never needs the master's machinery",
     ("jobq.cli.bench", "jobq.bench"): "the bench's own tasks register only when it runs",
+    ("jobq.cli.run", "jobq.demo"): "the demo's own tasks register only when it runs",
     ("jobq", "jobq.pool"): "`import jobq` stays light: WorkerPool brings the master along",
     ("jobq", "jobq.scheduler"): "`import jobq` stays light: loaded on first use",
     ("jobq", "jobq.store"): "`import jobq` stays light: loaded on first use",

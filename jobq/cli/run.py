@@ -11,7 +11,6 @@ import click
 
 from .. import exitcodes
 from .. import log as jobq_log
-from ..demo import run_demo
 from ..exceptions import TaskImportError
 from ..registry import TaskResolver
 from ..server import EmbeddedServer, ServerError
@@ -88,4 +87,6 @@ def server_stop() -> None:
 @click.option("--workers", default=2, show_default=True)
 def demo(state: State, jobs: int, workers: int) -> int:
     """Run jobq's main job: a CPU-heavy batch with a few failing jobs, then a report."""
+    from ..demo import run_demo  # its tasks register (and become runnable) only when it runs
+
     return run_demo(state.config(), state.url(), jobs, workers)
