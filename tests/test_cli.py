@@ -3,8 +3,11 @@ real master where jobs must run); and once through the installed console script.
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -439,6 +442,27 @@ def test_debug_shows_the_traceback(redis_url: str, quick_connect: Path) -> None:
     assert "redis.exceptions.ConnectionError" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("jobq: error: cannot connect to ")
     assert "s3cret-pw" not in result.stderr
+
+
+# -- jobq server --------------------------------------------------------------------------------
+
+def test_server_start_applies_the_configs_socket_group(home: Path, tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name  # one the server's user (us) belongs to
+    config = tmp_path / "jobq.toml"
+    config.write_text(f'server_socket_group = "{group}"\n')
+    env = {"JOBQ_HOME": str(home), "JOBQ_CONFIG": None, "JOBQ_REDIS_URL": None}
+    result = CliRunner().invoke(main, ["--config", str(config), "server", "start"], env=env)
+    assert result.exit_code == 0, result.output
+    sock = home / "valkey.sock"
+    assert result.stdout == f"unix://{sock}\n"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o710
+    assert (stat.S_IMODE(sock.stat().st_mode), sock.stat().st_gid) == (0o770, os.getgid())
+
+    config.write_text('server_socket_group = "no-such-group-jq"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "server", "start"], env=env)
+    assert result.exit_code == exitcodes.USAGE
+    assert result.stderr == (f"jobq: error: {config}: server_socket_group: expected the name "
+                             f"of a group of this host, or '', got 'no-such-group-jq'\n")
 
 
 # -- the installed console script ------------------------------------------------------------
