@@ -19,9 +19,11 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import quote
 
 import psutil
@@ -123,6 +125,26 @@ class EmbeddedServer:
             self._spawn(extra or {}, deadline)
         return self.url
 
+    def run(self) -> NoReturn:
+        """Run the server in the foreground, in place of this process (``exec``), for a
+        service manager (``etc/jobq-server.service``): it logs to standard output, and SIGTERM
+        shuts it down cleanly (its AOF flushed). It cannot report READY=1 (the wheel's valkey
+        is built without systemd support): the master waits for it instead. Raises
+        :class:`ServerError` if a server already runs in this data directory."""
+        self._prepare_home()
+        with self._locked(time.monotonic() + 10):
+            pid = self.pid()
+            if self._ping() is not None or pid is not None:
+                raise ServerError(f"a server already runs on {self.socket_path}"
+                                  + (f" (pid {pid})" if pid is not None else ""))
+            self._clear_leftovers()
+            self._write_conf({}, foreground=True)
+        os.chdir(self.home)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        binary = str(binary_path())
+        os.execv(binary, [binary, str(self.conf_path)])
+
     def ensure_running(self) -> str:
         """Return the URL, starting the server first if it is not running."""
         if self._ready():
@@ -220,10 +242,7 @@ class EmbeddedServer:
 
     def _spawn(self, extra: Mapping[str, str], deadline: float) -> None:
         """Start a daemon (the caller holds the lock and knows none is running)."""
-        # Leftovers of a crashed server: a socket nobody answers on, a pidfile of a dead pid.
-        for leftover in (self.socket_path, self.pid_path):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        self._clear_leftovers()
         self._write_conf(extra)
         with open(self.log_path, "ab") as logf:
             # daemonize: the server forks, detaches (setsid) and the launcher exits at once;
@@ -256,16 +275,23 @@ class EmbeddedServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 launcher.wait(timeout=1)  # reap the launcher; the daemon is not our child
 
-    def _write_conf(self, extra: Mapping[str, str]) -> None:
+    def _clear_leftovers(self) -> None:
+        """What a crashed server leaves: a socket nobody answers on, a pidfile of a dead pid
+        (the caller holds the lock and knows none is running)."""
+        for leftover in (self.socket_path, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+    def _write_conf(self, extra: Mapping[str, str], *, foreground: bool = False) -> None:
         settings = {
-            "daemonize": "yes",
+            "daemonize": "no" if foreground else "yes",
             "port": "0",  # no TCP listener at all: the socket is the only way in
             "unixsocket": str(self.socket_path),
             # the group's members may connect, if there is one; nobody else may
             "unixsocketperm": "770" if self.socket_group else "700",
             "dir": str(self.home),
             "pidfile": str(self.pid_path),
-            "logfile": str(self.log_path),
+            "logfile": "" if foreground else str(self.log_path),  # "": standard output
             "loglevel": "notice",
             "always-show-logo": "no",
             "appendonly": "yes",

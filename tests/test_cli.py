@@ -23,8 +23,10 @@ from conftest import subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
+from jobq.connection import connect
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
+from jobq.server import EmbeddedServer
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -463,6 +465,32 @@ def test_server_start_applies_the_configs_socket_group(home: Path, tmp_path: Pat
     assert result.exit_code == exitcodes.USAGE
     assert result.stderr == (f"jobq: error: {config}: server_socket_group: expected the name "
                              f"of a group of this host, or '', got 'no-such-group-jq'\n")
+
+
+def test_server_run_is_the_server_in_the_foreground(spawn: Spawn, home: Path) -> None:
+    env = subprocess_env(JOBQ_HOME=str(home))
+    proc = spawn("server", "run", env=env)
+    server = EmbeddedServer(home)
+    wait_until(server.is_running, message="the server to answer")
+    assert server.pid() == proc.pid  # it became the server: systemd's main process
+    client = connect(server.url)
+    client.set("kept", "yes")
+    client.close()
+
+    second = spawn("server", "run", env=env)
+    _, err = second.communicate(timeout=30)
+    assert second.returncode == exitcodes.SERVER
+    assert err == f"jobq: error: a server already runs on {server.socket_path} (pid {proc.pid})\n"
+
+    proc.terminate()  # what systemctl stop sends
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "Ready to accept connections" in out  # its log goes to the journal
+    assert not server.is_running()
+    server.start()  # a clean shutdown lost nothing
+    client = connect(server.url)
+    assert client.get("kept") == "yes"
+    client.close()
 
 
 # -- the installed console script ------------------------------------------------------------

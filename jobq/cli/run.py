@@ -81,6 +81,18 @@ def server_start(state: State) -> None:
     click.echo(url)
 
 
+@server.command("run")
+@click.pass_obj
+def server_run(state: State) -> None:
+    """Run the embedded server in the foreground, for a service manager (it becomes this
+    process: logs to standard output, TERM stops it cleanly)."""
+    srv = _embedded(state)
+    try:
+        srv.run()
+    except ServerError as exc:
+        raise CliError(str(exc), exitcodes.SERVER) from exc
+
+
 @server.command("stop")
 def server_stop() -> None:
     """Stop the embedded server (its AOF keeps the queued jobs for the next start)."""
