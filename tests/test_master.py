@@ -16,7 +16,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import kill_processes, process_tree, subprocess_env, wait_until
+from conftest import ROOT, kill_processes, process_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
@@ -343,6 +343,17 @@ def test_quit_stops_at_once_and_requeues_the_running_job(
 
 # -- boot failures ---------------------------------------------------------------------------------
 
+def test_a_master_with_no_task_module_refuses_to_start_in_one_line(spawn: Spawn) -> None:
+    # the sample config as shipped (what etc/jobq.service starts) names no task module
+    sample = ROOT / "etc" / "jobq.toml"
+    refused = spawn("--config", str(sample), module="jobq.master")
+    _, err = refused.communicate(timeout=30)
+    assert refused.returncode == exitcodes.USAGE
+    assert err == (f"jobq-master: error: {sample}: imports: no task module: name the modules "
+                   f'that define your tasks (imports = ["myapp.tasks"] in the config, or -I '
+                   f"myapp.tasks)\n")
+
+
 def test_a_task_module_that_fails_to_import_stops_the_master(spawn: Spawn,
                                                              tmp_path: Path) -> None:
     code_dir = tmp_path / "code"
@@ -618,7 +629,8 @@ def test_a_worker_pool_dies_with_the_script_that_started_it(
         kill_processes(process_tree(proc.pid))
 
 
-@pytest.mark.parametrize("breakage", ["syntax-error", "unknown-import", "bad-schedule"])
+@pytest.mark.parametrize("breakage",
+                         ["syntax-error", "unknown-import", "bad-schedule", "no-imports"])
 def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
         breakage: str, queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
     code = tmp_path / "code"
@@ -637,17 +649,19 @@ def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
         module.write_text("# broken\ndef version(:\n    return 2\n")
     elif breakage == "unknown-import":  # the config gained a module that does not exist
         write_config(tmp_path, **{**settings, "imports": [*settings["imports"], "nosuchmod"]})
-    else:  # the config gained a [[schedule]] table that cannot work
+    elif breakage == "bad-schedule":  # the config gained a [[schedule]] table that cannot work
         path = write_config(tmp_path, **settings)
         path.write_text(path.read_text() + '[[schedule]]\nname = "bad"\n'
                         'task = "hupcheck:version"\ncron = "not a cron"\n')
+    else:  # the config lost its task modules: every job would fail
+        write_config(tmp_path, **{**settings, "imports": []})
     os.kill(master.pid, signal.SIGHUP)
 
     wait_until(lambda: "reload refused" in log_file.read_text(), 20,
                message="the reload to be refused")
     [line] = [ln for ln in log_file.read_text().splitlines() if "reload refused" in ln]
     assert {"syntax-error": "SyntaxError", "unknown-import": "'nosuchmod'",
-            "bad-schedule": "cron"}[breakage] in line
+            "bad-schedule": "cron", "no-imports": "imports: no task module"}[breakage] in line
     assert master.poll() is None
     assert sorted(wait_workers(master, 2)) == sorted(old)  # the very same workers run on
     assert queue.enqueue("hupcheck:version").result(timeout=15) == 1

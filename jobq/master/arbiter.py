@@ -94,6 +94,10 @@ SERVER_WAIT_FIRST, SERVER_WAIT_CAP, SERVER_WAIT_SAY_EVERY = 0.1, 5.0, 60.0
 DUTIES_DRAIN = 10.0
 #: The byte the duties thread writes to the wakeup fd (no signal has number 0).
 _DUTIES_WAKE = 0
+#: Why a master with no task module neither starts nor reloads: every job would fail. (A
+#: WorkerPool's master may: its workers run the functions of the script's ``__main__``.)
+NO_TASK_MODULE = ('imports: no task module: name the modules that define your tasks '
+                  '(imports = ["myapp.tasks"] in the config, or -I myapp.tasks)')
 
 
 @dataclass
@@ -305,6 +309,9 @@ class Master:
             config_schedules(config)
         except (ConfigError, ScheduleError) as exc:
             self._refuse_reload(str(exc))
+            return
+        if not config.imports and not self.options.allow_main:
+            self._refuse_reload(NO_TASK_MODULE)
             return
         read, write = os.pipe()
         pid = self._fork(lambda: self._check_child(config, write))
