@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from conftest import ROOT, kill_processes, process_tree, subprocess_env, wait_un
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
+from jobq.scheduler import Scheduler
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -296,6 +298,27 @@ def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueu
     wait_workers(master, 1)
     assert "workers=1" in titles(psutil.Process(master.pid))
     assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
+
+
+def test_usr1_reopens_the_log_file_in_the_master_its_workers_and_its_scheduler(
+        spawn: Spawn, queue: JobQueue, tmp_path: Path) -> None:
+    log_file = tmp_path / "master.log"
+    master = start_master(spawn, tmp_path, workers=1, log_file=str(log_file))
+    wait_workers(master, 1)
+    wait_until(lambda: " leads" in log_file.read_text(), message="the scheduler to lead")
+
+    log_file.rename(tmp_path / "master.log.1")  # what logrotate does, then its postrotate:
+    os.kill(master.pid, signal.SIGUSR1)
+    wait_until(log_file.exists, message="the master to open a new file")
+    os.kill(master.pid, signal.SIGTTIN)  # the master logs it
+    wait_until(lambda: "TTIN: now 2" in log_file.read_text(),
+               message="the master's line in the new file")
+    failed = queue.enqueue(tasks.boom, "on purpose", max_retries=0)  # the worker logs it
+    wait_until(lambda: f"job {failed.id} jobq_testtasks:boom failed" in log_file.read_text(),
+               message="the worker's line in the new file")
+    Scheduler(queue).schedule_once("rotated", tasks.noop, datetime.now())  # the scheduler's
+    wait_until(lambda: "schedule rotated fired" in log_file.read_text(),
+               message="the scheduler's line in the new file")
 
 
 def test_term_lets_the_running_job_finish_and_exits_0(

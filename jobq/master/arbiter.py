@@ -34,7 +34,7 @@ INT     like TERM; a second INT acts like QUIT
 QUIT    stop at once: workers are killed, their jobs re-queued (none lost); exit 0
 TTIN    one worker more
 TTOU    one worker fewer (never below one)
-USR1    reopen log files (after logrotate), in the master and its workers
+USR1    reopen log files (after logrotate), in the master, its workers and its scheduler
 CHLD    reap exited children
 ======  =========================================================================================
 """
@@ -387,8 +387,9 @@ class Master:
 
     def handle_usr1(self) -> None:
         jobq_log.reopen()
-        for pid in self.workers:
-            send_signal(pid, signal.SIGUSR1)
+        for pid in [*self.workers, self.scheduler_pid]:
+            if pid:
+                send_signal(pid, signal.SIGUSR1)
 
     def _stop(self, how: str) -> None:
         now = time.time()
