@@ -4,6 +4,7 @@ scheduler, and gets real signals. Jobs are counted in Redis (see ``jobq_testtask
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +277,28 @@ def test_hup_reloads_new_code_without_losing_or_failing_a_job(
     new = wait_workers(master, 2, without=set(old))
     assert "gen=1" in titles(psutil.Process(master.pid))
     assert len(new) == 2
+
+
+def test_a_jobq_upgraded_under_a_running_master_waits_for_its_restart(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    # jobq installed in a directory of its own, as pip would
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "jobq", site / "jobq", ignore=shutil.ignore_patterns("__pycache__"))
+    env = subprocess_env(JOBQ_CONFIG=str(write_config(tmp_path)))
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    where = subprocess.run([sys.executable, "-c", "import jobq; print(jobq.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert where.stdout.strip() == str(site / "jobq" / "__init__.py")
+    master = spawn("-I", "jobq_testtasks", "-w", "1", env=env, cwd=tmp_path,
+                   module="jobq.master")
+    old = wait_workers(master, 1)
+
+    # "pip install" of a jobq whose scripts the running code cannot use, then a HUP
+    (site / "jobq" / "lua" / "lib.lua").write_text("do return redis.error_reply('newer') end\n")
+    os.kill(master.pid, signal.SIGHUP)
+    wait_workers(master, 1, without=set(old))
+    # the new worker runs the jobq its master loaded, Lua and Python alike
+    assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
 
 
 def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueue,
