@@ -675,8 +675,8 @@ def test_a_worker_pool_dies_with_the_script_that_started_it(
         kill_processes(process_tree(proc.pid))
 
 
-@pytest.mark.parametrize("breakage",
-                         ["syntax-error", "unknown-import", "bad-schedule", "no-imports"])
+@pytest.mark.parametrize("breakage", ["syntax-error", "unknown-import", "bad-schedule",
+                                      "no-imports", "new-prefix"])
 def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
         breakage: str, queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
     code = tmp_path / "code"
@@ -699,15 +699,18 @@ def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
         path = write_config(tmp_path, **settings)
         path.write_text(path.read_text() + '[[schedule]]\nname = "bad"\n'
                         'task = "hupcheck:version"\ncron = "not a cron"\n')
-    else:  # the config lost its task modules: every job would fail
+    elif breakage == "no-imports":  # the config lost its task modules: every job would fail
         write_config(tmp_path, **{**settings, "imports": []})
+    else:  # new key names: the master's lease renewals and the scheduler would miss the jobs
+        write_config(tmp_path, **{**settings, "prefix": "other"})
     os.kill(master.pid, signal.SIGHUP)
 
     wait_until(lambda: "reload refused" in log_file.read_text(), 20,
                message="the reload to be refused")
     [line] = [ln for ln in log_file.read_text().splitlines() if "reload refused" in ln]
     assert {"syntax-error": "SyntaxError", "unknown-import": "'nosuchmod'",
-            "bad-schedule": "cron", "no-imports": "imports: no task module"}[breakage] in line
+            "bad-schedule": "cron", "no-imports": "imports: no task module",
+            "new-prefix": "prefix changed: that takes a restart"}[breakage] in line
     assert master.poll() is None
     assert sorted(wait_workers(master, 2)) == sorted(old)  # the very same workers run on
     assert queue.enqueue("hupcheck:version").result(timeout=15) == 1
