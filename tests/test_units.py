@@ -152,6 +152,23 @@ def test_the_units_and_the_sample_config_agree(units: dict[str, Unit]) -> None:
         str(exitcodes.USAGE), str(exitcodes.IMPORT), str(exitcodes.PIDFILE)]
 
 
+def test_the_readme_sets_up_what_the_units_expect(units: dict[str, Unit]) -> None:
+    master, server = units["jobq.service"], units["jobq-server.service"]
+    readme = (ROOT / "README.md").read_text()
+    production = readme[readme.index("## Production"):readme.index("## Benchmarks")]
+    home = environment(server)["JOBQ_HOME"]
+    assert f'redis_url = "unix://{home}/valkey.sock"' in production
+    assert f'server_socket_group = "{one(server, "Service", "Group")}"' in production
+    assert f"useradd --system --no-create-home {one(master, 'Service', 'User')}" in production
+    config, group = option(exec_start(master), "--config"), one(master, "Service", "Group")
+    assert f"install -D -m 0640 -g {group} etc/jobq.toml {config}" in production
+    # logrotate: the file is in the directory the unit creates; USR1 to the master alone
+    logs = f"/var/log/{one(master, 'Service', 'LogsDirectory')}/"
+    assert f'log_file = "{logs}jobq.log"' in " ".join(production.split())
+    assert f"{logs}jobq.log {{" in production
+    assert "systemctl kill --kill-who=main --signal=USR1 jobq.service" in production
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed (Debian: apt-get install systemd): "
                            "the units' syntax is not verified; the other tests here still "
