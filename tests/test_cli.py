@@ -3,8 +3,11 @@ real master where jobs must run); and once through the installed console script.
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -22,9 +25,11 @@ from conftest import subprocess_env, wait_until
 from jobq import exitcodes
 from jobq.cli import main
 from jobq.config import load_config
+from jobq.connection import connect
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
+from jobq.server import EmbeddedServer
 from jobq.worker.loop import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -520,6 +525,53 @@ def test_debug_shows_the_traceback(redis_url: str, quick_connect: Path) -> None:
     assert "redis.exceptions.ConnectionError" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("jobq: error: cannot connect to ")
     assert "s3cret-pw" not in result.stderr
+
+
+# -- jobq server --------------------------------------------------------------------------------
+
+def test_server_start_applies_the_configs_socket_group(home: Path, tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name  # one the server's user (us) belongs to
+    config = tmp_path / "jobq.toml"
+    config.write_text(f'server_socket_group = "{group}"\n')
+    env = {"JOBQ_HOME": str(home), "JOBQ_CONFIG": None, "JOBQ_REDIS_URL": None}
+    result = CliRunner().invoke(main, ["--config", str(config), "server", "start"], env=env)
+    assert result.exit_code == 0, result.output
+    sock = home / "valkey.sock"
+    assert result.stdout == f"unix://{sock}\n"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o710
+    assert (stat.S_IMODE(sock.stat().st_mode), sock.stat().st_gid) == (0o770, os.getgid())
+
+    config.write_text('server_socket_group = "no-such-group-jq"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "server", "start"], env=env)
+    assert result.exit_code == exitcodes.USAGE
+    assert result.stderr == (f"jobq: error: {config}: server_socket_group: expected the name "
+                             f"of a group of this host, or '', got 'no-such-group-jq'\n")
+
+
+def test_server_run_is_the_server_in_the_foreground(spawn: Spawn, home: Path) -> None:
+    env = subprocess_env(JOBQ_HOME=str(home))
+    proc = spawn("server", "run", env=env)
+    server = EmbeddedServer(home)
+    wait_until(server.is_running, message="the server to answer")
+    assert server.pid() == proc.pid  # it became the server: systemd's main process
+    client = connect(server.url)
+    client.set("kept", "yes")
+    client.close()
+
+    second = spawn("server", "run", env=env)
+    _, err = second.communicate(timeout=30)
+    assert second.returncode == exitcodes.SERVER
+    assert err == f"jobq: error: a server already runs on {server.socket_path} (pid {proc.pid})\n"
+
+    proc.terminate()  # what systemctl stop sends
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "Ready to accept connections" in out  # its log goes to the journal
+    assert not server.is_running()
+    server.start()  # a clean shutdown lost nothing
+    client = connect(server.url)
+    assert client.get("kept") == "yes"
+    client.close()
 
 
 # -- the installed console script ------------------------------------------------------------

@@ -128,6 +128,10 @@ def test_schedules_are_read_from_schedule_tables(write: Writer) -> None:
         ("queues = ['a', 'a']", "queues: duplicate entry 'a'"),
         ("imports = ['app.tasks', 'bad-name']", "imports: item 2: expected a dotted module name"),
         ("prefix = '{jobq}'", "prefix: expected a key prefix"),
+        ("server_socket_group = 'no-such-group-jq'",
+         "server_socket_group: expected the name of a group of this host, or '', "
+         "got 'no-such-group-jq'"),
+        ("server_socket_group = 0", "server_socket_group: expected the name of a group"),
         ("redis_url = 'http://host'", "redis_url: expected a URL with scheme redis://"),
         ("schedule = 3", "schedule: expected an array of tables ([[schedule]]), got 3"),
         ("[[schedule]]\ntask = 'x'", "schedule: entry 1: missing 'name'"),

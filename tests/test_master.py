@@ -4,11 +4,13 @@ scheduler, and gets real signals. Jobs are counted in Redis (see ``jobq_testtask
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,12 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import kill_processes, process_tree, subprocess_env, wait_until
+from conftest import ROOT, kill_processes, process_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
+from jobq.scheduler import Scheduler
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -276,6 +279,28 @@ def test_hup_reloads_new_code_without_losing_or_failing_a_job(
     assert len(new) == 2
 
 
+def test_a_jobq_upgraded_under_a_running_master_waits_for_its_restart(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    # jobq installed in a directory of its own, as pip would
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "jobq", site / "jobq", ignore=shutil.ignore_patterns("__pycache__"))
+    env = subprocess_env(JOBQ_CONFIG=str(write_config(tmp_path)))
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    where = subprocess.run([sys.executable, "-c", "import jobq; print(jobq.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert where.stdout.strip() == str(site / "jobq" / "__init__.py")
+    master = spawn("-I", "jobq_testtasks", "-w", "1", env=env, cwd=tmp_path,
+                   module="jobq.master")
+    old = wait_workers(master, 1)
+
+    # "pip install" of a jobq whose scripts the running code cannot use, then a HUP
+    (site / "jobq" / "lua" / "lib.lua").write_text("do return redis.error_reply('newer') end\n")
+    os.kill(master.pid, signal.SIGHUP)
+    wait_workers(master, 1, without=set(old))
+    # the new worker runs the jobq its master loaded, Lua and Python alike
+    assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
+
+
 def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueue,
                                                     tmp_path: Path) -> None:
     master = start_master(spawn, tmp_path)
@@ -296,6 +321,27 @@ def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueu
     wait_workers(master, 1)
     assert "workers=1" in titles(psutil.Process(master.pid))
     assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
+
+
+def test_usr1_reopens_the_log_file_in_the_master_its_workers_and_its_scheduler(
+        spawn: Spawn, queue: JobQueue, tmp_path: Path) -> None:
+    log_file = tmp_path / "master.log"
+    master = start_master(spawn, tmp_path, workers=1, log_file=str(log_file))
+    wait_workers(master, 1)
+    wait_until(lambda: " leads" in log_file.read_text(), message="the scheduler to lead")
+
+    log_file.rename(tmp_path / "master.log.1")  # what logrotate does, then its postrotate:
+    os.kill(master.pid, signal.SIGUSR1)
+    wait_until(log_file.exists, message="the master to open a new file")
+    os.kill(master.pid, signal.SIGTTIN)  # the master logs it
+    wait_until(lambda: "TTIN: now 2" in log_file.read_text(),
+               message="the master's line in the new file")
+    failed = queue.enqueue(tasks.boom, "on purpose", max_retries=0)  # the worker logs it
+    wait_until(lambda: f"job {failed.id} jobq_testtasks:boom failed" in log_file.read_text(),
+               message="the worker's line in the new file")
+    Scheduler(queue).schedule_once("rotated", tasks.noop, datetime.now())  # the scheduler's
+    wait_until(lambda: "schedule rotated fired" in log_file.read_text(),
+               message="the scheduler's line in the new file")
 
 
 def test_term_lets_the_running_job_finish_and_exits_0(
@@ -342,6 +388,17 @@ def test_quit_stops_at_once_and_requeues_the_running_job(
 
 
 # -- boot failures ---------------------------------------------------------------------------------
+
+def test_a_master_with_no_task_module_refuses_to_start_in_one_line(spawn: Spawn) -> None:
+    # the sample config as shipped (what etc/jobq.service starts) names no task module
+    sample = ROOT / "etc" / "jobq.toml"
+    refused = spawn("--config", str(sample), module="jobq.master")
+    _, err = refused.communicate(timeout=30)
+    assert refused.returncode == exitcodes.USAGE
+    assert err == (f"jobq-master: error: {sample}: imports: no task module: name the modules "
+                   f'that define your tasks (imports = ["myapp.tasks"] in the config, or -I '
+                   f"myapp.tasks)\n")
+
 
 def test_a_task_module_that_fails_to_import_stops_the_master(spawn: Spawn,
                                                              tmp_path: Path) -> None:
@@ -618,7 +675,8 @@ def test_a_worker_pool_dies_with_the_script_that_started_it(
         kill_processes(process_tree(proc.pid))
 
 
-@pytest.mark.parametrize("breakage", ["syntax-error", "unknown-import", "bad-schedule"])
+@pytest.mark.parametrize("breakage", ["syntax-error", "unknown-import", "bad-schedule",
+                                      "no-imports", "new-prefix"])
 def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
         breakage: str, queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
     code = tmp_path / "code"
@@ -637,17 +695,22 @@ def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
         module.write_text("# broken\ndef version(:\n    return 2\n")
     elif breakage == "unknown-import":  # the config gained a module that does not exist
         write_config(tmp_path, **{**settings, "imports": [*settings["imports"], "nosuchmod"]})
-    else:  # the config gained a [[schedule]] table that cannot work
+    elif breakage == "bad-schedule":  # the config gained a [[schedule]] table that cannot work
         path = write_config(tmp_path, **settings)
         path.write_text(path.read_text() + '[[schedule]]\nname = "bad"\n'
                         'task = "hupcheck:version"\ncron = "not a cron"\n')
+    elif breakage == "no-imports":  # the config lost its task modules: every job would fail
+        write_config(tmp_path, **{**settings, "imports": []})
+    else:  # new key names: the master's lease renewals and the scheduler would miss the jobs
+        write_config(tmp_path, **{**settings, "prefix": "other"})
     os.kill(master.pid, signal.SIGHUP)
 
     wait_until(lambda: "reload refused" in log_file.read_text(), 20,
                message="the reload to be refused")
     [line] = [ln for ln in log_file.read_text().splitlines() if "reload refused" in ln]
     assert {"syntax-error": "SyntaxError", "unknown-import": "'nosuchmod'",
-            "bad-schedule": "cron"}[breakage] in line
+            "bad-schedule": "cron", "no-imports": "imports: no task module",
+            "new-prefix": "prefix changed: that takes a restart"}[breakage] in line
     assert master.poll() is None
     assert sorted(wait_workers(master, 2)) == sorted(old)  # the very same workers run on
     assert queue.enqueue("hupcheck:version").result(timeout=15) == 1

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from conftest import stop_server
 
+from jobq.config import Config
 from jobq.connection import connect
-from jobq.server import EmbeddedServer, ServerError, default_home, ensure_server
+from jobq.server import EmbeddedServer, ServerError, default_home, ensure_server, resolve_url
+
+#: The uid and primary gid the "other user" of the socket-group tests runs as.
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="running a child as another user needs root")
 
 
 def _servers_for(srv: EmbeddedServer) -> list[psutil.Process]:
@@ -218,3 +228,105 @@ def test_ensure_server_uses_jobq_home(home: Path, monkeypatch: pytest.MonkeyPatc
     client = connect(url)
     assert client.ping() is True
     client.close()
+
+
+# -- another local user (server_socket_group) ---------------------------------------------------
+
+@pytest.fixture
+def shared_home() -> Iterator[Path]:
+    """A data directory whose parents anybody may pass through, as /var/lib's are (pytest's
+    temporary directories are private to their owner); its server is stopped at teardown."""
+    parent = Path(tempfile.mkdtemp(prefix="jq", dir="/tmp"))
+    parent.chmod(0o755)
+    home = parent / "h"
+    yield home
+    stop_server(EmbeddedServer(home))
+    shutil.rmtree(parent)
+
+
+def _a_group() -> grp.struct_group:
+    """A group of this host that is neither ours nor the other user's."""
+    return next(g for g in grp.getgrall() if g.gr_gid not in (0, NOBODY, os.getgid()))
+
+
+def _as_other_user(groups: list[int], action: Callable[[], str]) -> str:
+    """Run ``action`` in a forked child that is uid/gid 65534 with supplementary ``groups``;
+    return what it returned, or the name of the OSError it raised."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.setgroups(groups)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                said = action()
+            except (OSError, ServerError) as exc:
+                said = f"{type(exc).__name__}: {exc}"
+            os.write(write, said.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+def _ping(path: Path) -> Callable[[], str]:
+    def ping() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).decode().strip()
+    return ping
+
+
+@needs_root
+def test_socket_group_lets_its_members_connect_and_nobody_else(
+        shared_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    group = _a_group()
+    monkeypatch.setenv("JOBQ_HOME", str(shared_home))
+    server = EmbeddedServer(shared_home)
+    # Private by default: another user cannot reach the socket, even in that group.
+    resolve_url(Config())
+    assert stat.S_IMODE(shared_home.stat().st_mode) == 0o700
+    assert _as_other_user([group.gr_gid], _ping(server.socket_path)).startswith(
+        "PermissionError")
+    server.stop()
+
+    # server_socket_group, as any jobq process that starts the server applies it
+    url = resolve_url(Config(server_socket_group=group.gr_name))
+    assert url == server.url
+    home, sock = shared_home.stat(), server.socket_path.stat()
+    assert (stat.S_IMODE(home.st_mode), home.st_gid) == (0o710, group.gr_gid)
+    assert (stat.S_IMODE(sock.st_mode), sock.st_gid) == (0o770, group.gr_gid)
+    assert stat.S_IMODE(server.conf_path.stat().st_mode) == 0o600
+    assert _as_other_user([group.gr_gid], _ping(server.socket_path)) == "+PONG"
+    assert _as_other_user([], _ping(server.socket_path)).startswith("PermissionError")
+    # the group may pass through the directory, not list it
+    assert _as_other_user([group.gr_gid], lambda: str(os.listdir(shared_home))).startswith(
+        "PermissionError")
+    server.stop()
+
+    # dropped from the config: private again at the next start
+    EmbeddedServer(shared_home).start()
+    assert stat.S_IMODE(shared_home.stat().st_mode) == 0o700
+    assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o700
+    assert _as_other_user([group.gr_gid], _ping(server.socket_path)).startswith(
+        "PermissionError")
+
+
+@needs_root
+def test_socket_group_the_server_user_is_not_in_is_one_clear_error(shared_home: Path) -> None:
+    group = _a_group()
+    shared_home.mkdir(mode=0o700)
+    os.chown(shared_home, NOBODY, NOBODY)
+    said = _as_other_user([], lambda: EmbeddedServer(
+        shared_home, socket_group=group.gr_name).start())
+    assert said == (f"ServerError: server_socket_group: cannot give {shared_home} to group "
+                    f"{group.gr_name!r}: Operation not permitted (the user running the server "
+                    f"must own it and belong to the group)")
+    assert not EmbeddedServer(shared_home).is_running()

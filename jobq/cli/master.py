@@ -3,6 +3,7 @@ master."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -10,8 +11,8 @@ import click
 
 from .. import exitcodes
 from .. import log as jobq_log
-from ..config import ConfigError, load_config
-from ..master.arbiter import Master, Options
+from ..config import CONFIG_ENV, ConfigError, load_config
+from ..master.arbiter import NO_TASK_MODULE, Master, Options
 from ..schedule import ScheduleError
 from ..scheduler import config_schedules
 from .app import config_file_option, config_option, one_line_errors
@@ -46,6 +47,9 @@ def master_command(workers: int | None, queues: list[str] | None, imports: tuple
             overrides["imports"] = list(dict.fromkeys([*config.imports, *imports]))
             config = config.replace(imports=overrides["imports"])
         config_schedules(config)  # [[schedule]] tables are checked before anything starts
+        if not config.imports:  # every job would fail: say so now, not once per job
+            source = config_path or os.environ.get(CONFIG_ENV)
+            raise ConfigError(f"{source}: {NO_TASK_MODULE}" if source else NO_TASK_MODULE)
     except (ConfigError, ScheduleError) as exc:
         where = f"{config_path}: " if isinstance(exc, ScheduleError) and config_path else ""
         click.echo(f"jobq-master: error: {where}{exc}", err=True)

@@ -15,7 +15,7 @@ from ..exceptions import TaskImportError
 from ..registry import TaskResolver
 from ..server import EmbeddedServer, ServerError
 from ..worker.loop import Worker
-from .app import CliError, State, config_option, jobq_command, main
+from .app import CliError, State, config_option, jobq_command, main, run_guarded
 
 
 # -- jobq worker --------------------------------------------------------------------------------
@@ -61,14 +61,35 @@ def server_status(as_json: bool) -> None:
     sys.exit(0 if running else 1)
 
 
+def _embedded(state: State) -> EmbeddedServer:
+    """The embedded server of ``$JOBQ_HOME``, set up as the config says
+    (``server_socket_group``); a bad config is one line, exit 2."""
+    config = run_guarded(state.config, state)
+    return EmbeddedServer(socket_group=config.server_socket_group)
+
+
 @server.command("start")
-def server_start() -> None:
+@click.pass_obj
+def server_start(state: State) -> None:
     """Start the embedded server (detached); nothing happens if it runs."""
+    srv = _embedded(state)
     try:
-        url = EmbeddedServer().start()
+        url = srv.start()
     except ServerError as exc:
         raise CliError(str(exc), exitcodes.SERVER) from exc
     click.echo(url)
+
+
+@server.command("run")
+@click.pass_obj
+def server_run(state: State) -> None:
+    """Run the embedded server in the foreground, for a service manager (it becomes this
+    process: logs to standard output, TERM stops it cleanly)."""
+    srv = _embedded(state)
+    try:
+        srv.run()
+    except ServerError as exc:
+        raise CliError(str(exc), exitcodes.SERVER) from exc
 
 
 @server.command("stop")

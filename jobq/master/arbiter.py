@@ -34,7 +34,7 @@ INT     like TERM; a second INT acts like QUIT
 QUIT    stop at once: workers are killed, their jobs re-queued (none lost); exit 0
 TTIN    one worker more
 TTOU    one worker fewer (never below one)
-USR1    reopen log files (after logrotate), in the master and its workers
+USR1    reopen log files (after logrotate), in the master, its workers and its scheduler
 CHLD    reap exited children
 ======  =========================================================================================
 """
@@ -94,6 +94,14 @@ SERVER_WAIT_FIRST, SERVER_WAIT_CAP, SERVER_WAIT_SAY_EVERY = 0.1, 5.0, 60.0
 DUTIES_DRAIN = 10.0
 #: The byte the duties thread writes to the wakeup fd (no signal has number 0).
 _DUTIES_WAKE = 0
+#: Config keys a reload cannot change: the server and the key names the master's duties and
+#: the scheduler hold from the start (new workers would use others), the pidfile it holds,
+#: the logging it set up. A HUP that changes one is refused: it takes a restart.
+FIXED_AT_START = ("redis_url", "prefix", "pidfile", "log_file", "log_level", "log_format")
+#: Why a master with no task module neither starts nor reloads: every job would fail. (A
+#: WorkerPool's master may: its workers run the functions of the script's ``__main__``.)
+NO_TASK_MODULE = ('imports: no task module: name the modules that define your tasks '
+                  '(imports = ["myapp.tasks"] in the config, or -I myapp.tasks)')
 
 
 @dataclass
@@ -306,6 +314,14 @@ class Master:
         except (ConfigError, ScheduleError) as exc:
             self._refuse_reload(str(exc))
             return
+        if not config.imports and not self.options.allow_main:
+            self._refuse_reload(NO_TASK_MODULE)
+            return
+        fixed = [k for k in FIXED_AT_START if getattr(config, k) != getattr(self.config, k)]
+        if fixed:
+            self._refuse_reload(f"{', '.join(fixed)} changed: that takes a restart, not a "
+                                f"reload")
+            return
         read, write = os.pipe()
         pid = self._fork(lambda: self._check_child(config, write))
         os.close(write)
@@ -380,8 +396,9 @@ class Master:
 
     def handle_usr1(self) -> None:
         jobq_log.reopen()
-        for pid in self.workers:
-            send_signal(pid, signal.SIGUSR1)
+        for pid in [*self.workers, self.scheduler_pid]:
+            if pid:
+                send_signal(pid, signal.SIGUSR1)
 
     def _stop(self, how: str) -> None:
         now = time.time()

@@ -268,7 +268,7 @@ class Duties:
             pass
 
     def _supervise_server(self) -> None:
-        server = EmbeddedServer()
+        server = EmbeddedServer(socket_group=self.config.server_socket_group)
         if server.is_running():
             return
         log.warning("the embedded server is not running; starting it")
