@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from jobq.config import Config, ConfigError, load_config
+from jobq.schedule import MISFIRE
+from jobq.scheduler import config_schedules
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "jobq.toml"
 
@@ -192,17 +194,27 @@ def test_sample_config_mentions_every_key() -> None:
             assert re.search(rf"^# .+\n#{f.name} = ", text, re.M), f"{f.name} has no comment"
 
 
+#: A setting of the sample, commented out: ``#key = value`` or the ``#[[schedule]]`` header.
+SETTING_LINE = re.compile(r"^#(\[\[schedule\]\]$|[a-z_]+ = )")
+
+
 def test_sample_config_documents_the_true_defaults(tmp_path: Path) -> None:
-    # Uncomment every setting line ("#key = ..."; prose is "# ..."): the file must still load,
-    # give the defaults (workers aside: its default depends on the machine) and a valid
-    # example schedule.
-    lines = [line[1:] if re.match(r"#[\[a-z]", line) else line
-             for line in SAMPLE.read_text().splitlines()]
+    # Uncomment every setting line ("#key = ..." and the table header; prose is "# ..."): the
+    # file must still load through the real loader, give the defaults (workers aside: its
+    # default depends on the machine), and hold an example schedule the master accepts.
+    text = SAMPLE.read_text()
+    lines = [line[1:] if SETTING_LINE.match(line) else line for line in text.splitlines()]
+    left = [line for line in lines if re.match(r"^#\s*(\[|[A-Za-z_]+\s*=)", line)]
+    assert left == [], f"settings the pattern does not uncomment: {left}"
     path = tmp_path / "uncommented.toml"
     path.write_text("\n".join(lines) + "\n")
     cfg = load_config(path)
     assert cfg.replace(workers=Config().workers, schedules=[]) == Config()
-    [schedule] = cfg.schedules
-    assert schedule["name"] == "nightly-report"
-    assert set(schedule) == {"name", "task", "cron", "args", "kwargs", "queue", "priority",
-                             "timezone", "misfire"}
+    [table] = cfg.schedules
+    assert table["name"] == "nightly-report"
+    assert set(table) == {"name", "task", "cron", "args", "kwargs", "queue", "priority",
+                          "timezone", "misfire"}
+    [schedule] = config_schedules(cfg)  # what jobq-master checks before it starts
+    assert (schedule.task, schedule.kind) == ("myapp.tasks:build_report", "cron")
+    for policy in MISFIRE:
+        assert f'"{policy}"' in text, f"misfire {policy!r} is not documented"
