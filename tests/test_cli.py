@@ -4,6 +4,8 @@ real master where jobs must run); and once through the installed console script.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import socket
 import subprocess
 import sys
@@ -230,6 +232,40 @@ def test_dlq_list_show_requeue_purge(jobq: Callable[..., Result], queue: JobQueu
     assert jobq("dlq", "purge", "--yes").stdout == "purged 2 job(s)\n"
     assert as_json(jobq("dlq", "list", "--json")) == [] and queue.failed_count() == 0
     jobq("dlq", "list", "-q", "nosuch", code=exitcodes.NOT_FOUND)
+
+
+def answering(spawn: Spawn, answer: str, *args: str) -> tuple[int, str, str]:
+    """Run ``jobq ARGS`` with a terminal (a pty) as its standard input, answer its question
+    with ``answer``; its exit code, stdout and stderr."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = spawn(*args, stdin=terminal)
+        os.close(terminal)
+        os.write(controller, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(controller)
+    return proc.returncode, out, err
+
+
+def test_dlq_purge_asks_on_a_terminal_and_without_one_wants_yes(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn) -> None:
+    fail_jobs(queue, spawn, 2)
+
+    # no terminal (a script, a pipe, cron): nothing is deleted without --yes
+    err = jobq("dlq", "purge", code=exitcodes.USAGE).stderr
+    assert "pass --yes" in err and "2 failed job(s) of default" in err
+    assert queue.failed_count() == 2
+
+    code, out, err = answering(spawn, "n", "dlq", "purge")
+    assert (code, err) == (exitcodes.FAILURE, "jobq: aborted\n"), (out, err)
+    assert "delete the 2 failed job(s) of default? [y/N]" in out
+    assert queue.failed_count() == 2
+
+    code, out, err = answering(spawn, "y", "dlq", "purge")
+    assert code == 0, err
+    assert out.endswith("purged 2 job(s)\n")
+    assert queue.failed_count() == 0
 
 
 # -- with a master running ----------------------------------------------------------------------

@@ -54,6 +54,17 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _confirm(yes: bool, what: str) -> None:
+    """Ask before ``what`` (a deletion) on a terminal; without one, only ``--yes`` goes on:
+    a script or a pipe never deletes by default (exit 2)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(f"not going to {what} without confirmation: pass --yes (there is no "
+                       "terminal to ask on)", exitcodes.USAGE)
+    click.confirm(f"{what}?", abort=True)
+
+
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
@@ -304,8 +315,7 @@ def dlq_requeue(ctx: click.Context, job_ids: tuple[str, ...], all_: bool,
 def dlq_purge(state: State, queue_name: str, yes: bool) -> int:
     """Delete the dead-letter queue of a queue and its jobs' records."""
     queue = _queue(state, queue_name, must_exist=True)
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"delete {queue.failed_count()} failed job(s)?", abort=True)
+    _confirm(yes, f"delete the {queue.failed_count()} failed job(s) of {queue_name}")
     click.echo(f"purged {queue.purge_failed()} job(s)")
     return exitcodes.OK
 
