@@ -477,6 +477,29 @@ def test_debug_shows_the_traceback(redis_url: str, quick_connect: Path) -> None:
     assert "s3cret-pw" not in result.stderr
 
 
+def test_a_reader_that_stops_reading_is_no_error(redis_url: str, queue: JobQueue) -> None:
+    # `jobq dlq list | head -1`: once head exits, every write fails with EPIPE. The reader
+    # is gone here before anything is written, so that every command meets it, however
+    # short its output.
+    job = queue.enqueue(tasks.add, 1, 2)
+    commands = [["dlq", "list"], ["info"], ["info", "--json"], ["job", job.id],
+                ["schedule", "list"], ["top", "--iterations", "1"], ["server", "status"],
+                ["--help"], ["dlq", "--help"]]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        procs = [(args, subprocess.Popen([sys.executable, "-m", module, *args],
+                                         stdout=write, stderr=subprocess.PIPE, text=True,
+                                         env=subprocess_env()))
+                 for module, args in [*(("jobq.cli", c) for c in commands),
+                                      ("jobq.master", ["--help"])]]
+    finally:
+        os.close(write)
+    for args, proc in procs:
+        _, err = proc.communicate(timeout=30)
+        assert (proc.returncode, err) == (0, ""), args
+
+
 # -- the installed console script ------------------------------------------------------------
 
 def test_the_installed_jobq_script(redis_url: str, queue: JobQueue) -> None:

@@ -5,6 +5,7 @@ a command that talks to the server, and the options that mirror config keys."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -92,6 +93,8 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
         return fn()
     except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
         raise
+    except BrokenPipeError:
+        output_closed()
     except ConfigError as exc:
         _fail(debug, str(exc), exitcodes.USAGE)
     except _connection_errors as exc:
@@ -107,6 +110,19 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
         _fail(debug, _scrubbed(str(exc), url), exitcodes.USAGE)
     except Exception as exc:
         _fail(debug, _scrubbed(f"{type(exc).__name__}: {exc}", url), exitcodes.FAILURE)
+
+
+def output_closed() -> NoReturn:
+    """Whoever read our output stopped (``jobq dlq list | head -1``): stop quietly, exit 0,
+    as Unix tools do. Standard output goes to /dev/null first, so that flushing what is left
+    in its buffer at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # no file descriptor (a test's stream): nothing is flushed to a pipe at exit
+    sys.exit(exitcodes.OK)
 
 
 def _scrubbed(message: str, url: str) -> str:
@@ -184,8 +200,27 @@ def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
     return decorate
 
 
-class OneLineErrors(click.Group):
-    """A click group whose usage errors are one line (``jobq: error: ...``), exit code 2."""
+class QuietCommand(click.Command):
+    """A click command that stops quietly, exit 0, when its output is closed (click itself
+    would exit 1), also while it writes its --help."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            output_closed()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            output_closed()
+
+
+class OneLineErrors(QuietCommand, click.Group):
+    """A click group whose usage errors are one line (``jobq: error: ...``), exit code 2, and
+    whose commands stop quietly when their output is closed (see :class:`QuietCommand`)."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
