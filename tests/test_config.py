@@ -179,6 +179,21 @@ def test_override_and_env_errors_name_their_source(monkeypatch: pytest.MonkeyPat
     assert "http://:***@host" in str(info.value)
 
 
+def test_a_bad_value_in_the_file_stops_whatever_replaces_it(
+        write: Writer, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write('workers = "four"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, workers=1)  # jobq-master --config FILE -w 1
+    assert str(info.value) == f"{path}: workers: expected a positive integer, got 'four'"
+
+    path = write('redis_url = "http://:topsecret@host"\n')
+    monkeypatch.setenv("JOBQ_REDIS_URL", "redis://env:6379/0")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, redis_url="redis://cli:6379/0")
+    assert str(info.value).startswith(f"{path}: redis_url: expected a URL")
+    assert "topsecret" not in str(info.value)
+
+
 def test_sample_config_loads_as_defaults() -> None:
     assert load_config(SAMPLE) == Config()
 
