@@ -387,6 +387,34 @@ def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: S
 
 # -- schedules ------------------------------------------------------------------------------------
 
+def test_top_json_prints_one_document_per_refresh(jobq: Callable[..., Result],
+                                                 queue: JobQueue) -> None:
+    queue.enqueue(tasks.noop)
+    out = jobq("top", "--json", "--iterations", "3", "--interval", "0").stdout
+    documents = [json.loads(line) for line in out.splitlines()]  # a line each, nothing else
+    assert len(documents) == 3
+    info = as_json(jobq("info", "--json"))
+    assert all(set(d) == set(info) for d in documents)
+    assert [(q["queue"], q["pending"]) for q in documents[-1]["queues"]] == [("default", 1)]
+
+
+def test_global_options_work_after_the_command_too(queue: JobQueue, spawn: Spawn) -> None:
+    job = queue.enqueue(tasks.add, 1, 2)
+    # given twice, the one after the command's name wins
+    worker = spawn("--log-format", "text", "worker", "-I", "jobq_testtasks", "--burst",
+                   "--log-format", "json", "--log-level", "debug")
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    assert {line["level"] for line in lines} >= {"debug", "info"}
+    assert any(line.get("job_id") == job.id for line in lines)
+    assert queue.get_status(job.id) == "completed"
+    # the commands of a group too (an unknown job: exit 5, not 2 for an unknown option)
+    for args in (["dlq", "show", "nosuchjob"], ["dlq", "requeue", "nosuchjob"]):
+        result = CliRunner().invoke(main, [*args, "--redis-url", queue.url, "--debug"])
+        assert result.exit_code == exitcodes.NOT_FOUND, (args, result.stderr)
+
+
 def test_schedule_add_list_pause_resume_run_now_remove(
         jobq: Callable[..., Result], queue: JobQueue) -> None:
     assert jobq("schedule", "add", "hourly", "jobq_testtasks:add", "[1, 2]", "--interval",
@@ -467,9 +495,12 @@ def test_an_unreachable_server_is_one_line_exit_3_without_the_password(
     assert "s3cret-pw" not in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_debug_shows_the_traceback(redis_url: str, quick_connect: Path) -> None:
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_debug_shows_the_traceback(where: str, redis_url: str, quick_connect: Path) -> None:
     url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
-    result = CliRunner().invoke(main, ["--debug", "--redis-url", url, "info"])
+    options = ["--debug", "--redis-url", url]
+    args = [*options, "info"] if where == "before the command" else ["info", *options]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == exitcodes.CONNECT
     assert "Traceback (most recent call last)" in result.stderr
     assert "redis.exceptions.ConnectionError" in result.stderr

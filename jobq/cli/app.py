@@ -51,14 +51,17 @@ class State:
         self.log_format = log_format
         self._config: Config | None = None
 
-    def use(self, redis_url: str | None, config_path: str | None) -> None:
-        """Apply a command's own --redis-url/--config: they win over those given before it."""
-        if redis_url:
-            self.redis_url = redis_url
-            self._config = None
-        if config_path:
-            self.config_path = config_path
-            self._config = None
+    def use(self, redis_url: str | None = None, config_path: str | None = None,
+            log_level: str | None = None, log_format: str | None = None,
+            debug: bool = False) -> None:
+        """Apply the global options given after the command's name: they win over those
+        given before it."""
+        for name, value in (("redis_url", redis_url), ("config_path", config_path),
+                            ("log_level", log_level), ("log_format", log_format)):
+            if value:
+                setattr(self, name, value)
+                self._config = None
+        self.debug = self.debug or debug
 
     def config(self, **overrides: Any) -> Config:
         if self._config is None or overrides:
@@ -174,27 +177,40 @@ def config_file_option() -> Callable[[_Decorated], _Decorated]:
                         help=f"TOML config file (default: ${CONFIG_ENV}).")
 
 
+def debug_option() -> Callable[[_Decorated], _Decorated]:
+    """--debug: errors show their traceback too."""
+    return click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+
+
+def global_options() -> list[Callable[[_Decorated], _Decorated]]:
+    """The options of the ``jobq`` group, which every command takes after its name too."""
+    return [config_option("redis_url"), config_file_option(), config_option("log_level"),
+            config_option("log_format"), debug_option()]
+
+
 def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
                  ) -> Callable[[Callable[..., int]], click.Command]:
     """Register ``fn(state, **params) -> exit code`` as command ``name`` of ``group``.
 
-    The command also takes --redis-url/--config (they work before its name too), gets the
-    :class:`State` first, runs under :func:`run_guarded` (an error is one line and a documented
-    exit code) and exits with the code ``fn`` returns. ``attrs`` go to ``group.command``.
+    The command also takes the global options (--redis-url, --config, --log-level,
+    --log-format, --debug: they work before its name too), gets the :class:`State` first,
+    runs under :func:`run_guarded` (an error is one line and a documented exit code) and
+    exits with the code ``fn`` returns. ``attrs`` go to ``group.command``.
     """
 
     def decorate(fn: Callable[..., int]) -> click.Command:
         @functools.wraps(fn)
         @click.pass_obj
         def run(state: State, redis_url: str | None = None, config_path: str | None = None,
-                **params: Any) -> NoReturn:
-            state.use(redis_url, config_path)
+                log_level: str | None = None, log_format: str | None = None,
+                debug: bool = False, **params: Any) -> NoReturn:
+            state.use(redis_url, config_path, log_level, log_format, debug)
             sys.exit(run_guarded(lambda: fn(state, **params), state))
 
         command = group.command(name, **attrs)(run)
         # Added to the built command, so that --help lists them after the command's own options.
-        config_option("redis_url")(command)
-        config_file_option()(command)
+        for option in global_options():
+            option(command)
         return command
 
     return decorate
@@ -247,12 +263,14 @@ def one_line_errors(run: Callable[..., Any], args: Any, prog_name: str, **extra:
         sys.exit(exitcodes.FAILURE)
 
 
+def _with_global_options(fn: _Decorated) -> _Decorated:
+    for option in reversed(global_options()):  # a function's decorators apply bottom-up
+        fn = option(fn)
+    return fn
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@config_option("redis_url")
-@config_file_option()
-@config_option("log_level")
-@config_option("log_format")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@_with_global_options
 @click.version_option(package_name="jobq")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, config_path: str | None,

@@ -117,6 +117,10 @@ def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | N
 @click.option("--json", "as_json", is_flag=True)
 def job_command(state: State, job_id: str, as_json: bool) -> int:
     """The whole record of a job: status, attempts with errors and tracebacks, result."""
+    return _show_job(state, job_id, as_json)
+
+
+def _show_job(state: State, job_id: str, as_json: bool) -> int:
     job = _queue(state).get_job(job_id)
     if job is None:
         raise CliError(f"unknown job {job_id!r} (never enqueued, or its record expired)",
@@ -159,6 +163,10 @@ def cancel(state: State, job_ids: tuple[str, ...]) -> int:
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
 def requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
     """Put failed jobs back in their queue, with fresh attempts (their history is kept)."""
+    return _requeue(state, job_ids, failed, queue_name)
+
+
+def _requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
     if bool(job_ids) == failed:
         raise CliError("give job ids or --failed", exitcodes.USAGE)
     queue = _queue(state, queue_name, must_exist=failed)
@@ -246,16 +254,21 @@ def info(state: State, as_json: bool) -> int:
 @jobq_command(main)
 @click.option("--interval", type=float, default=1.0, show_default=True)
 @click.option("--iterations", type=int, default=0, help="Stop after N refreshes (0: never).")
-def top(state: State, interval: float, iterations: int) -> int:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print what `jobq info --json` does, one document per line and refresh.")
+def top(state: State, interval: float, iterations: int, as_json: bool) -> int:
     """`jobq info`, refreshed live until Ctrl-C."""
     queue = _queue(state)
     n = 0
     try:
         while True:
-            text = _info_text(info_mod.collect(queue.broker))
-            click.clear()
-            click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
-            click.echo(text)
+            data = info_mod.collect(queue.broker)
+            if as_json:  # for a pipe: no screen to clear, one line per document
+                click.echo(json.dumps(data, default=str))
+            else:
+                click.clear()
+                click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
+                click.echo(_info_text(data))
             n += 1
             if iterations and n >= iterations:
                 return exitcodes.OK
@@ -289,24 +302,21 @@ def dlq_list(state: State, queue_name: str, limit: int, as_json: bool) -> int:
     return exitcodes.OK
 
 
-@dlq.command("show")
+@jobq_command(dlq, "show")
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def dlq_show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+def dlq_show(state: State, job_id: str, as_json: bool) -> int:
     """The whole record of a failed job (same as `jobq job`)."""
-    ctx.invoke(job_command, job_id=job_id, as_json=as_json)
+    return _show_job(state, job_id, as_json)
 
 
-@dlq.command("requeue")
+@jobq_command(dlq, "requeue")
 @click.argument("job_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Requeue the whole dead-letter queue.")
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
-@click.pass_context
-def dlq_requeue(ctx: click.Context, job_ids: tuple[str, ...], all_: bool,
-                queue_name: str) -> None:
+def dlq_requeue(state: State, job_ids: tuple[str, ...], all_: bool, queue_name: str) -> int:
     """Requeue failed jobs with fresh attempts (their history is kept)."""
-    ctx.invoke(requeue, job_ids=job_ids, failed=all_, queue_name=queue_name)
+    return _requeue(state, job_ids, all_, queue_name)
 
 
 @jobq_command(dlq, "purge")
