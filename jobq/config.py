@@ -421,7 +421,7 @@ FLAGS: dict[str, Flag] = {
     "pidfile": Flag(("--pidfile",), "File the master writes its pid to; a second master given "
                     "the same file refuses to start.", metavar="FILE"),
     "log_file": Flag(("--log-file",), "Log to FILE instead of standard error (reopened on "
-                     "USR1).", metavar="FILE"),
+                     "USR1 and HUP).", metavar="FILE"),
     "log_level": Flag(("--log-level",), "Lowest level logged (default: info)."),
     "log_format": Flag(("--log-format",), "Log line format; json writes one object per line "
                        "(default: text)."),

@@ -12,7 +12,8 @@ overwrite another's). The leader:
   ``jobq info``'s rates.
 
 Signals: TERM stops it (a leader resigns at once, so a standby takes over quickly); HUP
-re-reads the config and re-applies its ``[[schedule]]`` tables.
+re-reads the config and re-applies its ``[[schedule]]`` tables; USR1 and HUP reopen the log
+file (logrotate moved it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import redis
 
 from . import info, serialization
+from . import log as jobq_log
 from .broker import Broker, NewJob
 from .config import Config, load_config
 from .connection import connect, describe_error
@@ -65,12 +67,14 @@ class SchedulerProcess:
         self.stopping = False
         self.sleeping = BlockingCall(on_interrupt=self.broker.disconnect)
         self.reload = False
+        self.reopen_logs = False
         self.next_owner_check = 0.0
         self.next_snapshot = 0.0
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         set_title("jobq scheduler")
         self._apply_config()
         parent = os.getppid()
@@ -90,6 +94,9 @@ class SchedulerProcess:
                 trouble.again()
                 self.leading = False
                 wake_at = time.time() + self.tick
+            if self.reopen_logs:
+                self.reopen_logs = False
+                jobq_log.reopen()
             if self.reload:
                 self.reload = False
                 self._reload()
@@ -197,8 +204,8 @@ class SchedulerProcess:
 
     def _sleep(self, wake_at: float) -> None:
         timeout = max(0.001, wake_at - time.time())
-        if self.stopping:
-            return
+        if self.stopping or self.reload or self.reopen_logs:
+            return  # a signal came during the step: act on it first
         if not self.leading:
             self._nap(timeout)
             return
@@ -209,9 +216,10 @@ class SchedulerProcess:
             self._nap(min(timeout, 1.0))
 
     def _nap(self, seconds: float) -> None:
-        """Sleep without the server, but wake at once when told to stop."""
+        """Sleep without the server, but wake at once when told to stop, reload or reopen
+        the log."""
         deadline = time.monotonic() + seconds
-        while not self.stopping:
+        while not (self.stopping or self.reload or self.reopen_logs):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -222,7 +230,12 @@ class SchedulerProcess:
         self.sleeping.interrupt()  # leave BLPOP at once; anywhere else the loop sees the flag
 
     def _on_hup(self, signum: int, frame: Any) -> None:
-        self.reload = True
+        self.reload = self.reopen_logs = True
+        self.sleeping.interrupt()  # leave BLPOP: reload now, not at the next tick
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self.reopen_logs = True  # done in the loop: a handler never touches the log
+        self.sleeping.interrupt()
 
     def _apply_config(self) -> None:
         if not self.config.schedules and not self._has_config_schedules():

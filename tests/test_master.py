@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from conftest import kill_processes, process_tree, subprocess_env, wait_until
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
+from jobq.scheduler import Scheduler
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -274,6 +276,46 @@ def test_hup_reloads_new_code_without_losing_or_failing_a_job(
     new = wait_workers(master, 2, without=set(old))
     assert "gen=1" in titles(psutil.Process(master.pid))
     assert len(new) == 2
+
+
+def open_logs(pid: int, directory: Path) -> set[str]:
+    """The names of the files in ``directory`` a process has open (a renamed file shows
+    under its new name)."""
+    try:
+        return {Path(f.path).name for f in psutil.Process(pid).open_files()
+                if Path(f.path).parent == directory}
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return set()
+
+
+def test_usr1_and_hup_reopen_the_log_file_in_the_master_its_workers_and_its_scheduler(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log_file = logs / "master.log"
+    master = start_master(spawn, tmp_path, workers=1, log_file=str(log_file))
+    wait_workers(master, 1)
+    [scheduler] = wait_until(lambda: [p.pid for p in psutil.Process(master.pid).children()
+                                      if "jobq scheduler" in titles(p)],
+                             message="the scheduler")
+
+    for signum, rotated in ((signal.SIGUSR1, "master.log.1"), (signal.SIGHUP, "master.log.2")):
+        log_file.rename(logs / rotated)  # what logrotate does, before it signals the master
+        os.kill(master.pid, signum)
+
+        def reopened() -> bool:
+            writers = [master.pid, scheduler, *workers(master, ready=True)]
+            return all(open_logs(pid, logs) == {"master.log"} for pid in writers)
+
+        wait_until(reopened, 20, message=f"every process to reopen the log after {signum!r}")
+        assert scheduler in [p.pid for p in psutil.Process(master.pid).children()]
+
+    # what the scheduler says now lands in the new file
+    Scheduler(queue).schedule_once("after-rotation", tasks.noop, datetime.now())
+    wait_until(lambda: "schedule after-rotation fired" in log_file.read_text(), 20,
+               message="the scheduler's line in the new log file")
+    for rotated in ("master.log.1", "master.log.2"):
+        assert "after-rotation" not in (logs / rotated).read_text()
 
 
 def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueue,

@@ -26,15 +26,16 @@ locks or forks.
 ======  =========================================================================================
 signal  what the master does
 ======  =========================================================================================
-HUP     re-read the config, then a rolling replacement: new workers (new code, new config)
-        start, and once they are up the old ones stop claiming and finish their current job
+HUP     reopen log files; re-read the config, then a rolling replacement: new workers (new
+        code, new config) start, and once they are up the old ones stop claiming and finish
+        their current job; the scheduler reopens its log and reloads its schedules
 TERM    graceful stop: workers finish their current job (up to ``graceful_timeout``), then
         whatever still runs is killed and its job re-queued; exit 0
 INT     like TERM; a second INT acts like QUIT
 QUIT    stop at once: workers are killed, their jobs re-queued (none lost); exit 0
 TTIN    one worker more
 TTOU    one worker fewer (never below one)
-USR1    reopen log files (after logrotate), in the master and its workers
+USR1    reopen log files (after logrotate), in the master, its workers and its scheduler
 CHLD    reap exited children
 ======  =========================================================================================
 """
@@ -296,6 +297,9 @@ class Master:
         running workers and config stay."""
         if self.stopping:
             return
+        # the log file is reopened at once (logrotate may send HUP), whatever becomes of the
+        # reload: the new workers inherit it, the scheduler reopens its own on HUP
+        jobq_log.reopen()
         if self.reload_check is not None:
             log.info("HUP: a reload is being checked already")
             return
@@ -379,9 +383,12 @@ class Master:
             self._title()
 
     def handle_usr1(self) -> None:
+        """Reopen the log files (logrotate moved them): here, in the workers and in the
+        scheduler, which all write to them."""
         jobq_log.reopen()
-        for pid in self.workers:
-            send_signal(pid, signal.SIGUSR1)
+        for pid in [*self.workers, self.scheduler_pid]:
+            if pid:
+                send_signal(pid, signal.SIGUSR1)
 
     def _stop(self, how: str) -> None:
         now = time.time()
@@ -474,6 +481,9 @@ class Master:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides on Ctrl-C
+                # a log reopen is no reason to die (USR1's default) before the child has
+                # installed its own handler
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.setpgid(0, 0)  # its own group: killing it kills its children too
                 die_with_parent()
