@@ -385,19 +385,34 @@ def test_quit_stops_at_once_and_requeues_the_running_job(
 
 # -- boot failures ---------------------------------------------------------------------------------
 
-def test_a_task_module_that_fails_to_import_stops_the_master(spawn: Spawn,
-                                                             tmp_path: Path) -> None:
+#: A task module that cannot be imported: (its source, or None for no such module; what
+#: jobq-master's one line says after the module's name).
+BROKEN_MODULES = {
+    "missing": (None, "ModuleNotFoundError: No module named 'brokenmod'"),
+    "raises": ("raise RuntimeError('broken on purpose')\n",
+               "RuntimeError: broken on purpose"),
+    "syntax-error": ("def f(:\n    pass\n", "SyntaxError: "),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BROKEN_MODULES))
+def test_a_task_module_that_fails_to_import_stops_the_master_in_one_line(
+        breakage: str, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    source, says = BROKEN_MODULES[breakage]
     code_dir = tmp_path / "code"
     code_dir.mkdir()
-    (code_dir / "brokenmod.py").write_text("raise RuntimeError('broken on purpose')\n")
-    master = start_master(spawn, tmp_path, imports=("brokenmod",), pythonpath=code_dir)
+    if source is not None:
+        (code_dir / "brokenmod.py").write_text(source)
+    master = start_master(spawn, tmp_path, "--log-level", "debug",
+                          imports=("jobq_testtasks", "brokenmod"), pythonpath=code_dir)
 
     code, err = finish(master)
 
     assert code == exitcodes.IMPORT, err
-    reasons = [line for line in err.splitlines() if line.startswith("jobq-master: error:")]
-    assert len(reasons) == 1, err
-    assert "brokenmod" in reasons[0] and "broken on purpose" in reasons[0]
+    # exactly one line on stderr, even at the debug level: nothing started before it
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"jobq-master: error: cannot import task module 'brokenmod': {says}")
+    assert r.dbsize() == 0  # no master, worker or scheduler ever reached the server
 
 
 def test_a_job_that_exits_with_the_import_code_does_not_stop_the_master(

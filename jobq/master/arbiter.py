@@ -160,10 +160,14 @@ class Master:
                 self._fatal(str(exc))
                 return exitcodes.PIDFILE
         try:
-            self.url = resolve_url(self.config)
             self.id = f"{self.host}.{os.getpid()}"
             self.pid = os.getpid()
             self._install_signals()
+            problem = self._import_problem()
+            if problem:  # one line, and nothing was started: no server, no worker
+                self._fatal(problem)
+                return exitcodes.IMPORT
+            self.url = resolve_url(self.config)
             self._title()
             if not self._wait_for_server():
                 return self.exit_code
@@ -315,9 +319,28 @@ class Master:
         os.close(write)
         self.reload_check = (pid, config, read)
 
+    def _import_problem(self) -> str | None:
+        """Before anything starts, import the task modules in a short-lived child, as a
+        reload is checked (the master itself never imports them: its workers must import
+        new code after a reload). Returns why a module cannot be imported, or None. A child
+        that dies otherwise (a module that kills its process) is left to the workers' crash
+        policy, which stops the master (exit 7) if they all die so."""
+        if not self.config.imports:
+            return None
+        read, write = os.pipe()
+        pid = self._fork(lambda: self._check_child(self.config, write))
+        os.close(write)
+        with os.fdopen(read, "rb") as report:
+            said = report.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) == exitcodes.IMPORT and said:
+            return said
+        return None
+
     def _check_child(self, config: Config, report: int) -> int:
-        """In the child that checks a reload: import the task modules as a worker would."""
-        set_title("jobq-master: checking a reload")
+        """In the child that checks the task modules (at start, and before a reload): import
+        them as a worker would."""
+        set_title("jobq-master: checking the task modules")
         try:
             TaskResolver(config.imports, allow_main=self.options.allow_main)
         except TaskImportError as exc:
