@@ -531,6 +531,22 @@ def test_a_reader_that_stops_reading_is_no_error(redis_url: str, queue: JobQueue
         assert (proc.returncode, err) == (0, ""), args
 
 
+def test_demo_leaves_the_users_data_as_it_was_and_nothing_of_its_own(
+        redis_url: str, r: redis.Redis) -> None:
+    mine = JobQueue("demo", redis_url=redis_url)  # a user's queue that happens to be "demo"
+    job = mine.enqueue(tasks.add, 1, 2)
+    mine.enqueue(tasks.add, 3, 4, delay=3600)
+    before = {k: r.dump(k) for k in r.keys()}
+
+    done = subprocess.run([sys.executable, "-m", "jobq.cli", "demo", "--jobs", "8"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert "7 completed, 1 failed (after their retry)" in done.stdout, done.stdout
+    assert {k: r.dump(k) for k in r.keys()} == before  # the demo's own keys are gone too
+    assert mine.get_status(job.id) == "pending"
+
+
 # -- the installed console script ------------------------------------------------------------
 
 def test_the_installed_jobq_script(redis_url: str, queue: JobQueue) -> None:
