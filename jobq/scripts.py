@@ -25,10 +25,11 @@ from redis.exceptions import NoScriptError
 from .wire import LUA_CONSTANTS
 
 #: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
-#: to make room.
-FREE_MEMORY = frozenset({"empty"})
+#: or a whole queue (jobq queue delete) to make room.
+FREE_MEMORY = frozenset({"empty", "delete_queue"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
-         "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap")
+         "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap",
+         "delete_queue")
 
 
 def _constants() -> str:

@@ -268,6 +268,30 @@ def test_dlq_purge_asks_on_a_terminal_and_without_one_wants_yes(
     assert queue.failed_count() == 0
 
 
+def test_queue_delete_asks_on_a_terminal_and_without_one_wants_yes(
+        jobq: Callable[..., Result], redis_url: str, spawn: Spawn) -> None:
+    doomed = JobQueue("doomed", redis_url=redis_url)
+    doomed.enqueue(tasks.noop)
+    doomed.enqueue(tasks.noop, delay=3600)
+
+    err = jobq("queue", "delete", "doomed", code=exitcodes.USAGE).stderr
+    assert "delete queue doomed, its 2 live job(s)" in err and "pass --yes" in err
+    code, out, err = answering(spawn, "n", "queue", "delete", "doomed")
+    assert (code, err) == (exitcodes.FAILURE, "jobq: aborted\n"), (out, err)
+    assert doomed.exists() and doomed.get_stats()["scheduled"] == 1  # untouched
+
+    code, out, err = answering(spawn, "y", "queue", "delete", "doomed")
+    assert code == 0, err
+    assert out.endswith("deleted queue doomed: 1 pending, 1 scheduled, 0 deferred, 0 running "
+                        "(interrupted) and 0 dead-letter job(s)\n")
+    assert not doomed.exists()
+    jobq("queue", "delete", "doomed", "--yes", code=exitcodes.NOT_FOUND)
+
+    doomed.enqueue(tasks.noop)
+    assert jobq("queue", "delete", "doomed", "--yes").stdout.startswith(
+        "deleted queue doomed: 1 pending")
+
+
 # -- with a master running ----------------------------------------------------------------------
 
 def test_enqueue_wait_prints_the_result(jobq: Callable[..., Result], spawn: Spawn,

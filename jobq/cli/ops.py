@@ -1,5 +1,5 @@
-"""The operator's commands: enqueue, job, cancel, requeue, empty, suspend/resume, info, top,
-dlq and schedule. Every read command takes ``--json``."""
+"""The operator's commands: enqueue, job, cancel, requeue, empty, suspend/resume, queue
+delete, info, top, dlq and schedule. Every read command takes ``--json``."""
 
 from __future__ import annotations
 
@@ -215,6 +215,31 @@ def suspend(state: State, queue_names: tuple[str, ...]) -> int:
 def resume(state: State, queue_names: tuple[str, ...]) -> int:
     """Workers claim from QUEUE again (all queues if none given)."""
     return _suspend_or_resume(state, queue_names, False)
+
+
+@main.group("queue")
+def queue_group() -> None:
+    """Queues as a whole."""
+
+
+@jobq_command(queue_group, "delete")
+@click.argument("queue_name")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def queue_delete(state: State, queue_name: str, yes: bool) -> int:
+    """Delete QUEUE and everything in it: pending, scheduled, retrying, deferred and
+    dead-letter jobs, their records, its counters and its suspend flag. Jobs running in it
+    are interrupted and their outcome dropped; jobs of other queues that depend on its jobs
+    are settled as if those had failed."""
+    queue = _queue(state, queue_name, must_exist=True)
+    stats = queue.get_stats()
+    live = sum(stats[k] for k in ("pending", "processing", "scheduled", "deferred"))
+    _confirm(yes, f"delete queue {queue_name}, its {live} live job(s) and the "
+                  f"{queue.failed_count()} of its dead-letter queue")
+    done = queue.delete()
+    click.echo(f"deleted queue {queue_name}: {done['pending']} pending, {done['scheduled']} "
+               f"scheduled, {done['deferred']} deferred, {done['running']} running "
+               f"(interrupted) and {done['dead']} dead-letter job(s)")
+    return exitcodes.OK
 
 
 # -- info and top -----------------------------------------------------------------------------
