@@ -96,8 +96,8 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
         return fn()
     except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
         raise
-    except BrokenPipeError:
-        output_closed()
+    except BrokenPipeError:  # no failure of the command: the group ends it quietly
+        raise
     except ConfigError as exc:
         _fail(debug, str(exc), exitcodes.USAGE)
     except _connection_errors as exc:
