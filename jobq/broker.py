@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import redis
@@ -27,7 +27,7 @@ from .config import Config
 from .connection import block_limit
 from .keys import Keys
 from .scripts import Scripts
-from .wire import ACK_FIELDS, ROUTE, AckEntry
+from .wire import ACK_FIELDS, ROUTE, AckEntry, route
 
 #: Wake tokens kept per queue when no worker is idle (each wakes one idle worker).
 WAKE_CAP = 64
@@ -39,7 +39,7 @@ ENQUEUE_CHUNK = 1000
 PROMOTE_BATCH = 2000
 #: Most expired leases handled per reap (the rest wait for the next tick).
 REAP_BATCH = 32
-#: Jobs deleted per call of empty.lua.
+#: Jobs deleted per call of empty.lua, and per call of delete_queue.lua's steps.
 EMPTY_BATCH = 1000
 #: Records of jobs cancelled on the server (a parent failed, cancelled before they ran) are
 #: kept at least this long (seconds): a cancelled id left in its queue list is a tombstone
@@ -85,6 +85,21 @@ class Released(NamedTuple):
         failed = f" ({', '.join(self.failed[:5])})" if self.failed else ""
         return (f"gave back the jobs of worker {worker} ({cause}): {len(self.requeued)} "
                 f"requeued, {len(self.failed)} failed{failed}")
+
+
+class QueueDeleted(NamedTuple):
+    """What deleting a queue deleted: jobs workers held (running, or claimed and not started:
+    interrupted, their outcome dropped), pending, scheduled (delayed, retries), deferred, and
+    in its dead-letter queue."""
+
+    running: int = 0
+    pending: int = 0
+    scheduled: int = 0
+    deferred: int = 0
+    dead: int = 0
+
+    def plus(self, other: QueueDeleted) -> QueueDeleted:
+        return QueueDeleted(*(a + b for a, b in zip(self, other, strict=True)))
 
 
 class JobParts(NamedTuple):
@@ -271,6 +286,48 @@ class Broker:
             total += n
             if n == 0:
                 return total
+
+    def delete_queue(self, queue: str) -> QueueDeleted:
+        """Delete a queue and everything in it (delete_queue.lua, in steps: each one atomic
+        and short but the last, which finishes at once whatever arrived meanwhile)."""
+        routes = sorted(self.keys.queue_of_levels(str(k)) for k in self._r.scan_iter(
+            match=self.keys.levels(route(queue, "*")), count=1000, _type="zset"))
+        reason = f"its queue {queue} was deleted"
+
+        def step(name: str, *args: Any) -> QueueDeleted:
+            out = self.scripts.run("delete_queue", [self.keys.jobs], [
+                self.keys.base, queue, name, int(time.time() * 1000), self.cancelled_ttl,
+                WAKE_CAP, reason, EMPTY_BATCH, *args])
+            return QueueDeleted(*(int(n) for n in out))
+
+        total = step("held")  # first: a held job's retry would come back after the others
+        while True:
+            batch = step("pending", *routes)
+            total = total.plus(batch)
+            if not batch.pending:
+                break
+        # the scheduled and deferred jobs of every queue are in one set and one hash: go
+        # through them a page at a time; the script deletes those of this queue
+        for page in self._pages_of_waiting_ids():
+            total = total.plus(step("ids", *page))
+        return total.plus(step("finish", *routes))
+
+    def _pages_of_waiting_ids(self) -> Iterator[list[str]]:
+        """The ids of every scheduled and deferred job, a page at a time (ZSCAN, HSCAN: an id
+        that is there all along is seen at least once)."""
+        cursor = 0
+        while True:
+            cursor, pairs = self._r.zscan(self.keys.scheduled, cursor, count=EMPTY_BATCH)
+            if pairs:
+                yield [str(member) for member, _ in pairs]
+            if int(cursor) == 0:
+                break
+        while True:
+            cursor, fields = self._r.hscan(self.keys.deps, cursor, count=EMPTY_BATCH)
+            if fields:
+                yield [str(f) for f in fields]
+            if int(cursor) == 0:
+                break
 
     def dlq_ids(self, queue: str, start: int = 0, stop: int = -1, *,
                 newest_first: bool = False) -> list[str]:

@@ -2,8 +2,9 @@
 
 Precedence, highest first: explicit overrides (the command line) > ``JOBQ_REDIS_URL`` (for
 ``redis_url`` only) > the TOML file > the defaults. Every value is checked against one table,
-:data:`_RULES`; any problem raises :class:`ConfigError` with a one-line message that names the
-source, the key and the problem.
+:data:`_RULES`, the file's values too where the environment or an override replaces them; any
+problem raises :class:`ConfigError` with a one-line message that names the source, the key and
+the problem.
 
 The keys the command lines take too (``--workers``, ``--log-level``, ...) are spelled and explained
 once, in :data:`FLAGS`; their type and choices are those of their rule.
@@ -118,6 +119,10 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         for name, value in _read_toml(source).items():
             values[name] = value
             sources[name] = source
+
+        # every value of the file is checked, also those the environment or the command
+        # line replace: a bad value in the file stops every command, whatever its options
+        _validate(values, sources)
 
     env_url = os.environ.get(REDIS_URL_ENV)
     if env_url:
@@ -432,7 +437,7 @@ FLAGS: dict[str, Flag] = {
     "pidfile": Flag(("--pidfile",), "File the master writes its pid to; a second master given "
                     "the same file refuses to start.", metavar="FILE"),
     "log_file": Flag(("--log-file",), "Log to FILE instead of standard error (reopened on "
-                     "USR1).", metavar="FILE"),
+                     "USR1 and HUP).", metavar="FILE"),
     "log_level": Flag(("--log-level",), "Lowest level logged (default: info)."),
     "log_format": Flag(("--log-format",), "Log line format; json writes one object per line "
                        "(default: text)."),

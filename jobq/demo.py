@@ -2,6 +2,10 @@
 
 A CPU-heavy batch (counting primes) where a few inputs fail on purpose, run by real worker
 processes, then a report of what happened to every job.
+
+It runs in a key namespace of its own (:data:`PREFIX`), deleted before it starts (a demo
+interrupted earlier may have left it) and once it is done: the user's own queues, jobs and
+records on the same server, a ``demo`` queue included, are never touched.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import click
 
@@ -20,6 +26,8 @@ from .registry import task
 from .urls import redact
 
 QUEUE = "demo"
+#: The key prefix of the demo's namespace (as the bench has its own).
+PREFIX = "jobqdemo"
 
 
 @task(queue=QUEUE, max_retries=1, timeout=60)
@@ -39,13 +47,23 @@ def count_primes(limit: int) -> int:
 
 
 def run_demo(config: Config, url: str, jobs: int, workers: int) -> int:
-    queue = JobQueue(QUEUE, redis_url=url, config=config)
+    queue = JobQueue(QUEUE, redis_url=url, config=config.replace(prefix=PREFIX))
+    queue.broker.delete_namespace()
+    try:
+        with tempfile.TemporaryDirectory(prefix="jobq-demo-") as tmp:
+            return _run(queue, url, jobs, workers, Path(tmp))
+    finally:
+        queue.broker.delete_namespace()
+
+
+def _run(queue: JobQueue, url: str, jobs: int, workers: int, tmp: Path) -> int:
     limits = [600_000 + 10_000 * i for i in range(jobs)]
     started = time.time()
     batch = queue.enqueue_many(count_primes, [(n,) for n in limits])
-    click.echo(f"enqueued {len(batch)} jobs on queue {QUEUE!r} at {_where(url)}; "
-               f"running them on a jobq-master with {workers} workers")
-    master = _start_master(url, workers)
+    click.echo(f"enqueued {len(batch)} jobs on queue {QUEUE!r} at {_where(url)} (in a key "
+               f"namespace of their own, {PREFIX!r}, deleted afterwards); running them on a "
+               f"jobq-master with {workers} workers")
+    master = _start_master(url, workers, tmp)
     try:
         done = [queue.wait(job.id, timeout=300) for job in batch]
     finally:
@@ -64,11 +82,13 @@ def run_demo(config: Config, url: str, jobs: int, workers: int) -> int:
     return 0 if len(ok) + len(failed) == len(done) else 1
 
 
-def _start_master(url: str, workers: int) -> subprocess.Popen[bytes]:
-    """The same jobq-master users run, as a child process."""
+def _start_master(url: str, workers: int, tmp: Path) -> subprocess.Popen[bytes]:
+    """The same jobq-master users run, as a child process, in the demo's namespace."""
+    config = tmp / "demo.toml"
+    config.write_text(f'prefix = "{PREFIX}"\n')
     env = {**os.environ, "JOBQ_REDIS_URL": url}
-    cmd = [sys.executable, "-m", "jobq.master", "--workers", str(workers), "-q", QUEUE,
-           "-I", __name__, "--log-level", "error"]
+    cmd = [sys.executable, "-m", "jobq.master", "--config", str(config), "--workers",
+           str(workers), "-q", QUEUE, "-I", __name__, "--log-level", "error"]
     return subprocess.Popen(cmd, env=env)
 
 

@@ -4,7 +4,8 @@
 OK = 0
 #: A command's work failed (a job waited on with --wait failed, a worker crashed).
 FAILURE = 1
-#: Bad usage or configuration: unknown option, bad JSON, a config key with a bad value.
+#: Bad usage or configuration: unknown option, bad JSON, a config key with a bad value, a
+#: deletion with neither a terminal to confirm on nor --yes.
 USAGE = 2
 #: The Redis/Valkey server cannot be reached, or refused our credentials.
 CONNECT = 3

@@ -94,6 +94,10 @@ class Keys:
     def levels(self, queue: str) -> str:
         return f"{self.base}:q:{queue}"
 
+    def queue_of_levels(self, key: str) -> str:
+        """The queue (or route) whose :meth:`levels` key ``key`` is."""
+        return key[len(self.levels("")):]
+
     def level(self, queue: str, priority: int) -> str:
         return f"{self.base}:q:{queue}:{priority}"
 

@@ -392,6 +392,18 @@ class JobQueue:
         """Delete every pending job of this queue (running jobs finish); returns how many."""
         return self.broker.empty(self.name)
 
+    def delete(self) -> dict[str, int]:
+        """Delete this queue and everything in it: its pending, scheduled (delayed, retrying)
+        and deferred jobs, its dead-letter queue, the records of its failed jobs and of its
+        latest completed ones, its counters and its suspend flag; the queue is forgotten.
+
+        Jobs that workers hold at that moment are taken from them and interrupted
+        (``jobq.JobCancelled``); whatever they return is dropped, nothing of them is written
+        back. Jobs of other queues that depend on a deleted job are settled as if it had
+        failed (cancelled, or run with ``on_parent_failure="run"``). Returns how many jobs
+        were deleted: ``running``, ``pending``, ``scheduled``, ``deferred``, ``dead``."""
+        return self.broker.delete_queue(self.name)._asdict()
+
     def suspend(self) -> None:
         """Workers stop claiming from this queue (running jobs finish)."""
         self.broker.suspend(self.name)

@@ -12,8 +12,8 @@ overwrite another's). The leader:
   ``jobq info``'s rates.
 
 Signals: TERM stops it (a leader resigns at once, so a standby takes over quickly); HUP
-re-reads the config and re-applies its ``[[schedule]]`` tables; USR1 reopens the log file
-(the master passes it on after logrotate).
+re-reads the config and re-applies its ``[[schedule]]`` tables; USR1 and HUP reopen the log
+file (logrotate moved it).
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ class SchedulerProcess:
 
     def _sleep(self, wake_at: float) -> None:
         timeout = max(0.001, wake_at - time.time())
-        if self.stopping:
-            return
+        if self.stopping or self.reload or self.reopen_logs:
+            return  # a signal came during the step: act on it first
         if not self.leading:
             self._nap(timeout)
             return
@@ -229,9 +229,10 @@ class SchedulerProcess:
             self._nap(min(timeout, 1.0))
 
     def _nap(self, seconds: float) -> None:
-        """Sleep without the server, but wake at once when told to stop."""
+        """Sleep without the server, but wake at once when told to stop, reload or reopen
+        the log."""
         deadline = time.monotonic() + seconds
-        while not self.stopping:
+        while not (self.stopping or self.reload or self.reopen_logs):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -242,10 +243,12 @@ class SchedulerProcess:
         self.sleeping.interrupt()  # leave BLPOP at once; anywhere else the loop sees the flag
 
     def _on_hup(self, signum: int, frame: Any) -> None:
-        self.reload = True
+        self.reload = self.reopen_logs = True
+        self.sleeping.interrupt()  # leave BLPOP: reload now, not at the next tick
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
-        self.reopen_logs = True  # done in the loop: never close a stream a write may hold
+        self.reopen_logs = True  # done in the loop: a handler never touches the log
+        self.sleeping.interrupt()
 
     def _apply_config(self) -> None:
         if not self.config.schedules and not self._has_config_schedules():

@@ -25,11 +25,11 @@ from redis.exceptions import NoScriptError
 from .wire import LUA_CONSTANTS
 
 #: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
-#: to make room.
-FREE_MEMORY = frozenset({"empty"})
+#: or a whole queue (jobq queue delete) to make room.
+FREE_MEMORY = frozenset({"empty", "delete_queue"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
          "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap",
-         "announce", "tasks")
+         "announce", "tasks", "delete_queue")
 
 
 def _constants() -> str:

@@ -706,21 +706,24 @@ def marked_processes(mark: str) -> list[str]:
 
 
 def test_bad_config_files_stop_master_and_cli_with_one_line_and_exit_2(
-        tmp_path: Path, r: redis.Redis, spawn: Spawn, marker: str) -> None:
+        tmp_path: Path, redis_url: str, r: redis.Redis, spawn: Spawn, marker: str) -> None:
     schedule = ('[[schedule]]\nname = "nightly"\ntask = "jobq_testtasks:noop"\n'
                 'cron = "61 * * * *"\n')
     clients_before = len(r.client_list())
     env = subprocess_env()
     del env["JOBQ_REDIS_URL"]  # it would override the file's redis_url
+    # options that set the same keys as the file: a bad value in the file stops the command
+    # all the same (an option must not hide it)
+    options = ["--redis-url", redis_url, "--log-level", "info", "--log-format", "text"]
     runs = []
     for i, (text, names, says) in enumerate(BAD_CONFIGS):
         path = tmp_path / f"bad{i}.toml"
         path.write_text(text)
-        # (no -w: the command line would override a bad "workers" of the file)
         runs.append((path, names, says, "jobq-master",
-                     spawn("--config", str(path), "-I", "jobq_testtasks", env=env,
-                           module="jobq.master")))
-        runs.append((path, names, says, "jobq", spawn("--config", str(path), "info", env=env)))
+                     spawn("--config", str(path), "-I", "jobq_testtasks", "-w", "1",
+                           "-q", "default", *options, env=env, module="jobq.master")))
+        runs.append((path, names, says, "jobq",
+                     spawn("--config", str(path), *options, "info", env=env)))
     path = tmp_path / "schedule.toml"
     path.write_text(schedule)
     runs.append((path, "cron:", "field 1 (minute) '61'", "jobq-master",

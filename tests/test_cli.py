@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import pty
 import socket
 import stat
 import subprocess
@@ -318,6 +319,64 @@ def test_dlq_list_show_requeue_purge(jobq: Callable[..., Result], queue: JobQueu
     jobq("dlq", "list", "-q", "nosuch", code=exitcodes.NOT_FOUND)
 
 
+def answering(spawn: Spawn, answer: str, *args: str) -> tuple[int, str, str]:
+    """Run ``jobq ARGS`` with a terminal (a pty) as its standard input, answer its question
+    with ``answer``; its exit code, stdout and stderr."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = spawn(*args, stdin=terminal)
+        os.close(terminal)
+        os.write(controller, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(controller)
+    return proc.returncode, out, err
+
+
+def test_dlq_purge_asks_on_a_terminal_and_without_one_wants_yes(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn) -> None:
+    fail_jobs(queue, spawn, 2)
+
+    # no terminal (a script, a pipe, cron): nothing is deleted without --yes
+    err = jobq("dlq", "purge", code=exitcodes.USAGE).stderr
+    assert "pass --yes" in err and "2 failed job(s) of default" in err
+    assert queue.failed_count() == 2
+
+    code, out, err = answering(spawn, "n", "dlq", "purge")
+    assert (code, err) == (exitcodes.FAILURE, "jobq: aborted\n"), (out, err)
+    assert "delete the 2 failed job(s) of default? [y/N]" in out
+    assert queue.failed_count() == 2
+
+    code, out, err = answering(spawn, "y", "dlq", "purge")
+    assert code == 0, err
+    assert out.endswith("purged 2 job(s)\n")
+    assert queue.failed_count() == 0
+
+
+def test_queue_delete_asks_on_a_terminal_and_without_one_wants_yes(
+        jobq: Callable[..., Result], redis_url: str, spawn: Spawn) -> None:
+    doomed = JobQueue("doomed", redis_url=redis_url)
+    doomed.enqueue(tasks.noop)
+    doomed.enqueue(tasks.noop, delay=3600)
+
+    err = jobq("queue", "delete", "doomed", code=exitcodes.USAGE).stderr
+    assert "delete queue doomed, its 2 live job(s)" in err and "pass --yes" in err
+    code, out, err = answering(spawn, "n", "queue", "delete", "doomed")
+    assert (code, err) == (exitcodes.FAILURE, "jobq: aborted\n"), (out, err)
+    assert doomed.exists() and doomed.get_stats()["scheduled"] == 1  # untouched
+
+    code, out, err = answering(spawn, "y", "queue", "delete", "doomed")
+    assert code == 0, err
+    assert out.endswith("deleted queue doomed: 1 pending, 1 scheduled, 0 deferred, 0 running "
+                        "(interrupted) and 0 dead-letter job(s)\n")
+    assert not doomed.exists()
+    jobq("queue", "delete", "doomed", "--yes", code=exitcodes.NOT_FOUND)
+
+    doomed.enqueue(tasks.noop)
+    assert jobq("queue", "delete", "doomed", "--yes").stdout.startswith(
+        "deleted queue doomed: 1 pending")
+
+
 # -- with a master running ----------------------------------------------------------------------
 
 def test_enqueue_wait_prints_the_result(jobq: Callable[..., Result], spawn: Spawn,
@@ -437,6 +496,34 @@ def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: S
 
 # -- schedules ------------------------------------------------------------------------------------
 
+def test_top_json_prints_one_document_per_refresh(jobq: Callable[..., Result],
+                                                 queue: JobQueue) -> None:
+    queue.enqueue(tasks.noop)
+    out = jobq("top", "--json", "--iterations", "3", "--interval", "0").stdout
+    documents = [json.loads(line) for line in out.splitlines()]  # a line each, nothing else
+    assert len(documents) == 3
+    info = as_json(jobq("info", "--json"))
+    assert all(set(d) == set(info) for d in documents)
+    assert [(q["queue"], q["pending"]) for q in documents[-1]["queues"]] == [("default", 1)]
+
+
+def test_global_options_work_after_the_command_too(queue: JobQueue, spawn: Spawn) -> None:
+    job = queue.enqueue(tasks.add, 1, 2)
+    # given twice, the one after the command's name wins
+    worker = spawn("--log-format", "text", "worker", "-I", "jobq_testtasks", "--burst",
+                   "--log-format", "json", "--log-level", "debug")
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    assert {line["level"] for line in lines} >= {"debug", "info"}
+    assert any(line.get("job_id") == job.id for line in lines)
+    assert queue.get_status(job.id) == "completed"
+    # the commands of a group too (an unknown job: exit 5, not 2 for an unknown option)
+    for args in (["dlq", "show", "nosuchjob"], ["dlq", "requeue", "nosuchjob"]):
+        result = CliRunner().invoke(main, [*args, "--redis-url", queue.url, "--debug"])
+        assert result.exit_code == exitcodes.NOT_FOUND, (args, result.stderr)
+
+
 def test_schedule_add_list_pause_resume_run_now_remove(
         jobq: Callable[..., Result], queue: JobQueue) -> None:
     assert jobq("schedule", "add", "hourly", "jobq_testtasks:add", "[1, 2]", "--interval",
@@ -517,9 +604,12 @@ def test_an_unreachable_server_is_one_line_exit_3_without_the_password(
     assert "s3cret-pw" not in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_debug_shows_the_traceback(redis_url: str, quick_connect: Path) -> None:
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_debug_shows_the_traceback(where: str, redis_url: str, quick_connect: Path) -> None:
     url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
-    result = CliRunner().invoke(main, ["--debug", "--redis-url", url, "info"])
+    options = ["--debug", "--redis-url", url]
+    args = [*options, "info"] if where == "before the command" else ["info", *options]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == exitcodes.CONNECT
     assert "Traceback (most recent call last)" in result.stderr
     assert "redis.exceptions.ConnectionError" in result.stderr
@@ -572,6 +662,45 @@ def test_server_run_is_the_server_in_the_foreground(spawn: Spawn, home: Path) ->
     client = connect(server.url)
     assert client.get("kept") == "yes"
     client.close()
+
+
+def test_a_reader_that_stops_reading_is_no_error(redis_url: str, queue: JobQueue) -> None:
+    # `jobq dlq list | head -1`: once head exits, every write fails with EPIPE. The reader
+    # is gone here before anything is written, so that every command meets it, however
+    # short its output.
+    job = queue.enqueue(tasks.add, 1, 2)
+    commands = [["dlq", "list"], ["info"], ["info", "--json"], ["job", job.id],
+                ["schedule", "list"], ["top", "--iterations", "1"], ["server", "status"],
+                ["--help"], ["dlq", "--help"]]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        procs = [(args, subprocess.Popen([sys.executable, "-m", module, *args],
+                                         stdout=write, stderr=subprocess.PIPE, text=True,
+                                         env=subprocess_env()))
+                 for module, args in [*(("jobq.cli", c) for c in commands),
+                                      ("jobq.master", ["--help"])]]
+    finally:
+        os.close(write)
+    for args, proc in procs:
+        _, err = proc.communicate(timeout=30)
+        assert (proc.returncode, err) == (0, ""), args
+
+
+def test_demo_leaves_the_users_data_as_it_was_and_nothing_of_its_own(
+        redis_url: str, r: redis.Redis) -> None:
+    mine = JobQueue("demo", redis_url=redis_url)  # a user's queue that happens to be "demo"
+    job = mine.enqueue(tasks.add, 1, 2)
+    mine.enqueue(tasks.add, 3, 4, delay=3600)
+    before = {k: r.dump(k) for k in r.keys()}
+
+    done = subprocess.run([sys.executable, "-m", "jobq.cli", "demo", "--jobs", "8"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert "7 completed, 1 failed (after their retry)" in done.stdout, done.stdout
+    assert {k: r.dump(k) for k in r.keys()} == before  # the demo's own keys are gone too
+    assert mine.get_status(job.id) == "pending"
 
 
 # -- the installed console script ------------------------------------------------------------

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from jobq.config import Config, ConfigError, load_config
+from jobq.schedule import MISFIRE
+from jobq.scheduler import config_schedules
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "jobq.toml"
 
@@ -181,6 +183,21 @@ def test_override_and_env_errors_name_their_source(monkeypatch: pytest.MonkeyPat
     assert "http://:***@host" in str(info.value)
 
 
+def test_a_bad_value_in_the_file_stops_whatever_replaces_it(
+        write: Writer, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write('workers = "four"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, workers=1)  # jobq-master --config FILE -w 1
+    assert str(info.value) == f"{path}: workers: expected a positive integer, got 'four'"
+
+    path = write('redis_url = "http://:topsecret@host"\n')
+    monkeypatch.setenv("JOBQ_REDIS_URL", "redis://env:6379/0")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, redis_url="redis://cli:6379/0")
+    assert str(info.value).startswith(f"{path}: redis_url: expected a URL")
+    assert "topsecret" not in str(info.value)
+
+
 def test_sample_config_loads_as_defaults() -> None:
     assert load_config(SAMPLE) == Config()
 
@@ -196,17 +213,27 @@ def test_sample_config_mentions_every_key() -> None:
             assert re.search(rf"^# .+\n#{f.name} = ", text, re.M), f"{f.name} has no comment"
 
 
+#: A setting of the sample, commented out: ``#key = value`` or the ``#[[schedule]]`` header.
+SETTING_LINE = re.compile(r"^#(\[\[schedule\]\]$|[a-z_]+ = )")
+
+
 def test_sample_config_documents_the_true_defaults(tmp_path: Path) -> None:
-    # Uncomment every setting line ("#key = ..."; prose is "# ..."): the file must still load,
-    # give the defaults (workers aside: its default depends on the machine) and a valid
-    # example schedule.
-    lines = [line[1:] if re.match(r"#[\[a-z]", line) else line
-             for line in SAMPLE.read_text().splitlines()]
+    # Uncomment every setting line ("#key = ..." and the table header; prose is "# ..."): the
+    # file must still load through the real loader, give the defaults (workers aside: its
+    # default depends on the machine), and hold an example schedule the master accepts.
+    text = SAMPLE.read_text()
+    lines = [line[1:] if SETTING_LINE.match(line) else line for line in text.splitlines()]
+    left = [line for line in lines if re.match(r"^#\s*(\[|[A-Za-z_]+\s*=)", line)]
+    assert left == [], f"settings the pattern does not uncomment: {left}"
     path = tmp_path / "uncommented.toml"
     path.write_text("\n".join(lines) + "\n")
     cfg = load_config(path)
     assert cfg.replace(workers=Config().workers, schedules=[]) == Config()
-    [schedule] = cfg.schedules
-    assert schedule["name"] == "nightly-report"
-    assert set(schedule) == {"name", "task", "cron", "args", "kwargs", "queue", "priority",
-                             "timezone", "misfire"}
+    [table] = cfg.schedules
+    assert table["name"] == "nightly-report"
+    assert set(table) == {"name", "task", "cron", "args", "kwargs", "queue", "priority",
+                          "timezone", "misfire"}
+    [schedule] = config_schedules(cfg)  # what jobq-master checks before it starts
+    assert (schedule.task, schedule.kind) == ("myapp.tasks:build_report", "cron")
+    for policy in MISFIRE:
+        assert f'"{policy}"' in text, f"misfire {policy!r} is not documented"

@@ -301,6 +301,46 @@ def test_a_jobq_upgraded_under_a_running_master_waits_for_its_restart(
     assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
 
 
+def open_logs(pid: int, directory: Path) -> set[str]:
+    """The names of the files in ``directory`` a process has open (a renamed file shows
+    under its new name)."""
+    try:
+        return {Path(f.path).name for f in psutil.Process(pid).open_files()
+                if Path(f.path).parent == directory}
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return set()
+
+
+def test_usr1_and_hup_reopen_the_log_file_in_the_master_its_workers_and_its_scheduler(
+        queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log_file = logs / "master.log"
+    master = start_master(spawn, tmp_path, workers=1, log_file=str(log_file))
+    wait_workers(master, 1)
+    [scheduler] = wait_until(lambda: [p.pid for p in psutil.Process(master.pid).children()
+                                      if "jobq scheduler" in titles(p)],
+                             message="the scheduler")
+
+    for signum, rotated in ((signal.SIGUSR1, "master.log.1"), (signal.SIGHUP, "master.log.2")):
+        log_file.rename(logs / rotated)  # what logrotate does, before it signals the master
+        os.kill(master.pid, signum)
+
+        def reopened() -> bool:
+            writers = [master.pid, scheduler, *workers(master, ready=True)]
+            return all(open_logs(pid, logs) == {"master.log"} for pid in writers)
+
+        wait_until(reopened, 20, message=f"every process to reopen the log after {signum!r}")
+        assert scheduler in [p.pid for p in psutil.Process(master.pid).children()]
+
+    # what the scheduler says now lands in the new file
+    Scheduler(queue).schedule_once("after-rotation", tasks.noop, datetime.now())
+    wait_until(lambda: "schedule after-rotation fired" in log_file.read_text(), 20,
+               message="the scheduler's line in the new log file")
+    for rotated in ("master.log.1", "master.log.2"):
+        assert "after-rotation" not in (logs / rotated).read_text()
+
+
 def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueue,
                                                     tmp_path: Path) -> None:
     master = start_master(spawn, tmp_path)
@@ -321,27 +361,6 @@ def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueu
     wait_workers(master, 1)
     assert "workers=1" in titles(psutil.Process(master.pid))
     assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
-
-
-def test_usr1_reopens_the_log_file_in_the_master_its_workers_and_its_scheduler(
-        spawn: Spawn, queue: JobQueue, tmp_path: Path) -> None:
-    log_file = tmp_path / "master.log"
-    master = start_master(spawn, tmp_path, workers=1, log_file=str(log_file))
-    wait_workers(master, 1)
-    wait_until(lambda: " leads" in log_file.read_text(), message="the scheduler to lead")
-
-    log_file.rename(tmp_path / "master.log.1")  # what logrotate does, then its postrotate:
-    os.kill(master.pid, signal.SIGUSR1)
-    wait_until(log_file.exists, message="the master to open a new file")
-    os.kill(master.pid, signal.SIGTTIN)  # the master logs it
-    wait_until(lambda: "TTIN: now 2" in log_file.read_text(),
-               message="the master's line in the new file")
-    failed = queue.enqueue(tasks.boom, "on purpose", max_retries=0)  # the worker logs it
-    wait_until(lambda: f"job {failed.id} jobq_testtasks:boom failed" in log_file.read_text(),
-               message="the worker's line in the new file")
-    Scheduler(queue).schedule_once("rotated", tasks.noop, datetime.now())  # the scheduler's
-    wait_until(lambda: "schedule rotated fired" in log_file.read_text(),
-               message="the scheduler's line in the new file")
 
 
 def test_term_lets_the_running_job_finish_and_exits_0(
@@ -400,19 +419,34 @@ def test_a_master_with_no_task_module_refuses_to_start_in_one_line(spawn: Spawn)
                    f"myapp.tasks)\n")
 
 
-def test_a_task_module_that_fails_to_import_stops_the_master(spawn: Spawn,
-                                                             tmp_path: Path) -> None:
+#: A task module that cannot be imported: (its source, or None for no such module; what
+#: jobq-master's one line says after the module's name).
+BROKEN_MODULES = {
+    "missing": (None, "ModuleNotFoundError: No module named 'brokenmod'"),
+    "raises": ("raise RuntimeError('broken on purpose')\n",
+               "RuntimeError: broken on purpose"),
+    "syntax-error": ("def f(:\n    pass\n", "SyntaxError: "),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BROKEN_MODULES))
+def test_a_task_module_that_fails_to_import_stops_the_master_in_one_line(
+        breakage: str, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    source, says = BROKEN_MODULES[breakage]
     code_dir = tmp_path / "code"
     code_dir.mkdir()
-    (code_dir / "brokenmod.py").write_text("raise RuntimeError('broken on purpose')\n")
-    master = start_master(spawn, tmp_path, imports=("brokenmod",), pythonpath=code_dir)
+    if source is not None:
+        (code_dir / "brokenmod.py").write_text(source)
+    master = start_master(spawn, tmp_path, "--log-level", "debug",
+                          imports=("jobq_testtasks", "brokenmod"), pythonpath=code_dir)
 
     code, err = finish(master)
 
     assert code == exitcodes.IMPORT, err
-    reasons = [line for line in err.splitlines() if line.startswith("jobq-master: error:")]
-    assert len(reasons) == 1, err
-    assert "brokenmod" in reasons[0] and "broken on purpose" in reasons[0]
+    # exactly one line on stderr, even at the debug level: nothing started before it
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"jobq-master: error: cannot import task module 'brokenmod': {says}")
+    assert r.dbsize() == 0  # no master, worker or scheduler ever reached the server
 
 
 def test_a_job_that_exits_with_the_import_code_does_not_stop_the_master(

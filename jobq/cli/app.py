@@ -5,6 +5,7 @@ a command that talks to the server, and the options that mirror config keys."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -50,14 +51,17 @@ class State:
         self.log_format = log_format
         self._config: Config | None = None
 
-    def use(self, redis_url: str | None, config_path: str | None) -> None:
-        """Apply a command's own --redis-url/--config: they win over those given before it."""
-        if redis_url:
-            self.redis_url = redis_url
-            self._config = None
-        if config_path:
-            self.config_path = config_path
-            self._config = None
+    def use(self, redis_url: str | None = None, config_path: str | None = None,
+            log_level: str | None = None, log_format: str | None = None,
+            debug: bool = False) -> None:
+        """Apply the global options given after the command's name: they win over those
+        given before it."""
+        for name, value in (("redis_url", redis_url), ("config_path", config_path),
+                            ("log_level", log_level), ("log_format", log_format)):
+            if value:
+                setattr(self, name, value)
+                self._config = None
+        self.debug = self.debug or debug
 
     def config(self, **overrides: Any) -> Config:
         if self._config is None or overrides:
@@ -92,6 +96,8 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
         return fn()
     except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
         raise
+    except BrokenPipeError:  # no failure of the command: the group ends it quietly
+        raise
     except ConfigError as exc:
         _fail(debug, str(exc), exitcodes.USAGE)
     except _connection_errors as exc:
@@ -107,6 +113,19 @@ def run_guarded(fn: Callable[[], Any], state: State) -> Any:
         _fail(debug, _scrubbed(str(exc), url), exitcodes.USAGE)
     except Exception as exc:
         _fail(debug, _scrubbed(f"{type(exc).__name__}: {exc}", url), exitcodes.FAILURE)
+
+
+def output_closed() -> NoReturn:
+    """Whoever read our output stopped (``jobq dlq list | head -1``): stop quietly, exit 0,
+    as Unix tools do. Standard output goes to /dev/null first, so that flushing what is left
+    in its buffer at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # no file descriptor (a test's stream): nothing is flushed to a pipe at exit
+    sys.exit(exitcodes.OK)
 
 
 def _scrubbed(message: str, url: str) -> str:
@@ -158,34 +177,66 @@ def config_file_option() -> Callable[[_Decorated], _Decorated]:
                         help=f"TOML config file (default: ${CONFIG_ENV}).")
 
 
+def debug_option() -> Callable[[_Decorated], _Decorated]:
+    """--debug: errors show their traceback too."""
+    return click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+
+
+def global_options() -> list[Callable[[_Decorated], _Decorated]]:
+    """The options of the ``jobq`` group, which every command takes after its name too."""
+    return [config_option("redis_url"), config_file_option(), config_option("log_level"),
+            config_option("log_format"), debug_option()]
+
+
 def jobq_command(group: click.Group, name: str | None = None, **attrs: Any
                  ) -> Callable[[Callable[..., int]], click.Command]:
     """Register ``fn(state, **params) -> exit code`` as command ``name`` of ``group``.
 
-    The command also takes --redis-url/--config (they work before its name too), gets the
-    :class:`State` first, runs under :func:`run_guarded` (an error is one line and a documented
-    exit code) and exits with the code ``fn`` returns. ``attrs`` go to ``group.command``.
+    The command also takes the global options (--redis-url, --config, --log-level,
+    --log-format, --debug: they work before its name too), gets the :class:`State` first,
+    runs under :func:`run_guarded` (an error is one line and a documented exit code) and
+    exits with the code ``fn`` returns. ``attrs`` go to ``group.command``.
     """
 
     def decorate(fn: Callable[..., int]) -> click.Command:
         @functools.wraps(fn)
         @click.pass_obj
         def run(state: State, redis_url: str | None = None, config_path: str | None = None,
-                **params: Any) -> NoReturn:
-            state.use(redis_url, config_path)
+                log_level: str | None = None, log_format: str | None = None,
+                debug: bool = False, **params: Any) -> NoReturn:
+            state.use(redis_url, config_path, log_level, log_format, debug)
             sys.exit(run_guarded(lambda: fn(state, **params), state))
 
         command = group.command(name, **attrs)(run)
         # Added to the built command, so that --help lists them after the command's own options.
-        config_option("redis_url")(command)
-        config_file_option()(command)
+        for option in global_options():
+            option(command)
         return command
 
     return decorate
 
 
-class OneLineErrors(click.Group):
-    """A click group whose usage errors are one line (``jobq: error: ...``), exit code 2."""
+class QuietCommand(click.Command):
+    """A click command that stops quietly, exit 0, when its output is closed (click itself
+    would exit 1), also while it writes its --help."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            output_closed()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            output_closed()
+
+
+class OneLineErrors(QuietCommand, click.Group):
+    """A click group whose usage errors are one line (``jobq: error: ...``), exit code 2, and
+    whose commands stop quietly when their output is closed (see :class:`QuietCommand`)."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -212,12 +263,14 @@ def one_line_errors(run: Callable[..., Any], args: Any, prog_name: str, **extra:
         sys.exit(exitcodes.FAILURE)
 
 
+def _with_global_options(fn: _Decorated) -> _Decorated:
+    for option in reversed(global_options()):  # a function's decorators apply bottom-up
+        fn = option(fn)
+    return fn
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@config_option("redis_url")
-@config_file_option()
-@config_option("log_level")
-@config_option("log_format")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@_with_global_options
 @click.version_option(package_name="jobq")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, config_path: str | None,

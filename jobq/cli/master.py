@@ -15,10 +15,10 @@ from ..config import CONFIG_ENV, ConfigError, load_config
 from ..master.arbiter import NO_TASK_MODULE, Master, Options
 from ..schedule import ScheduleError
 from ..scheduler import config_schedules
-from .app import config_file_option, config_option, one_line_errors
+from .app import QuietCommand, config_file_option, config_option, one_line_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=QuietCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option("workers")
 @config_option("queues")
 @config_option("imports")

@@ -1,5 +1,5 @@
-"""The operator's commands: enqueue, job, cancel, requeue, empty, suspend/resume, info, top,
-dlq and schedule. Every read command takes ``--json``."""
+"""The operator's commands: enqueue, job, cancel, requeue, empty, suspend/resume, queue
+delete, info, top, dlq and schedule. Every read command takes ``--json``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _confirm(yes: bool, what: str) -> None:
+    """Ask before ``what`` (a deletion) on a terminal; without one, only ``--yes`` goes on:
+    a script or a pipe never deletes by default (exit 2)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(f"not going to {what} without confirmation: pass --yes (there is no "
+                       "terminal to ask on)", exitcodes.USAGE)
+    click.confirm(f"{what}?", abort=True)
 
 
 def _echo_json(value: Any) -> None:
@@ -172,6 +183,10 @@ def tasks(state: State, as_json: bool) -> int:
 @click.option("--json", "as_json", is_flag=True)
 def job_command(state: State, job_id: str, as_json: bool) -> int:
     """The whole record of a job: status, attempts with errors and tracebacks, result."""
+    return _show_job(state, job_id, as_json)
+
+
+def _show_job(state: State, job_id: str, as_json: bool) -> int:
     job = _queue(state).get_job(job_id)
     if job is None:
         raise CliError(f"unknown job {job_id!r} (never enqueued, or its record expired)",
@@ -214,6 +229,10 @@ def cancel(state: State, job_ids: tuple[str, ...]) -> int:
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
 def requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
     """Put failed jobs back in their queue, with fresh attempts (their history is kept)."""
+    return _requeue(state, job_ids, failed, queue_name)
+
+
+def _requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
     if bool(job_ids) == failed:
         raise CliError("give job ids or --failed", exitcodes.USAGE)
     queue = _queue(state, queue_name, must_exist=failed)
@@ -264,6 +283,31 @@ def resume(state: State, queue_names: tuple[str, ...]) -> int:
     return _suspend_or_resume(state, queue_names, False)
 
 
+@main.group("queue")
+def queue_group() -> None:
+    """Queues as a whole."""
+
+
+@jobq_command(queue_group, "delete")
+@click.argument("queue_name")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def queue_delete(state: State, queue_name: str, yes: bool) -> int:
+    """Delete QUEUE and everything in it: pending, scheduled, retrying, deferred and
+    dead-letter jobs, their records, its counters and its suspend flag. Jobs running in it
+    are interrupted and their outcome dropped; jobs of other queues that depend on its jobs
+    are settled as if those had failed."""
+    queue = _queue(state, queue_name, must_exist=True)
+    stats = queue.get_stats()
+    live = sum(stats[k] for k in ("pending", "processing", "scheduled", "deferred"))
+    _confirm(yes, f"delete queue {queue_name}, its {live} live job(s) and the "
+                  f"{queue.failed_count()} of its dead-letter queue")
+    done = queue.delete()
+    click.echo(f"deleted queue {queue_name}: {done['pending']} pending, {done['scheduled']} "
+               f"scheduled, {done['deferred']} deferred, {done['running']} running "
+               f"(interrupted) and {done['dead']} dead-letter job(s)")
+    return exitcodes.OK
+
+
 # -- info and top -----------------------------------------------------------------------------
 def _info_text(data: dict[str, Any]) -> str:
     rows = [(q["queue"] + (" (suspended)" if q["suspended"] else ""), q["pending"],
@@ -301,16 +345,21 @@ def info(state: State, as_json: bool) -> int:
 @jobq_command(main)
 @click.option("--interval", type=float, default=1.0, show_default=True)
 @click.option("--iterations", type=int, default=0, help="Stop after N refreshes (0: never).")
-def top(state: State, interval: float, iterations: int) -> int:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print what `jobq info --json` does, one document per line and refresh.")
+def top(state: State, interval: float, iterations: int, as_json: bool) -> int:
     """`jobq info`, refreshed live until Ctrl-C."""
     queue = _queue(state)
     n = 0
     try:
         while True:
-            text = _info_text(info_mod.collect(queue.broker))
-            click.clear()
-            click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
-            click.echo(text)
+            data = info_mod.collect(queue.broker)
+            if as_json:  # for a pipe: no screen to clear, one line per document
+                click.echo(json.dumps(data, default=str))
+            else:
+                click.clear()
+                click.echo(f"jobq top  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)\n")
+                click.echo(_info_text(data))
             n += 1
             if iterations and n >= iterations:
                 return exitcodes.OK
@@ -344,24 +393,21 @@ def dlq_list(state: State, queue_name: str, limit: int, as_json: bool) -> int:
     return exitcodes.OK
 
 
-@dlq.command("show")
+@jobq_command(dlq, "show")
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def dlq_show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+def dlq_show(state: State, job_id: str, as_json: bool) -> int:
     """The whole record of a failed job (same as `jobq job`)."""
-    ctx.invoke(job_command, job_id=job_id, as_json=as_json)
+    return _show_job(state, job_id, as_json)
 
 
-@dlq.command("requeue")
+@jobq_command(dlq, "requeue")
 @click.argument("job_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Requeue the whole dead-letter queue.")
 @click.option("-q", "--queue", "queue_name", default="default", show_default=True)
-@click.pass_context
-def dlq_requeue(ctx: click.Context, job_ids: tuple[str, ...], all_: bool,
-                queue_name: str) -> None:
+def dlq_requeue(state: State, job_ids: tuple[str, ...], all_: bool, queue_name: str) -> int:
     """Requeue failed jobs with fresh attempts (their history is kept)."""
-    ctx.invoke(requeue, job_ids=job_ids, failed=all_, queue_name=queue_name)
+    return _requeue(state, job_ids, all_, queue_name)
 
 
 @jobq_command(dlq, "purge")
@@ -370,8 +416,7 @@ def dlq_requeue(ctx: click.Context, job_ids: tuple[str, ...], all_: bool,
 def dlq_purge(state: State, queue_name: str, yes: bool) -> int:
     """Delete the dead-letter queue of a queue and its jobs' records."""
     queue = _queue(state, queue_name, must_exist=True)
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"delete {queue.failed_count()} failed job(s)?", abort=True)
+    _confirm(yes, f"delete the {queue.failed_count()} failed job(s) of {queue_name}")
     click.echo(f"purged {queue.purge_failed()} job(s)")
     return exitcodes.OK
 

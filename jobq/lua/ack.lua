@@ -18,7 +18,8 @@
 --             due time (ms) given in place of the ttl, for the scheduler to promote it
 --
 -- Only jobs this worker still holds are settled: a job whose lease lapsed was given back to
--- its queue (and may run again elsewhere: at-least-once), so its late result is dropped.
+-- its queue (and may run again elsewhere: at-least-once), and one deleted with its queue
+-- (delete_queue.lua) is gone, so its late result is dropped.
 -- Returns the ids that were not held (stale).
 local B = ARGV[1]
 local worker = ARGV[2]
@@ -86,6 +87,14 @@ end
 if #live > 0 then
   redis.call('HDEL', held, unpack(live))
   redis.call('HDEL', B .. ':active', unpack(live))
+end
+if #stale > 0 then
+  -- a stale job whose spec is gone was deleted with its queue while this worker held it: the
+  -- cancel request that interrupted it is cleared here, where nothing else would
+  local specs = redis.call('HMGET', KEYS[1], unpack(stale))
+  for k, id in ipairs(stale) do
+    if not specs[k] then redis.call('HDEL', B .. ':cancel', id) end
+  end
 end
 if #finished > 0 then
   redis.call('HDEL', KEYS[1], unpack(finished))

@@ -91,6 +91,11 @@ notify_done(B, failed)
 local oks = {}
 for k = 1, #failed do oks[k] = false end
 finished_parents(B, failed, oks, now, wake_cap, failed_ttl)
+if current ~= '' and current ~= '-' and redis.call('HEXISTS', jobs, current) == 0 then
+  -- the job it ran is finished, or was deleted with its queue (delete_queue.lua) while it
+  -- ran: no cancel request of it is left behind
+  redis.call('HDEL', B .. ':cancel', current)
+end
 redis.call('DEL', held_key)
 redis.call('DEL', B .. ':hand:' .. worker)  -- what was handed to it is in held_key too
 redis.call('ZREM', B .. ':leases', worker)

@@ -26,8 +26,9 @@ locks or forks.
 ======  =========================================================================================
 signal  what the master does
 ======  =========================================================================================
-HUP     re-read the config, then a rolling replacement: new workers (new code, new config)
-        start, and once they are up the old ones stop claiming and finish their current job
+HUP     reopen log files; re-read the config, then a rolling replacement: new workers (new
+        code, new config) start, and once they are up the old ones stop claiming and finish
+        their current job; the scheduler reopens its log and reloads its schedules
 TERM    graceful stop: workers finish their current job (up to ``graceful_timeout``), then
         whatever still runs is killed and its job re-queued; exit 0
 INT     like TERM; a second INT acts like QUIT
@@ -167,10 +168,14 @@ class Master:
                 self._fatal(str(exc))
                 return exitcodes.PIDFILE
         try:
-            self.url = resolve_url(self.config)
             self.id = f"{self.host}.{os.getpid()}"
             self.pid = os.getpid()
             self._install_signals()
+            problem = self._import_problem()
+            if problem:  # one line, and nothing was started: no server, no worker
+                self._fatal(problem)
+                return exitcodes.IMPORT
+            self.url = resolve_url(self.config)
             self._title()
             if not self._wait_for_server():
                 return self.exit_code
@@ -304,6 +309,9 @@ class Master:
         running workers and config stay."""
         if self.stopping:
             return
+        # the log file is reopened at once (logrotate may send HUP), whatever becomes of the
+        # reload: the new workers inherit it, the scheduler reopens its own on HUP
+        jobq_log.reopen()
         if self.reload_check is not None:
             log.info("HUP: a reload is being checked already")
             return
@@ -327,9 +335,28 @@ class Master:
         os.close(write)
         self.reload_check = (pid, config, read)
 
+    def _import_problem(self) -> str | None:
+        """Before anything starts, import the task modules in a short-lived child, as a
+        reload is checked (the master itself never imports them: its workers must import
+        new code after a reload). Returns why a module cannot be imported, or None. A child
+        that dies otherwise (a module that kills its process) is left to the workers' crash
+        policy, which stops the master (exit 7) if they all die so."""
+        if not self.config.imports:
+            return None
+        read, write = os.pipe()
+        pid = self._fork(lambda: self._check_child(self.config, write))
+        os.close(write)
+        with os.fdopen(read, "rb") as report:
+            said = report.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) == exitcodes.IMPORT and said:
+            return said
+        return None
+
     def _check_child(self, config: Config, report: int) -> int:
-        """In the child that checks a reload: import the task modules as a worker would."""
-        set_title("jobq-master: checking a reload")
+        """In the child that checks the task modules (at start, and before a reload): import
+        them as a worker would."""
+        set_title("jobq-master: checking the task modules")
         try:
             TaskResolver(config.imports, allow_main=self.options.allow_main)
         except TaskImportError as exc:
@@ -395,6 +422,8 @@ class Master:
             self._title()
 
     def handle_usr1(self) -> None:
+        """Reopen the log files (logrotate moved them): here, in the workers and in the
+        scheduler, which all write to them."""
         jobq_log.reopen()
         for pid in [*self.workers, self.scheduler_pid]:
             if pid:
@@ -491,6 +520,9 @@ class Master:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides on Ctrl-C
+                # a log reopen is no reason to die (USR1's default) before the child has
+                # installed its own handler
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.setpgid(0, 0)  # its own group: killing it kills its children too
                 die_with_parent()

@@ -211,8 +211,9 @@ class Worker:
                 log.error("results of %d job(s) dropped: the server lost its data, and those "
                           "jobs with it (%s)", len(stale), ", ".join(stale[:5]))
             elif stale:
-                log.warning("results of %d job(s) dropped: their lease lapsed and they were "
-                            "given back (%s)", len(stale), ", ".join(stale[:5]))
+                log.warning("results of %d job(s) dropped: given back when their lease "
+                            "lapsed, or deleted with their queue (%s)", len(stale),
+                            ", ".join(stale[:5]))
             self._acks = []
             if self.slot is not None:
                 self.slot.journal_sent()
