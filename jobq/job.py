@@ -196,15 +196,26 @@ class Job:
         self.errors: list[dict[str, Any]] = []
         #: the error that ended the job (type, msg, tb), from the final record
         self.final_error: dict[str, Any] = {}
-        self.retry_count = 0
+        #: runs of the job started since it was enqueued or last requeued, a running one
+        #: included (see the README: attempts, retries, deliveries)
+        self.attempts = 0
+        #: times a worker took it: its attempts, and the hosts lost holding it (lapsed
+        #: leases) that may not have started it
         self.deliveries = 0
+        #: times it was requeued; each requeue starts the counts again, its errors are kept
+        self.requeues = 0
         self.worker: str | None = None
         self._queue: JobSource | None = None
 
     @property
-    def attempts(self) -> int:
-        """Attempts counted so far (the same as ``retry_count``, under its older name)."""
-        return self.retry_count
+    def retries(self) -> int:
+        """The attempts after the first: each one followed an attempt that failed."""
+        return max(0, self.attempts - 1)
+
+    @property
+    def retry_count(self) -> int:
+        """The same as :attr:`retries`, under the tutorial's name."""
+        return self.retries
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,8 +236,11 @@ class Job:
             "error": self.error,
             "traceback": self.traceback,
             "errors": self.errors,
-            "retry_count": self.retry_count,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "retry_count": self.retries,
             "deliveries": self.deliveries,
+            "requeues": self.requeues,
             "worker": self.worker,
             "due_at": _iso(_ts(self.due_at)),
             "depends_on": self.depends_on,
@@ -304,8 +318,9 @@ class Job:
         facts = Facts.from_json(state)
         if facts.status:
             self.status = JobStatus(facts.status)
-        self.retry_count = facts.attempts
+        self.attempts = facts.attempts
         self.deliveries = facts.deliveries
+        self.requeues = facts.requeues
         self.errors = facts.errors
         self.final_error = facts.final_error
         shown = facts.final_error or (facts.errors[-1] if facts.errors else None)

@@ -432,6 +432,10 @@ def read_job(job_id: str, final: str | None, spec: str | None, state: str | None
     if holder:
         job.status = JobStatus.PROCESSING
         job.worker = holder
+        # a worker holds it: its attempt counts from when it is claimed (a job claimed
+        # ahead of its turn counts as started a few milliseconds early)
+        job.attempts += 1
+        job.deliveries += 1
     elif due is not None:
         job.due_at = due / 1000
         if job.status is not JobStatus.RETRY:

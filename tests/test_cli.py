@@ -125,6 +125,53 @@ def test_enqueue_refuses_bad_json_with_one_line_and_exit_2(
     assert queue.get_stats()["enqueued"] == 0
 
 
+def test_attempts_retries_and_deliveries_agree_everywhere_and_a_requeue_restarts_them(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    config = tmp_path / "no-backoff.toml"
+    config.write_text("retry_backoff_base = 0.0\n")
+
+    def burst() -> None:
+        worker = spawn("worker", "-I", "jobq_testtasks", "--burst",
+                       env=subprocess_env(JOBQ_CONFIG=str(config)))
+        assert worker.wait(timeout=30) == 0, worker.communicate()[1]
+
+    def counts(job_id: str) -> tuple[int, int, int, int, int]:
+        record = as_json(jobq("job", job_id, "--json"))
+        job = queue.get_job(job_id)
+        assert (job.attempts, job.retries, job.retry_count, job.deliveries, job.requeues) == (
+            record["attempts"], record["retries"], record["retry_count"],
+            record["deliveries"], record["requeues"])
+        human = dict(line.split(None, 1) for line in jobq("job", job_id).stdout.splitlines()
+                     if line[:1].isalpha() and " " in line and ":" not in line.split()[0])
+        assert [int(human[k]) for k in ("attempts", "retries", "deliveries", "requeues")] == [
+            record["attempts"], record["retries"], record["deliveries"], record["requeues"]]
+        return (record["attempts"], record["retries"], record["retry_count"],
+                record["deliveries"], record["requeues"])
+
+    failing = queue.enqueue(tasks.boom, "kaput", max_retries=3).id
+    ok = queue.enqueue(tasks.add, 1, 2).id
+    burst()
+    assert queue.get_status(failing) == "failed"
+    # four runs: the first attempt and three retries, each delivered once
+    assert counts(failing) == (4, 3, 3, 4, 0)
+    assert counts(ok) == (1, 0, 0, 1, 0)
+    text = jobq("job", failing).stdout
+    assert [line for line in text.splitlines() if line.startswith("attempt ")] == [
+        f"attempt {n}: ValueError: kaput" for n in (1, 2, 3, 4)]
+    assert jobq("dlq", "list").stdout.split("\n")[2].split()[2] == "4"  # the attempts column
+
+    # a requeue starts the counts again and keeps the errors, each saying its attempt
+    jobq("requeue", failing)
+    assert counts(failing) == (0, 0, 0, 0, 1)
+    assert len(queue.get_job(failing).errors) == 4
+    burst()
+    assert counts(failing) == (4, 3, 3, 4, 1)
+    text = jobq("job", failing).stdout
+    labels = [line.split(":")[0] for line in text.splitlines() if line.startswith("attempt ")]
+    assert labels == [*(f"attempt {n} before requeue 1" for n in (1, 2, 3, 4)),
+                      *(f"attempt {n}" for n in (1, 2, 3, 4))]
+
+
 def test_job_of_an_unknown_id_exits_5(jobq: Callable[..., Result]) -> None:
     assert "no-such-job" in jobq("job", "no-such-job", code=exitcodes.NOT_FOUND).stderr
     jobq("job", "no-such-job", "--json", code=exitcodes.NOT_FOUND)

@@ -300,7 +300,9 @@ def test_apply_state_folds_a_final_record() -> None:
                            {"type": "ValueError", "msg": "second", "tb": "tb2"}],
                      "err": {"type": "ValueError", "msg": "second", "tb": "tb2"}})
     assert job.status is JobStatus.FAILED
-    assert (job.retry_count, job.deliveries, job.worker) == (2, 1, "w1")
+    # two attempts, both failed ("n"), so one retry; a holder lost once ("d") was one of them
+    assert (job.attempts, job.retries, job.retry_count, job.deliveries, job.worker) == (
+        2, 1, 1, 2, "w1")
     assert job.error == "ValueError: second"
     assert job.traceback == "tb2"
     assert job.started_at == datetime.fromtimestamp(10.0, UTC)

@@ -483,6 +483,7 @@ def test_jobs_given_back_unstarted_keep_their_order(queue: JobQueue, r: redis.Re
     requeued, failed = queue.broker.release(
         "w1", cause="worker stopped", current="-") or ([], [])
     assert (len(requeued), failed) == (4, [])
+    back = queue.get_job(jobs[0].id)
+    assert back is not None and (back.attempts, back.deliveries) == (0, 0)  # untouched
     assert claim(queue, 10, worker="w2") == [jobs[i].id for i in (0, 2, 4, 5, 1, 3)]
     assert r.exists(queue.keys.held("w1")) == 0
-    assert queue.get_job(jobs[0].id).deliveries == 0  # type: ignore[union-attr]  # untouched

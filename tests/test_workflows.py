@@ -345,7 +345,7 @@ def test_map_progress_counts_and_failures_at_their_index(
     assert (p.done, p.failed, p.total) == (17, 3, 20)  # a retried attempt is not counted
     assert p.done + p.failed == p.total and p.finished
     for i in failing:
-        assert queue.get_job(group.job_ids()[i]).retry_count == 2
+        assert queue.get_job(group.job_ids()[i]).attempts == 2
     got = []
     with pytest.raises(ItemFailed) as first:
         for value in group.results(timeout=10):
@@ -489,7 +489,7 @@ def test_cancelling_a_running_job_interrupts_it(
     assert done.status is JobStatus.CANCELLED
     assert runs(r, k) == expected  # JobCancelled was raised inside it; it did not finish
     assert done.final_error["type"] == "JobCancelled"
-    assert done.retry_count == 1 and done.worker == running.worker
+    assert (done.attempts, done.retries) == (1, 0) and done.worker == running.worker
     assert not r.hexists(queue.keys.cancel, job.id)
     stats = queue.get_stats()
     assert (stats["cancelled"], stats["failed"], stats["processing"]) == (1, 0, 0)

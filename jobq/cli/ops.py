@@ -115,15 +115,27 @@ def job_command(state: State, job_id: str, as_json: bool) -> int:
         _echo_json(record)
         return exitcodes.OK
     rows = [(k, record[k]) for k in ("id", "task", "queue", "status", "priority", "args",
-                                     "kwargs", "retry_count", "max_retries", "deliveries",
-                                     "timeout", "worker", "created_at", "started_at",
-                                     "completed_at", "due_at", "result", "error")]
+                                     "kwargs", "attempts", "retries", "max_retries",
+                                     "deliveries", "requeues", "timeout", "worker",
+                                     "created_at", "started_at", "completed_at", "due_at",
+                                     "result", "error")]
     click.echo(tabulate(rows, tablefmt="plain"))
     for i, err in enumerate(job.errors, 1):
-        click.echo(f"\nattempt {i}: {err.get('type')}: {err.get('msg')}")
+        click.echo(f"\n{_attempt(err, i, job.requeues)}: {err.get('type')}: {err.get('msg')}")
         if err.get("tb"):
             click.echo(err["tb"].rstrip())
     return exitcodes.OK
+
+
+def _attempt(error: dict[str, Any], position: int, requeues: int) -> str:
+    """Which attempt an error ended: "attempt 2", or "attempt 4 before requeue 1" for one of
+    the history a requeue kept. (An error recorded before errors carried their attempt's
+    number is numbered by its place in the list.)"""
+    n, rq = error.get("n"), error.get("rq", 0)
+    label = f"attempt {n if type(n) is int else position}"
+    if type(rq) is int and rq < requeues:
+        label += f" before requeue {rq + 1}"
+    return label
 
 
 @jobq_command(main)
@@ -270,7 +282,7 @@ def dlq_list(state: State, queue_name: str, limit: int, as_json: bool) -> int:
     if as_json:
         _echo_json([j.to_dict() for j in jobs])
         return exitcodes.OK
-    rows = [(j.id, j.task, j.retry_count, _when(j.completed_at.timestamp()
+    rows = [(j.id, j.task, j.attempts, _when(j.completed_at.timestamp()
                                                  if j.completed_at else None),
              (j.error or "")[:60]) for j in jobs]
     click.echo(tabulate(rows, headers=("job", "task", "attempts", "failed at", "error")))

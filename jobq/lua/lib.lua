@@ -1,6 +1,7 @@
 -- lib.lua: helpers shared by jobq's scripts. scripts.py puts this text in front of each
 -- script, so every script stays one atomic EVALSHA, after the constants jobq/wire.py
--- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, ACK_FIELDS).
+-- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, MAX_ERRORS_KEPT,
+-- ACK_FIELDS).
 
 -- Now on the server's clock (ms since the epoch). Leases are measured on it, so that a client
 -- whose clock is off, or whose call waited in a frozen server, cannot shorten one.
