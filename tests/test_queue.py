@@ -23,6 +23,8 @@ from jobq.exceptions import JobFailed, PayloadTooLarge, SerializationError, Task
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
+from jobq.settle import Failed, RetryPolicy, settle
+from jobq.wire import Spec
 from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -465,6 +467,33 @@ def test_strict_priority_between_queues(queue: JobQueue, r: redis.Redis) -> None
     seconds, micros = r.time()
     server_now = seconds * 1000 + micros // 1000
     assert 0 < r.zscore(queue.keys.leases, "w1") - server_now <= queue.config.lease_time * 1000
+
+
+@pytest.mark.parametrize("lost", ["flushed", "restarted"])
+def test_an_ack_and_a_claim_in_one_round_trip_run_in_order_on_a_server_without_the_scripts(
+        queue: JobQueue, r: redis.Redis, redis_url: str, lost: str) -> None:
+    # a worker acks a retry and claims in one round trip: the claim must find the job the ack
+    # put back, even when the server lost ack.lua but holds claim.lua again (its scripts were
+    # flushed, or it restarted, and other calls reloaded claim.lua first)
+    broker = queue.broker
+    job = queue.enqueue(tasks.boom, "x")
+    [(job_id, name, spec, state)] = broker.exchange("w1", [], ["default"], 1)[1]
+    broker.exchange("w0", ["done", "none", "default", 0, 0, "", ""], ["other"], 1)  # both known
+    retry = settle(job_id, name, spec, Spec.decode(spec), state, Failed(ValueError("x"), 1, 2),
+                   worker="w1", worker_json='"w1"', policy=RetryPolicy(backoff_base=0.0))
+    assert retry.entry.kind == "retry"
+    r.script_flush()
+    if lost == "flushed":
+        broker.exchange("w2", [], ["other"], 1)  # this client finds claim.lua gone, reloads it
+    else:  # the connection dropped (a restart); another client reloaded claim.lua meanwhile
+        r.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(redis.ConnectionError):
+            broker.exchange("w2", [], ["other"], 1)
+        JobQueue("default", redis_url).broker.exchange("w3", [], ["other"], 1)
+
+    claimed = broker.exchange("w1", list(retry.entry), ["default"], 1)[1]
+
+    assert [c[0] for c in claimed] == [job.id]
 
 
 def test_suspended_queue_is_skipped(queue: JobQueue, r: redis.Redis) -> None:
