@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,6 +118,30 @@ def test_failing_job_is_retried_then_failed(queue: JobQueue, r: redis.Redis,
     stats = queue.get_stats()
     assert (stats["failed"], stats["retried"], stats["completed"], stats["pending"]) == (
         1, 2, 0, 0)
+
+
+def test_current_job_says_which_attempt_runs_as_the_record_does(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    k = key()
+    job = queue.enqueue(tasks.record_attempt, k, 2, max_retries=3, queue="q1")
+    config = write_config(tmp_path, retry_backoff_base=0.0)
+    burst(spawn, "-q", "q1", config=config)
+    seen = [json.loads(x) for x in runs(r, k)]
+    assert [(s["attempt"], s["retries"], s["deliveries"], s["requeues"]) for s in seen] == [
+        (1, 0, 1, 0), (2, 1, 2, 0), (3, 2, 3, 0)]
+    # the record read while the attempt runs counts it, as the job does
+    assert [s["record"] for s in seen] == [[1, 0, 1], [2, 1, 2], [3, 2, 3]]
+    assert {(s["id"], s["task"], s["queue"], s["max_retries"]) for s in seen} == {
+        (job.id, "jobq_testtasks:record_attempt", "q1", 3)}
+    done = get(queue, job.id)
+    assert (done.status, done.attempts, done.retries) == (JobStatus.COMPLETED, 3, 2)
+
+    # after a requeue the attempts count from 1 again, and the requeue is counted
+    assert queue.requeue(job.id)
+    burst(spawn, "-q", "q1", config=config)
+    last = json.loads(runs(r, k)[-1])
+    assert (last["attempt"], last["retries"], last["deliveries"], last["requeues"]) == (
+        1, 0, 1, 1)
 
 
 def test_refused_task_never_runs(queue: JobQueue, r: redis.Redis, spawn: Spawn,
