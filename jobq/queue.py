@@ -22,6 +22,7 @@ from .job import (
     check_enqueueable,
     new_id,
     task_name,
+    unknown_options,
 )
 from .keys import Keys
 from .schedule import to_epoch
@@ -161,7 +162,7 @@ class JobQueue:
         else:
             unknown = set(options) - JOB_OPTIONS
             if unknown:
-                raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+                raise unknown_options(options, JOB_OPTIONS)
             defaults = {"timeout": self.config.default_timeout,
                         "max_retries": self.config.default_max_retries,
                         **getattr(job, "job_options", {})}

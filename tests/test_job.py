@@ -503,6 +503,13 @@ def test_task_decorator_refuses_unknown_options() -> None:
         registry.task(retries=3)
     with pytest.raises(TypeError, match="unknown job option"):
         tasks.registered.options(retries=3)
+    with pytest.raises(TypeError, match=r"limit: did you mean \.delay\(\.\.\., limit=1\)\?"):
+        tasks.registered.options(limit=1)
+    with pytest.raises(TypeError, match=r"unknown task option\(s\): limit \(task options: "
+                                        r"dont_retry_on, max_retries, priority, queue, "):
+        registry.task(limit=1)
+    with pytest.raises(TypeError, match=r"priorty: did you mean priority\?"):
+        registry.task(priorty=1)
 
 
 def test_task_options_variant_keeps_the_name() -> None:

@@ -155,6 +155,25 @@ def test_unknown_option_is_a_type_error(queue: JobQueue, r: redis.Redis) -> None
     assert r.dbsize() == 0
 
 
+def test_an_unknown_option_points_at_kwargs_or_at_the_option_it_misspells(
+        queue: JobQueue, r: redis.Redis) -> None:
+    with pytest.raises(TypeError) as err:
+        queue.enqueue(tasks.echo, 5, limit=1)
+    assert str(err.value) == (
+        "unknown job option(s): limit: did you mean kwargs={'limit': 1}? (a task's keyword "
+        "arguments go in kwargs=, the other keywords are job options)")
+    with pytest.raises(TypeError) as err:
+        queue.enqueue(tasks.echo, 5, priorty=1)
+    assert str(err.value) == "unknown job option(s): priorty: did you mean priority?"
+    with pytest.raises(TypeError, match=r"did you mean priority \(for priorty\)\? did you mean "
+                                        r"kwargs=\{'limit': 1\}\?"):
+        queue.enqueue(tasks.echo, 5, limit=1, priorty=1)
+    with pytest.raises(TypeError, match=r"kwargs: map and enqueue_many give the task "
+                                        r"positional arguments only"):
+        queue.map(tasks.echo, [1, 2], kwargs={"limit": 1})
+    assert r.dbsize() == 0
+
+
 def test_unserializable_argument_writes_nothing(queue: JobQueue, r: redis.Redis) -> None:
     with pytest.raises(SerializationError, match=r"^argument 1: object is not JSON"):
         queue.enqueue(tasks.echo, "fine", object())
