@@ -576,10 +576,13 @@ class Broker:
     def group_job_ids(self, group_id: str) -> list[str]:
         return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), 0, -1)]
 
-    def group_progress(self, group_id: str) -> tuple[int, int]:
-        """(done, failed) jobs of a group."""
-        done, failed = self._r.hmget(self.keys.group(group_id), "done", "failed")
-        return int(done or 0), int(failed or 0)
+    def group_progress(self, group_id: str) -> tuple[int, int, int, int]:
+        """(done, failed) jobs of a group, then (done, failed) items (0 when it has no
+        chunks: its jobs are its items)."""
+        counts = self._r.hmget(self.keys.group(group_id), "done", "failed", "done_items",
+                               "failed_items")
+        done, failed, done_items, failed_items = (int(n or 0) for n in counts)
+        return done, failed, done_items, failed_items
 
     def wait_group(self, group_id: str, timeout: float) -> None:
         """Block until a job of the group finishes, or ``timeout`` seconds."""

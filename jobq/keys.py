@@ -29,7 +29,8 @@ key                        type    holds
 {ns}:waits:<parent>        set     the deferred jobs waiting for a parent
 {ns}:parents               set     ids that have deferred jobs waiting for them
 {ns}:u:<key>               string  the job holding a unique key, with a TTL
-{ns}:g:<group>             hash    a queue.map group: total, done, failed
+{ns}:g:<group>             hash    a queue.map group: total, done, failed (jobs), items;
+                                   with chunks: chunk, last, lastn, done_items, failed_items
 {ns}:gi:<group>            list    a group's job ids in input order
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes

@@ -11,8 +11,8 @@ import redis
 from .broker import Broker, NewJob
 from .config import Config, load_config
 from .connection import connect
-from .exceptions import UnknownJob
-from .groups import CHUNK_TASK, GROUP_TTL, Group
+from .exceptions import SerializationError, UnknownJob
+from .groups import CHUNK_TASK, GROUP_TTL, Group, item_error
 from .job import (
     MAX_TTL,
     QUEUE_NAME,
@@ -219,10 +219,18 @@ class JobQueue:
                                   dict(options))
             job.group, job.group_index = group_id, index
             jobs.append(job)
-        new = [self._new_job(j) for j in jobs]  # refuse a bad item before anything is written
-        self.broker.create_group(group_id, {
-            "total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
-            "task": name, "created": time.time()}, [j.id for j in jobs], GROUP_TTL)
+        new = []  # refuse a bad item before anything is written
+        for job in jobs:
+            try:
+                new.append(self._new_job(job))
+            except SerializationError as exc:
+                raise item_error(exc, items, size, job.group_index or 0) from None
+        meta = {"total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
+                "task": name, "created": time.time()}
+        if size > 1 and jobs:  # progress counts items: the last chunk may hold fewer
+            meta.update(last=jobs[-1].id, lastn=len(items) - (len(jobs) - 1) * size,
+                        done_items=0, failed_items=0)
+        self.broker.create_group(group_id, meta, [j.id for j in jobs], GROUP_TTL)
         if new:
             self.broker.enqueue_many(new)
         return Group(self, group_id)

@@ -20,6 +20,7 @@ from conftest import subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
+from jobq.groups import Progress
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
 
@@ -394,6 +395,26 @@ def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: S
     assert as_json(result) == {"group": bad.id, "done": 2, "failed": 1, "total": 3,
                                "finished": True}
     jobq("wait", "no-such-group", "--json", code=exitcodes.NOT_FOUND)
+
+
+def test_progress_of_a_chunked_map_counts_its_items(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn) -> None:
+    # 10 items in chunks of 4: 4, 4, then 2; the short last chunk fails
+    group = queue.map(tasks.square, [*range(8), 8, -9], chunksize=4, max_retries=0)
+    assert group.progress() == Progress(0, 0, 10)
+    assert as_json(jobq("wait", group.id, "--json", "--timeout", "0.1",
+                        code=exitcodes.FAILURE)) == {
+        "group": group.id, "done": 0, "failed": 0, "total": 10, "finished": False}
+
+    worker = spawn("worker", "-I", "jobq_testtasks", "--burst")
+    assert worker.wait(timeout=30) == 0, worker.communicate()[1]
+
+    assert group.progress() == Progress(8, 2, 10)
+    assert as_json(jobq("wait", group.id, "--json", code=exitcodes.FAILURE)) == {
+        "group": group.id, "done": 8, "failed": 2, "total": 10, "finished": True}
+    result = jobq("wait", group.id, code=exitcodes.FAILURE)
+    assert result.stdout == "8 done, 2 failed, of 10\n"
+    assert result.stderr.splitlines()[-1] == "10/10 done, 2 failed"  # the progress line
 
 
 # -- schedules ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from jobq import job as jobs
 from jobq.config import Config
 from jobq.exceptions import JobFailed, PayloadTooLarge, SerializationError, TaskNotAllowed
+from jobq.groups import Progress
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
@@ -171,6 +172,25 @@ def test_an_unknown_option_points_at_kwargs_or_at_the_option_it_misspells(
     with pytest.raises(TypeError, match=r"kwargs: map and enqueue_many give the task "
                                         r"positional arguments only"):
         queue.map(tasks.echo, [1, 2], kwargs={"limit": 1})
+    assert r.dbsize() == 0
+
+
+def test_a_chunked_map_made_before_groups_counted_items_still_finishes(
+        queue: JobQueue, r: redis.Redis, config: Config, redis_url: str) -> None:
+    group = queue.map(tasks.square, range(5), chunksize=2)
+    r.hdel(queue.keys.group(group.id), "last", "lastn", "done_items", "failed_items")
+    old = queue.group(group.id)
+    assert old.progress() == Progress(0, 0, 5)
+    run_worker(config, redis_url)
+    assert old.progress() == Progress(5, 0, 5) and old.progress().finished
+
+
+@pytest.mark.parametrize("chunksize", [None, 2])
+def test_a_map_item_json_cannot_carry_is_named_by_its_index(
+        queue: JobQueue, r: redis.Redis, chunksize: int | None) -> None:
+    with pytest.raises(SerializationError) as err:
+        queue.map(tasks.square, [1, 2, 3, object(), 5], chunksize=chunksize)
+    assert str(err.value).startswith("item 3: object is not JSON-serializable")
     assert r.dbsize() == 0
 
 

@@ -368,7 +368,7 @@ def test_map_with_chunks_flattens_results_and_names_the_failing_item(
     group = queue.map(tasks.square, range(25), chunksize=4)
     assert (group.total, group.items, len(group.job_ids())) == (7, 25, 7)
     assert list(group.results(timeout=30)) == [x * x for x in range(25)]
-    assert group.progress() == Progress(7, 0, 7)
+    assert group.progress() == Progress(25, 0, 25)  # items, the short last chunk's too
 
     bad = queue.map(tasks.square, [0, 1, 2, 3, 4, 5, -6, 7, 8], chunksize=4, max_retries=0)
     with pytest.raises(ItemFailed) as failure:
@@ -377,7 +377,7 @@ def test_map_with_chunks_flattens_results_and_names_the_failing_item(
     mixed = list(bad.results(timeout=10, return_exceptions=True))
     assert mixed[:4] == [0, 1, 4, 9] and mixed[8] == 64
     assert all(isinstance(x, ItemFailed) and x.index == 6 for x in mixed[4:8])  # its chunk
-    assert bad.progress() == Progress(2, 1, 3)
+    assert bad.progress() == Progress(5, 4, 9)  # the failed chunk's four items failed
 
 
 def test_group_wait_with_progress_prints_lines_when_not_a_tty(

@@ -80,7 +80,7 @@ for i = #held - 1, 1, -2 do
     finish(B, id, final_record(job and spec or nil, st), failed_ttl)
     to_dlq(B, q, id, now, dlq_cap, failed_ttl)
     count(B, q, 'failed', 1)
-    if job then group_done(B, job.g, 'failed') end
+    if job then group_done(B, job.g, 'failed', id) end
     failed[#failed + 1] = id
   else
     if started then
