@@ -4,11 +4,14 @@ real master where jobs must run); and once through the installed console script.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,13 @@ from conftest import subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
+from jobq.config import load_config
 from jobq.groups import Progress
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
+from jobq.schedule import ScheduleError, local_time
+from jobq.scheduler import Scheduler
+from jobq.scheduler_daemon import SchedulerProcess
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -455,6 +462,63 @@ def test_schedule_add_list_pause_resume_run_now_remove(
     for op in ("remove", "pause", "resume", "run-now"):
         assert "unknown schedule 'hourly'" in jobq("schedule", op, "hourly",
                                                    code=exitcodes.NOT_FOUND).stderr
+
+
+@pytest.fixture
+def paris() -> Iterator[None]:
+    """This process's local time is Paris's (times are shown in the local zone)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Paris"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def test_schedule_times_show_their_zone_a_past_at_is_refused_and_a_skip_is_no_run(
+        jobq: Callable[..., Result], queue: JobQueue, redis_url: str, paris: None) -> None:
+    err = jobq("schedule", "add", "gone", "jobq_testtasks:noop", "--at", "2020-01-15T03:00:00",
+               code=exitcodes.USAGE).stderr
+    assert "schedule 'gone': at: 2020-01-15 03:00:00 CET has passed" in err
+    with pytest.raises(ScheduleError, match="has passed"):
+        Scheduler(queue).schedule_once("gone", tasks.noop, datetime(2020, 1, 15, 3))
+    assert as_json(jobq("schedule", "list", "--json"))["schedules"] == []
+
+    jobq("schedule", "add", "later", "jobq_testtasks:noop", "--at", "2030-07-15T03:00:00+02:00")
+    # an interval whose first run is long past: that run is skipped (misfire "skip")
+    start = time.time() - 600
+    Scheduler(queue).schedule_interval("late", tasks.noop, 3600, start=start)
+    # one that runs, then misses its next runs (downtime): it keeps its last run
+    Scheduler(queue).schedule_interval("ran", tasks.noop, 60, start=start + 480)
+    leader = SchedulerProcess(load_config(redis_url=redis_url), redis_url)
+    leader.step(start + 480)
+    [ran] = [s for s in Scheduler(queue).list() if s["name"] == "ran"]
+    assert ran["last_run"] == pytest.approx(start + 480, abs=0.001) and ran["last_job"]
+    leader.step(time.time())
+
+    listed = {s["name"]: s for s in as_json(jobq("schedule", "list", "--json"))["schedules"]}
+    assert listed["later"]["at"] == listed["later"]["next_run"] == "2030-07-15T03:00:00.000+02:00"
+    assert listed["later"]["last_run"] is None and listed["later"]["last_skipped"] is None
+    late = listed["late"]
+    assert late["last_run"] is None and late["last_job"] is None  # it never ran
+    assert datetime.fromisoformat(late["last_skipped"]).timestamp() == pytest.approx(start,
+                                                                                     abs=0.001)
+    assert datetime.fromisoformat(late["next_run"]).timestamp() == pytest.approx(start + 3600,
+                                                                                 abs=0.001)
+    assert late["last_skipped"].endswith(("+01:00", "+02:00"))
+    ran = listed["ran"]
+    assert datetime.fromisoformat(ran["last_run"]).timestamp() == pytest.approx(start + 480,
+                                                                                abs=0.001)
+    assert ran["last_job"] and ran["last_skipped"] is not None
+    rows = {line.split()[0]: line for line in jobq("schedule", "list").stdout.splitlines()[2:]
+            if line.strip()}
+    assert "at 2030-07-15 03:00:00 CEST" in rows["later"]
+    # no last run ("-"), the skipped one said
+    assert f" -; skipped the run due {local_time(start)}" in rows["late"]
+    assert local_time(start).endswith((" CET", " CEST"))
 
 
 def test_schedule_ops_report_the_name_as_given(jobq: Callable[..., Result]) -> None:

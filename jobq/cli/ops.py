@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
@@ -17,7 +17,7 @@ from .. import info as info_mod
 from ..exceptions import JobFailed, UnknownJob
 from ..job import QUEUE_NAME
 from ..queue import JobQueue
-from ..schedule import ScheduleDef, ScheduleError
+from ..schedule import ScheduleDef, ScheduleError, iso_time, local_time
 from ..scheduler import Scheduler
 from .app import CliError, State, jobq_command, main
 
@@ -49,9 +49,8 @@ def _json_arg(text: str | None, what: str, kind: type) -> Any:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    """A time for a person: local, with its zone; "-" for none."""
+    return "-" if ts is None else local_time(ts)
 
 
 def _echo_json(value: Any) -> None:
@@ -328,6 +327,10 @@ def schedule() -> None:
     """Named schedules (once, interval, cron), stored in Redis for every host."""
 
 
+#: The times of ``jobq schedule list --json`` (epoch seconds in the API).
+_SCHEDULE_TIMES = ("at", "start", "next_run", "last_run", "last_skipped")
+
+
 @jobq_command(schedule, "list")
 @click.option("--json", "as_json", is_flag=True)
 def schedule_list(state: State, as_json: bool) -> int:
@@ -335,15 +338,23 @@ def schedule_list(state: State, as_json: bool) -> int:
     sched = Scheduler(_queue(state))
     items = sched.list()
     if as_json:
+        for s in items:  # times in ISO 8601, with the offset
+            for name in _SCHEDULE_TIMES:
+                if s.get(name) is not None:
+                    s[name] = iso_time(s[name])
         _echo_json({"leader": sched.leader(), "schedules": items})
         return exitcodes.OK
     rows = []
     for s in items:
-        when = {"cron": s.get("cron"), "interval": f"every {s.get('interval')} s",
+        when = {"cron": f"{s.get('cron')} ({s.get('timezone')})",
+                "interval": f"every {s.get('interval')} s",
                 "once": f"at {_when(s.get('at'))}"}[s["kind"]]
+        last = _when(s["last_run"])
+        if s["last_skipped"] is not None and (s["last_run"] or 0) < s["last_skipped"]:
+            last += f"; skipped the run due {_when(s['last_skipped'])}"
         rows.append((s["name"], s["task"], when, s["queue"],
                      "paused" if s["paused"] else _when(s["next_run"]),
-                     _when(s["last_run"]), s["last_status"] or "-"))
+                     last, s["last_status"] or "-"))
     click.echo(tabulate(rows, headers=("name", "task", "when", "queue", "next run",
                                        "last run", "last job")))
     click.echo(f"\nscheduler leader: {sched.leader() or 'none'}")
