@@ -143,6 +143,8 @@ class Master:
         self.slots = SlotTable(max(64, 8 * config.workers))
         self.duties: Duties | None = None
         self._wakeup_r = self._wakeup_w = -1
+        #: signals read before the loop ran (while waiting for the server), for it to act on
+        self._early_signals = b""
         self._pidfile: Any = None
 
     @property
@@ -228,6 +230,7 @@ class Master:
                 if {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT} & set(signals):
                     log.info("stopping: told to while waiting for the server")
                     return False
+                self._early_signals += signals  # TTIN, HUP, ...: the loop acts on each
             delay = min(delay * 2, SERVER_WAIT_CAP)
 
     def _wait(self, until: float) -> None:
@@ -278,10 +281,14 @@ class Master:
             signal.signal(sig, _noop)  # the wakeup fd carries the signal number
 
     def _handle_signals(self) -> None:
+        """Act on every signal received, one by one (the wakeup fd carries a byte per signal
+        delivered; the kernel merges a signal sent again while it is still pending, see
+        the README)."""
+        data, self._early_signals = self._early_signals, b""
         try:
-            data = os.read(self._wakeup_r, 512)
+            data += os.read(self._wakeup_r, 512)
         except BlockingIOError:
-            return
+            pass
         for signum in data:
             if signum in (signal.SIGCHLD, _DUTIES_WAKE):
                 continue  # _reap and _interrupt_cancelled run on every pass
