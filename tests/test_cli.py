@@ -494,9 +494,9 @@ def test_schedule_times_show_their_zone_a_past_at_is_refused_and_a_skip_is_no_ru
     # one that runs, then misses its next runs (downtime): it keeps its last run
     Scheduler(queue).schedule_interval("ran", tasks.noop, 60, start=start + 480)
     leader = SchedulerProcess(load_config(redis_url=redis_url), redis_url)
-    leader.step(start + 480)
+    leader.step(start + 480.01)  # its first run, on time (due times are kept in ms)
     [ran] = [s for s in Scheduler(queue).list() if s["name"] == "ran"]
-    assert ran["last_run"] == pytest.approx(start + 480, abs=0.001) and ran["last_job"]
+    assert ran["last_run"] == pytest.approx(start + 480.01, abs=0.001) and ran["last_job"]
     leader.step(time.time())
 
     listed = {s["name"]: s for s in as_json(jobq("schedule", "list", "--json"))["schedules"]}
@@ -510,8 +510,8 @@ def test_schedule_times_show_their_zone_a_past_at_is_refused_and_a_skip_is_no_ru
                                                                                  abs=0.001)
     assert late["last_skipped"].endswith(("+01:00", "+02:00"))
     ran = listed["ran"]
-    assert datetime.fromisoformat(ran["last_run"]).timestamp() == pytest.approx(start + 480,
-                                                                                abs=0.001)
+    assert datetime.fromisoformat(ran["last_run"]).timestamp() == pytest.approx(
+        start + 480.01, abs=0.001)
     assert ran["last_job"] and ran["last_skipped"] is not None
     rows = {line.split()[0]: line for line in jobq("schedule", "list").stdout.splitlines()[2:]
             if line.strip()}
