@@ -35,6 +35,7 @@ key                        type    holds
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
+{ns}:ctl:<master>          list    requests to one master (JSON, jobq.control), oldest first
 {ns}:sched:defs            hash    schedule name -> definition (JSON)
 {ns}:sched:due             zset    schedule name -> next due time (ms)
 {ns}:sched:last            hash    schedule name -> last fire (JSON)
@@ -127,3 +128,6 @@ class Keys:
 
     def group_wake(self, group_id: str) -> str:
         return f"{self.base}:gw:{group_id}"
+
+    def control(self, master_id: str) -> str:
+        return f"{self.base}:ctl:{master_id}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jobq_testtasks as tasks
+import psutil
 import pytest
 import redis
 from click.testing import CliRunner, Result
@@ -384,6 +385,56 @@ def test_info_and_top_show_queues_masters_workers_and_the_leader(
     assert f"master {m['id']} on {m['host']}: 2/2 workers" in top
     assert "scheduler leader: " in top
     assert top.count("jobq top ") == 1
+
+
+def ready_workers(master: subprocess.Popen[str]) -> int:
+    """How many workers of the master are up (their title says so once booted)."""
+    titles = []
+    for child in psutil.Process(master.pid).children():
+        try:
+            titles.append(" ".join(child.cmdline()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return sum(1 for t in titles if "jobq worker" in t and "booting" not in t)
+
+
+def test_workers_add_remove_set_change_a_master_exactly(
+        jobq: Callable[..., Result], queue: JobQueue, r: redis.Redis, spawn: Spawn,
+        tmp_path: Path) -> None:
+    assert "no live master" in jobq("workers", "add", "1", code=exitcodes.NOT_FOUND).stderr
+    master = start_master(spawn, tmp_path, workers=2)
+    mid = wait_until(lambda: list(as_json(jobq("info", "--json"))["masters"]), 20,
+                     message="the master in jobq info")[0]["id"]
+    wait_until(lambda: ready_workers(master) == 2, 20, message="2 workers")
+
+    assert jobq("workers", "add", "2").stdout == f"master {mid}: 4 workers (was 2)\n"
+    wait_until(lambda: ready_workers(master) == 4, 20, message="4 workers")
+    assert jobq("workers", "remove", "3", "--master", mid).stdout == \
+        f"master {mid}: 1 worker (was 4)\n"
+    assert jobq("workers", "remove", "5").stdout == \
+        f"master {mid}: 1 worker (was 1; never fewer than one)\n"
+    assert jobq("workers", "set", "3").stdout == f"master {mid}: 3 workers (was 1)\n"
+    wait_until(lambda: ready_workers(master) == 3, 20, message="3 workers")
+    [m] = as_json(jobq("info", "--json"))["masters"]
+    assert m["target"] == 3
+    assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
+
+    # bad input: one line, nothing sent
+    err = jobq("workers", "set", "0", code=exitcodes.USAGE, error_line=False).stderr
+    assert "Invalid value for 'N': 0 is not in the range x>=1" in err and err.count("\n") == 1
+    err = jobq("workers", "add", "1", "--master", "nosuch.1", code=exitcodes.NOT_FOUND).stderr
+    assert f"no live master 'nosuch.1' (live: {mid})" in err
+    # another live master (as its heartbeat says): which one must be named
+    other = "elsewhere.4242"
+    r.hset(queue.keys.masters, other, json.dumps({"ts": time.time(), "target": 1}))
+    err = jobq("workers", "add", "1", code=exitcodes.USAGE).stderr
+    assert f"2 masters are alive: name one with --master ({other}, {mid})" in err
+    # one that never takes the request: it is withdrawn at the timeout, nothing changes
+    err = jobq("workers", "add", "1", "--master", other, "--timeout", "0.3",
+               code=exitcodes.FAILURE).stderr
+    assert f"master {other} did not apply it within 0.3 s; the request is withdrawn" in err
+    assert r.llen(queue.keys.control(other)) == 0
+    assert ready_workers(master) == 3
 
 
 def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn,

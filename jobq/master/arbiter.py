@@ -33,7 +33,10 @@ TERM    graceful stop: workers finish their current job (up to ``graceful_timeou
 INT     like TERM; a second INT acts like QUIT
 QUIT    stop at once: workers are killed, their jobs re-queued (none lost); exit 0
 TTIN    one worker more
-TTOU    one worker fewer (never below one)
+TTOU    one worker fewer (never below one). The kernel keeps one pending signal of a kind:
+        the same signal sent again before the first was delivered is merged into it, so
+        quick repeats may count once; ``jobq workers add|remove|set N`` changes the number
+        exactly (a control request, see :mod:`jobq.control`, applied by ``_apply_controls``)
 USR1    reopen log files (after logrotate), in the master and its workers
 CHLD    reap exited children
 ======  =========================================================================================
@@ -94,6 +97,8 @@ SERVER_WAIT_FIRST, SERVER_WAIT_CAP, SERVER_WAIT_SAY_EVERY = 0.1, 5.0, 60.0
 DUTIES_DRAIN = 10.0
 #: The byte the duties thread writes to the wakeup fd (no signal has number 0).
 _DUTIES_WAKE = 0
+#: Control requests the heartbeat lists as applied (their senders look for their id).
+RESIZED_KEPT = 16
 
 
 @dataclass
@@ -145,6 +150,9 @@ class Master:
         self._wakeup_r = self._wakeup_w = -1
         #: signals read before the loop ran (while waiting for the server), for it to act on
         self._early_signals = b""
+        #: the latest control requests applied, as the heartbeat shows them (a tuple: the
+        #: duties thread reads it while the loop may replace it)
+        self.resized: tuple[dict[str, Any], ...] = ()
         self._pidfile: Any = None
 
     @property
@@ -254,6 +262,7 @@ class Master:
                 log.warning("recycling worker %d: %s", action.pid, action.reason)
                 self._retire(action.pid, now)
         self._interrupt_cancelled()
+        self._apply_controls()
         if self.duties is not None:
             self.duties.seen(self._seen())
         if self.reload_started is not None and (
@@ -372,18 +381,36 @@ class Master:
         self._stop("quit")
 
     def handle_ttin(self) -> None:
-        if not self.stopping:
-            self.target += 1
-            log.info("TTIN: now %d worker(s)", self.target)
-            self._manage_workers(time.time())
-            self._title()
+        self._resize("add", 1, "TTIN")
 
     def handle_ttou(self) -> None:
-        if not self.stopping and self.target > 1:
-            self.target -= 1
-            log.info("TTOU: now %d worker(s)", self.target)
+        self._resize("remove", 1, "TTOU")
+
+    def _resize(self, op: str, n: int, why: str) -> tuple[int, int, str]:
+        """Change the number of workers (TTIN, TTOU, ``jobq workers``): (before, after, a
+        note when the number asked for could not be had). Nothing changes while stopping."""
+        was = self.target
+        if self.stopping:
+            return was, was, "stopping"
+        self.target, note = policy.resize(was, op, n, self.slots.capacity)
+        if self.target != was:
+            log.info("%s: now %d worker(s), was %d", why, self.target, was)
             self._manage_workers(time.time())
             self._title()
+        return was, self.target, note
+
+    def _apply_controls(self) -> None:
+        """Apply the control requests the duties thread took (``jobq workers``), in order;
+        the next heartbeat, at once, says what each did."""
+        if self.duties is None or self.duties.controls.empty():
+            return
+        while not self.duties.controls.empty():
+            request = self.duties.controls.get()
+            was, target, note = self._resize(request.op, request.n,
+                                             f"jobq workers {request.op} {request.n}")
+            done = {"id": request.id, "target": target, "was": was, "note": note}
+            self.resized = (*self.resized[-(RESIZED_KEPT - 1):], done)
+        self.duties.beat_now()
 
     def handle_usr1(self) -> None:
         jobq_log.reopen()
@@ -650,7 +677,7 @@ class Master:
         return {"host": self.host, "pid": self.pid, "started": self.started, "ts": now,
                 "queues": self.config.queues, "target": self.target,
                 "generation": self.generation, "owner": self.options.owner,
-                "scheduler_pid": self.scheduler_pid,
+                "scheduler_pid": self.scheduler_pid, "resized": list(self.resized),
                 "workers": [{"slot": w.slot, "pid": w.pid, "name": w.name, "job": w.job_id,
                              "since": w.job_started if w.busy else None,
                              "memory_mb": round(w.memory_mb, 1) if w.memory_mb else None,
