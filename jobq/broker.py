@@ -49,6 +49,8 @@ CANCELLED_TTL_MIN = 86400
 DONE_TOKEN_TTL = 300
 #: Snapshots of the counters kept for rates (see :mod:`jobq.info`).
 SNAPSHOTS_KEPT = 30
+#: Most control requests a master takes in one poll.
+CONTROL_BATCH = 100
 #: Tokens kept in the scheduler's wake list (one is enough to wake it).
 SCHED_WAKE_CAP = 4
 #: The server counts as stalled when no reaper ran for half a lease (leases lapse when
@@ -264,11 +266,27 @@ class Broker:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self._r.hexists(self.keys.cancel, job_id))
 
-    def cancel_requests(self, job_ids: Sequence[str]) -> list[str | None]:
-        """For each running job, the reason it was asked to stop, or None."""
-        if not job_ids:
-            return []
-        return [_opt_str(r) for r in self._r.hmget(self.keys.cancel, list(job_ids))]
+    def master_requests(self, master_id: str, job_ids: Sequence[str]
+                        ) -> tuple[list[str | None], list[str]]:
+        """What a master polls, in one round trip: for each job its workers run, the reason
+        it was asked to stop, or None; and the control requests sent to the master (taken:
+        each is read once)."""
+        pipe = self._r.pipeline(transaction=False)
+        if job_ids:
+            pipe.hmget(self.keys.cancel, list(job_ids))
+        pipe.lpop(self.keys.control(master_id), CONTROL_BATCH)
+        replies = pipe.execute()
+        asked = [_opt_str(r) for r in replies[0]] if job_ids else []
+        return asked, [str(r) for r in replies[-1] or ()]
+
+    def request_control(self, master_id: str, request: str, ttl: int) -> None:
+        """Queue a control request for a master (dropped after ``ttl`` seconds untaken)."""
+        key = self.keys.control(master_id)
+        self._r.pipeline(transaction=False).rpush(key, request).expire(key, ttl).execute()
+
+    def withdraw_control(self, master_id: str, request: str) -> bool:
+        """Take back a control request the master has not taken yet; whether it was there."""
+        return bool(self._r.lrem(self.keys.control(master_id), 1, request))
 
     def requeue(self, job_id: str, record: str, queue: str, priority: int, spec: str,
                 state: str) -> bool:
@@ -670,10 +688,13 @@ class Broker:
     def group_job_ids(self, group_id: str) -> list[str]:
         return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), 0, -1)]
 
-    def group_progress(self, group_id: str) -> tuple[int, int]:
-        """(done, failed) jobs of a group."""
-        done, failed = self._r.hmget(self.keys.group(group_id), "done", "failed")
-        return int(done or 0), int(failed or 0)
+    def group_progress(self, group_id: str) -> tuple[int, int, int, int]:
+        """(done, failed) jobs of a group, then (done, failed) items (0 when it has no
+        chunks: its jobs are its items)."""
+        counts = self._r.hmget(self.keys.group(group_id), "done", "failed", "done_items",
+                               "failed_items")
+        done, failed, done_items, failed_items = (int(n or 0) for n in counts)
+        return done, failed, done_items, failed_items
 
     def wait_group(self, group_id: str, timeout: float) -> None:
         """Block until a job of the group finishes, or ``timeout`` seconds."""

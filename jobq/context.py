@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from .config import Config
 from .queue import JobQueue
-from .wire import Spec
+from .wire import Facts, Spec, read_state
 
 
 class WorkerInfo(Protocol):
@@ -25,23 +25,36 @@ class WorkerInfo(Protocol):
     config: Config
 
 
-#: (job id, queue, spec) of the job running in this process, set by the worker per job:
-#: a tuple assignment, so the hot path pays nothing for contexts nobody asks for.
-running: tuple[str, str, Spec] | None = None
+#: (job id, queue, spec, state as claimed) of the job running in this process, set by the
+#: worker per job: a tuple assignment, so the hot path pays nothing for contexts nobody asks
+#: for (the state is decoded only when the job asks).
+running: tuple[str, str, Spec, str | None] | None = None
 #: The worker of this process (None outside a worker).
 worker: WorkerInfo | Any = None
 
 
 class JobContext:
-    """The running job: its id, task, queue, parents, group; and its parents' results."""
+    """The running job: its id, task, queue, attempt, parents, group; and its parents'
+    results.
 
-    def __init__(self, job_id: str, queue: str, spec: Spec) -> None:
+    ``attempt`` is this attempt's number, from 1 (since the job was enqueued or last
+    requeued); ``retries`` the attempts before it (``attempt - 1``), out of ``max_retries``;
+    ``deliveries`` the times a worker took the job, this time included; ``requeues`` the
+    times it was requeued (the README defines each)."""
+
+    def __init__(self, job_id: str, queue: str, spec: Spec, state: str | None = None) -> None:
         self.id = job_id
         self.queue = queue
         self.task = spec.task
         self.parents: list[str] = list(spec.depends_on)
         self.group: str | None = spec.group
         self.group_index: int | None = spec.group_index
+        self.max_retries = spec.max_retries
+        before = Facts.from_json(read_state(state))  # what the attempts before this one left
+        self.attempt = before.attempts + 1
+        self.retries = before.attempts
+        self.deliveries = before.deliveries + 1
+        self.requeues = before.requeues
 
     def parent_results(self) -> dict[str, Any]:
         """Each parent's result, by id (parents completed before this job started; their
@@ -54,7 +67,7 @@ class JobContext:
         return out
 
     def __repr__(self) -> str:
-        return f"<JobContext {self.id} {self.task}>"
+        return f"<JobContext {self.id} {self.task} attempt {self.attempt}>"
 
 
 def current_job() -> JobContext | None:

@@ -72,11 +72,11 @@ def _run(queue: JobQueue, url: str, jobs: int, workers: int, tmp: Path) -> int:
     elapsed = time.time() - started
     ok = [j for j in done if j.status is JobStatus.COMPLETED]
     failed = [j for j in done if j.status is JobStatus.FAILED]
-    click.echo(f"\n{'job':>26}  {'limit':>8}  {'status':<9}  {'tries':>5}  result")
+    click.echo(f"\n{'job':>26}  {'limit':>8}  {'status':<9}  {'attempts':>8}  result")
     for job in done:
         shown = job.return_value if job.status is JobStatus.COMPLETED else job.error
         click.echo(f"{job.id:>26}  {job.args[0]:>8}  {job.status.value:<9}  "
-                   f"{job.retry_count + (job.status is JobStatus.COMPLETED):>5}  {shown}")
+                   f"{job.attempts:>8}  {shown}")
     click.echo(f"\n{len(ok)} completed, {len(failed)} failed (after their retry), "
                f"in {elapsed:.2f} s ({len(done) / elapsed:.1f} jobs/s)")
     return 0 if len(ok) + len(failed) == len(done) else 1

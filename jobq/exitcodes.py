@@ -2,7 +2,8 @@
 
 #: Success.
 OK = 0
-#: A command's work failed (a job waited on with --wait failed, a worker crashed).
+#: A command's work failed (a job waited on with --wait failed, a worker crashed, a master
+#: did not apply `jobq workers`).
 FAILURE = 1
 #: Bad usage or configuration: unknown option, bad JSON, a config key with a bad value, a
 #: deletion with neither a terminal to confirm on nor --yes.
@@ -11,7 +12,8 @@ USAGE = 2
 CONNECT = 3
 #: A task module (-I/--import, imports = [...]) failed to import.
 IMPORT = 4
-#: The job, queue, schedule or task named does not exist (a task: no running worker has it).
+#: The job, queue, schedule, master or task named does not exist (a task: no running worker
+#: announced it).
 NOT_FOUND = 5
 #: The pidfile names a running master.
 PIDFILE = 6

@@ -15,8 +15,9 @@ from typing import Any, Protocol
 
 import click
 
+from . import serialization
 from .broker import Broker
-from .exceptions import JobFailed, UnknownJob
+from .exceptions import JobFailed, SerializationError, UnknownJob
 from .job import Job, JobStatus
 
 #: How long a group's bookkeeping (and its jobs' results) is kept (seconds).
@@ -54,8 +55,25 @@ def run_chunk(resolve: Callable[[str], Callable[..., Any]], task_name: str, item
     return out
 
 
+def item_error(exc: SerializationError, items: list[Any], chunksize: int,
+               job_index: int) -> SerializationError:
+    """A map job JSON cannot carry, as the error of its item: "item 7: ...", the index in the
+    input (the job's own message says "argument 0", or names its chunk's list)."""
+    start = job_index * chunksize
+    for offset, item in enumerate(items[start:start + chunksize]):
+        try:
+            serialization.encode_args([item], {})
+        except SerializationError as bad:
+            problem = str(bad).removeprefix("argument 0: ")
+            return SerializationError(f"item {start + offset}: {problem}")
+    return exc  # not an item's fault (a job option)
+
+
 @dataclass(frozen=True)
 class Progress:
+    """Items of a ``map`` done, failed, and in all (with ``chunksize``, each chunk counts as
+    its items)."""
+
     done: int
     failed: int
     total: int
@@ -86,9 +104,11 @@ class Group:
         meta = self._broker.group_meta(group_id)
         if not meta:
             raise UnknownJob(f"no group with id {group_id!r}")
-        self.total = int(meta["total"])
+        self.total = int(meta["total"])  # jobs
         self.items = int(meta.get("items", self.total))
         self.chunksize = int(meta.get("chunk", 1))
+        #: the group counts its items itself (made by a jobq that knew the last chunk's size)
+        self._counts_items = "lastn" in meta
 
     def __repr__(self) -> str:
         return f"<Group {self.id} {self.items} items>"
@@ -97,15 +117,24 @@ class Group:
         return self._broker.group_job_ids(self.id)
 
     def progress(self) -> Progress:
-        """Jobs done and failed (chunks, with chunksize > 1) out of the total."""
-        done, failed = self._broker.group_progress(self.id)
-        return Progress(done, failed, self.total)
+        """Items done and failed, out of all the items (a chunk counts as its items)."""
+        done, failed, done_items, failed_items = self._broker.group_progress(self.id)
+        if self.chunksize == 1:
+            return Progress(done, failed, self.items)
+        if self._counts_items:
+            return Progress(done_items, failed_items, self.items)
+        # a group made before groups counted items: whole chunks, the short last one unknown
+        failed_items = min(failed * self.chunksize, self.items)
+        left = self.items - failed_items
+        if done + failed < self.total:
+            left = min(done * self.chunksize, left)
+        return Progress(left, failed_items, self.items)
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> bool:
         """Block until every job of the group finished; True, or False on timeout.
         With ``progress``, a progress bar is drawn on a terminal."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _Bar(self.total) if progress else None
+        bar = _Bar(self.items) if progress else None
         try:
             while True:
                 p = self.progress()
@@ -168,7 +197,7 @@ class _Bar:
         self.total = total
         self.shown = 0
         self.tty = sys.stderr.isatty()
-        self.bar = click.progressbar(length=total, label="jobs", file=sys.stderr,
+        self.bar = click.progressbar(length=total, label="items", file=sys.stderr,
                                      show_pos=True, show_percent=True) if self.tty else None
         if self.bar:
             self.bar.__enter__()
@@ -178,7 +207,7 @@ class _Bar:
         now = p.done + p.failed
         if self.bar:
             self.bar.update(now - self.shown)
-            self.bar.label = f"jobs ({p.failed} failed)" if p.failed else "jobs"
+            self.bar.label = f"items ({p.failed} failed)" if p.failed else "items"
         elif self.total and now * 10 // self.total != self.last_tenth:
             self.last_tenth = now * 10 // self.total
             print(f"{now}/{self.total} done, {p.failed} failed", file=sys.stderr, flush=True)

@@ -15,9 +15,11 @@ errors and status changes live beside it, and the final record replaces both whe
 
 from __future__ import annotations
 
+import difflib
+import reprlib
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
@@ -196,15 +198,26 @@ class Job:
         self.errors: list[dict[str, Any]] = []
         #: the error that ended the job (type, msg, tb), from the final record
         self.final_error: dict[str, Any] = {}
-        self.retry_count = 0
+        #: runs of the job started since it was enqueued or last requeued, a running one
+        #: included (see the README: attempts, retries, deliveries)
+        self.attempts = 0
+        #: times a worker took it: its attempts, and the hosts lost holding it (lapsed
+        #: leases) that may not have started it
         self.deliveries = 0
+        #: times it was requeued; each requeue starts the counts again, its errors are kept
+        self.requeues = 0
         self.worker: str | None = None
         self._queue: JobSource | None = None
 
     @property
-    def attempts(self) -> int:
-        """Attempts counted so far (the same as ``retry_count``, under its older name)."""
-        return self.retry_count
+    def retries(self) -> int:
+        """The attempts after the first: each one followed an attempt that failed."""
+        return max(0, self.attempts - 1)
+
+    @property
+    def retry_count(self) -> int:
+        """The same as :attr:`retries`, under the tutorial's name."""
+        return self.retries
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,8 +238,11 @@ class Job:
             "error": self.error,
             "traceback": self.traceback,
             "errors": self.errors,
-            "retry_count": self.retry_count,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "retry_count": self.retries,
             "deliveries": self.deliveries,
+            "requeues": self.requeues,
             "worker": self.worker,
             "due_at": _iso(_ts(self.due_at)),
             "depends_on": self.depends_on,
@@ -304,8 +320,9 @@ class Job:
         facts = Facts.from_json(state)
         if facts.status:
             self.status = JobStatus(facts.status)
-        self.retry_count = facts.attempts
+        self.attempts = facts.attempts
         self.deliveries = facts.deliveries
+        self.requeues = facts.requeues
         self.errors = facts.errors
         self.final_error = facts.final_error
         shown = facts.final_error or (facts.errors[-1] if facts.errors else None)
@@ -336,3 +353,34 @@ def exception_names(types: Sequence[type[BaseException] | str], option: str) -> 
 def new_id() -> str:
     """A 24-character id: milliseconds then 52 random bits, so ids sort by creation time."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
+
+
+def unknown_options(given: Mapping[str, Any], known: Iterable[str], *,
+                    what: str = "job option", task_args: str | None = "kwargs") -> TypeError:
+    """The error for keywords that are not among ``known`` options: each name, the option it
+    may be a typo of, and where a task's own arguments go (``task_args``: "kwargs" for
+    ``enqueue(..., kwargs={...})``, "delay" for ``Task.delay(...)``, None for nowhere)."""
+    known = sorted(known)
+    names = sorted(set(given) - set(known))
+    hints, args = [], {}
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if close:
+            hints.append(f"did you mean {close[0]}" + (f" (for {name})?" if len(names) > 1
+                                                         else "?"))
+        elif name == "kwargs" and task_args == "kwargs":  # given to map or enqueue_many
+            hints.append("map and enqueue_many give the task positional arguments only.")
+        else:
+            args[name] = given[name]
+    if args and task_args == "kwargs":
+        shown = ", ".join(f"{n!r}: {reprlib.repr(v)}" for n, v in args.items())
+        hints.append(f"did you mean kwargs={{{shown}}}? (a task's keyword arguments go in "
+                     "kwargs=, the other keywords are job options)")
+    elif args and task_args == "delay":
+        shown = ", ".join(f"{n}={reprlib.repr(v)}" for n, v in args.items())
+        hints.append(f"did you mean .delay(..., {shown})? (the task's own arguments go to "
+                     ".delay())")
+    elif args:
+        hints.append(f"({what}s: {', '.join(known)})")
+    head = f"unknown {what}(s): {', '.join(names)}"
+    return TypeError(f"{head}{' ' if hints[0][0] == '(' else ': '}{' '.join(hints)}")

@@ -29,13 +29,15 @@ key                        type    holds
 {ns}:waits:<parent>        set     the deferred jobs waiting for a parent
 {ns}:parents               set     ids that have deferred jobs waiting for them
 {ns}:u:<key>               string  the job holding a unique key, with a TTL
-{ns}:g:<group>             hash    a queue.map group: total, done, failed
+{ns}:g:<group>             hash    a queue.map group: total, done, failed (jobs), items;
+                                   with chunks: chunk, last, lastn, done_items, failed_items
 {ns}:gi:<group>            list    a group's job ids in input order
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
 {ns}:catalog               set     who announced tasks: master ids, lone workers' names
 {ns}:tasks:<announcer>     hash    task name -> what it is (JSON), with a TTL (catalog.py)
+{ns}:ctl:<master>          list    requests to one master (JSON, jobq.control), oldest first
 {ns}:sched:defs            hash    schedule name -> definition (JSON)
 {ns}:sched:due             zset    schedule name -> next due time (ms)
 {ns}:sched:last            hash    schedule name -> last fire (JSON)
@@ -136,3 +138,6 @@ class Keys:
 
     def group_wake(self, group_id: str) -> str:
         return f"{self.base}:gw:{group_id}"
+
+    def control(self, master_id: str) -> str:
+        return f"{self.base}:ctl:{master_id}"

@@ -12,8 +12,8 @@ from .broker import Broker, NewJob
 from .catalog import Catalog, TaskInfo
 from .config import Config, load_config
 from .connection import connect
-from .exceptions import UnknownJob, UnknownTask
-from .groups import CHUNK_TASK, GROUP_TTL, Group
+from .exceptions import SerializationError, UnknownJob, UnknownTask
+from .groups import CHUNK_TASK, GROUP_TTL, Group, item_error
 from .job import (
     MAX_TTL,
     QUEUE_NAME,
@@ -23,6 +23,7 @@ from .job import (
     check_enqueueable,
     new_id,
     task_name,
+    unknown_options,
 )
 from .keys import Keys
 from .schedule import to_epoch
@@ -182,7 +183,7 @@ class JobQueue:
         else:
             unknown = set(options) - JOB_OPTIONS
             if unknown:
-                raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+                raise unknown_options(options, JOB_OPTIONS)
             declared, checker = self._declared(job)
             defaults = {"timeout": self.config.default_timeout,
                         "max_retries": self.config.default_max_retries, **declared}
@@ -239,20 +240,30 @@ class JobQueue:
         chunk_options = {**declared, **options}  # a chunk runs as its items' task would
         jobs = []
         for index, start in enumerate(range(0, len(items), size)):
+            chunk = items[start:start + size]
+            for offset, item in enumerate(chunk if check is not None else ()):
+                try:
+                    check((item,), {})
+                except TypeError as exc:
+                    raise TypeError(f"item {start + offset}: {exc}") from None
             if size == 1:
-                job = self._build(func, (items[start],), None, dict(options))
+                job = self._build(func, (chunk[0],), None, dict(options), check=False)
             else:
-                if check is not None:
-                    for item in items[start:start + size]:
-                        check((item,), {})
-                job = self._build(CHUNK_TASK, (name, items[start:start + size], start), None,
-                                  dict(chunk_options))
+                job = self._build(CHUNK_TASK, (name, chunk, start), None, dict(chunk_options))
             job.group, job.group_index = group_id, index
             jobs.append(job)
-        new = [self._new_job(j) for j in jobs]  # refuse a bad item before anything is written
-        self.broker.create_group(group_id, {
-            "total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
-            "task": name, "created": time.time()}, [j.id for j in jobs], GROUP_TTL)
+        new = []  # refuse a bad item before anything is written
+        for job in jobs:
+            try:
+                new.append(self._new_job(job))
+            except SerializationError as exc:
+                raise item_error(exc, items, size, job.group_index or 0) from None
+        meta = {"total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
+                "task": name, "created": time.time()}
+        if size > 1 and jobs:  # progress counts items: the last chunk may hold fewer
+            meta.update(last=jobs[-1].id, lastn=len(items) - (len(jobs) - 1) * size,
+                        done_items=0, failed_items=0)
+        self.broker.create_group(group_id, meta, [j.id for j in jobs], GROUP_TTL)
         if new:
             self.broker.enqueue_many(new)
         return Group(self, group_id)
@@ -483,6 +494,10 @@ def read_job(job_id: str, final: str | None, spec: str | None, state: str | None
     if holder:
         job.status = JobStatus.PROCESSING
         job.worker = holder
+        # a worker holds it: its attempt counts from when it is claimed (a job claimed
+        # ahead of its turn counts as started a few milliseconds early)
+        job.attempts += 1
+        job.deliveries += 1
     elif due is not None:
         job.due_at = due / 1000
         if job.status is not JobStatus.RETRY:

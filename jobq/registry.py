@@ -18,7 +18,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from .catalog import TaskInfo
 from .exceptions import TaskImportError, TaskNotAllowed
 from .groups import CHUNK_TASK, run_chunk
-from .job import Job
+from .job import Job, unknown_options
 from .queue import default_queue
 from .wire import TASK_NAME
 
@@ -49,7 +49,7 @@ class Task(Generic[P, R]):
         """A variant of this task that enqueues with other job options."""
         unknown = set(options) - set(_OPTIONS)
         if unknown:
-            raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+            raise unknown_options(options, _OPTIONS, task_args="delay")
         variant = Task(self.fn, self.task_name, {**self.job_options, **options})
         return variant
 
@@ -68,7 +68,7 @@ def task(fn: Callable[P, R] | None = None, *, name: str | None = None,
     """Register a function as a task: ``@task`` or ``@task(queue=..., priority=..., ...)``."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+        raise unknown_options(options, _OPTIONS, what="task option", task_args=None)
 
     def register(f: Callable[P, R]) -> Task[P, R]:
         task_name = name or f"{f.__module__}:{f.__qualname__}"

@@ -231,6 +231,24 @@ def _after(d: ScheduleDef, due: float, now: float) -> float | None:
     return nxt
 
 
+def refuse_past(d: ScheduleDef, now: float) -> None:
+    """A one-off schedule whose time has passed would be skipped (a misfire): refuse it."""
+    if d.kind == "once" and d.at is not None and d.at < now - ON_TIME:
+        raise ScheduleError(f"schedule {d.name!r}: at: {local_time(d.at)} has passed (it is "
+                            f"{local_time(now)}); give a time to come")
+
+
+def local_time(ts: float) -> str:
+    """A time as people read it: local, with its zone (``2026-11-27 03:00:00 CET``)."""
+    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def iso_time(ts: float) -> str:
+    """A time for programs: ISO 8601, local, with its offset
+    (``2026-11-27T03:00:00.000+01:00``)."""
+    return datetime.fromtimestamp(ts, UTC).astimezone().isoformat(timespec="milliseconds")
+
+
 def to_epoch(value: datetime | float | int) -> float:
     """A due time as epoch seconds; a naive datetime is local time."""
     if isinstance(value, datetime):

@@ -20,7 +20,7 @@ from . import serialization
 from .config import Config
 from .job import Job, check_enqueueable
 from .queue import JobQueue
-from .schedule import ScheduleDef, ScheduleError, first_due, next_fire, to_epoch
+from .schedule import ScheduleDef, ScheduleError, first_due, next_fire, refuse_past, to_epoch
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -92,6 +92,8 @@ class Scheduler:
         """Store a schedule (replacing one of the same name) and wake the leader."""
         d.validate()
         now = time.time() if now is None else now
+        if d.source != "config":  # a config's one-off stays when it has run (reloads)
+            refuse_past(d, now)
         encoded = serialization.dumps(d.to_json())
         changed = self.broker.schedule_def(d.name) != encoded
         due = None if d.paused else first_due(d, now)
@@ -139,7 +141,9 @@ class Scheduler:
                                   **{k: v for k, v in given.items() if v is not None})
 
     def list(self) -> list[dict[str, Any]]:
-        """Every schedule with its next and last run, the last job's status, the leader."""
+        """Every schedule with its next and last run (epoch seconds; None if it never ran),
+        the last job's status, the due time of the latest run skipped as missed after it
+        (``last_skipped``), the leader."""
         defs = self.broker.schedule_defs()
         due = self.broker.schedule_timetable()
         last = self.broker.schedule_fires()
@@ -149,9 +153,12 @@ class Scheduler:
             d = serialization.loads(defs[name])
             fired = serialization.loads(last[name]) if name in last else {}
             job_id = fired.get("job")
+            # a record without a job is a skip (older fire.lua wrote skips that way)
+            skipped = fired.get("skipped", None if job_id else fired.get("due"))
             d.update(next_run=due.get(name),
-                     last_run=fired.get("fired"), last_job=job_id,
+                     last_run=fired.get("fired") if job_id else None, last_job=job_id,
                      last_status=self.queue.get_status(job_id) if job_id else None,
+                     last_skipped=skipped,
                      leader=leader.rsplit(".", 2)[0] if leader else None)
             out.append(d)
         return out

@@ -38,7 +38,7 @@ from .keys import Keys
 from .log import Trouble
 from .process import BlockingCall, set_title
 from .queue import JobQueue
-from .schedule import ScheduleDef, ScheduleError, plan_fire
+from .schedule import ScheduleDef, ScheduleError, local_time, plan_fire
 from .scheduler import apply_config_schedules
 from .wire import DEFAULT_QUEUE, encode_spec, route
 
@@ -166,8 +166,7 @@ class SchedulerProcess:
                 if not fired:
                     break  # another scheduler fired this run: it has moved the due time on
                 if run is not None:
-                    log.info("schedule %s fired (due %s)", name,
-                             time.strftime("%H:%M:%S", time.localtime(run)))
+                    log.info("schedule %s fired (due %s)", name, local_time(run))
                 expected = next_ms
         return self.broker.next_schedule_due()
 

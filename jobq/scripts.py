@@ -70,6 +70,8 @@ class Scripts:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pid = 0
+        #: scripts this connection's server is known to hold (see :meth:`run_many`)
+        self._loaded: set[str] = set()
         self._source: dict[str, str] = {}
         self._sha: dict[str, str] = {}
         self._registered: dict[str, Any] = {}
@@ -91,10 +93,17 @@ class Scripts:
         sleeping in ``recv``: a process that sleeps is woken a few hundred microseconds after
         its reply arrives on the virtual machines jobq runs on, which is most of a round
         trip. Only used while a reply is imminent, never to wait for work.
+
+        The calls run in the order given: a script the server does not hold would fail and
+        be sent again after the calls behind it had run (an ack after the claim that should
+        have found what it put back), so the scripts of a batch are loaded first, once per
+        connection (again after the connection or the server's scripts were lost).
         """
         with self._lock:
             conn = self._connection()
             try:
+                if len(calls) > 1:
+                    self._load(conn, {name for name, _, _ in calls} - self._loaded)
                 conn.send_packed_command(conn.pack_commands(
                     [("EVALSHA", self._sha[name], len(keys), *keys, *args)
                      for name, keys, args in calls]))
@@ -112,6 +121,8 @@ class Scripts:
                     except NoScriptError:  # a restarted server: nothing ran, send the source
                         replies.append(None)
                         unknown.append(i)
+                if unknown:
+                    self._loaded.clear()  # the server lost its scripts (flushed, restarted)
                 for i in unknown:
                     name, keys, args = calls[i]
                     conn.send_command("EVAL", self._source[name], len(keys), *keys, *args)
@@ -119,13 +130,25 @@ class Scripts:
                 return replies
             except BaseException:
                 conn.disconnect()  # a reply may be half read: never reuse this socket as is
+                self._loaded.clear()  # it may reconnect to a server that lost its scripts
                 raise
+
+    def _load(self, conn: Any, names: set[str]) -> None:
+        """SCRIPT LOAD ``names`` in one round trip (a no-op for scripts the server holds)."""
+        if not names:
+            return
+        conn.send_packed_command(conn.pack_commands(
+            [("SCRIPT", "LOAD", self._source[name]) for name in names]))
+        for _ in names:
+            conn.read_response()
+        self._loaded |= names
 
     def _connection(self) -> Any:
         """A connection of our own, made anew in a forked child (sockets are not shared)."""
         if self._conn is None or self._pid != os.getpid():
             self._conn = self.client.connection_pool.get_connection()  # kept, never released
             self._pid = os.getpid()
+            self._loaded = set()
         return self._conn
 
     def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:

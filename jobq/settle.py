@@ -107,10 +107,12 @@ def _completed(job_id: str, queue: str, spec_raw: str, spec: Spec, state_raw: st
                policy: RetryPolicy) -> Settlement:
     ttl = policy.result_ttl if spec.result_ttl is None else spec.result_ttl
     record = ""
+    # a retried job keeps its history of attempts; the common case has none
+    state = read_state(state_raw) if state_raw else None
+    attempts = state.get("n", 0) + 1 if state else 1
     if ttl:
         result = encode_result(outcome.result)
-        if state_raw:  # a retried job: keep its history of attempts
-            state = read_state(state_raw)
+        if state is not None:
             state.update(s="completed", st=round(outcome.started, 6),
                          fin=round(outcome.finished, 6), w=worker)
             record = final_record(spec_raw, state, result)
@@ -118,7 +120,8 @@ def _completed(job_id: str, queue: str, spec_raw: str, spec: Spec, state_raw: st
             record = completed_record(spec_raw, result, outcome.started, outcome.finished,
                                       worker_json)
     return _new(Settlement, (_entry("done", job_id, queue, spec.priority, ttl, record,
-                                    spec.group), "completed", 1, 0, 0.0, None, False))
+                                    spec.group), "completed", attempts, spec.max_retries, 0.0,
+                             None, False))
 
 
 def _failed(job_id: str, queue: str, spec_raw: str | None, spec: Spec | None,
@@ -127,7 +130,7 @@ def _failed(job_id: str, queue: str, spec_raw: str | None, spec: Spec | None,
     exc, finished = outcome.exc, outcome.finished
     state = read_state(state_raw)
     attempts = state.get("n", 0) + 1
-    error = error_entry(exc, finished, worker)
+    error = error_entry(exc, finished, worker, attempts, state.get("rq", 0))
     state.update(n=attempts, e=add_error(state.get("e"), error))
     if spec is not None:
         priority, group, max_retries = spec.priority, spec.group, spec.max_retries

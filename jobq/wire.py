@@ -7,7 +7,7 @@ defaults they need are handed to them from this module, see :data:`LUA_CONSTANTS
 =============  ==========================================================================
 the spec       what to run, written once at enqueue (``{ns}:jobs``): a compact JSON object;
                options equal to their default are left out
-the state      attempts, deliveries and errors of a job that ran before (``{ns}:state``)
+the state      what became of the attempts of a job that ran before (``{ns}:state``)
 a final record the spec (its JSON text, untouched) and the state, plus the result, when the
                job ended (``{ns}:r:<id>``)
 an ack entry   what a worker tells ``ack.lua`` about a job it ran: seven fields
@@ -23,6 +23,22 @@ Spec fields::
     r  max_retries (3)                    g    queue.map group id   gi  index in the group
     to timeout, seconds (300)             c    created, epoch seconds
     o  owner: the pool that alone can run it (a task of a script's ``__main__``), see route()
+
+State fields (all optional; a final record carries them too)::
+
+    s   status ("retry", "pending", ... in a final record "completed", "failed", "cancelled")
+    n   attempts that ended without completing (failed, timed out, cancelled, worker lost)
+    d   times the job's holder vanished (its worker died, or its lease lapsed): poison at
+        ``max_deliveries``
+    u   of those, the times no one knew whether it had started (the lease lapsed)
+    e   errors of the latest attempts (at most MAX_ERRORS_KEPT), each with its attempt
+        number ``n`` and the requeues before it ``rq``
+    rq  times the job was requeued (``jobq requeue``): the counts above start again, ``e``
+        is kept
+    due when a retry is due (epoch seconds)
+
+What users read is computed from them, once, in :class:`Facts`: attempts are ``n``, plus
+one for the attempt that completed; deliveries are the attempts plus ``u``.
 
 A field present with the value ``null`` counts as absent, but for ``t`` and ``a``, which
 jobq always writes. What the worker needs to run a job (``t a k p r to ttl g``) must be
@@ -382,7 +398,7 @@ def read_state(raw: str | None) -> dict[str, Any]:
         return {}
     for name in _RECORD_ONLY:
         state.pop(name, None)
-    for name in ("n", "d"):
+    for name in ("n", "d", "u", "rq"):
         if name in state and type(state[name]) is not int:
             del state[name]
     if "e" in state:
@@ -391,11 +407,16 @@ def read_state(raw: str | None) -> dict[str, Any]:
     return state
 
 
-def error_entry(exc: BaseException, when: float, worker: str) -> dict[str, Any]:
-    """One failed attempt as kept in a job's state: type, message, traceback, time, worker."""
-    return {"type": type(exc).__name__, "msg": str(exc)[:2000],
-            "tb": "".join(traceback.format_exception(exc))[-8000:], "t": round(when, 3),
-            "w": worker}
+def error_entry(exc: BaseException, when: float, worker: str, attempt: int,
+                requeues: int = 0) -> dict[str, Any]:
+    """One failed attempt as kept in a job's state: type, message, traceback, time, worker,
+    the attempt's number and the requeues before it."""
+    entry = {"type": type(exc).__name__, "msg": str(exc)[:2000],
+             "tb": "".join(traceback.format_exception(exc))[-8000:], "t": round(when, 3),
+             "w": worker, "n": attempt}
+    if requeues:
+        entry["rq"] = requeues
+    return entry
 
 
 def add_error(errors: Any, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -431,9 +452,16 @@ class Facts:
     """What a state or a final record says of a job (the rest is in its spec)."""
 
     status: str | None = None
+    #: attempts that ended (see the module docstring): the failed ones, and the one that
+    #: completed
     attempts: int = 0
+    #: times a worker took the job: its attempts, and the lapsed leases of holders that may
+    #: not have started it
     deliveries: int = 0
-    #: one entry per failed attempt, the latest last: type, msg, tb, t (when), w (worker)
+    #: times it was requeued (its counts started again, its errors were kept)
+    requeues: int = 0
+    #: one entry per failed attempt, the latest last: type, msg, tb, t (when), w (worker),
+    #: n (the attempt's number), rq (the requeues before it, when any)
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: the error that ended the job, in a final record (same keys)
     final_error: dict[str, Any] = field(default_factory=dict)
@@ -446,11 +474,19 @@ class Facts:
     def from_json(cls, state: Mapping[str, Any]) -> Facts:
         errors = state.get("e")
         err = state.get("err")
-        return cls(state.get("s") or None, int(state.get("n", 0) or 0),
-                   int(state.get("d", 0) or 0),
+        status = state.get("s") or None
+        # every attempt before the one that completed ended without completing (a completed
+        # job's record written at its first attempt has no "n" at all)
+        attempts = _count(state, "n") + (status == "completed")
+        return cls(status, attempts, attempts + _count(state, "u"), _count(state, "rq"),
                    [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else [],
                    dict(err) if isinstance(err, dict) else {}, state.get("st"), state.get("fin"),
                    state.get("res"), state.get("w"))
+
+
+def _count(state: Mapping[str, Any], name: str) -> int:
+    value = state.get(name)
+    return value if type(value) is int and value > 0 else 0
 
 
 def requeued(spec: Any, record: Mapping[str, Any]) -> tuple[str, int, str, str] | None:
@@ -463,8 +499,7 @@ def requeued(spec: Any, record: Mapping[str, Any]) -> tuple[str, int, str, str] 
     errors = facts.errors
     if facts.final_error and facts.final_error not in errors:
         errors = [*errors, facts.final_error]
-    state = {"s": "pending", "e": errors[-MAX_ERRORS_KEPT:],
-             "rq": int(record.get("rq", 0) or 0) + 1}
+    state = {"s": "pending", "e": errors[-MAX_ERRORS_KEPT:], "rq": facts.requeues + 1}
     queue = spec.get("q")
     priority = spec.get("p")
     owner = spec.get("o")
@@ -524,5 +559,6 @@ LUA_CONSTANTS: dict[str, str | int] = {
     "DEFAULT_QUEUE": DEFAULT_QUEUE,
     "DEFAULT_PRIORITY": DEFAULT_PRIORITY,
     "DEFAULT_MAX_RETRIES": DEFAULT_MAX_RETRIES,
+    "MAX_ERRORS_KEPT": MAX_ERRORS_KEPT,
     "ACK_FIELDS": ACK_FIELDS,
 }

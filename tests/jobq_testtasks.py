@@ -294,6 +294,26 @@ def fail_times(key: str, times: int, exc: str = "ValueError") -> str:
     return f"run {runs}"
 
 
+def record_attempt(key: str, times: int) -> str:
+    """Record what ``current_job()`` says of this attempt, and the attempts the job's record
+    shows meanwhile (JSON); the first ``times`` runs raise ValueError."""
+    import json
+
+    import jobq
+
+    ctx = jobq.current_job()
+    assert ctx is not None
+    seen = jobq.JobQueue(redis_url=os.environ["JOBQ_REDIS_URL"]).get_job(ctx.id)
+    runs = _redis().rpush(f"test:{key}", json.dumps({
+        "attempt": ctx.attempt, "retries": ctx.retries, "max_retries": ctx.max_retries,
+        "deliveries": ctx.deliveries, "requeues": ctx.requeues, "id": ctx.id,
+        "task": ctx.task, "queue": ctx.queue,
+        "record": [seen.attempts, seen.retries, seen.deliveries] if seen else None}))
+    if runs <= times:
+        raise ValueError(f"run {runs} of {key} fails")
+    return f"run {runs}"
+
+
 def retry_once(key: str, delay: float) -> str:
     """Record the run (its time); the first run asks for another attempt in ``delay`` s."""
     import jobq

@@ -133,9 +133,9 @@ def test_bad_arguments_for_a_known_task_write_nothing(config: Config, redis_url:
         queue.enqueue_many(TASK, [(1,), ()])
     with pytest.raises(TypeError, match="too many positional"):
         queue.enqueue(TASK, 1, 2)
-    with pytest.raises(TypeError, match="missing a required argument"):
+    with pytest.raises(TypeError, match="^item 0: .*missing a required argument"):
         queue.map("jobq_testtasks:add", [1, 2])
-    with pytest.raises(TypeError, match="missing a required argument"):
+    with pytest.raises(TypeError, match="^item 0: .*missing a required argument"):
         queue.map("jobq_testtasks:add", [1, 2, 3], chunksize=2)
     assert high.size() == 0 and queue.size() == 0
 

@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jobq_testtasks as tasks
+import psutil
 import pytest
 import redis
 from click.testing import CliRunner, Result
@@ -27,9 +29,13 @@ from jobq import exitcodes
 from jobq.cli import main
 from jobq.config import load_config
 from jobq.connection import connect
+from jobq.groups import Progress
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
+from jobq.schedule import ScheduleError, local_time
+from jobq.scheduler import Scheduler
+from jobq.scheduler_daemon import SchedulerProcess
 from jobq.server import EmbeddedServer
 from jobq.worker.loop import Worker
 
@@ -210,6 +216,53 @@ def test_tasks_lists_the_catalog(jobq: Callable[..., Result]) -> None:
     assert declared["declared"] is True and listed["jobq_testtasks:add"]["declared"] is False
     text = jobq("tasks").stdout
     assert "jobq_testtasks:add(a: int, b: int) -> int" in text and "testhost.1" in text
+
+
+def test_attempts_retries_and_deliveries_agree_everywhere_and_a_requeue_restarts_them(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn, tmp_path: Path) -> None:
+    config = tmp_path / "no-backoff.toml"
+    config.write_text("retry_backoff_base = 0.0\n")
+
+    def burst() -> None:
+        worker = spawn("worker", "-I", "jobq_testtasks", "--burst",
+                       env=subprocess_env(JOBQ_CONFIG=str(config)))
+        assert worker.wait(timeout=30) == 0, worker.communicate()[1]
+
+    def counts(job_id: str) -> tuple[int, int, int, int, int]:
+        record = as_json(jobq("job", job_id, "--json"))
+        job = queue.get_job(job_id)
+        assert (job.attempts, job.retries, job.retry_count, job.deliveries, job.requeues) == (
+            record["attempts"], record["retries"], record["retry_count"],
+            record["deliveries"], record["requeues"])
+        human = dict(line.split(None, 1) for line in jobq("job", job_id).stdout.splitlines()
+                     if line[:1].isalpha() and " " in line and ":" not in line.split()[0])
+        assert [int(human[k]) for k in ("attempts", "retries", "deliveries", "requeues")] == [
+            record["attempts"], record["retries"], record["deliveries"], record["requeues"]]
+        return (record["attempts"], record["retries"], record["retry_count"],
+                record["deliveries"], record["requeues"])
+
+    failing = queue.enqueue(tasks.boom, "kaput", max_retries=3).id
+    ok = queue.enqueue(tasks.add, 1, 2).id
+    burst()
+    assert queue.get_status(failing) == "failed"
+    # four runs: the first attempt and three retries, each delivered once
+    assert counts(failing) == (4, 3, 3, 4, 0)
+    assert counts(ok) == (1, 0, 0, 1, 0)
+    text = jobq("job", failing).stdout
+    assert [line for line in text.splitlines() if line.startswith("attempt ")] == [
+        f"attempt {n}: ValueError: kaput" for n in (1, 2, 3, 4)]
+    assert jobq("dlq", "list").stdout.split("\n")[2].split()[2] == "4"  # the attempts column
+
+    # a requeue starts the counts again and keeps the errors, each saying its attempt
+    jobq("requeue", failing)
+    assert counts(failing) == (0, 0, 0, 0, 1)
+    assert len(queue.get_job(failing).errors) == 4
+    burst()
+    assert counts(failing) == (4, 3, 3, 4, 1)
+    text = jobq("job", failing).stdout
+    labels = [line.split(":")[0] for line in text.splitlines() if line.startswith("attempt ")]
+    assert labels == [*(f"attempt {n} before requeue 1" for n in (1, 2, 3, 4)),
+                      *(f"attempt {n}" for n in (1, 2, 3, 4))]
 
 
 def test_job_of_an_unknown_id_exits_5(jobq: Callable[..., Result]) -> None:
@@ -476,6 +529,56 @@ def test_info_and_top_show_queues_masters_workers_and_the_leader(
     assert top.count("jobq top ") == 1
 
 
+def ready_workers(master: subprocess.Popen[str]) -> int:
+    """How many workers of the master are up (their title says so once booted)."""
+    titles = []
+    for child in psutil.Process(master.pid).children():
+        try:
+            titles.append(" ".join(child.cmdline()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return sum(1 for t in titles if "jobq worker" in t and "booting" not in t)
+
+
+def test_workers_add_remove_set_change_a_master_exactly(
+        jobq: Callable[..., Result], queue: JobQueue, r: redis.Redis, spawn: Spawn,
+        tmp_path: Path) -> None:
+    assert "no live master" in jobq("workers", "add", "1", code=exitcodes.NOT_FOUND).stderr
+    master = start_master(spawn, tmp_path, workers=2)
+    mid = wait_until(lambda: list(as_json(jobq("info", "--json"))["masters"]), 20,
+                     message="the master in jobq info")[0]["id"]
+    wait_until(lambda: ready_workers(master) == 2, 20, message="2 workers")
+
+    assert jobq("workers", "add", "2").stdout == f"master {mid}: 4 workers (was 2)\n"
+    wait_until(lambda: ready_workers(master) == 4, 20, message="4 workers")
+    assert jobq("workers", "remove", "3", "--master", mid).stdout == \
+        f"master {mid}: 1 worker (was 4)\n"
+    assert jobq("workers", "remove", "5").stdout == \
+        f"master {mid}: 1 worker (was 1; never fewer than one)\n"
+    assert jobq("workers", "set", "3").stdout == f"master {mid}: 3 workers (was 1)\n"
+    wait_until(lambda: ready_workers(master) == 3, 20, message="3 workers")
+    [m] = as_json(jobq("info", "--json"))["masters"]
+    assert m["target"] == 3
+    assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
+
+    # bad input: one line, nothing sent
+    err = jobq("workers", "set", "0", code=exitcodes.USAGE, error_line=False).stderr
+    assert "Invalid value for 'N': 0 is not in the range x>=1" in err and err.count("\n") == 1
+    err = jobq("workers", "add", "1", "--master", "nosuch.1", code=exitcodes.NOT_FOUND).stderr
+    assert f"no live master 'nosuch.1' (live: {mid})" in err
+    # another live master (as its heartbeat says): which one must be named
+    other = "elsewhere.4242"
+    r.hset(queue.keys.masters, other, json.dumps({"ts": time.time(), "target": 1}))
+    err = jobq("workers", "add", "1", code=exitcodes.USAGE).stderr
+    assert f"2 masters are alive: name one with --master ({other}, {mid})" in err
+    # one that never takes the request: it is withdrawn at the timeout, nothing changes
+    err = jobq("workers", "add", "1", "--master", other, "--timeout", "0.3",
+               code=exitcodes.FAILURE).stderr
+    assert f"master {other} did not apply it within 0.3 s; the request is withdrawn" in err
+    assert r.llen(queue.keys.control(other)) == 0
+    assert ready_workers(master) == 3
+
+
 def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn,
                           tmp_path: Path) -> None:
     start_master(spawn, tmp_path)
@@ -492,6 +595,26 @@ def test_wait_for_a_group(jobq: Callable[..., Result], queue: JobQueue, spawn: S
     assert as_json(result) == {"group": bad.id, "done": 2, "failed": 1, "total": 3,
                                "finished": True}
     jobq("wait", "no-such-group", "--json", code=exitcodes.NOT_FOUND)
+
+
+def test_progress_of_a_chunked_map_counts_its_items(
+        jobq: Callable[..., Result], queue: JobQueue, spawn: Spawn) -> None:
+    # 10 items in chunks of 4: 4, 4, then 2; the short last chunk fails
+    group = queue.map(tasks.square, [*range(8), 8, -9], chunksize=4, max_retries=0)
+    assert group.progress() == Progress(0, 0, 10)
+    assert as_json(jobq("wait", group.id, "--json", "--timeout", "0.1",
+                        code=exitcodes.FAILURE)) == {
+        "group": group.id, "done": 0, "failed": 0, "total": 10, "finished": False}
+
+    worker = spawn("worker", "-I", "jobq_testtasks", "--burst")
+    assert worker.wait(timeout=30) == 0, worker.communicate()[1]
+
+    assert group.progress() == Progress(8, 2, 10)
+    assert as_json(jobq("wait", group.id, "--json", code=exitcodes.FAILURE)) == {
+        "group": group.id, "done": 8, "failed": 2, "total": 10, "finished": True}
+    result = jobq("wait", group.id, code=exitcodes.FAILURE)
+    assert result.stdout == "8 done, 2 failed, of 10\n"
+    assert result.stderr.splitlines()[-1] == "10/10 done, 2 failed"  # the progress line
 
 
 # -- schedules ------------------------------------------------------------------------------------
@@ -560,6 +683,63 @@ def test_schedule_add_list_pause_resume_run_now_remove(
     for op in ("remove", "pause", "resume", "run-now"):
         assert "unknown schedule 'hourly'" in jobq("schedule", op, "hourly",
                                                    code=exitcodes.NOT_FOUND).stderr
+
+
+@pytest.fixture
+def paris() -> Iterator[None]:
+    """This process's local time is Paris's (times are shown in the local zone)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Paris"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def test_schedule_times_show_their_zone_a_past_at_is_refused_and_a_skip_is_no_run(
+        jobq: Callable[..., Result], queue: JobQueue, redis_url: str, paris: None) -> None:
+    err = jobq("schedule", "add", "gone", "jobq_testtasks:noop", "--at", "2020-01-15T03:00:00",
+               code=exitcodes.USAGE).stderr
+    assert "schedule 'gone': at: 2020-01-15 03:00:00 CET has passed" in err
+    with pytest.raises(ScheduleError, match="has passed"):
+        Scheduler(queue).schedule_once("gone", tasks.noop, datetime(2020, 1, 15, 3))
+    assert as_json(jobq("schedule", "list", "--json"))["schedules"] == []
+
+    jobq("schedule", "add", "later", "jobq_testtasks:noop", "--at", "2030-07-15T03:00:00+02:00")
+    # an interval whose first run is long past: that run is skipped (misfire "skip")
+    start = time.time() - 600
+    Scheduler(queue).schedule_interval("late", tasks.noop, 3600, start=start)
+    # one that runs, then misses its next runs (downtime): it keeps its last run
+    Scheduler(queue).schedule_interval("ran", tasks.noop, 60, start=start + 480)
+    leader = SchedulerProcess(load_config(redis_url=redis_url), redis_url)
+    leader.step(start + 480.01)  # its first run, on time (due times are kept in ms)
+    [ran] = [s for s in Scheduler(queue).list() if s["name"] == "ran"]
+    assert ran["last_run"] == pytest.approx(start + 480.01, abs=0.001) and ran["last_job"]
+    leader.step(time.time())
+
+    listed = {s["name"]: s for s in as_json(jobq("schedule", "list", "--json"))["schedules"]}
+    assert listed["later"]["at"] == listed["later"]["next_run"] == "2030-07-15T03:00:00.000+02:00"
+    assert listed["later"]["last_run"] is None and listed["later"]["last_skipped"] is None
+    late = listed["late"]
+    assert late["last_run"] is None and late["last_job"] is None  # it never ran
+    assert datetime.fromisoformat(late["last_skipped"]).timestamp() == pytest.approx(start,
+                                                                                     abs=0.001)
+    assert datetime.fromisoformat(late["next_run"]).timestamp() == pytest.approx(start + 3600,
+                                                                                 abs=0.001)
+    assert late["last_skipped"].endswith(("+01:00", "+02:00"))
+    ran = listed["ran"]
+    assert datetime.fromisoformat(ran["last_run"]).timestamp() == pytest.approx(
+        start + 480.01, abs=0.001)
+    assert ran["last_job"] and ran["last_skipped"] is not None
+    rows = {line.split()[0]: line for line in jobq("schedule", "list").stdout.splitlines()[2:]
+            if line.strip()}
+    assert "at 2030-07-15 03:00:00 CEST" in rows["later"]
+    # no last run ("-"), the skipped one said
+    assert f" -; skipped the run due {local_time(start)}" in rows["late"]
+    assert local_time(start).endswith((" CET", " CEST"))
 
 
 def test_schedule_ops_report_the_name_as_given(jobq: Callable[..., Result]) -> None:

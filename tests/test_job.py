@@ -300,7 +300,9 @@ def test_apply_state_folds_a_final_record() -> None:
                            {"type": "ValueError", "msg": "second", "tb": "tb2"}],
                      "err": {"type": "ValueError", "msg": "second", "tb": "tb2"}})
     assert job.status is JobStatus.FAILED
-    assert (job.retry_count, job.deliveries, job.worker) == (2, 1, "w1")
+    # two attempts, both failed ("n"), so one retry; a holder lost once ("d") was one of them
+    assert (job.attempts, job.retries, job.retry_count, job.deliveries, job.worker) == (
+        2, 1, 1, 2, "w1")
     assert job.error == "ValueError: second"
     assert job.traceback == "tb2"
     assert job.started_at == datetime.fromtimestamp(10.0, UTC)
@@ -501,6 +503,13 @@ def test_task_decorator_refuses_unknown_options() -> None:
         registry.task(retries=3)
     with pytest.raises(TypeError, match="unknown job option"):
         tasks.registered.options(retries=3)
+    with pytest.raises(TypeError, match=r"limit: did you mean \.delay\(\.\.\., limit=1\)\?"):
+        tasks.registered.options(limit=1)
+    with pytest.raises(TypeError, match=r"unknown task option\(s\): limit \(task options: "
+                                        r"dont_retry_on, max_retries, priority, queue, "):
+        registry.task(limit=1)
+    with pytest.raises(TypeError, match=r"priorty: did you mean priority\?"):
+        registry.task(priorty=1)
 
 
 def test_task_options_variant_keeps_the_name() -> None:

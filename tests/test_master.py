@@ -131,7 +131,8 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_job_completes_on_retry(
     assert done.status is JobStatus.COMPLETED, done.errors
     assert done.return_value == "run 2"
     assert len(runs(r, k)) == 2 and runs(r, k)[1] != victim  # the side effect, twice
-    assert done.retry_count == 1
+    # two attempts (the killed one and the one that completed), each delivered once
+    assert (done.attempts, done.retries, done.deliveries) == (2, 1, 2)
     [error] = done.errors
     assert error["type"] == "WorkerLost"
     assert "killed by signal 9 (SIGKILL)" in error["msg"]
@@ -181,7 +182,7 @@ def test_a_job_over_its_timeout_gets_job_timeout_raised_inside(
 
     assert done.status is JobStatus.FAILED
     assert runs(r, k) == ["JobTimeout", "JobTimeout"]  # raised inside the task, each attempt
-    assert done.retry_count == 2
+    assert (done.attempts, done.retries) == (2, 1)
     assert [e["type"] for e in done.errors] == ["JobTimeout", "JobTimeout"]
     assert "time limit of 0.3 s" in done.errors[-1]["msg"]
     assert done.final_error["type"] == "JobTimeout"

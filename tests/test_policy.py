@@ -32,6 +32,7 @@ from jobq.master.policy import (
     max_jobs_for,
     next_check,
     on_exit,
+    resize,
 )
 
 NOW = 1_000_000.0
@@ -383,3 +384,17 @@ def test_max_jobs_is_never_below_one() -> None:
     values = [max_jobs_for(3, 1.0, rng) for _ in range(500)]
     assert min(values) == 1 and max(values) == 6
 
+
+
+# -- resize (TTIN, TTOU, jobq workers) -----------------------------------------------------------
+
+def test_resize_adds_removes_and_sets_never_below_one_nor_above_the_slots() -> None:
+    assert resize(2, "add", 3, 64) == (5, "")
+    assert resize(5, "remove", 3, 64) == (2, "")
+    assert resize(2, "set", 7, 64) == (7, "")
+    assert resize(2, "remove", 1, 64) == (1, "")
+    assert resize(2, "remove", 5, 64) == (1, "never fewer than one")
+    assert resize(1, "remove", 1, 64) == (1, "never fewer than one")
+    assert resize(60, "add", 10, 64) == (
+        64, "at most 64: the worker slots this master made at start")
+    assert resize(2, "set", 64, 64) == (64, "")

@@ -20,9 +20,12 @@ from hypothesis import strategies as st
 from jobq import job as jobs
 from jobq.config import Config
 from jobq.exceptions import JobFailed, PayloadTooLarge, SerializationError, TaskNotAllowed
+from jobq.groups import Progress
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
+from jobq.settle import Failed, RetryPolicy, settle
+from jobq.wire import Spec
 from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -150,6 +153,44 @@ def test_unknown_option_is_a_type_error(queue: JobQueue, r: redis.Redis) -> None
         queue.enqueue(tasks.add, 1, 2, retries=3)
     with pytest.raises(TypeError, match="pass arguments and options to Job"):
         queue.enqueue(Job(tasks.add, (1, 2)), priority=1)
+    assert r.dbsize() == 0
+
+
+def test_an_unknown_option_points_at_kwargs_or_at_the_option_it_misspells(
+        queue: JobQueue, r: redis.Redis) -> None:
+    with pytest.raises(TypeError) as err:
+        queue.enqueue(tasks.echo, 5, limit=1)
+    assert str(err.value) == (
+        "unknown job option(s): limit: did you mean kwargs={'limit': 1}? (a task's keyword "
+        "arguments go in kwargs=, the other keywords are job options)")
+    with pytest.raises(TypeError) as err:
+        queue.enqueue(tasks.echo, 5, priorty=1)
+    assert str(err.value) == "unknown job option(s): priorty: did you mean priority?"
+    with pytest.raises(TypeError, match=r"did you mean priority \(for priorty\)\? did you mean "
+                                        r"kwargs=\{'limit': 1\}\?"):
+        queue.enqueue(tasks.echo, 5, limit=1, priorty=1)
+    with pytest.raises(TypeError, match=r"kwargs: map and enqueue_many give the task "
+                                        r"positional arguments only"):
+        queue.map(tasks.echo, [1, 2], kwargs={"limit": 1})
+    assert r.dbsize() == 0
+
+
+def test_a_chunked_map_made_before_groups_counted_items_still_finishes(
+        queue: JobQueue, r: redis.Redis, config: Config, redis_url: str) -> None:
+    group = queue.map(tasks.square, range(5), chunksize=2)
+    r.hdel(queue.keys.group(group.id), "last", "lastn", "done_items", "failed_items")
+    old = queue.group(group.id)
+    assert old.progress() == Progress(0, 0, 5)
+    run_worker(config, redis_url)
+    assert old.progress() == Progress(5, 0, 5) and old.progress().finished
+
+
+@pytest.mark.parametrize("chunksize", [None, 2])
+def test_a_map_item_json_cannot_carry_is_named_by_its_index(
+        queue: JobQueue, r: redis.Redis, chunksize: int | None) -> None:
+    with pytest.raises(SerializationError) as err:
+        queue.map(tasks.square, [1, 2, 3, object(), 5], chunksize=chunksize)
+    assert str(err.value).startswith("item 3: object is not JSON-serializable")
     assert r.dbsize() == 0
 
 
@@ -467,6 +508,33 @@ def test_strict_priority_between_queues(queue: JobQueue, r: redis.Redis) -> None
     assert 0 < r.zscore(queue.keys.leases, "w1") - server_now <= queue.config.lease_time * 1000
 
 
+@pytest.mark.parametrize("lost", ["flushed", "restarted"])
+def test_an_ack_and_a_claim_in_one_round_trip_run_in_order_on_a_server_without_the_scripts(
+        queue: JobQueue, r: redis.Redis, redis_url: str, lost: str) -> None:
+    # a worker acks a retry and claims in one round trip: the claim must find the job the ack
+    # put back, even when the server lost ack.lua but holds claim.lua again (its scripts were
+    # flushed, or it restarted, and other calls reloaded claim.lua first)
+    broker = queue.broker
+    job = queue.enqueue(tasks.boom, "x")
+    [(job_id, name, spec, state)] = broker.exchange("w1", [], ["default"], 1)[1]
+    broker.exchange("w0", ["done", "none", "default", 0, 0, "", ""], ["other"], 1)  # both known
+    retry = settle(job_id, name, spec, Spec.decode(spec), state, Failed(ValueError("x"), 1, 2),
+                   worker="w1", worker_json='"w1"', policy=RetryPolicy(backoff_base=0.0))
+    assert retry.entry.kind == "retry"
+    r.script_flush()
+    if lost == "flushed":
+        broker.exchange("w2", [], ["other"], 1)  # this client finds claim.lua gone, reloads it
+    else:  # the connection dropped (a restart); another client reloaded claim.lua meanwhile
+        r.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(redis.ConnectionError):
+            broker.exchange("w2", [], ["other"], 1)
+        JobQueue("default", redis_url).broker.exchange("w3", [], ["other"], 1)
+
+    claimed = broker.exchange("w1", list(retry.entry), ["default"], 1)[1]
+
+    assert [c[0] for c in claimed] == [job.id]
+
+
 def test_suspended_queue_is_skipped(queue: JobQueue, r: redis.Redis) -> None:
     low = queue.enqueue(tasks.noop)
     high = queue.enqueue(tasks.noop, queue="high")
@@ -483,6 +551,7 @@ def test_jobs_given_back_unstarted_keep_their_order(queue: JobQueue, r: redis.Re
     requeued, failed = queue.broker.release(
         "w1", cause="worker stopped", current="-") or ([], [])
     assert (len(requeued), failed) == (4, [])
+    back = queue.get_job(jobs[0].id)
+    assert back is not None and (back.attempts, back.deliveries) == (0, 0)  # untouched
     assert claim(queue, 10, worker="w2") == [jobs[i].id for i in (0, 2, 4, 5, 1, 3)]
     assert r.exists(queue.keys.held("w1")) == 0
-    assert queue.get_job(jobs[0].id).deliveries == 0  # type: ignore[union-attr]  # untouched

@@ -20,7 +20,7 @@ from jobq.settle import (
     retryable,
     settle,
 )
-from jobq.wire import MAX_ERRORS_KEPT, AckEntry, BadJob, Spec
+from jobq.wire import MAX_ERRORS_KEPT, AckEntry, BadJob, Facts, Spec, requeued
 
 T0 = 1_800_000_000.0  # started
 T1 = T0 + 2.5  # finished
@@ -172,6 +172,50 @@ def test_a_state_cannot_forge_the_record() -> None:
     rec = record(run(raw, spec, Failed(AppError(), T0, T1), state=forged).entry)
     assert "res" not in rec and rec["spec"] == json.loads(raw)
     assert rec["n"] == 1 and len(rec["e"]) == 1 and rec["st"] == pytest.approx(T0)
+
+
+# -- what the records say: attempts, retries, deliveries ------------------------------------------
+
+def test_attempts_count_the_one_that_completed_and_each_error_says_its_attempt() -> None:
+    raw, spec = spec_of(r=3)
+    first = run(raw, spec, Completed(1, T0, T1))
+    assert first.attempts == 1
+    facts = Facts.from_json(record(first.entry))
+    assert (facts.attempts, facts.deliveries, facts.requeues) == (1, 1, 0)
+
+    state = None
+    for n in (1, 2, 3):
+        s = run(raw, spec, Failed(AppError(f"run {n}"), T0, T1), state=state)
+        assert (s.status, s.attempts) == ("retry", n)
+        state = json.loads(s.entry.payload)
+        assert Facts.from_json(state).attempts == n
+    done = run(raw, spec, Completed(4, T0, T1), state=state)
+    assert done.attempts == 4
+    rec = record(done.entry)
+    facts = Facts.from_json(rec)
+    assert (facts.attempts, facts.deliveries) == (4, 4)
+    assert [(e["n"], e["msg"]) for e in facts.errors] == [(1, "run 1"), (2, "run 2"),
+                                                          (3, "run 3")]
+
+    # a lease that lapsed twice with the job held: two deliveries, not attempts
+    assert Facts.from_json({**rec, "u": 2}).deliveries == 6
+
+
+def test_a_requeue_starts_the_counts_again_and_later_errors_say_so() -> None:
+    raw, spec = spec_of(r=0)
+    failed = record(run(raw, spec, Failed(AppError("first"), T0, T1)).entry)
+    assert Facts.from_json(failed).attempts == 1
+    _, _, _, state_json = requeued(json.loads(raw), failed)
+    state = json.loads(state_json)
+    facts = Facts.from_json(state)
+    assert (facts.attempts, facts.deliveries, facts.requeues) == (0, 0, 1)
+    assert [e["n"] for e in facts.errors] == [1]
+
+    again = record(run(raw, spec, Failed(AppError("second"), T0, T1), state=state).entry)
+    facts = Facts.from_json(again)
+    assert (facts.attempts, facts.requeues) == (1, 1)
+    assert [(e["n"], e.get("rq", 0), e["msg"]) for e in facts.errors] == [
+        (1, 0, "first"), (1, 1, "second")]
 
 
 # -- cancelled, and jobs that could not start ----------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -105,7 +106,7 @@ def test_failing_job_is_retried_then_failed(queue: JobQueue, r: redis.Redis,
     burst(spawn, config=write_config(tmp_path, retry_backoff_base=0.0))
     failed = get(queue, job.id)
     assert failed.status is JobStatus.FAILED
-    assert failed.retry_count == 3  # the first attempt and two retries
+    assert (failed.attempts, failed.retries, failed.deliveries) == (3, 2, 3)
     assert failed.error == "ValueError: kaput"
     assert len(failed.errors) == 3
     for entry in failed.errors:
@@ -117,6 +118,30 @@ def test_failing_job_is_retried_then_failed(queue: JobQueue, r: redis.Redis,
     stats = queue.get_stats()
     assert (stats["failed"], stats["retried"], stats["completed"], stats["pending"]) == (
         1, 2, 0, 0)
+
+
+def test_current_job_says_which_attempt_runs_as_the_record_does(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    k = key()
+    job = queue.enqueue(tasks.record_attempt, k, 2, max_retries=3, queue="q1")
+    config = write_config(tmp_path, retry_backoff_base=0.0)
+    burst(spawn, "-q", "q1", config=config)
+    seen = [json.loads(x) for x in runs(r, k)]
+    assert [(s["attempt"], s["retries"], s["deliveries"], s["requeues"]) for s in seen] == [
+        (1, 0, 1, 0), (2, 1, 2, 0), (3, 2, 3, 0)]
+    # the record read while the attempt runs counts it, as the job does
+    assert [s["record"] for s in seen] == [[1, 0, 1], [2, 1, 2], [3, 2, 3]]
+    assert {(s["id"], s["task"], s["queue"], s["max_retries"]) for s in seen} == {
+        (job.id, "jobq_testtasks:record_attempt", "q1", 3)}
+    done = get(queue, job.id)
+    assert (done.status, done.attempts, done.retries) == (JobStatus.COMPLETED, 3, 2)
+
+    # after a requeue the attempts count from 1 again, and the requeue is counted
+    assert queue.requeue(job.id)
+    burst(spawn, "-q", "q1", config=config)
+    last = json.loads(runs(r, k)[-1])
+    assert (last["attempt"], last["retries"], last["deliveries"], last["requeues"]) == (
+        1, 0, 1, 1)
 
 
 def test_refused_task_never_runs(queue: JobQueue, r: redis.Redis, spawn: Spawn,
@@ -137,7 +162,7 @@ def test_refused_task_never_runs(queue: JobQueue, r: redis.Redis, spawn: Spawn,
         assert refused.error is not None
         assert refused.error.startswith("TaskNotAllowed: ")
         assert "not allowed" in refused.error
-        assert refused.retry_count == 1  # never retried
+        assert (refused.attempts, refused.retries) == (1, 0)  # never retried
         assert r.zscore(queue.keys.dlq("default"), job.id) is not None
     assert "module 'os' is not among this worker's imports" in get(queue, shell.id).error
     assert "private names never run" in get(queue, private.id).error
@@ -153,11 +178,11 @@ def test_wrong_arguments_fail_without_retries(queue: JobQueue, spawn: Spawn,
     for job in (missing, extra):
         failed = get(queue, job.id)
         assert failed.status is JobStatus.FAILED
-        assert failed.retry_count == 1
+        assert (failed.attempts, failed.retries) == (1, 0)
         assert failed.error is not None and failed.error.startswith("TypeError: add()")
     failed = get(queue, inside.id)
     assert failed.status is JobStatus.FAILED
-    assert failed.retry_count == 2
+    assert (failed.attempts, failed.retries) == (2, 1)
 
 
 def test_unserializable_result_fails_clearly(queue: JobQueue, spawn: Spawn) -> None:
@@ -165,7 +190,7 @@ def test_unserializable_result_fails_clearly(queue: JobQueue, spawn: Spawn) -> N
     burst(spawn)
     failed = get(queue, job.id)
     assert failed.status is JobStatus.FAILED
-    assert failed.retry_count == 1
+    assert (failed.attempts, failed.retries) == (1, 0)
     assert failed.error is not None
     assert failed.error.startswith("SerializationError: the task returned a object, which JSON "
                                    "cannot carry")
@@ -239,7 +264,9 @@ def test_killed_worker_job_is_redelivered(queue: JobQueue, r: redis.Redis, spawn
     assert runs(r, k) == [str(first.pid), str(second.pid)]
     done = get(queue, job.id)
     assert done.return_value == "run 2"
-    assert done.deliveries == 1  # one delivery whose holder vanished
+    # its lease lapsed: no one knew the first run had started, so that one is a delivery
+    # and not an attempt
+    assert (done.attempts, done.retries, done.deliveries) == (1, 0, 2)
     assert queue.get_stats()["retried"] == 1
     assert queue.get_stats()["completed"] == 1
     # the dead worker's lease is gone with what it held
@@ -267,7 +294,8 @@ def test_poison_job_fails_after_max_deliveries(queue: JobQueue, r: redis.Redis, 
     failed = get(queue, job.id)
     assert failed.error is not None and "poison" in failed.error
     assert failed.final_error["type"] == "WorkerLost"
-    assert failed.deliveries == 2
+    # both holders vanished with their lease: two deliveries, neither known to have started
+    assert (failed.attempts, failed.deliveries) == (0, 2)
     assert runs(r, k) == pids  # never a third run
     assert r.zscore(queue.keys.dlq("default"), job.id) is not None
     stats = queue.get_stats()

@@ -345,7 +345,7 @@ def test_map_progress_counts_and_failures_at_their_index(
     assert (p.done, p.failed, p.total) == (17, 3, 20)  # a retried attempt is not counted
     assert p.done + p.failed == p.total and p.finished
     for i in failing:
-        assert queue.get_job(group.job_ids()[i]).retry_count == 2
+        assert queue.get_job(group.job_ids()[i]).attempts == 2
     got = []
     with pytest.raises(ItemFailed) as first:
         for value in group.results(timeout=10):
@@ -368,7 +368,7 @@ def test_map_with_chunks_flattens_results_and_names_the_failing_item(
     group = queue.map(tasks.square, range(25), chunksize=4)
     assert (group.total, group.items, len(group.job_ids())) == (7, 25, 7)
     assert list(group.results(timeout=30)) == [x * x for x in range(25)]
-    assert group.progress() == Progress(7, 0, 7)
+    assert group.progress() == Progress(25, 0, 25)  # items, the short last chunk's too
 
     bad = queue.map(tasks.square, [0, 1, 2, 3, 4, 5, -6, 7, 8], chunksize=4, max_retries=0)
     with pytest.raises(ItemFailed) as failure:
@@ -377,7 +377,7 @@ def test_map_with_chunks_flattens_results_and_names_the_failing_item(
     mixed = list(bad.results(timeout=10, return_exceptions=True))
     assert mixed[:4] == [0, 1, 4, 9] and mixed[8] == 64
     assert all(isinstance(x, ItemFailed) and x.index == 6 for x in mixed[4:8])  # its chunk
-    assert bad.progress() == Progress(2, 1, 3)
+    assert bad.progress() == Progress(5, 4, 9)  # the failed chunk's four items failed
 
 
 def test_group_wait_with_progress_prints_lines_when_not_a_tty(
@@ -489,7 +489,7 @@ def test_cancelling_a_running_job_interrupts_it(
     assert done.status is JobStatus.CANCELLED
     assert runs(r, k) == expected  # JobCancelled was raised inside it; it did not finish
     assert done.final_error["type"] == "JobCancelled"
-    assert done.retry_count == 1 and done.worker == running.worker
+    assert (done.attempts, done.retries) == (1, 0) and done.worker == running.worker
     assert not r.hexists(queue.keys.cancel, job.id)
     stats = queue.get_stats()
     assert (stats["cancelled"], stats["failed"], stats["processing"]) == (1, 0, 0)

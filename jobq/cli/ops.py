@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
@@ -17,7 +17,7 @@ from .. import info as info_mod
 from ..exceptions import JobFailed, UnknownJob, UnknownTask
 from ..job import QUEUE_NAME
 from ..queue import JobQueue
-from ..schedule import ScheduleDef, ScheduleError
+from ..schedule import ScheduleDef, ScheduleError, iso_time, local_time
 from ..scheduler import Scheduler
 from .app import CliError, State, jobq_command, main
 
@@ -49,9 +49,8 @@ def _json_arg(text: str | None, what: str, kind: type) -> Any:
 
 
 def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    """A time for a person: local, with its zone; "-" for none."""
+    return "-" if ts is None else local_time(ts)
 
 
 def _confirm(yes: bool, what: str) -> None:
@@ -196,15 +195,27 @@ def _show_job(state: State, job_id: str, as_json: bool) -> int:
         _echo_json(record)
         return exitcodes.OK
     rows = [(k, record[k]) for k in ("id", "task", "queue", "status", "priority", "args",
-                                     "kwargs", "retry_count", "max_retries", "deliveries",
-                                     "timeout", "worker", "created_at", "started_at",
-                                     "completed_at", "due_at", "result", "error")]
+                                     "kwargs", "attempts", "retries", "max_retries",
+                                     "deliveries", "requeues", "timeout", "worker",
+                                     "created_at", "started_at", "completed_at", "due_at",
+                                     "result", "error")]
     click.echo(tabulate(rows, tablefmt="plain"))
     for i, err in enumerate(job.errors, 1):
-        click.echo(f"\nattempt {i}: {err.get('type')}: {err.get('msg')}")
+        click.echo(f"\n{_attempt(err, i, job.requeues)}: {err.get('type')}: {err.get('msg')}")
         if err.get("tb"):
             click.echo(err["tb"].rstrip())
     return exitcodes.OK
+
+
+def _attempt(error: dict[str, Any], position: int, requeues: int) -> str:
+    """Which attempt an error ended: "attempt 2", or "attempt 4 before requeue 1" for one of
+    the history a requeue kept. (An error recorded before errors carried their attempt's
+    number is numbered by its place in the list.)"""
+    n, rq = error.get("n"), error.get("rq", 0)
+    label = f"attempt {n if type(n) is int else position}"
+    if type(rq) is int and rq < requeues:
+        label += f" before requeue {rq + 1}"
+    return label
 
 
 @jobq_command(main)
@@ -385,7 +396,7 @@ def dlq_list(state: State, queue_name: str, limit: int, as_json: bool) -> int:
     if as_json:
         _echo_json([j.to_dict() for j in jobs])
         return exitcodes.OK
-    rows = [(j.id, j.task, j.retry_count, _when(j.completed_at.timestamp()
+    rows = [(j.id, j.task, j.attempts, _when(j.completed_at.timestamp()
                                                  if j.completed_at else None),
              (j.error or "")[:60]) for j in jobs]
     click.echo(tabulate(rows, headers=("job", "task", "attempts", "failed at", "error")))
@@ -427,6 +438,10 @@ def schedule() -> None:
     """Named schedules (once, interval, cron), stored in Redis for every host."""
 
 
+#: The times of ``jobq schedule list --json`` (epoch seconds in the API).
+_SCHEDULE_TIMES = ("at", "start", "next_run", "last_run", "last_skipped")
+
+
 @jobq_command(schedule, "list")
 @click.option("--json", "as_json", is_flag=True)
 def schedule_list(state: State, as_json: bool) -> int:
@@ -434,15 +449,23 @@ def schedule_list(state: State, as_json: bool) -> int:
     sched = Scheduler(_queue(state))
     items = sched.list()
     if as_json:
+        for s in items:  # times in ISO 8601, with the offset
+            for name in _SCHEDULE_TIMES:
+                if s.get(name) is not None:
+                    s[name] = iso_time(s[name])
         _echo_json({"leader": sched.leader(), "schedules": items})
         return exitcodes.OK
     rows = []
     for s in items:
-        when = {"cron": s.get("cron"), "interval": f"every {s.get('interval')} s",
+        when = {"cron": f"{s.get('cron')} ({s.get('timezone')})",
+                "interval": f"every {s.get('interval')} s",
                 "once": f"at {_when(s.get('at'))}"}[s["kind"]]
+        last = _when(s["last_run"])
+        if s["last_skipped"] is not None and (s["last_run"] or 0) < s["last_skipped"]:
+            last += f"; skipped the run due {_when(s['last_skipped'])}"
         rows.append((s["name"], s["task"], when, s["queue"] or "(task's)",
                      "paused" if s["paused"] else _when(s["next_run"]),
-                     _when(s["last_run"]), s["last_status"] or "-"))
+                     last, s["last_status"] or "-"))
     click.echo(tabulate(rows, headers=("name", "task", "when", "queue", "next run",
                                        "last run", "last job")))
     click.echo(f"\nscheduler leader: {sched.leader() or 'none'}")

@@ -55,20 +55,20 @@ for k = 1, #ids do
       oks[#oks + 1] = true
       c[2] = c[2] + 1
       table.insert(recent[q], id)
-      group_done(B, gid, 'done')
+      group_done(B, gid, 'done', id)
     elseif kind == 'fail' then
       if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
       finished[#finished + 1] = id
       oks[#oks + 1] = false
       c[3] = c[3] + 1
       to_dlq(B, q, id, now, dlq_cap, ttl)
-      group_done(B, gid, 'failed')
+      group_done(B, gid, 'failed', id)
     elseif kind == 'cancel' then
       if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
       finished[#finished + 1] = id
       oks[#oks + 1] = false
       c[7] = c[7] + 1
-      group_done(B, gid, 'failed')
+      group_done(B, gid, 'failed', id)
     elseif kind == 'retry' then
       c[4] = c[4] + 1
       c[5] = c[5] + 1

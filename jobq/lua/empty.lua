@@ -38,7 +38,7 @@ while left > 0 do
       for k, id in ipairs(live) do
         oks[k] = false
         local ok, job = pcall(cjson.decode, live_specs[k])
-        if ok and type(job) == 'table' then group_done(B, job.g, 'failed') end
+        if ok and type(job) == 'table' then group_done(B, job.g, 'failed', id) end
       end
       finished_parents(B, live, oks, tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[5]))
     end

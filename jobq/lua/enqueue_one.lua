@@ -48,7 +48,7 @@ if failed and job.opf ~= 'run' then
               err = {type = 'ParentFailed', msg = 'parent job ' .. failed .. ' did not complete'}}
   finish(B, id, final_record(spec, st), tonumber(ARGV[11]))
   count(B, q, 'cancelled', 1)
-  group_done(B, job.g, 'failed')
+  group_done(B, job.g, 'failed', id)
   return {'cancelled', id}
 end
 if #live > 0 then

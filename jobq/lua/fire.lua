@@ -10,7 +10,9 @@
 -- ARGV[7..] 0 or 1 group of: job id, queue, priority, spec (0: a missed run that is skipped)
 --
 -- The schedule's due time in {ns}:sched:due must still be ARGV[3]: a second leader (a paused
--- one waking up) finds it moved on and fires nothing. Returns 1 if fired, 0 if not.
+-- one waking up) finds it moved on and fires nothing. {ns}:sched:last keeps the last run
+-- ({due, fired, job}); a skipped run only adds its due time ("skipped") to it, so a schedule
+-- that never ran shows no run. Returns 1 if fired, 0 if not.
 local B = ARGV[1]
 local name = ARGV[2]
 local due_key = B .. ':sched:due'
@@ -23,7 +25,11 @@ else
   redis.call('ZREM', due_key, name)
 end
 local last = {due = tonumber(ARGV[3]) / 1000, fired = tonumber(ARGV[5]) / 1000}
-if ARGV[7] then
+if not ARGV[7] then
+  local ok, before = pcall(cjson.decode, redis.call('HGET', B .. ':sched:last', name) or 'null')
+  last = (ok and type(before) == 'table' and before.job) and before or {}
+  last.skipped = tonumber(ARGV[3]) / 1000
+else
   local id, q, prio, spec = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   if redis.call('HSETNX', KEYS[1], id, spec) == 1 then
     push_ready(B, q, prio, {id}, false)

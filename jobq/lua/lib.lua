@@ -1,6 +1,7 @@
 -- lib.lua: helpers shared by jobq's scripts. scripts.py puts this text in front of each
 -- script, so every script stays one atomic EVALSHA, after the constants jobq/wire.py
--- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, ACK_FIELDS).
+-- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, MAX_ERRORS_KEPT,
+-- ACK_FIELDS).
 
 -- Now on the server's clock (ms since the epoch). Leases are measured on it, so that a client
 -- whose clock is off, or whose call waited in a frozen server, cannot shorten one.
@@ -98,12 +99,21 @@ local function finish(B, id, record, ttl)
   redis.call('HDEL', B .. ':state', id)
 end
 
--- Count a finished member of a group (queue.map): "done" or "failed", and wake its waiters.
-local function group_done(B, gid, field)
+-- Count a finished member (job id) of a group (queue.map): "done" or "failed", and wake its
+-- waiters. A group of chunks also counts its items ("done_items", "failed_items"): each chunk
+-- holds "chunk" items but the last one ("last"), which holds "lastn".
+local function group_done(B, gid, field, id)
   if gid == nil or gid == '' or gid == cjson.null then return end
   local gk = B .. ':g:' .. gid
-  if redis.call('EXISTS', gk) == 0 then return end
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
+  if not meta[1] then return end
   redis.call('HINCRBY', gk, field, 1)
+  local chunk = tonumber(meta[2]) or 1
+  if chunk > 1 then
+    local n = chunk
+    if meta[3] == id then n = tonumber(meta[4]) or chunk end
+    redis.call('HINCRBY', gk, field .. '_items', n)
+  end
   local wk = B .. ':gw:' .. gid
   redis.call('RPUSH', wk, '1')
   redis.call('LTRIM', wk, -16, -1)
@@ -146,7 +156,7 @@ local function resolve_children(B, parent, ok, now, wake_cap, ttl)
           finish(B, child, final_record(spec, st), ttl)
           count(B, q, 'deferred', -1)
           count(B, q, 'cancelled', 1)
-          group_done(B, job.g, 'failed')
+          group_done(B, job.g, 'failed', child)
           notify_done(B, {child})
           table.insert(stack, {child, false})
         end

@@ -15,10 +15,12 @@
 --          "0": unconditionally
 -- ARGV[11..] the worker's queues: it is taken off their idle lists
 --
--- The running job counts one attempt and one delivery (the worker died under it); with the
--- running job unknown every held job counts one delivery. Jobs prefetched but not started go
--- back to the front of their level untouched. A job out of attempts, or out of deliveries
--- (poison), is failed into its queue's dead-letter queue with the cause.
+-- The running job counts one attempt that failed (n, with a WorkerLost error) and one lost
+-- holder (d); with the running job unknown every held job counts one lost holder that may
+-- not have started it (d and u: a delivery, not an attempt). Jobs prefetched but not started
+-- go back to the front of their level untouched. A job out of attempts, or whose holder
+-- vanished max deliveries times (poison), is failed into its queue's dead-letter queue with
+-- the cause. (wire.py documents the state's fields.)
 -- Returns {requeued ids}, {failed ids}; or false when the lease had not lapsed.
 local B = ARGV[1]
 local worker = ARGV[2]
@@ -51,7 +53,13 @@ for i = #held - 1, 1, -2 do
     st.d = (tonumber(st.d) or 0) + 1
     if current ~= '' then
       st.n = (tonumber(st.n) or 0) + 1
-      table.insert(st.e, {type = 'WorkerLost', msg = cause, t = now / 1000})
+      local entry = {type = 'WorkerLost', msg = cause, t = now / 1000, n = st.n}
+      if (tonumber(st.rq) or 0) > 0 then entry.rq = tonumber(st.rq) end
+      table.insert(st.e, entry)
+      -- the latest errors only, as wire.add_error keeps them
+      while #st.e > MAX_ERRORS_KEPT do table.remove(st.e, 1) end
+    else
+      st.u = (tonumber(st.u) or 0) + 1
     end
     local retries = job and spec_retries(job) or DEFAULT_MAX_RETRIES
     if job == nil then
@@ -72,7 +80,7 @@ for i = #held - 1, 1, -2 do
     finish(B, id, final_record(job and spec or nil, st), failed_ttl)
     to_dlq(B, q, id, now, dlq_cap, failed_ttl)
     count(B, q, 'failed', 1)
-    if job then group_done(B, job.g, 'failed') end
+    if job then group_done(B, job.g, 'failed', id) end
     failed[#failed + 1] = id
   else
     if started then

@@ -34,7 +34,10 @@ TERM    graceful stop: workers finish their current job (up to ``graceful_timeou
 INT     like TERM; a second INT acts like QUIT
 QUIT    stop at once: workers are killed, their jobs re-queued (none lost); exit 0
 TTIN    one worker more
-TTOU    one worker fewer (never below one)
+TTOU    one worker fewer (never below one). The kernel keeps one pending signal of a kind:
+        the same signal sent again before the first was delivered is merged into it, so
+        quick repeats may count once; ``jobq workers add|remove|set N`` changes the number
+        exactly (a control request, see :mod:`jobq.control`, applied by ``_apply_controls``)
 USR1    reopen log files (after logrotate), in the master, its workers and its scheduler
 CHLD    reap exited children
 ======  =========================================================================================
@@ -103,6 +106,8 @@ FIXED_AT_START = ("redis_url", "prefix", "pidfile", "log_file", "log_level", "lo
 #: WorkerPool's master may: its workers run the functions of the script's ``__main__``.)
 NO_TASK_MODULE = ('imports: no task module: name the modules that define your tasks '
                   '(imports = ["myapp.tasks"] in the config, or -I myapp.tasks)')
+#: Control requests the heartbeat lists as applied (their senders look for their id).
+RESIZED_KEPT = 16
 
 
 @dataclass
@@ -152,6 +157,11 @@ class Master:
         self.slots = SlotTable(max(64, 8 * config.workers))
         self.duties: Duties | None = None
         self._wakeup_r = self._wakeup_w = -1
+        #: signals read before the loop ran (while waiting for the server), for it to act on
+        self._early_signals = b""
+        #: the latest control requests applied, as the heartbeat shows them (a tuple: the
+        #: duties thread reads it while the loop may replace it)
+        self.resized: tuple[dict[str, Any], ...] = ()
         self._pidfile: Any = None
 
     @property
@@ -241,6 +251,7 @@ class Master:
                 if {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT} & set(signals):
                     log.info("stopping: told to while waiting for the server")
                     return False
+                self._early_signals += signals  # TTIN, HUP, ...: the loop acts on each
             delay = min(delay * 2, SERVER_WAIT_CAP)
 
     def _wait(self, until: float) -> None:
@@ -264,6 +275,7 @@ class Master:
                 log.warning("recycling worker %d: %s", action.pid, action.reason)
                 self._retire(action.pid, now)
         self._interrupt_cancelled()
+        self._apply_controls()
         if self.duties is not None:
             self.duties.seen(self._seen())
         if self.reload_started is not None and (
@@ -291,10 +303,14 @@ class Master:
             signal.signal(sig, _noop)  # the wakeup fd carries the signal number
 
     def _handle_signals(self) -> None:
+        """Act on every signal received, one by one (the wakeup fd carries a byte per signal
+        delivered; the kernel merges a signal sent again while it is still pending, see
+        the README)."""
+        data, self._early_signals = self._early_signals, b""
         try:
-            data = os.read(self._wakeup_r, 512)
+            data += os.read(self._wakeup_r, 512)
         except BlockingIOError:
-            return
+            pass
         for signum in data:
             if signum in (signal.SIGCHLD, _DUTIES_WAKE):
                 continue  # _reap and _interrupt_cancelled run on every pass
@@ -408,18 +424,36 @@ class Master:
         self._stop("quit")
 
     def handle_ttin(self) -> None:
-        if not self.stopping:
-            self.target += 1
-            log.info("TTIN: now %d worker(s)", self.target)
-            self._manage_workers(time.time())
-            self._title()
+        self._resize("add", 1, "TTIN")
 
     def handle_ttou(self) -> None:
-        if not self.stopping and self.target > 1:
-            self.target -= 1
-            log.info("TTOU: now %d worker(s)", self.target)
+        self._resize("remove", 1, "TTOU")
+
+    def _resize(self, op: str, n: int, why: str) -> tuple[int, int, str]:
+        """Change the number of workers (TTIN, TTOU, ``jobq workers``): (before, after, a
+        note when the number asked for could not be had). Nothing changes while stopping."""
+        was = self.target
+        if self.stopping:
+            return was, was, "stopping"
+        self.target, note = policy.resize(was, op, n, self.slots.capacity)
+        if self.target != was:
+            log.info("%s: now %d worker(s), was %d", why, self.target, was)
             self._manage_workers(time.time())
             self._title()
+        return was, self.target, note
+
+    def _apply_controls(self) -> None:
+        """Apply the control requests the duties thread took (``jobq workers``), in order;
+        the next heartbeat, at once, says what each did."""
+        if self.duties is None or self.duties.controls.empty():
+            return
+        while not self.duties.controls.empty():
+            request = self.duties.controls.get()
+            was, target, note = self._resize(request.op, request.n,
+                                             f"jobq workers {request.op} {request.n}")
+            done = {"id": request.id, "target": target, "was": was, "note": note}
+            self.resized = (*self.resized[-(RESIZED_KEPT - 1):], done)
+        self.duties.beat_now()
 
     def handle_usr1(self) -> None:
         """Reopen the log files (logrotate moved them): here, in the workers and in the
@@ -693,7 +727,7 @@ class Master:
         return {"host": self.host, "pid": self.pid, "started": self.started, "ts": now,
                 "queues": self.config.queues, "target": self.target,
                 "generation": self.generation, "owner": self.options.owner,
-                "scheduler_pid": self.scheduler_pid,
+                "scheduler_pid": self.scheduler_pid, "resized": list(self.resized),
                 "workers": [{"slot": w.slot, "pid": w.pid, "name": w.name, "job": w.job_id,
                              "since": w.job_started if w.busy else None,
                              "memory_mb": round(w.memory_mb, 1) if w.memory_mb else None,

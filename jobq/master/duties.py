@@ -4,7 +4,9 @@ The arbiter supervises processes; what it owes the server it hands to :class:`Du
 
 * renew the leases of its live workers (every ``lease_time / 3``);
 * look for cancel requests of the jobs its workers run, and tell the arbiter which worker
-  to interrupt (it signals; this thread never touches a process);
+  to interrupt (it signals; this thread never touches a process); in the same round trip,
+  take the control requests sent to this master (``jobq workers``, :mod:`jobq.control`) and
+  hand them to the arbiter, which applies them and has the next heartbeat say so;
 * describe the master and its workers for ``jobq info`` and the scheduler (heartbeat);
 * settle what a dead worker had journaled but not sent, and give back the jobs it held,
   with the cause (retried with back-off while the server cannot be reached);
@@ -34,6 +36,7 @@ from .. import catalog, serialization
 from ..broker import Broker
 from ..config import Config
 from ..connection import connect, describe_error
+from ..control import Resize
 from ..keys import Keys
 from ..log import Trouble
 from ..server import EmbeddedServer, ServerError
@@ -42,7 +45,8 @@ from ..wire import AckEntry
 
 log = logging.getLogger("jobq.master")
 
-#: How often the master looks for cancel requests of the jobs its workers run (seconds).
+#: How often the master looks for cancel requests of the jobs its workers run, and for
+#: control requests (seconds).
 CANCEL_CHECK_EVERY = 0.25
 #: How often the master describes itself and its workers in Redis (``jobq info``).
 HEARTBEAT_EVERY = 2.0
@@ -99,6 +103,8 @@ class Duties:
         self.broker = Broker(connect(url, lease_time=config.lease_time), Keys(config.prefix),
                              config)
         self.interrupts: queue.SimpleQueue[Interrupt] = queue.SimpleQueue()
+        #: control requests for the arbiter, in the order they were sent
+        self.controls: queue.SimpleQueue[Resize] = queue.SimpleQueue()
         self._describe = describe
         self._wake = wake
         self._embedded = embedded
@@ -124,6 +130,12 @@ class Duties:
         """A reload: the new config's lease time and retention apply from now on."""
         self.config = config
         self.broker.config = config
+
+    def beat_now(self) -> None:
+        """Describe the master at once (the arbiter applied a control request: its sender
+        waits to see it)."""
+        self._next_beat = 0.0
+        self._events.put(_Gone("", "", "", [], []))  # wake the thread
 
     def worker_gone(self, name: str, current: str, cause: str, acks: Sequence[AckEntry],
                     queues: Sequence[str]) -> None:
@@ -177,7 +189,7 @@ class Duties:
             self._renew()
         if now >= self._next_cancel:
             self._next_cancel = now + CANCEL_CHECK_EVERY
-            self._find_cancelled()
+            self._poll()
         if now >= self._next_beat:
             self._next_beat = now + HEARTBEAT_EVERY
             self._heartbeat(now)
@@ -224,13 +236,23 @@ class Duties:
                 self._trouble.over()
                 self._trouble = None
 
-    def _find_cancelled(self) -> None:
-        """Tell the arbiter which workers run a job that was asked to stop."""
+    def _poll(self) -> None:
+        """Tell the arbiter which workers run a job that was asked to stop, and hand it the
+        control requests sent to this master (one round trip for both)."""
         busy = [w for w in self._seen if w.busy and w.job_id]
         try:
-            asked = self.broker.cancel_requests([w.job_id for w in busy if w.job_id])
+            asked, controls = self.broker.master_requests(
+                self.master_id, [w.job_id for w in busy if w.job_id])
         except redis.RedisError:
             return
+        for raw in controls:
+            request = Resize.decode(raw)
+            if request is None:
+                log.warning("ignored a control request that is not one: %.200s", raw)
+                continue
+            self.controls.put(request)
+        if controls:
+            self._wake()
         current = set()
         for w, reason in zip(busy, asked, strict=True):
             assert w.job_id is not None

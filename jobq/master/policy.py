@@ -246,3 +246,15 @@ def max_jobs_for(base: int, jitter: float, rng: random.Random) -> int:
         return 0
     spread = int(base * jitter)
     return max(1, base + rng.randint(-spread, spread))
+
+
+def resize(target: int, op: str, n: int, capacity: int) -> tuple[int, str]:
+    """The number of workers after ``op`` ("add", "remove", "set") ``n``, from ``target``:
+    never below one, nor above ``capacity`` (the worker slots made at start); with a note
+    saying so when the number asked for could not be had."""
+    wanted = {"add": target + n, "remove": target - n, "set": n}[op]
+    if wanted < 1:
+        return 1, "never fewer than one"
+    if wanted > capacity:
+        return capacity, f"at most {capacity}: the worker slots this master made at start"
+    return wanted, ""

@@ -333,7 +333,7 @@ class Worker:
         if self.slot is not None:
             self.slot.begin(job_id, started, started + spec.timeout)
         self._set_title(f"{queue} {task} {job_id}")
-        context.running = (job_id, queue, spec)
+        context.running = (job_id, queue, spec, state_raw)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s %s started", job_id, task, extra={"job_id": job_id, "task": task})
         outcome: Completed | Failed
