@@ -8,9 +8,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jobq import bench
+from jobq import bench, benchref
 from jobq.cli import main
 from jobq.connection import connect
+from jobq.queue import JobQueue
 
 KEYS = {
     "noop": {"jobs_per_s", "startup_s"},
@@ -46,3 +47,21 @@ def test_bench_leaves_nothing_behind(redis_url: str) -> None:
     assert result.exit_code == 0, result.output
     assert "single_per_s" in result.stdout and "bytes_per_job" in result.stdout
     assert set(client.keys("*")) == {"user:data"}  # only the user's key: the bench cleaned up
+
+
+def test_the_bare_loop_runs_every_job_once(redis_url: str) -> None:
+    client = connect(redis_url)
+    queue = JobQueue("bench", redis_url=redis_url)
+    got = benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=1234, workers=2,
+                             task="incr")
+    assert got.jobs_per_s > 0 and got.server_us_per_job > 0
+    assert client.zcard(benchref.PENDING) == 0 and client.zcard(benchref.ACTIVE) == 0
+    assert client.hlen(benchref.PAYLOADS) == 0  # acknowledged: claimed and acked, no leftovers
+    assert int(client.get(benchref.COUNTER) or 0) == 1234  # each job's task ran once
+    with pytest.raises(ValueError, match="task must be one of"):
+        benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=10, workers=1,
+                           task="sleep")
+
+
+def test_round_trips_are_counted(redis_url: str) -> None:
+    assert benchref.round_trips(redis_url, 200) > 0
