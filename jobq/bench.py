@@ -39,8 +39,11 @@ PREFIX = "jobqbench"
 COUNTER_KEY = "jobqbench:counter"
 #: A drain that sees no completion for this long fails (seconds).
 STALL = 60.0
-SCENARIOS = ("noop", "noop_ttl0", "incr", "cpu", "latency", "enqueue", "memory", "backlog",
-             "tail")
+SCENARIOS = ("noop", "noop_ttl0", "incr", "cpu", "latency", "delayed", "enqueue", "memory",
+             "backlog", "tail")
+#: The delayed scenario: its jobs are due this far apart (seconds), the first this long after
+#: they are all enqueued; the busy pool's jobs last this long each.
+DELAYED_SPACING, DELAYED_LEAD, BUSY_JOB = 0.02, 0.5, 0.002
 
 #: A figure that has a reference -> the reference's key, beside it in the scenario's result
 #: with ``<figure>_ratio`` (figure / reference).
@@ -319,6 +322,49 @@ class Bench:
             return [j.result(timeout=60) * 1000 for j in jobs]
         finally:
             self.stop_master(master)
+
+    def delayed(self) -> dict[str, float]:
+        """Lateness of delayed jobs, from their due time to the start of their task (ms).
+
+        Jobs due DELAYED_SPACING apart (enqueued with ``at=``, all of them before the first is
+        due) run twice on one master: with the pool idle, then with the pool busy: both
+        workers draining a backlog of BUSY_JOB CPU jobs on the same queue, which outlasts the
+        delayed jobs (every core is taken: workers, server and scheduler compete for them).
+        The delayed jobs then have priority -1, so that they wait for no backlog, only for a
+        worker to finish the batch it holds (about 4 ms of work)."""
+        count = max(10, int(200 * min(self.scale, 1.0)))
+        self.cleanup()
+        master = self.start_master()
+        try:
+            self.queue.enqueue(noop).result(timeout=60)  # the workers are up
+            deadline = time.monotonic() + STALL
+            while self.broker.leader_token() is None:  # and the scheduler leads
+                if time.monotonic() > deadline or master.poll() is not None:
+                    raise RuntimeError("bench: no scheduler took the lead")
+                time.sleep(0.01)
+            idle = self._lateness(count)
+            phase = DELAYED_LEAD + count * DELAYED_SPACING
+            backlog = int(1.5 * (phase + 1.0) * self.workers / BUSY_JOB)
+            self.queue.enqueue_many(spin, [(BUSY_JOB,)] * backlog)
+            busy = self._lateness(count, priority=-1)
+            self.queue.empty()
+        finally:
+            self.stop_master(master)
+        result: dict[str, float] = {}
+        for name, late in (("idle", idle), ("busy", busy)):
+            q = statistics.quantiles(late, n=100, method="inclusive")  # never beyond the max
+            result.update({f"{name}_p50_ms": round(statistics.median(late), 3),
+                           f"{name}_p99_ms": round(q[98], 3),
+                           f"{name}_max_ms": round(max(late), 3)})
+        result["jobs"] = count
+        return result
+
+    def _lateness(self, count: int, **options: Any) -> list[float]:
+        """Enqueue ``count`` delayed jobs and return each one's lateness (ms)."""
+        first = time.time() + DELAYED_LEAD
+        jobs = [self.queue.enqueue(latency, due, at=due, **options)
+                for due in (first + i * DELAYED_SPACING for i in range(count))]
+        return [j.result(timeout=STALL) * 1000 for j in jobs]
 
     def enqueue(self) -> dict[str, float]:
         """Single enqueue against unpipelined round trips; bulk has no reference."""

@@ -27,6 +27,7 @@ KEYS = {
     "cpu": {"jobs_per_s", "pool_jobs_per_s", "efficiency", "server_us_per_job"},
     "latency": {"p50_ms", "p90_ms", "p99_ms", "max_ms", "rtt_ms", "p50_ms_ratio",
                 "p99_ms_ratio"},
+    "delayed": {f"{phase}_{q}_ms" for phase in ("idle", "busy") for q in ("p50", "p99", "max")},
     "enqueue": {"single_per_s", "bulk_per_s", "rtt_per_s", "single_per_s_ratio",
                 "single_server_us_per_job", "bulk_server_us_per_job"},
     "memory": {"bytes_per_job"},
@@ -51,12 +52,17 @@ def test_every_scenario_reports_its_figures(redis_url: str) -> None:
         assert not missing, f"{name} lacks {missing}"
         for key in KEYS[name]:
             assert isinstance(r[key], int | float) and math.isfinite(r[key]), (name, key)
-            assert r[key] >= 0, (name, key)
+            if name != "delayed":  # a job may start a hair before its due time
+                assert r[key] >= 0, (name, key)
             if key in POSITIVE:
                 assert r[key] > 0, (name, key)
         for key, _ in HEADLINE[name]:
             assert key in r, (name, key)
         _assert_ratios(r)
+    delayed = next(r for r in lines if r["scenario"] == "delayed")
+    for phase in ("idle", "busy"):
+        p50, p99, most = (delayed[f"{phase}_{q}_ms"] for q in ("p50", "p99", "max"))
+        assert p50 <= p99 <= most, phase
 
 
 def _assert_ratios(r: dict[str, Any]) -> None:

@@ -19,6 +19,8 @@ HEADLINE: dict[str, tuple[tuple[str, str], ...]] = {
     "incr": (("jobs_per_s", ">= 0.85 of bare"),),
     "cpu": (("efficiency", ">= 0.98"),),
     "latency": (("p50_ms", "<= 1.0"), ("p99_ms", "<= 3.0")),
+    "delayed": (("idle_p50_ms", "<= 5"), ("idle_p99_ms", "<= 15"), ("busy_p50_ms", "<= 5"),
+                ("busy_p99_ms", "<= 15")),
     "enqueue": (("single_per_s", ">= 8000"), ("bulk_per_s", ">= 50000")),
     "memory": (("bytes_per_job", "<= 200"),),
     "backlog": (("ratio", ">= 0.9"),),
