@@ -59,6 +59,9 @@ def test_every_scenario_reports_its_figures(redis_url: str) -> None:
         for key, _ in HEADLINE[name]:
             assert key in r, (name, key)
         _assert_ratios(r)
+    # percentiles of the jobs observed: never beyond the slowest (one run: no medians)
+    latency = next(r for r in lines if r["scenario"] == "latency")
+    assert latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     delayed = next(r for r in lines if r["scenario"] == "delayed")
     for phase in ("idle", "busy"):
         p50, p99, most = (delayed[f"{phase}_{q}_ms"] for q in ("p50", "p99", "max"))
