@@ -170,7 +170,8 @@ def _worker(url: str, task: str, go: Any, reports: Any) -> None:
         claim_sha, ack_sha = _load(conn, CLAIM_LUA), _load(conn, ACK_LUA)
         run = _task(url, task)
         reports.put(())
-        go.wait()
+        if not go.wait(STALL):  # the bench is gone: do not linger
+            raise RuntimeError("never told to start")
         acks: list[str] = []
         count = 0
         first = time.time()
@@ -189,6 +190,8 @@ def _worker(url: str, task: str, go: Any, reports: Any) -> None:
                 run()
             count += len(acks)
         reports.put((first, time.time(), count))
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the bench says it
+        pass
     except Exception as e:  # the parent says it in one line
         reports.put(f"{type(e).__name__}: {e}")
 
