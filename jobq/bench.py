@@ -2,8 +2,16 @@
 
 Each scenario starts a real ``jobq-master`` (``python -m jobq.master``), drives it, and tears
 it down. Everything runs in its own key namespace (``jobqbench``), which is deleted at the end:
-nothing of the user's data is touched. Figures are medians over ``--repeat`` runs, and the
-CPU scenario is a ratio against ``multiprocessing.Pool`` measured in the same run.
+nothing of the user's data is touched. Figures are medians over ``--repeat`` runs.
+
+Absolute figures do not travel between machines; ratios measured in the same run do. So the
+figures that have a reference come with it, measured in every run beside its scenario, and
+with their ratio (figure / reference, the median of each run's ratio): throughput against the
+bare loop of :mod:`jobq.benchref` (the same task, as many processes, as many jobs), single
+enqueue and latency against unpipelined round trips, the CPU scenario against
+``multiprocessing.Pool``. Throughput scenarios also give the server's CPU per job
+(``server_us_per_job``, from INFO cpu around the timed part: run the bench on a server
+nothing else uses).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
+from . import benchref
 from .config import Config
 from .connection import connect
 from .queue import JobQueue
@@ -30,7 +39,24 @@ PREFIX = "jobqbench"
 COUNTER_KEY = "jobqbench:counter"
 #: A drain that sees no completion for this long fails (seconds).
 STALL = 60.0
-SCENARIOS = ("noop", "incr", "cpu", "latency", "enqueue", "memory", "backlog", "tail")
+SCENARIOS = ("noop", "noop_ttl0", "incr", "cpu", "latency", "delayed", "enqueue", "memory",
+             "backlog", "tail")
+#: The delayed scenario: its jobs are due this far apart (seconds), the first this long after
+#: they are all enqueued; the busy pool's jobs last this long each.
+DELAYED_SPACING, DELAYED_LEAD, BUSY_JOB = 0.02, 0.5, 0.002
+
+#: A figure that has a reference -> the reference's key, beside it in the scenario's result
+#: with ``<figure>_ratio`` (figure / reference).
+REFERENCES = {
+    "jobs_per_s": "bare_jobs_per_s",  # the bare loop, same task, processes and jobs
+    "server_us_per_job": "bare_server_us_per_job",  # the same, on the server's CPU
+    "single_per_s": "rtt_per_s",  # unpipelined round trips on one connection
+    "p50_ms": "rtt_ms",  # the time of one of those round trips
+    "p99_ms": "rtt_ms",
+}
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 # -- the bench's tasks (run by the master's workers: -I jobq.bench) -------------------------------
@@ -79,6 +105,12 @@ def spin(seconds: float) -> float:
 
 
 # -- driving a master -----------------------------------------------------------------------------
+class Drained(NamedTuple):
+    first: float  #: perf_counter() when the first completion was seen
+    last: float  #: when the last one was
+    server_us_per_job: float  #: the server's CPU per job completed between the two (metered)
+
+
 class Bench:
     """One bench session on one server."""
 
@@ -95,11 +127,14 @@ class Bench:
         self.config = Config(redis_url=url, prefix=PREFIX)
         self.queue = JobQueue("bench", redis_url=url, config=self.config)
         self.redis = self.queue.redis
+        self.broker = self.queue.broker
+        #: which of the --repeat runs this is (0, 1, ...): see :meth:`_interleave`
+        self.run_index = 0
 
     def cleanup(self) -> None:
         """Delete everything in the bench's namespace."""
-        self.queue.broker.delete_namespace()
-        self.redis.delete(COUNTER_KEY)
+        self.broker.delete_namespace()
+        self.redis.delete(COUNTER_KEY, *benchref.KEYS)
 
     master: subprocess.Popen[bytes] | None = None
 
@@ -122,18 +157,26 @@ class Bench:
     def completed(self) -> int:
         return self.queue.broker.counter("bench", "completed")
 
-    def drain(self, n: int, before: int = 0, poll: float = 0.002) -> tuple[float, float]:
-        """Wait for ``n`` more completions; return (time of the first, time of the last).
-        Fails if the master died, or if nothing completes for STALL seconds."""
+    def drain(self, n: int, before: int = 0, poll: float = 0.002, *,
+              meter: bool = False) -> Drained:
+        """Wait for ``n`` more completions; return the time of the first and of the last, and
+        with ``meter`` the server's CPU per job between the two. Fails if the master died, or
+        if nothing completes for STALL seconds."""
         first = None
+        cpu_first, done_first = 0.0, 0
         last_progress, last_done = time.perf_counter(), -1
         while True:
             done = self.completed() - before
             now = time.perf_counter()
             if done > 0 and first is None:
                 first = now
+                if meter:  # read right after the counter: the two windows match
+                    cpu_first, done_first = self.broker.server_cpu(), done
             if done >= n:
-                return first or now, now
+                us = 0.0
+                if meter and done > done_first:
+                    us = (self.broker.server_cpu() - cpu_first) * 1e6 / (done - done_first)
+                return Drained(first or now, now, us)
             if done != last_done:
                 last_progress, last_done = now, done
             elif now - last_progress > STALL:
@@ -143,25 +186,61 @@ class Bench:
                                    f"{self.master.returncode} ({done} of {n} jobs done)")
             time.sleep(poll)
 
+    def _interleave(self, reference: Callable[[], _R], measure: Callable[[], _T]) -> tuple[
+            _T, _R]:
+        """Measure a scenario and its reference one after the other: the reference first in
+        even runs, last in odd ones, so that a drift of the machine's speed over the
+        --repeat runs weighs on both."""
+        if self.run_index % 2 == 0:
+            ref = reference()
+            return measure(), ref
+        got = measure()
+        return got, reference()
+
     # -- scenarios --------------------------------------------------------------------------
-    def throughput(self, fn: Any, n: int) -> dict[str, float]:
-        """Pre-enqueue n jobs, start the master, time the drain by jobq's own counters."""
+    def throughput(self, fn: Any, n: int, **options: Any) -> dict[str, float]:
+        """Pre-enqueue n jobs, start the master, time the drain by jobq's own counters.
+
+        The server's CPU is read at the first completion seen and at the last, as the time
+        is: the master's start (forks, imports, announcements) stays out of both windows,
+        the steady work of its scheduler and duties thread is in them (and this process's
+        look at the counter every 2 ms, a few hundredths of a microsecond per job)."""
         self.cleanup()
-        self.queue.enqueue_many(fn, [()] * n)
+        self.queue.enqueue_many(fn, [()] * n, **options)
         started = time.perf_counter()
         master = self.start_master()
         try:
-            first, last = self.drain(n)
+            first, last, server_us = self.drain(n, meter=True)
         finally:
             self.stop_master(master)
         rate = (n - 1) / (last - first) if last > first else float("inf")
-        return {"jobs_per_s": round(rate), "startup_s": round(first - started, 3), "jobs": n}
+        return {"jobs_per_s": round(rate), "server_us_per_job": round(server_us, 2),
+                "startup_s": round(first - started, 3), "jobs": n}
+
+    def bare(self, n: int, task: str) -> benchref.BareRun:
+        """The bare loop (:mod:`jobq.benchref`) on ``n`` jobs with as many processes."""
+        self.cleanup()
+        return benchref.bare_loop(self.url, self.redis, self.broker.server_cpu, jobs=n,
+                                  workers=self.workers, task=task)
+
+    def _versus_bare(self, fn: Any, n: int, task: str, **options: Any) -> dict[str, float]:
+        """jobq's throughput with task ``fn`` and the bare loop's with the same work."""
+        result, bare = self._interleave(lambda: self.bare(n, task),
+                                        lambda: self.throughput(fn, n, **options))
+        result["bare_jobs_per_s"] = round(bare.jobs_per_s)
+        result["bare_server_us_per_job"] = round(bare.server_us_per_job, 2)
+        return with_ratios(result, "jobs_per_s", "server_us_per_job")
 
     def noop(self) -> dict[str, float]:
-        return self.throughput(noop, int(200_000 * self.scale))
+        """Empty jobs, their results kept (result_ttl 300)."""
+        return self._versus_bare(noop, int(200_000 * self.scale), "empty")
+
+    def noop_ttl0(self) -> dict[str, float]:
+        """Empty jobs, no result kept (result_ttl 0)."""
+        return self._versus_bare(noop, int(200_000 * self.scale), "empty", result_ttl=0)
 
     def incr(self) -> dict[str, float]:
-        return self.throughput(incr, int(100_000 * self.scale))
+        return self._versus_bare(incr, int(100_000 * self.scale), "incr")
 
     def cpu(self) -> dict[str, float]:
         """CPU-bound jobs through jobq and through multiprocessing.Pool, on the same work.
@@ -173,7 +252,7 @@ class Bench:
         n_jobs = max(self.workers * 4, int(400 * min(self.scale, 1.0)))
         per_round = max(self.workers * 2, n_jobs // 4)
         size = self._calibrate(0.035)
-        pool_s = jobq_s = 0.0
+        pool_s = jobq_s = server_s = 0.0
         for side in ("pool", "jobq", "jobq", "pool"):
             if side == "pool":
                 with multiprocessing.get_context("fork").Pool(self.workers) as pool:
@@ -187,11 +266,13 @@ class Bench:
             try:
                 self.queue.enqueue(noop).result(timeout=60)  # its workers are up
                 before = self.completed()
+                cpu_before = self.broker.server_cpu()
                 t0 = time.time()
                 jobs = self.queue.enqueue_many(cpu, [(size,)] * per_round)
                 # look rarely (this process must not take CPU from the workers), then take the
                 # end from the jobs' own records
                 self.drain(per_round, before, poll=0.1)
+                server_s += self.broker.server_cpu() - cpu_before  # enqueue to the last ack
                 ends = [j.completed_at.timestamp() for j in map(self.queue.get_job,
                                                                  (j.id for j in jobs))
                         if j is not None and j.completed_at is not None]
@@ -201,7 +282,7 @@ class Bench:
         total = 2 * per_round
         return {"jobs_per_s": round(total / jobq_s, 2), "pool_jobs_per_s":
                 round(total / pool_s, 2), "efficiency": round(pool_s / jobq_s, 4),
-                "jobs": 2 * total}
+                "server_us_per_job": round(server_s * 1e6 / total, 2), "jobs": 2 * total}
 
     def _calibrate(self, seconds: float) -> int:
         n = 20000
@@ -213,11 +294,24 @@ class Bench:
                 return max(1, int(n * seconds / took))
             n *= 2
 
+    def round_trips(self) -> float:
+        """Unpipelined round trips per second on one connection (:mod:`jobq.benchref`)."""
+        return benchref.round_trips(self.url, max(1000, int(20_000 * min(self.scale, 1.0))))
+
     def latency(self) -> dict[str, float]:
+        """Enqueue-to-start on an idle pool; the reference: one round trip (ms), measured
+        with no master running."""
+        delays, rtt = self._interleave(self.round_trips, self._latencies)
+        q = statistics.quantiles(delays, n=100, method="inclusive")  # never beyond the max
+        result = {"p50_ms": round(statistics.median(delays), 3), "p90_ms": round(q[89], 3),
+                  "p99_ms": round(q[98], 3), "max_ms": round(max(delays), 3),
+                  "rtt_ms": round(1000 / rtt, 4), "jobs": len(delays)}
+        return with_ratios(result, "p50_ms", "p99_ms")
+
+    def _latencies(self) -> list[float]:
         count = max(50, int(500 * min(self.scale, 1.0)))
         self.cleanup()
         master = self.start_master()
-        delays = []
         try:
             self.queue.enqueue(noop).result(timeout=60)  # up and idle
             time.sleep(0.2)
@@ -225,27 +319,79 @@ class Bench:
             for _ in range(count):
                 jobs.append(self.queue.enqueue(latency, time.time()))
                 time.sleep(0.01)
-            delays = [j.result(timeout=60) * 1000 for j in jobs]
+            return [j.result(timeout=60) * 1000 for j in jobs]
         finally:
             self.stop_master(master)
-        q = statistics.quantiles(delays, n=100)
-        return {"p50_ms": round(statistics.median(delays), 3), "p90_ms": round(q[89], 3),
-                "p99_ms": round(q[98], 3), "max_ms": round(max(delays), 3), "jobs": count}
+
+    def delayed(self) -> dict[str, float]:
+        """Lateness of delayed jobs, from their due time to the start of their task (ms).
+
+        Jobs due DELAYED_SPACING apart (enqueued with ``at=``, all of them before the first is
+        due) run twice on one master: with the pool idle, then with the pool busy: both
+        workers draining a backlog of BUSY_JOB CPU jobs on the same queue, which outlasts the
+        delayed jobs (every core is taken: workers, server and scheduler compete for them).
+        The delayed jobs then have priority -1, so that they wait for no backlog, only for a
+        worker to finish the batch it holds (about 4 ms of work)."""
+        count = max(10, int(200 * min(self.scale, 1.0)))
+        self.cleanup()
+        master = self.start_master()
+        try:
+            self.queue.enqueue(noop).result(timeout=60)  # the workers are up
+            deadline = time.monotonic() + STALL
+            while self.broker.leader_token() is None:  # and the scheduler leads
+                if time.monotonic() > deadline or master.poll() is not None:
+                    raise RuntimeError("bench: no scheduler took the lead")
+                time.sleep(0.01)
+            idle = self._lateness(count)
+            phase = DELAYED_LEAD + count * DELAYED_SPACING
+            backlog = int(1.5 * (phase + 1.0) * self.workers / BUSY_JOB)
+            self.queue.enqueue_many(spin, [(BUSY_JOB,)] * backlog)
+            busy = self._lateness(count, priority=-1)
+            self.queue.empty()
+        finally:
+            self.stop_master(master)
+        result: dict[str, float] = {}
+        for name, late in (("idle", idle), ("busy", busy)):
+            q = statistics.quantiles(late, n=100, method="inclusive")  # never beyond the max
+            result.update({f"{name}_p50_ms": round(statistics.median(late), 3),
+                           f"{name}_p99_ms": round(q[98], 3),
+                           f"{name}_max_ms": round(max(late), 3)})
+        result["jobs"] = count
+        return result
+
+    def _lateness(self, count: int, **options: Any) -> list[float]:
+        """Enqueue ``count`` delayed jobs and return each one's lateness (ms)."""
+        first = time.time() + DELAYED_LEAD
+        jobs = [self.queue.enqueue(latency, due, at=due, **options)
+                for due in (first + i * DELAYED_SPACING for i in range(count))]
+        return [j.result(timeout=STALL) * 1000 for j in jobs]
 
     def enqueue(self) -> dict[str, float]:
+        """Single enqueue against unpipelined round trips; bulk has no reference."""
+        (single, bulk), rtt = self._interleave(self.round_trips, self._enqueue_rates)
+        result = {"single_per_s": round(single[0]), "rtt_per_s": round(rtt),
+                  "bulk_per_s": round(bulk[0]),
+                  "single_server_us_per_job": round(single[1], 2),
+                  "bulk_server_us_per_job": round(bulk[1], 2)}
+        return with_ratios(result, "single_per_s")
+
+    def _enqueue_rates(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(jobs/s, server µs per job) of enqueue one by one, and of enqueue_many."""
         self.cleanup()
         n_single = int(20_000 * min(self.scale, 1.0)) or 100
-        t0 = time.perf_counter()
+        cpu0, t0 = self.broker.server_cpu(), time.perf_counter()
         for _ in range(n_single):
             self.queue.enqueue(noop)
-        single = n_single / (time.perf_counter() - t0)
+        took, cpu = time.perf_counter() - t0, self.broker.server_cpu() - cpu0
+        single = (n_single / took, cpu * 1e6 / n_single)
         self.cleanup()
         n_bulk = int(200_000 * min(self.scale, 1.0)) or 1000
-        t0 = time.perf_counter()
+        cpu0, t0 = self.broker.server_cpu(), time.perf_counter()
         self.queue.enqueue_many(noop, [()] * n_bulk)
-        bulk = n_bulk / (time.perf_counter() - t0)
+        took, cpu = time.perf_counter() - t0, self.broker.server_cpu() - cpu0
+        bulk = (n_bulk / took, cpu * 1e6 / n_bulk)
         self.cleanup()
-        return {"single_per_s": round(single), "bulk_per_s": round(bulk)}
+        return single, bulk
 
     def memory(self) -> dict[str, float]:
         n = max(1000, int(100_000 * min(self.scale, 1.0)))
@@ -260,13 +406,16 @@ class Bench:
     def backlog(self) -> dict[str, float]:
         measured = int(50_000 * self.scale) or 1000
         large = int(1_000_000 * self.scale) or 10_000
-        small_rate = self._rate_with_backlog(1000, measured)
-        large_rate = self._rate_with_backlog(large, measured)
+        small_rate, _ = self._rate_with_backlog(1000, measured)
+        large_rate, server_us = self._rate_with_backlog(large, measured)
         return {"small_jobs_per_s": round(small_rate), "large_jobs_per_s": round(large_rate),
-                "ratio": round(large_rate / small_rate, 3), "backlog": large}
+                "ratio": round(large_rate / small_rate, 3), "backlog": large,
+                "server_us_per_job": round(server_us, 2)}
 
-    def _rate_with_backlog(self, backlog: int, measured: int) -> float:
-        """Throughput over ``measured`` completions while ``backlog`` jobs stay queued."""
+    def _rate_with_backlog(self, backlog: int, measured: int) -> tuple[float, float]:
+        """Throughput over ``measured`` completions while ``backlog`` jobs stay queued, and
+        the server's CPU per job over them: with the large backlog (nothing is enqueued
+        during the measure; the small one is topped up, and the enqueues would count)."""
         self.cleanup()
         for start in range(0, backlog, 100_000):
             self.queue.enqueue_many(noop, [()] * min(100_000, backlog - start))
@@ -275,7 +424,7 @@ class Bench:
             warm = min(measured // 5, backlog // 2)
             self.drain(warm)
             base = self.completed()
-            t0 = time.perf_counter()
+            cpu0, t0 = self.broker.server_cpu(), time.perf_counter()
             done = 0
             while done < measured:
                 if backlog <= measured:  # keep the small backlog topped up at about its size
@@ -287,10 +436,11 @@ class Bench:
                     raise RuntimeError(f"bench: backlog run stalled at {done} of {measured}")
                 time.sleep(0.002)
             rate = done / (time.perf_counter() - t0)
+            server_us = (self.broker.server_cpu() - cpu0) * 1e6 / done
         finally:
             self.stop_master(master)
             self.queue.empty()
-        return rate
+        return rate, server_us
 
     def tail(self) -> dict[str, float]:
         median = 0.05 * self.scale
@@ -317,6 +467,27 @@ def noop_with_args(a: int, b: str) -> None:
     return None
 
 
+def with_ratios(result: dict[str, float], *figures: str) -> dict[str, float]:
+    """Add ``<figure>_ratio`` = figure / its reference (:data:`REFERENCES`) for each of
+    ``figures``, from the figures as reported, so that the table's numbers agree."""
+    for figure in figures:
+        ref = result[REFERENCES[figure]]
+        if ref:
+            result[f"{figure}_ratio"] = round(result[figure] / ref, 3)
+    return result
+
+
+def median(values: list[float]) -> float:
+    """The median, without the float noise of an even count's mean (14.719999999999999), and
+    whole when whole figures give a whole one."""
+    mid = statistics.median(values)
+    if isinstance(mid, float):
+        mid = round(mid, 4)
+        if mid.is_integer() and all(isinstance(v, int) for v in values):
+            return int(mid)
+    return mid
+
+
 def run(url: str, workers: int, scenarios: list[str], repeat: int, scale: float,
         log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run the scenarios; each result is the median over ``repeat`` runs of every figure."""
@@ -327,11 +498,11 @@ def run(url: str, workers: int, scenarios: list[str], repeat: int, scale: float,
             runs = []
             for i in range(repeat):
                 log(f"{name}: run {i + 1} of {repeat}")
+                bench.run_index = i
                 runs.append(getattr(bench, name)())
             result: dict[str, Any] = {"scenario": name, "workers": workers, "repeat": repeat}
             for key in runs[0]:
-                values = [r[key] for r in runs]
-                result[key] = statistics.median(values)
+                result[key] = median([r[key] for r in runs])
             out.append(result)
     finally:
         bench.cleanup()

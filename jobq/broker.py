@@ -681,6 +681,13 @@ class Broker:
         """The server's memory in use (bytes)."""
         return int(self._r.info("memory")["used_memory"])
 
+    def server_cpu(self) -> float:
+        """The CPU time the server's process has used (seconds): INFO cpu's used_cpu_sys +
+        used_cpu_user, all its threads (the main one and those that fsync the AOF and free
+        memory), not the children it forks to save or rewrite."""
+        cpu = self._r.info("cpu")
+        return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
     # -- groups (queue.map) ----------------------------------------------------------------------
     def group_meta(self, group_id: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in self._r.hgetall(self.keys.group(group_id)).items()}

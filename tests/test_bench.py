@@ -1,27 +1,42 @@
 """The bench at a tiny size: every scenario runs against a real master and reports every
-figure (the figures themselves are not asserted: they are measured, not tested)."""
+figure, each reference beside its figure, and their ratio (the figures themselves are not
+asserted: they are measured, not tested)."""
 
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from jobq import bench
+from jobq import bench, benchref
 from jobq.cli import main
+from jobq.cli.bench import HEADLINE
 from jobq.connection import connect
+from jobq.queue import JobQueue
 
+#: What the bare loop and the jobq scenario measured beside it report.
+VERSUS_BARE = {"jobs_per_s", "server_us_per_job", "bare_jobs_per_s", "bare_server_us_per_job",
+               "jobs_per_s_ratio", "server_us_per_job_ratio"}
 KEYS = {
-    "noop": {"jobs_per_s", "startup_s"},
-    "incr": {"jobs_per_s"},
-    "cpu": {"jobs_per_s", "pool_jobs_per_s", "efficiency"},
-    "latency": {"p50_ms", "p90_ms", "p99_ms", "max_ms"},
-    "enqueue": {"single_per_s", "bulk_per_s"},
+    "noop": VERSUS_BARE | {"startup_s"},
+    "noop_ttl0": VERSUS_BARE | {"startup_s"},
+    "incr": VERSUS_BARE,
+    "cpu": {"jobs_per_s", "pool_jobs_per_s", "efficiency", "server_us_per_job"},
+    "latency": {"p50_ms", "p90_ms", "p99_ms", "max_ms", "rtt_ms", "p50_ms_ratio",
+                "p99_ms_ratio"},
+    "delayed": {f"{phase}_{q}_ms" for phase in ("idle", "busy") for q in ("p50", "p99", "max")},
+    "enqueue": {"single_per_s", "bulk_per_s", "rtt_per_s", "single_per_s_ratio",
+                "single_server_us_per_job", "bulk_server_us_per_job"},
     "memory": {"bytes_per_job"},
-    "backlog": {"ratio"},
+    "backlog": {"ratio", "server_us_per_job"},
     "tail": {"efficiency"},
 }
+#: Figures that cannot be 0 whatever the machine: a reference, the server's CPU for work.
+POSITIVE = {"bare_jobs_per_s", "bare_server_us_per_job", "server_us_per_job", "rtt_ms",
+            "rtt_per_s", "single_server_us_per_job", "bulk_server_us_per_job"}
 
 
 @pytest.mark.timeout(150)
@@ -30,19 +45,81 @@ def test_every_scenario_reports_its_figures(redis_url: str) -> None:
                                        "--repeat", "1", "--json"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["scenario"] for r in lines] == list(bench.SCENARIOS)
+    assert [r["scenario"] for r in lines] == list(bench.SCENARIOS) == list(HEADLINE)
     for r in lines:
-        missing = KEYS[r["scenario"]] - set(r)
-        assert not missing, f"{r['scenario']} lacks {missing}"
-        for key in KEYS[r["scenario"]]:
-            assert isinstance(r[key], int | float) and r[key] >= 0
+        name = r["scenario"]
+        missing = KEYS[name] - set(r)
+        assert not missing, f"{name} lacks {missing}"
+        for key in KEYS[name]:
+            assert isinstance(r[key], int | float) and math.isfinite(r[key]), (name, key)
+            if name != "delayed":  # a job may start a hair before its due time
+                assert r[key] >= 0, (name, key)
+            if key in POSITIVE:
+                assert r[key] > 0, (name, key)
+        for key, _ in HEADLINE[name]:
+            assert key in r, (name, key)
+        _assert_ratios(r)
+    # percentiles of the jobs observed: never beyond the slowest (one run: no medians)
+    latency = next(r for r in lines if r["scenario"] == "latency")
+    assert latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    delayed = next(r for r in lines if r["scenario"] == "delayed")
+    for phase in ("idle", "busy"):
+        p50, p99, most = (delayed[f"{phase}_{q}_ms"] for q in ("p50", "p99", "max"))
+        assert p50 <= p99 <= most, phase
 
 
-def test_bench_leaves_nothing_behind(redis_url: str) -> None:
+def _assert_ratios(r: dict[str, Any]) -> None:
+    """Each ratio is its figure over its reference, both as reported (rounded to 3 places)."""
+    ratios = [k for k in r if k.endswith("_ratio")]
+    for key in ratios:
+        figure = key.removesuffix("_ratio")
+        reference = r[bench.REFERENCES[figure]]
+        assert r[key] == pytest.approx(r[figure] / reference, abs=0.0006), (r["scenario"], key)
+    expected = {f"{f}_ratio" for f in bench.REFERENCES if f in KEYS[r["scenario"]]
+                and bench.REFERENCES[f] in KEYS[r["scenario"]]}
+    assert set(ratios) == expected, r["scenario"]
+
+
+def test_the_table_shows_figures_beside_their_references(redis_url: str) -> None:
     client = connect(redis_url)
     client.set("user:data", "kept")
-    result = CliRunner().invoke(main, ["--redis-url", redis_url, "bench", "-s", "enqueue",
-                                       "-s", "memory", "--scale", "0.01", "--repeat", "1"])
+    result = CliRunner().invoke(main, ["--redis-url", redis_url, "bench", "-s", "incr",
+                                       "-s", "enqueue", "-s", "memory", "--scale", "0.01",
+                                       "--repeat", "1"])
     assert result.exit_code == 0, result.output
     assert "single_per_s" in result.stdout and "bytes_per_job" in result.stdout
+    incr = next(line for line in result.stdout.splitlines() if line.startswith("incr"))
+    assert "jobs_per_s=" in incr and " of bare " in incr and ">= 0.85 of bare" in incr
+    assert "server_us_per_job=" in incr
+    assert " round trips/s)" in result.stdout
     assert set(client.keys("*")) == {"user:data"}  # only the user's key: the bench cleaned up
+
+
+def test_the_bare_loop_runs_every_job_once(redis_url: str) -> None:
+    client = connect(redis_url)
+    queue = JobQueue("bench", redis_url=redis_url)
+    got = benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=1234, workers=2,
+                             task="incr")
+    assert got.jobs_per_s > 0 and got.server_us_per_job > 0
+    assert client.zcard(benchref.PENDING) == 0 and client.zcard(benchref.ACTIVE) == 0
+    assert client.hlen(benchref.PAYLOADS) == 0  # acknowledged: claimed and acked, no leftovers
+    assert int(client.get(benchref.COUNTER) or 0) == 1234  # each job's task ran once
+    with pytest.raises(ValueError, match="task must be one of"):
+        benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=10, workers=1,
+                           task="sleep")
+
+
+def test_round_trips_are_counted(redis_url: str) -> None:
+    assert benchref.round_trips(redis_url, 200) > 0
+
+
+def test_a_scenario_and_its_reference_alternate_over_runs(redis_url: str) -> None:
+    """Reference first in even runs, last in odd ones: a drift weighs on both."""
+    b = bench.Bench(redis_url, workers=1)
+    order: list[str] = []
+    for i in (0, 1, 2):
+        b.run_index = i
+        got = b._interleave(lambda: order.append("ref") or "r",
+                            lambda: order.append("jobq") or "j")
+        assert got == ("j", "r")
+    assert order == ["ref", "jobq", "jobq", "ref", "ref", "jobq"]

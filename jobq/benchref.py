@@ -1,0 +1,237 @@
+"""The bench's bare references: what this machine and server do with no job queue in the way.
+
+Absolute figures do not travel between machines, even of the same kind (2x apart); a figure
+divided by a reference measured in the same run, on the same server, does. Two references:
+
+* **The bare loop**: the least a Redis job queue does per job, with as many forked worker
+  processes as the pool has. Jobs are ids in a sorted set and payloads in a hash. Each
+  process claims a batch of :data:`BATCH` (claim: ZPOPMIN → ZADD active → HMGET payloads),
+  runs the task on each job, and acknowledges the batch (ack: ZREM active + HDEL payloads; no
+  result kept) in the same round trip as its next claim, as jobq's workers do, until the set
+  is empty::
+
+      parent: fill the set ─► fork N ─► all ready? ─► INFO cpu ─► go ─┐   ┌─► INFO cpu
+                                                                      ▼   │
+      process i: ┌─► [ack.lua of the last batch +] claim.lua ──► run each job's task
+                 └─────────────────────────────────────────────┘ (empty, or one INCR)
+                 until a claim comes back empty ─► report (first claim, last ack) ─┘
+
+  Timed from the first claim to the last ack, across processes (``time.time()``: one clock
+  for every process).
+* **Round trips**: PING after PING on one connection, each reply waited for the way jobq's
+  single enqueue waits for its own (:data:`jobq.queue.REPLY_SPIN`): the reference for
+  single enqueue and for latency.
+
+The two scripts here are the yardstick, not jobq's protocol (``jobq/lua``, which only
+:mod:`jobq.broker` calls): they live here as strings, on keys of their own (the bench's
+``jobqbench:`` space, outside jobq's ``{jobqbench}`` namespace; one hash tag, so they would
+share a slot on a Cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import queue as queues
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import redis
+
+from .connection import connect
+from .queue import REPLY_SPIN
+
+#: The bare loop's keys: ids waiting (score: order), ids claimed (score: lease end, ms),
+#: payloads by id, and the counter its INCR task increments.
+PENDING = "jobqbench:{ref}:pending"
+ACTIVE = "jobqbench:{ref}:active"
+PAYLOADS = "jobqbench:{ref}:payloads"
+COUNTER = "jobqbench:{ref}:counter"
+KEYS = (PENDING, ACTIVE, PAYLOADS, COUNTER)
+#: Jobs claimed per round trip.
+BATCH = 50
+#: The claim's lease (ms): recorded, never enforced (nothing reaps in the bare loop).
+LEASE_MS = 15_000
+#: A payload the size of a jobq spec of an empty job (~60 bytes).
+PAYLOAD = '{"t":"jobq.bench:noop","a":[],"q":"bench","c":1795944382.395}'
+#: The bare loop fails if it has not finished within this long (seconds).
+STALL = 120.0
+#: The tasks of the bare loop: the same work as jobq.bench's noop and incr.
+TASKS = ("empty", "incr")
+
+# The shebang: the same script mode as jobq's own scripts (see jobq.scripts).
+CLAIM_LUA = """#!lua
+-- claim: up to ARGV[1] ids from KEYS[1] (lowest score first) into KEYS[2] (score: ARGV[2],
+-- the lease's end); returns id, payload (from the hash KEYS[3]), id, payload, ...
+local got = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+if #got == 0 then return {} end
+local ids, held = {}, {}
+for i = 1, #got, 2 do
+  ids[#ids + 1] = got[i]
+  held[#held + 1] = ARGV[2]
+  held[#held + 1] = got[i]
+end
+redis.call('ZADD', KEYS[2], unpack(held))
+local payloads = redis.call('HMGET', KEYS[3], unpack(ids))
+local out = {}
+for i, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = payloads[i]
+end
+return out
+"""
+ACK_LUA = """#!lua
+-- ack: the ids ARGV leave the claimed set KEYS[1] and the payload hash KEYS[2]; no result kept
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return #ARGV
+"""
+
+
+class BareRun(NamedTuple):
+    jobs_per_s: float
+    #: the server's CPU (its process, all threads) over the timed part, per job (µs)
+    server_us_per_job: float
+
+
+def fill(client: redis.Redis, jobs: int) -> None:
+    """Queue ``jobs`` jobs for the bare loop (ids of 24 characters, as jobq's)."""
+    client.delete(*KEYS)
+    for start in range(0, jobs, 10_000):
+        ids = [f"{i:024x}" for i in range(start, min(jobs, start + 10_000))]
+        pipe = client.pipeline(transaction=False)
+        pipe.zadd(PENDING, {job_id: i for i, job_id in enumerate(ids, start)})
+        pipe.hset(PAYLOADS, mapping=dict.fromkeys(ids, PAYLOAD))
+        pipe.execute()
+
+
+def bare_loop(url: str, client: redis.Redis, server_cpu: Callable[[], float], *, jobs: int,
+              workers: int, task: str) -> BareRun:
+    """Run the bare loop on ``jobs`` jobs with ``workers`` forked processes; ``task`` is
+    "empty" or "incr" (one INCR on the process's own connection, as jobq.bench's incr).
+    ``server_cpu`` reads the server's CPU time (s) before and after the timed part. Its keys
+    are left for the caller to delete (:data:`KEYS`): the counter says what the tasks did."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    fill(client, jobs)
+    ctx = multiprocessing.get_context("fork")
+    reports: Any = ctx.Queue()
+    go = ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(url, task, go, reports), daemon=True)
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(workers):
+            _report(reports, procs)  # connected, scripts loaded
+        # nothing of the loop has touched the server yet, and nothing else does until the
+        # last report: the CPU read here and after it is the loop's alone
+        cpu_before = server_cpu()
+        go.set()
+        done = [_report(reports, procs) for _ in range(workers)]
+        cpu_after = server_cpu()
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    first = min(d[0] for d in done)
+    last = max(d[1] for d in done)
+    claimed = sum(d[2] for d in done)
+    if claimed != jobs:
+        raise RuntimeError(f"bench: the bare loop ran {claimed} jobs of {jobs}")
+    return BareRun(jobs / (last - first) if last > first else float("inf"),
+                   (cpu_after - cpu_before) * 1e6 / jobs)
+
+
+def _report(reports: Any, procs: list[Any]) -> Any:
+    deadline = time.monotonic() + STALL
+    while True:
+        try:
+            got = reports.get(timeout=0.5)
+        except queues.Empty:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench: the bare loop stalled ({STALL} s)") from None
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError("bench: a process of the bare loop died") from None
+            continue
+        if isinstance(got, str):
+            raise RuntimeError(f"bench: the bare loop failed: {got}")
+        return got
+
+
+def _worker(url: str, task: str, go: Any, reports: Any) -> None:
+    """One forked process of the bare loop; reports (), then (first claim, last ack, jobs)."""
+    try:
+        conn = connect(url).connection_pool.get_connection()  # its own socket
+        claim_sha, ack_sha = _load(conn, CLAIM_LUA), _load(conn, ACK_LUA)
+        run = _task(url, task)
+        reports.put(())
+        if not go.wait(STALL):  # the bench is gone: do not linger
+            raise RuntimeError("never told to start")
+        acks: list[str] = []
+        count = 0
+        first = time.time()
+        while True:
+            calls: list[tuple[Any, ...]] = []
+            if acks:
+                calls.append(("EVALSHA", ack_sha, 2, ACTIVE, PAYLOADS, *acks))
+            lease = int(time.time() * 1000) + LEASE_MS
+            calls.append(("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, BATCH, lease))
+            conn.send_packed_command(conn.pack_commands(calls))
+            got = [conn.read_response() for _ in calls][-1]
+            if not got:
+                break
+            acks = got[0::2]
+            for _payload in got[1::2]:
+                run()
+            count += len(acks)
+        reports.put((first, time.time(), count))
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the bench says it
+        pass
+    except Exception as e:  # the parent says it in one line
+        reports.put(f"{type(e).__name__}: {e}")
+
+
+def _load(conn: Any, source: str) -> str:
+    conn.send_command("SCRIPT", "LOAD", source)
+    sha = str(conn.read_response())
+    assert sha == hashlib.sha1(source.encode()).hexdigest()
+    return sha
+
+
+def _empty() -> None:
+    return None
+
+
+def _task(url: str, task: str) -> Callable[[], Any]:
+    if task == "empty":
+        return _empty
+    counter = connect(url)  # the task's own connection, as jobq.bench's incr has
+
+    def incr() -> int:
+        return int(counter.incr(COUNTER))
+    return incr
+
+
+def round_trips(url: str, count: int) -> float:
+    """Unpipelined round trips per second (PING) on one connection of its own."""
+    conn = connect(url).connection_pool.get_connection()
+    packed = conn.pack_command("PING")
+    try:
+        conn.send_packed_command(packed)
+        conn.read_response()  # connected
+        t0 = time.perf_counter()
+        for _ in range(count):
+            conn.send_packed_command(packed)
+            # wait as jobq's enqueue waits for its reply (see jobq.scripts.Scripts.run_many)
+            deadline = time.perf_counter() + REPLY_SPIN
+            while not conn.can_read(timeout=0) and time.perf_counter() < deadline:
+                os.sched_yield()
+            conn.read_response()
+        return count / (time.perf_counter() - t0)
+    finally:
+        conn.disconnect()
