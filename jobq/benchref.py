@@ -5,7 +5,7 @@ divided by a reference measured in the same run, on the same server, does. Two r
 
 * **The bare loop**: the least a Redis job queue does per job, with as many forked worker
   processes as the pool has. Jobs are ids in a sorted set and payloads in a hash. Each
-  process claims a batch of :data:`BATCH` (claim: ZPOPMIN → ZADD active → HMGET payloads),
+  process claims a batch of :data:`BATCH` (claim: ZPOPMIN → ZADD active → HGET payloads),
   runs the task on each job, and acknowledges the batch (ack: ZREM active + HDEL payloads; no
   result kept) in the same round trip as its next claim, as jobq's workers do, until the set
   is empty::
@@ -74,11 +74,10 @@ for i = 1, #got, 2 do
   held[#held + 1] = got[i]
 end
 redis.call('ZADD', KEYS[2], unpack(held))
-local payloads = redis.call('HMGET', KEYS[3], unpack(ids))
 local out = {}
-for i, id in ipairs(ids) do
+for _, id in ipairs(ids) do
   out[#out + 1] = id
-  out[#out + 1] = payloads[i]
+  out[#out + 1] = redis.call('HGET', KEYS[3], id)
 end
 return out
 """

@@ -190,11 +190,12 @@ class Broker:
     def job_parts(self, job_id: str) -> JobParts:
         """Everything stored about a job, in one round trip."""
         k = self.keys
+        pipe = self._r.pipeline(transaction=False)
+        pipe.get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
+        self.scripts.queue(pipe, "holder", [k.leases], [k.base, job_id])
         final, spec, state, holder, due, deps = (
-            self._r.pipeline(transaction=False)
-            .get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
-            .hget(k.active, job_id).zscore(k.scheduled, job_id).hget(k.deps, job_id).execute())
-        return JobParts(final, spec, state, holder, due, deps is not None)
+            pipe.zscore(k.scheduled, job_id).hget(k.deps, job_id).execute())
+        return JobParts(final, spec, state, _opt_str(holder), due, deps is not None)
 
     def final_record(self, job_id: str) -> str | None:
         return _opt_str(self._r.get(self.keys.result(job_id)))
@@ -224,7 +225,9 @@ class Broker:
         return bool(self._r.sismember(self.keys.queues, queue))
 
     def active_holder(self, job_id: str) -> str | None:
-        return _opt_str(self._r.hget(self.keys.active, job_id))
+        """The worker that holds the job (claimed or running), if any (holder.lua)."""
+        return _opt_str(self.scripts.run("holder", [self.keys.leases], [self.keys.base,
+                                                                         job_id]) or None)
 
     def scan_jobs(self, cursor: int, count: int) -> tuple[int, list[str]]:
         """One page of live job ids (HSCAN of the jobs hash); cursor 0 when done."""

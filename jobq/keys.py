@@ -15,8 +15,8 @@ key                        type    holds
 {ns}:hand:<worker>         list    jobs handed straight to an idle worker ("id\nqueue\nspec")
 {ns}:queues                set     every queue name ever used
 {ns}:suspended             set     queues that workers do not claim from
-{ns}:active                hash    id -> worker id, for jobs a worker holds
-{ns}:held:<worker>         hash    id -> queue, the jobs one worker holds
+{ns}:held:<worker>         hash    id -> queue, the jobs one worker holds (lib.lua's holder()
+                                   finds a job's worker among those with a lease)
 {ns}:leases                zset    worker id -> lease deadline (ms)
 {ns}:scheduled             zset    id -> due time (ms): delayed jobs and retries
 {ns}:r:<id>                string  final record (completed/failed/cancelled), with a TTL
@@ -57,7 +57,7 @@ from __future__ import annotations
 class Keys:
     """Key names of one namespace."""
 
-    __slots__ = ("base", "jobs", "state", "queues", "suspended", "active", "leases",
+    __slots__ = ("base", "jobs", "state", "queues", "suspended", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
                  "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog")
 
@@ -68,7 +68,6 @@ class Keys:
         self.state = f"{b}:state"
         self.queues = f"{b}:queues"
         self.suspended = f"{b}:suspended"
-        self.active = f"{b}:active"
         self.leases = f"{b}:leases"
         self.scheduled = f"{b}:scheduled"
         self.waiting = f"{b}:waiting"

@@ -29,7 +29,7 @@ from .wire import LUA_CONSTANTS
 FREE_MEMORY = frozenset({"empty", "delete_queue"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
          "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap",
-         "announce", "tasks", "delete_queue")
+         "announce", "tasks", "delete_queue", "holder")
 
 
 def _constants() -> str:

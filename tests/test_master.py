@@ -637,7 +637,7 @@ def test_an_idle_pool_gets_jobs_handed_straight_to_a_worker(
         # handed over, not queued: held by that worker (its blocked BLPOP got it, even
         # frozen: the server answers it), no longer idle, nothing pending, no wake token
         assert queue.get_stats()["pending"] == 0
-        assert r.hget(queue.keys.active, job.id) == name
+        assert queue.broker.active_holder(job.id) == name
         assert r.zcard(queue.keys.idle("default")) == 0
         assert r.llen(queue.keys.level("default", 0)) == 0
     finally:
@@ -654,7 +654,7 @@ def test_a_job_handed_to_a_worker_that_dies_before_starting_it_runs_once_elsewhe
     os.kill(first, signal.SIGSTOP)  # registered as idle, but it will never take the job
     k = key()
     job = queue.enqueue(tasks.record, k, "ran")
-    assert r.hget(queue.keys.active, job.id) is not None  # handed to the frozen worker
+    assert queue.broker.active_holder(job.id) is not None  # handed to the frozen worker
     os.kill(first, signal.SIGKILL)
     assert job.result(timeout=15) == "ran"
     assert runs(r, k) == ["ran"]  # exactly once: it never started in the killed worker

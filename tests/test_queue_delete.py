@@ -87,7 +87,8 @@ def test_delete_takes_every_job_of_the_queue_and_leaves_other_queues_whole(
     assert "doomed" not in doomed.queues() and not doomed.exists()
     assert not r.sismember(KEYS.suspended, "doomed")
     assert set(r.hkeys(KEYS.jobs)) == {running_child.id, unrelated.id, other_delayed.id}
-    assert r.hlen(KEYS.state) == 0 and r.hlen(KEYS.active) == 0 and r.hlen(KEYS.deps) == 0
+    assert r.hlen(KEYS.state) == 0 and r.hlen(KEYS.deps) == 0
+    assert not any(r.hlen(k) for k in r.keys(KEYS.held("*")))  # no worker holds anything
     assert r.zrange(KEYS.scheduled, 0, -1) == [other_delayed.id]
     # its dependents elsewhere were settled as if it had failed; its group counts it failed
     assert other.get_status(cancelled_child.id) == "cancelled"

@@ -86,7 +86,6 @@ for k = 1, #ids do
 end
 if #live > 0 then
   redis.call('HDEL', held, unpack(live))
-  redis.call('HDEL', B .. ':active', unpack(live))
 end
 if #stale > 0 then
   -- a stale job whose spec is gone was deleted with its queue while this worker held it: the

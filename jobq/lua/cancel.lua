@@ -15,7 +15,7 @@ local B = ARGV[1]
 local id = ARGV[2]
 local now = tonumber(ARGV[3])
 local jobs = KEYS[1]
-if redis.call('HEXISTS', B .. ':active', id) == 1 then
+if holder(B, id) then
   -- a worker holds it: record the request (its master signals the worker; ack.lua clears it)
   redis.call('HSET', B .. ':cancel', id, ARGV[5])
   return 'running'

@@ -8,9 +8,8 @@
 -- ARGV[5..] queue names, in claim order (strict priority between queues)
 --
 -- Each claimed id is recorded in the hash {ns}:held:<worker> (id -> queue: what to give back if
--- the worker dies) and
--- in {ns}:active (id -> worker, what `status` reads). The worker's lease in {ns}:leases is
--- pushed to the server's now + ARGV[3]. A cancelled job left in a list is a tombstone: its spec is gone and its
+-- the worker dies; lib.lua's holder() finds a job's worker there). The worker's lease in
+-- {ns}:leases is pushed to the server's now + ARGV[3]. A cancelled job left in a list is a tombstone: its spec is gone and its
 -- final record exists; it is dropped here.
 -- Returns a flat array: id, queue, spec, state, ... (spec false when the spec is missing,
 -- which the worker fails into the dead-letter queue; state false when the job has none).
@@ -19,7 +18,7 @@ local worker = ARGV[2]
 local need = tonumber(ARGV[4])
 local jobs = KEYS[1]
 local out = {}
-local held, active = {}, {}
+local held = {}
 for i = 5, #ARGV do
   if need <= 0 then break end
   local q = ARGV[i]
@@ -46,8 +45,6 @@ for i = 5, #ARGV do
             out[#out + 1] = states[j]
             held[#held + 1] = id
             held[#held + 1] = q
-            active[#active + 1] = id
-            active[#active + 1] = worker
             got = got + 1
             need = need - 1
           end
@@ -60,7 +57,6 @@ for i = 5, #ARGV do
 end
 if #held > 0 then
   redis.call('HSET', B .. ':held:' .. worker, unpack(held))
-  redis.call('HSET', B .. ':active', unpack(active))
   redis.call('ZADD', B .. ':leases', server_ms() + tonumber(ARGV[3]), worker)
 end
 return out

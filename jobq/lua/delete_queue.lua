@@ -90,22 +90,22 @@ local function drop(ids)
 end
 
 local function take_held()
-  local active = redis.call('HGETALL', B .. ':active')
   local taken = {}
-  for i = 1, #active, 2 do
-    local id, worker = active[i], active[i + 1]
+  for _, worker in ipairs(redis.call('ZRANGE', B .. ':leases', 0, -1)) do
     local held = B .. ':held:' .. worker
-    local route = redis.call('HGET', held, id)
-    if route and base(route) == q then
-      local spec = redis.call('HGET', jobs, id)
-      if spec then  -- handed to it and not yet picked up: it never will be
-        redis.call('LREM', B .. ':hand:' .. worker, 0, id .. '\n' .. route .. '\n' .. spec)
+    local all = redis.call('HGETALL', held)
+    for i = 1, #all, 2 do
+      local id, route = all[i], all[i + 1]
+      if base(route) == q then
+        local spec = redis.call('HGET', jobs, id)
+        if spec then  -- handed to it and not yet picked up: it never will be
+          redis.call('LREM', B .. ':hand:' .. worker, 0, id .. '\n' .. route .. '\n' .. spec)
+        end
+        redis.call('HDEL', held, id)
+        redis.call('HSET', B .. ':cancel', id, ARGV[7])
+        count(B, route, 'processing', -1)
+        taken[#taken + 1] = id
       end
-      redis.call('HDEL', held, id)
-      redis.call('HDEL', B .. ':active', id)
-      redis.call('HSET', B .. ':cancel', id, ARGV[7])
-      count(B, route, 'processing', -1)
-      taken[#taken + 1] = id
     end
   end
   deleted[HELD] = deleted[HELD] + #taken

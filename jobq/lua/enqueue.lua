@@ -9,7 +9,7 @@
 -- A ready job is handed straight to an idle worker of its queue when there is one: the
 -- worker registered in {ns}:idle:<queue> (score: when, ms, server clock) and blocks on its own list
 -- {ns}:hand:<worker>, which receives "id\nqueue\nspec"; the job is recorded as held by that
--- worker (its held hash, {ns}:active, its lease) as a claim would, so it is just as safe, and
+-- worker (its held hash, its lease) as a claim would, so it is just as safe, and
 -- the worker starts it without another round trip. Otherwise the job goes to the end of
 -- {ns}:q:<queue>:<priority>; the sorted set {ns}:q:<queue> holds the non-empty priority
 -- levels, so a claim finds the best level in O(log levels); a token in {ns}:wake:<queue>
@@ -58,7 +58,6 @@ for q, list in pairs(ready) do
         local job = list[handed]
         job.handed = true
         redis.call('HSET', B .. ':held:' .. w, job[3], q)
-        redis.call('HSET', B .. ':active', job[3], w)
         redis.call('ZADD', B .. ':leases', now + lease, w)
         redis.call('RPUSH', B .. ':hand:' .. w, job[3] .. '\n' .. q .. '\n' .. job[4])
       end

@@ -40,6 +40,17 @@ local function push_ready(B, q, prio, ids, front)
   redis.call('ZADD', levels, prio, prio)
 end
 
+-- The worker that holds a job (claimed, handed, running), or false. The holders are the
+-- workers with a lease, each with the hash of what it holds; an index from job to holder
+-- would cost the claim and the ack a write each, on every job, for the rare reader (cancel,
+-- status).
+local function holder(B, id)
+  for _, w in ipairs(redis.call('ZRANGE', B .. ':leases', 0, -1)) do
+    if redis.call('HEXISTS', B .. ':held:' .. w, id) == 1 then return w end
+  end
+  return false
+end
+
 -- Add n to a counter of a queue's stats.
 local function count(B, q, field, n)
   if n ~= 0 then redis.call('HINCRBY', B .. ':stats:' .. base(q), field, n) end

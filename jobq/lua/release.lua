@@ -93,7 +93,6 @@ for i = #held - 1, 1, -2 do
     wake(B, q, 1, wake_cap)
     requeued[#requeued + 1] = id
   end
-  redis.call('HDEL', B .. ':active', id)
 end
 notify_done(B, failed)
 local oks = {}
