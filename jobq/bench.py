@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -130,21 +132,58 @@ class Bench:
         self.broker = self.queue.broker
         #: which of the --repeat runs this is (0, 1, ...): see :meth:`_interleave`
         self.run_index = 0
+        # the masters report ready here as they would to systemd (READY=1, see
+        # jobq.master.notify): every worker up and idle
+        self.notify_path = self.dir / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
 
     def cleanup(self) -> None:
         """Delete everything in the bench's namespace."""
         self.broker.delete_namespace()
         self.redis.delete(COUNTER_KEY, *benchref.KEYS)
 
+    def close(self) -> None:
+        """Remove the session's files (its masters are stopped)."""
+        self.notify.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     master: subprocess.Popen[bytes] | None = None
 
     def start_master(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "JOBQ_REDIS_URL": self.url, "JOBQ_BENCH_URL": self.url}
+        self._drain_notifications()  # what an earlier master said is not this one's
+        env = {**os.environ, "JOBQ_REDIS_URL": self.url, "JOBQ_BENCH_URL": self.url,
+               "NOTIFY_SOCKET": str(self.notify_path)}
         cmd = [sys.executable, "-m", "jobq.master", "--workers", str(self.workers), "-q",
                "bench", "-I", "jobq.bench", "--config", str(self.config_path),
                "--log-level", "error"]
         self.master = subprocess.Popen(cmd, env=env, start_new_session=True)
         return self.master
+
+    def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait until the master reports ready (READY=1): every worker up and idle."""
+        deadline = time.monotonic() + STALL
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bench: the master exited with code {proc.returncode} "
+                                   "before it was ready")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"bench: the master was not ready after {STALL} s")
+            self.notify.settimeout(min(left, 0.1))
+            try:
+                if b"READY=1" in self.notify.recv(4096).split(b"\n"):
+                    return
+            except TimeoutError:
+                pass
+
+    def _drain_notifications(self) -> None:
+        self.notify.setblocking(False)
+        try:
+            while True:
+                self.notify.recv(4096)
+        except BlockingIOError:
+            pass
 
     def stop_master(self, proc: subprocess.Popen[bytes]) -> None:
         proc.terminate()
@@ -299,22 +338,25 @@ class Bench:
         return benchref.round_trips(self.url, max(1000, int(20_000 * min(self.scale, 1.0))))
 
     def latency(self) -> dict[str, float]:
-        """Enqueue-to-start on an idle pool; the reference: one round trip (ms), measured
-        with no master running."""
+        """Enqueue-to-start on an idle pool, from the first job the master runs (``first_ms``
+        is that one alone); the reference: one round trip (ms), measured with no master
+        running."""
         delays, rtt = self._interleave(self.round_trips, self._latencies)
         q = statistics.quantiles(delays, n=100, method="inclusive")  # never beyond the max
         result = {"p50_ms": round(statistics.median(delays), 3), "p90_ms": round(q[89], 3),
                   "p99_ms": round(q[98], 3), "max_ms": round(max(delays), 3),
-                  "rtt_ms": round(1000 / rtt, 4), "jobs": len(delays)}
+                  "first_ms": round(delays[0], 3), "rtt_ms": round(1000 / rtt, 4),
+                  "jobs": len(delays)}
         return with_ratios(result, "p50_ms", "p99_ms")
 
     def _latencies(self) -> list[float]:
+        """Jobs 10 ms apart, the first enqueued as soon as the master reports ready: a fresh
+        pool's first job is measured as it comes, not warmed up."""
         count = max(50, int(500 * min(self.scale, 1.0)))
         self.cleanup()
         master = self.start_master()
         try:
-            self.queue.enqueue(noop).result(timeout=60)  # up and idle
-            time.sleep(0.2)
+            self.wait_ready(master)
             jobs = []
             for _ in range(count):
                 jobs.append(self.queue.enqueue(latency, time.time()))
@@ -506,4 +548,5 @@ def run(url: str, workers: int, scenarios: list[str], repeat: int, scale: float,
             out.append(result)
     finally:
         bench.cleanup()
+        bench.close()
     return out

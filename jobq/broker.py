@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import redis
 
 from .config import Config
-from .connection import block_limit
+from .connection import block_limit, blpop_by
 from .keys import Keys
 from .scripts import Scripts
 from .wire import ACK_FIELDS, ROUTE, AckEntry, route
@@ -548,9 +548,15 @@ class Broker:
         if pipe is None:
             target.execute()
 
-    def sleep_until_woken(self, timeout: float) -> None:
-        """Block until a token in the scheduler's wake list, or ``timeout`` seconds."""
-        self._r.blpop([self.keys.sched_wake], timeout=self._block(timeout))
+    def wait_for_wake(self, timeout: float, *, server_timeout: float | None = None) -> bool:
+        """Block until a token in the scheduler's wake list (True), or until ``timeout``
+        seconds have passed on this client's clock (False), not the server's: an idle server
+        would end the wait up to 1/hz late (see :func:`jobq.connection.blpop_by`; its
+        ``server_timeout`` is the backup, by default the same time)."""
+        if server_timeout is None:
+            server_timeout = self._block(timeout)
+        return blpop_by(self.client, [self.keys.sched_wake], timeout,
+                        server_timeout=server_timeout) is not None
 
     def schedule_defs(self) -> dict[str, str]:
         """Every stored schedule definition (JSON), by name."""

@@ -3,15 +3,19 @@ server is one jobq can use, and errors that name the problem in one line without
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from .exceptions import JobqError
 from .urls import redact, scrub
+
+log = logging.getLogger("jobq")
 
 #: URL scheme -> the scheme redis-py understands; ``valkey(s)://`` are aliases.
 SCHEMES = {
@@ -67,6 +71,56 @@ def block_limit(client: redis.Redis) -> float:
     timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
     return float(timeout) / 2 if timeout else 3600.0
 
+
+def blpop_by(client: redis.Redis, keys: Sequence[str], timeout: float, *,
+             server_timeout: float | None = None) -> list[Any] | None:
+    """BLPOP ``keys`` for ``timeout`` seconds measured on this client's clock; returns
+    ``[key, value]``, or None when the time is up.
+
+    A server times a blocked client out only at its ``hz`` ticks when nothing else wakes it
+    (10 a second by default: an idle server answers up to 100 ms late). So the client waits
+    for the reply itself (poll on the socket) until its deadline, then unblocks its
+    connection with CLIENT UNBLOCK sent on another one, and reads the reply: nil, or what
+    the pop took in the meantime, which is never lost; the connection stays usable. The
+    server's own timeout (``server_timeout``, by default ``timeout``; 0 is forever) is a
+    backup: a user the server does not allow CLIENT UNBLOCK waits for it (said once). A
+    server that does not answer fails the call within the client's read timeout, as any
+    other call."""
+    pool = client.connection_pool
+    deadline = time.monotonic() + timeout
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands([
+            ("CLIENT", "ID"), ("BLPOP", *keys, timeout if server_timeout is None
+                               else server_timeout)]))
+        client_id = conn.read_response()
+        if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+            _unblock(client, int(client_id))
+        reply = conn.read_response()
+    except BaseException:
+        conn.disconnect()  # a reply may be half read, or the pop still waiting: not reusable
+        raise
+    finally:
+        pool.release(conn)
+    return list(reply) if reply else None
+
+
+def _unblock(client: redis.Redis, client_id: int) -> None:
+    """End a blocking call of connection ``client_id`` as if its time were up (nothing, if
+    its reply is on its way already)."""
+    if client in _unblock_refused:
+        return  # the blocked call ends at the server's own timeout
+    try:
+        client.client_unblock(client_id)
+    except redis.ResponseError as exc:  # NOPERM: an ACL without +client|unblock
+        _unblock_refused.add(client)
+        log.warning("the server refuses CLIENT UNBLOCK (%s): blocking waits end at its own "
+                    "timeout, up to 1/hz late (100 ms at hz 10); delayed jobs may start that "
+                    "late. Allow it to this user: +client|unblock", exc)
+
+
+#: Clients whose server refused CLIENT UNBLOCK (see :func:`blpop_by`).
+_unblock_refused: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
 
 
 def connect(url: str, *, lease_time: float = DEFAULT_LEASE, decode_responses: bool = True,

@@ -4,7 +4,8 @@ Leadership is a lease in Redis (``leader.lua``: take it when free, extend it whe
 overwrite another's). The leader:
 
 * promotes delayed jobs and retries whose time has come (``promote.lua``), sleeping until the
-  next due time and woken early when a sooner one arrives (``{ns}:sched:wake``);
+  next due time (timed on its own clock: an idle server times a blocked client out only at
+  its ``hz`` ticks) and woken early when a sooner one arrives (``{ns}:sched:wake``);
 * fires schedules (``fire.lua``): a fire is keyed by (schedule, due time) and moves the due
   time on atomically, so two schedulers that both believe they lead never fire one run twice;
 * gives back the jobs of workers whose lease lapsed (their host or master died);
@@ -223,7 +224,7 @@ class SchedulerProcess:
             return
         try:
             with self.sleeping.running():
-                self.broker.sleep_until_woken(timeout)
+                self.broker.wait_for_wake(timeout)
         except redis.RedisError:
             self._nap(min(timeout, 1.0))
 

@@ -25,7 +25,7 @@ KEYS = {
     "noop_ttl0": VERSUS_BARE | {"startup_s"},
     "incr": VERSUS_BARE,
     "cpu": {"jobs_per_s", "pool_jobs_per_s", "efficiency", "server_us_per_job"},
-    "latency": {"p50_ms", "p90_ms", "p99_ms", "max_ms", "rtt_ms", "p50_ms_ratio",
+    "latency": {"p50_ms", "p90_ms", "p99_ms", "max_ms", "first_ms", "rtt_ms", "p50_ms_ratio",
                 "p99_ms_ratio"},
     "delayed": {f"{phase}_{q}_ms" for phase in ("idle", "busy") for q in ("p50", "p99", "max")},
     "enqueue": {"single_per_s", "bulk_per_s", "rtt_per_s", "single_per_s_ratio",
@@ -62,6 +62,7 @@ def test_every_scenario_reports_its_figures(redis_url: str) -> None:
     # percentiles of the jobs observed: never beyond the slowest (one run: no medians)
     latency = next(r for r in lines if r["scenario"] == "latency")
     assert latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert latency["first_ms"] <= latency["max_ms"]  # the first job is one of those observed
     delayed = next(r for r in lines if r["scenario"] == "delayed")
     for phase in ("idle", "busy"):
         p50, p99, most = (delayed[f"{phase}_{q}_ms"] for q in ("p50", "p99", "max"))
@@ -123,3 +124,4 @@ def test_a_scenario_and_its_reference_alternate_over_runs(redis_url: str) -> Non
                             lambda: order.append("jobq") or "j")
         assert got == ("j", "r")
     assert order == ["ref", "jobq", "jobq", "ref", "ref", "jobq"]
+    b.close()

@@ -29,13 +29,15 @@ import redis
 from conftest import kill_processes, process_tree, wait_until
 
 from jobq.broker import NewJob
-from jobq.config import load_config
+from jobq.config import Config, load_config
+from jobq.connection import connect
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
 from jobq.schedule import next_fire
 from jobq.scheduler import Scheduler
 from jobq.scheduler_daemon import SchedulerProcess
+from jobq.server import EmbeddedServer
 from jobq.wire import encode_spec
 from jobq.worker import Worker
 
@@ -403,6 +405,112 @@ def test_two_schedulers_firing_the_same_due_time_fire_it_once(
     nxt = f"{names[0]}@{start_ms + 3_600_000}"
     assert stale_fire(start_ms + 3_600_000, nxt) == 1
     assert queue.size() == 1 and queue.get_status(nxt) == "pending"
+
+
+# == 2b. the leader's sleep: timed on its own clock, never losing a wake token ================
+
+@pytest.fixture
+def slow_server(home: Path) -> str:
+    """A server of the test's own that looks at its blocked clients' timeouts once a second
+    (hz 1; stock servers: 10 times): a wait ended by the server's own timeout would end up
+    to a second late, and one whose server timeout is 30 s, after 30 s."""
+    return EmbeddedServer(home).start(extra={"hz": "1"})
+
+
+def sleeper(url: str, **values: Any) -> SchedulerProcess:
+    """A scheduler process object in this process (its sleep is called by hand)."""
+    return SchedulerProcess(Config(redis_url=url, **values), url)
+
+
+def test_the_leaders_sleep_ends_on_its_own_clock_not_the_servers(slow_server: str) -> None:
+    proc = sleeper(slow_server)
+    admin = connect(slow_server)
+    assert proc.broker.wait_for_wake(0.01) is False  # its connections are made
+    received = admin.info("stats")["total_connections_received"]
+    for _ in range(3):
+        started = time.monotonic()
+        assert proc.broker.wait_for_wake(0.05, server_timeout=30) is False
+        # not after the server's own 30 s: the client unblocked its connection ...
+        assert time.monotonic() - started < 10
+        assert admin.info("clients")["blocked_clients"] == 0  # ... which waits no more
+    # and it went on with the same connections: the blocked one was not dropped
+    assert admin.info("stats")["total_connections_received"] == received
+
+
+def test_a_wake_token_is_never_lost_however_it_meets_the_end_of_the_sleep(
+        slow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = sleeper(slow_server)
+    other = connect(slow_server)
+    wake = proc.keys.sched_wake
+    other.lpush(wake, "1")  # there before the sleep: taken at once
+    assert proc.broker.wait_for_wake(30) is True and other.llen(wake) == 0
+
+    def push_once_blocked() -> None:
+        wait_until(lambda: other.info("clients")["blocked_clients"] == 1, message="a sleep")
+        other.lpush(wake, "1")
+
+    pusher = threading.Thread(target=push_once_blocked)
+    pusher.start()
+    assert proc.broker.wait_for_wake(30, server_timeout=30) is True  # pushed during it
+    pusher.join()
+    assert other.llen(wake) == 0
+
+    # pushed after the sleep's own deadline passed, before its CLIENT UNBLOCK lands: the
+    # blocked pop took it, and the sleep returns it (the unblock found nothing to unblock)
+    unblock = redis.Redis.client_unblock
+    unblocked: list[bool] = []
+
+    def token_first(client: redis.Redis, client_id: int, *args: Any, **kw: Any) -> bool:
+        other.lpush(wake, "1")
+        unblocked.append(unblock(client, client_id, *args, **kw))
+        return unblocked[-1]
+
+    monkeypatch.setattr(redis.Redis, "client_unblock", token_first)
+    assert proc.broker.wait_for_wake(0.05, server_timeout=30) is True
+    assert unblocked == [False] and other.llen(wake) == 0
+    # the connection is in step: no reply left over for the next sleep, which finds nothing
+    monkeypatch.undo()
+    assert proc.broker.wait_for_wake(0.05, server_timeout=30) is False
+    assert other.llen(wake) == 0
+
+
+def test_a_user_refused_client_unblock_sleeps_until_the_servers_own_timeout(
+        slow_server: str, home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    connect(slow_server).acl_setuser("sched", enabled=True, passwords=["+pw"], keys=["*"],
+                                     channels=["*"], commands=["+@all", "-client|unblock"])
+    url = f"unix://sched@{home / 'valkey.sock'}?password=pw"
+    proc = sleeper(url)
+    for _ in range(2):
+        assert proc.broker.wait_for_wake(0.05, server_timeout=0.2) is False
+    said = [r for r in caplog.records if "refuses CLIENT UNBLOCK" in r.getMessage()]
+    assert len(said) == 1 and "+client|unblock" in said[0].getMessage()  # said once
+
+
+def test_a_server_that_freezes_during_the_sleep_fails_it_instead_of_hanging_it(
+        slow_server: str, home: Path) -> None:
+    proc = sleeper(slow_server, lease_time=1.0)  # a read from the server: 1 s at most
+    admin = connect(slow_server)
+    pid = EmbeddedServer(home).pid()
+    assert pid is not None
+    outcome: list[object] = []
+
+    def sleep() -> None:
+        try:
+            outcome.append(proc.broker.wait_for_wake(0.3, server_timeout=30))
+        except redis.RedisError as exc:
+            outcome.append(exc)
+
+    sleeping = threading.Thread(target=sleep)
+    sleeping.start()
+    wait_until(lambda: admin.info("clients")["blocked_clients"] == 1, message="the sleep")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sleeping.join(20)
+        assert not sleeping.is_alive(), "the sleep hung on a frozen server"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(outcome) == 1 and isinstance(outcome[0], redis.RedisError), outcome
+    assert proc.broker.wait_for_wake(0.05, server_timeout=30) is False  # and then goes on
 
 
 # == 3. delayed jobs on a running master =======================================================

@@ -1,4 +1,5 @@
-"""Real ``jobq worker`` processes: running jobs, failures, time limits, signals, lost workers."""
+"""Real ``jobq worker`` processes: running jobs, failures, time limits, signals, lost workers;
+and a worker run in this process where the test must see what it had done at one moment."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jobq_testtasks as tasks
+import pytest
 import redis
 from conftest import subprocess_env, wait_until
 
+from jobq.config import Config
 from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
+from jobq.registry import TaskResolver
+from jobq.slots import IDLE, Slot, SlotTable
+from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
@@ -300,3 +306,52 @@ def test_poison_job_fails_after_max_deliveries(queue: JobQueue, r: redis.Redis, 
     assert r.zscore(queue.keys.dlq("default"), job.id) is not None
     stats = queue.get_stats()
     assert (stats["failed"], stats["pending"], stats["processing"]) == (1, 0, 0)
+
+
+# -- a fresh worker's first costs --------------------------------------------------------------
+
+def test_a_worker_warms_up_before_its_slot_says_it_is_ready(
+        config: Config, redis_url: str, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master reports its pool ready (READY=1) when every slot says idle or busy: by the
+    first time a worker's slot says so, the worker has made its connections to the server,
+    learned the epoch and announced its tasks, so that the first job handed to it pays none
+    of that (seen when the slot first says so, then the worker is stopped)."""
+    table = SlotTable(1)
+    slot = table.slot(0)
+    slot.boot(os.getpid())
+    worker = Worker(["default"], config=config, url=redis_url,
+                    resolver=TaskResolver(["jobq_testtasks"]), slot=slot, renew_leases=False,
+                    announcer="host.1")
+    r.ping()
+    clients_before = len(r.client_list())
+    seen: list[dict[str, object]] = []
+
+    def first_ready(what: str) -> None:
+        if not seen:
+            seen.append({"as": what, "state": table.read(0).state, "epoch": worker._epoch,
+                         "announced": r.exists(worker.keys.tasks("host.1")),
+                         "connections": len(r.client_list()) - clients_before})
+            worker.stop()  # its wait then returns at once: the loop ends
+
+    idle, begin = Slot.idle, Slot.begin
+    monkeypatch.setattr(Slot, "idle", lambda self: (idle(self), first_ready("idle"))[0])
+    monkeypatch.setattr(Slot, "begin", lambda self, *a: (begin(self, *a), first_ready("busy"))[0])
+    run_in_this_process(worker)
+
+    assert seen == [{"as": "idle", "state": IDLE, "epoch": r.get(worker.keys.epoch),
+                     "announced": 1, "connections": 2}]
+
+
+def run_in_this_process(worker: Worker) -> None:
+    """Run a worker here; put back the signal handlers and the timer it replaces (pytest's,
+    pytest-timeout's SIGALRM among them)."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2)
+    saved = {s: signal.getsignal(s) for s in signums}
+    timer = signal.getitimer(signal.ITIMER_REAL)
+    try:
+        assert worker.run() == 0
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, *timer)

@@ -18,7 +18,7 @@ HEADLINE: dict[str, tuple[tuple[str, str], ...]] = {
     "noop_ttl0": (("jobs_per_s", ">= 0.7 of bare"), ("server_us_per_job", "<= 1.0 of bare")),
     "incr": (("jobs_per_s", ">= 0.85 of bare"),),
     "cpu": (("efficiency", ">= 0.98"),),
-    "latency": (("p50_ms", "<= 1.0"), ("p99_ms", "<= 3.0")),
+    "latency": (("p50_ms", "<= 1.0"), ("p99_ms", "<= 3.0"), ("max_ms", "<= 10")),
     "delayed": (("idle_p50_ms", "<= 5"), ("idle_p99_ms", "<= 15"), ("busy_p50_ms", "<= 5"),
                 ("busy_p99_ms", "<= 15")),
     "enqueue": (("single_per_s", ">= 8000"), ("bulk_per_s", ">= 50000")),

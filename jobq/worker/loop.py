@@ -135,10 +135,8 @@ class Worker:
         self._install_signals()
         lease_thread = self._start_lease_thread() if self.renew_leases else None
         log.info("worker %s started on %s", self.name, ",".join(self.queues))
-        if self.slot is not None:
-            self.slot.idle()  # tells the master this worker is up
-        self._set_title("idle")
-        self._data_lost()  # learn the epoch
+        self._set_title("starting")
+        self._warm_up()
         try:
             while not self._stopping:
                 if not self._announced:
@@ -163,6 +161,21 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping = True
+
+    def _warm_up(self) -> None:
+        """Do what a fresh worker does once before its slot first says it is ready (idle,
+        as it waits for work, or busy): the master reports the pool ready when every slot
+        does, and the first job handed over then must not pay for it. That is the worker's
+        two connections to the server (the first one a process makes also pays redis-py's
+        look-up of its own version: 2-6 ms in a fresh worker), the epoch, and the
+        announcement of its tasks; then the loop's first claim, and its first wait, which
+        says idle and registers the worker for hand-offs in the round trip that follows.
+        Best effort: a server that cannot be used now is waited out by the loop, which
+        keeps the slot beating meanwhile."""
+        # the announcement first: the scripts take a connection of the pool and keep it
+        # (claims, acks); the epoch's then makes the one the waits will use
+        self._announce()
+        self._data_lost()  # learn the epoch
 
     def _orphaned(self) -> bool:
         """Our master is gone: nobody renews our lease any more."""
