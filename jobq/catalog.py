@@ -141,13 +141,14 @@ class Catalog:
     def get(self, name: str) -> TaskInfo | None:
         """The task as the live workers announced it (the latest announcement when they
         differ, e.g. during a rolling upgrade); None when no live worker has it."""
-        return self._lookup(name)[0]
+        return self.lookup(name)[0]
 
     def checker(self, name: str) -> Callable[[Sequence[Any], dict[str, Any]], None] | None:
         """The check of a known task's arguments (see :meth:`TaskInfo.checker`)."""
-        return self._lookup(name)[1]
+        return self.lookup(name)[1]
 
-    def _lookup(self, name: str) -> tuple[TaskInfo | None, Any]:
+    def lookup(self, name: str) -> tuple[TaskInfo | None, Any]:
+        """The task (None: no live worker has it) and the check of its arguments."""
         now = self.clock()
         hit = self._cache.get(name)
         if hit is not None and now - hit[0] < CACHE_TTL:

@@ -171,7 +171,7 @@ class JobQueue:
         if isinstance(func, str):
             if func == CHUNK_TASK:
                 return {}, None
-            info, check = self.catalog.get(func), self.catalog.checker(func)
+            info, check = self.catalog.lookup(func)
             return (info.job_options() if info is not None else {}), check
         return dict(getattr(func, "job_options", {})), None
 

@@ -17,11 +17,13 @@ from typing import Any
 import psutil
 import pytest
 import redis
+import setproctitle
 
 from jobq.config import load_config
 from jobq.connection import connect
 from jobq.queue import JobQueue
 from jobq.server import EmbeddedServer, ServerError
+from jobq.worker.loop import Worker
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -186,3 +188,21 @@ def spawn(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def run_in_this_process(worker: Worker) -> int:
+    """Run a worker here, to its end; put back what it changes in the process: the signal
+    handlers and the timer it replaces (pytest-timeout's SIGALRM among them), the title."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2)
+    saved = {s: signal.getsignal(s) for s in signums}
+    timer = signal.getitimer(signal.ITIMER_REAL)
+    title = setproctitle.getproctitle()
+    try:
+        return worker.run()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, *timer)
+        setproctitle.setproctitle(title)
+        worker.redis.connection_pool.disconnect()

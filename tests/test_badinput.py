@@ -19,8 +19,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-import setproctitle
-from conftest import free_port, key, subprocess_env, wait_until
+from conftest import free_port, key, run_in_this_process, subprocess_env, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,21 +80,9 @@ def run_worker(config: Config, url: str) -> Worker:
     """A burst Worker in this process, run to the end: it must return normally (a crash is the
     bug these tests look for). Puts back what it changes in the process: signal handlers,
     pytest-timeout's alarm, the process title."""
-    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2)
-    saved = {s: signal.getsignal(s) for s in signums}
-    timer = signal.getitimer(signal.ITIMER_REAL)
-    title = setproctitle.getproctitle()
     worker = Worker([QUEUE], config=config, url=url,
                     resolver=TaskResolver(["jobq_testtasks"]), burst=True)
-    try:
-        assert worker.run() == 0
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-        if timer[0] > 0:
-            signal.setitimer(signal.ITIMER_REAL, *timer)
-        setproctitle.setproctitle(title)
-        worker.redis.connection_pool.disconnect()
+    assert run_in_this_process(worker) == 0
     return worker
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import time
 from typing import Any
 
 import jobq_testtasks
 import pytest
 from click.testing import CliRunner
-from conftest import subprocess_env, wait_until
+from conftest import run_in_this_process, subprocess_env, wait_until
 
 from jobq import JobQueue, exitcodes
 from jobq.broker import Broker
@@ -165,10 +164,7 @@ def test_the_catalog_is_the_union_of_live_announcers(config: Config, redis_url: 
     assert queue.tasks()[TASK].hosts == ("beta.2",)
     # an announcement its master stopped renewing lapses, and leaves the catalog
     queue.redis.pexpire(queue.keys.tasks("beta.2"), 1)
-    deadline = time.monotonic() + 5
-    while queue.tasks() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert queue.tasks() == {}
+    wait_until(lambda: queue.tasks() == {}, timeout=5, message="the announcement to lapse")
     assert queue.redis.smembers(queue.keys.catalog) == set()
 
 
@@ -188,7 +184,7 @@ def test_a_lone_worker_withdraws_its_tasks_when_it_stops(config: Config, redis_u
                                                          queue: JobQueue) -> None:
     worker = Worker(["default"], config=config, url=redis_url,
                     resolver=TaskResolver(["jobq_testtasks"]), burst=True)
-    assert worker.run() == 0
+    assert run_in_this_process(worker) == 0
     assert worker._announced
     assert queue.tasks() == {}
     assert not queue.redis.exists(queue.keys.tasks(worker.name))

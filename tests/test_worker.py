@@ -14,7 +14,7 @@ from pathlib import Path
 import jobq_testtasks as tasks
 import pytest
 import redis
-from conftest import subprocess_env, wait_until
+from conftest import run_in_this_process, subprocess_env, wait_until
 
 from jobq.config import Config
 from jobq.job import Job, JobStatus
@@ -336,22 +336,7 @@ def test_a_worker_warms_up_before_its_slot_says_it_is_ready(
     idle, begin = Slot.idle, Slot.begin
     monkeypatch.setattr(Slot, "idle", lambda self: (idle(self), first_ready("idle"))[0])
     monkeypatch.setattr(Slot, "begin", lambda self, *a: (begin(self, *a), first_ready("busy"))[0])
-    run_in_this_process(worker)
+    assert run_in_this_process(worker) == 0
 
     assert seen == [{"as": "idle", "state": IDLE, "epoch": r.get(worker.keys.epoch),
                      "announced": 1, "connections": 2}]
-
-
-def run_in_this_process(worker: Worker) -> None:
-    """Run a worker here; put back the signal handlers and the timer it replaces (pytest's,
-    pytest-timeout's SIGALRM among them)."""
-    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2)
-    saved = {s: signal.getsignal(s) for s in signums}
-    timer = signal.getitimer(signal.ITIMER_REAL)
-    try:
-        assert worker.run() == 0
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-        if timer[0] > 0:
-            signal.setitimer(signal.ITIMER_REAL, *timer)

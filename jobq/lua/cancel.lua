@@ -42,6 +42,5 @@ st.err = {type = 'Cancelled', msg = ARGV[5]}
 finish(B, id, final_record(spec, st), tonumber(ARGV[4]))
 count(B, q, 'cancelled', 1)
 group_done(B, job.g, 'failed', id)
-notify_done(B, {id})
-finished_parents(B, {id}, {false}, now, 64, tonumber(ARGV[4]))
+ended_unfinished(B, {id}, now, 64, tonumber(ARGV[4]))
 return 'cancelled'

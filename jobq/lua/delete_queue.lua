@@ -83,10 +83,7 @@ local function drop(ids)
       end
     end
   end
-  notify_done(B, gone)
-  local oks = {}
-  for k = 1, #gone do oks[k] = false end
-  finished_parents(B, gone, oks, now, wake_cap, ttl)
+  ended_unfinished(B, gone, now, wake_cap, ttl)
 end
 
 local function take_held()

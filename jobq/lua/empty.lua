@@ -33,14 +33,11 @@ while left > 0 do
     if #live > 0 then
       redis.call('HDEL', KEYS[1], unpack(live))
       redis.call('HDEL', B .. ':state', unpack(live))
-      notify_done(B, live)
-      local oks = {}
       for k, id in ipairs(live) do
-        oks[k] = false
         local ok, job = pcall(cjson.decode, live_specs[k])
         if ok and type(job) == 'table' then group_done(B, job.g, 'failed', id) end
       end
-      finished_parents(B, live, oks, tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[5]))
+      ended_unfinished(B, live, tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[5]))
     end
     deleted = deleted + #live
     left = left - #ids

@@ -184,3 +184,12 @@ local function finished_parents(B, ids, oks, now, wake_cap, ttl)
     if has[k] == 1 then resolve_children(B, id, oks[k], now, wake_cap, ttl) end
   end
 end
+
+-- Jobs that ended without completing (failed for good, cancelled, deleted): wake whoever
+-- waits on them, and settle their dependents as a failed parent's.
+local function ended_unfinished(B, ids, now, wake_cap, ttl)
+  notify_done(B, ids)
+  local oks = {}
+  for k = 1, #ids do oks[k] = false end
+  finished_parents(B, ids, oks, now, wake_cap, ttl)
+end

@@ -94,10 +94,7 @@ for i = #held - 1, 1, -2 do
     requeued[#requeued + 1] = id
   end
 end
-notify_done(B, failed)
-local oks = {}
-for k = 1, #failed do oks[k] = false end
-finished_parents(B, failed, oks, now, wake_cap, failed_ttl)
+ended_unfinished(B, failed, now, wake_cap, failed_ttl)
 if current ~= '' and current ~= '-' and redis.call('HEXISTS', jobs, current) == 0 then
   -- the job it ran is finished, or was deleted with its queue (delete_queue.lua) while it
   -- ran: no cancel request of it is left behind
