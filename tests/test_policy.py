@@ -215,6 +215,16 @@ def test_exit_code_of_import_from_a_worker_that_was_up_is_just_a_crash() -> None
     assert decision.respawn_at == NOW + BOOT_BACKOFF_FIRST and decision.unexpected
     assert decision.cause.startswith("worker exited with code 4")
 
+def test_exits_of_one_kind_are_one_kind_whatever_memory_each_was_seen_using() -> None:
+    # the master says a kind of exit once, then counts it: a memory reading in the cause must
+    # not make every crash a kind of its own
+    decisions = [on_exit(NOW, worker(i, ready=False, memory_mb=mb), killed(signal.SIGKILL),
+                         SlotHistory(), CrashBreaker(), stopping=False)
+                 for i, mb in enumerate((None, 31.0, 57.0))]
+    assert len({d.cause for d in decisions}) == 3
+    assert {d.kind for d in decisions} == {"worker killed by signal 9 (SIGKILL) (out of memory?)"}
+
+
 def test_boot_failures_back_off_exponentially_up_to_the_cap() -> None:
     history = SlotHistory()
     breaker = CrashBreaker(count=1000)

@@ -683,7 +683,7 @@ class Master:
                                     self._worker_queues())
         self.slots.clear(w.slot)
         if decision.unexpected and not self.stopping:
-            self.repeats.say(decision.cause, "worker %d (slot %d) %s%s", w.pid, w.slot,
+            self.repeats.say(decision.kind, "worker %d (slot %d) %s%s", w.pid, w.slot,
                              decision.cause,
                              f"; its job {current} was given back" if current != "-" else "")
         if decision.stop_master:

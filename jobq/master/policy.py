@@ -206,28 +206,29 @@ class ExitDecision:
     respawn_at: float | None  # None: do not respawn this slot
     stop_master: tuple[int, str] | None = None  # (exit code, one-line reason)
     unexpected: bool = True
+    kind: str = ""  # the cause without its figures (a memory reading): exits said once a kind
 
 
 def on_exit(now: float, worker: WorkerState, status: int, history: SlotHistory,
             breaker: CrashBreaker, *, stopping: bool, boot_error: str = "") -> ExitDecision:
     """Decide what a worker's exit means: restart at once, back off, or stop the master."""
     text, code, sig = describe_exit(status)
-    cause = worker.killing or f"worker {text}"
+    kind = cause = worker.killing or f"worker {text}"
     if worker.memory_mb and not worker.killing:
         cause += f"; last memory reading {worker.memory_mb:.0f} MB"
     if stopping:
-        return ExitDecision(cause, None, unexpected=False)
+        return ExitDecision(cause, None, unexpected=False, kind=kind)
     planned = worker.retiring_since is not None or (code == 0 and sig is None)
     if code == exitcodes.IMPORT and not worker.ready:  # only a booting worker imports
         reason = boot_error or "a worker could not import its task modules"
-        return ExitDecision(cause, None, (exitcodes.IMPORT, reason))
+        return ExitDecision(cause, None, (exitcodes.IMPORT, reason), kind=kind)
     # A crash: it died booting, or the worker process itself failed after it was up. A
     # worker that was up and was killed (by us: hard limit, memory; or from outside: the OOM
     # killer, an operator) is replaced at once: a kill storm must not stop the master, and the
     # spawn pacer caps the forks anyway.
     crashed = not planned and (not worker.ready or (sig is None and not worker.killing))
     if not crashed:
-        return ExitDecision(cause, now, unexpected=not planned)
+        return ExitDecision(cause, now, unexpected=not planned, kind=kind)
     history.failures += 1
     delay = min(BOOT_BACKOFF_CAP, BOOT_BACKOFF_FIRST * 2 ** (history.failures - 1))
     history.not_before = now + delay
@@ -236,8 +237,8 @@ def on_exit(now: float, worker: WorkerState, status: int, history: SlotHistory,
         reason = (f"workers keep crashing {when} ({breaker.count} within "
                   f"{breaker.window:g} s); last one {text}"
                   + (f": {boot_error}" if boot_error else ""))
-        return ExitDecision(cause, None, (exitcodes.WORKER_BOOT, reason))
-    return ExitDecision(cause, history.not_before)
+        return ExitDecision(cause, None, (exitcodes.WORKER_BOOT, reason), kind=kind)
+    return ExitDecision(cause, history.not_before, kind=kind)
 
 
 def max_jobs_for(base: int, jitter: float, rng: random.Random) -> int:
