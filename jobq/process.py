@@ -7,13 +7,16 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psutil
 import setproctitle
 
 #: ``prctl`` option asking Linux to signal us when our parent dies.
 _PR_SET_PDEATHSIG = 1
+
+_T = TypeVar("_T")
 
 
 def set_title(title: str) -> None:
@@ -62,7 +65,7 @@ class Interrupted(BaseException):
 class BlockingCall:
     """Lets a signal handler cut a blocking server call short, at once.
 
-    The loop wraps a call that may block for long (BLPOP) in :meth:`running`; the handler
+    The loop makes a call that may block for long (BLPOP) through :meth:`call`; the handler
     calls :meth:`interrupt`, which raises inside the call only while one runs (anywhere
     else the loop sees the flag the handler set). ``on_interrupt`` cleans up after an
     interrupted call, e.g. drops the connection, whose reply may be half read.
@@ -77,13 +80,18 @@ class BlockingCall:
             self.active = False
             raise Interrupted()
 
-    @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
-        """Run the body as the interruptible call; an interruption ends it quietly."""
-        self.active = True
+    def call(self, fn: Callable[..., _T], *args: Any) -> _T | None:
+        """``fn(*args)`` as the interruptible call: its result, or None when a signal cut
+        it short. The span opens and closes inside the ``try``: a signal that lands as the
+        call returns (between two bytecodes, where Python runs handlers) is caught here
+        too, not raised into the caller (a context manager's ``__exit__`` would leave
+        that window open)."""
         try:
-            yield
-        except Interrupted:
-            self._on_interrupt()
-        finally:
+            self.active = True
+            result = fn(*args)
             self.active = False
+            return result
+        except Interrupted:
+            self.active = False
+            self._on_interrupt()
+            return None

@@ -223,10 +223,13 @@ class SchedulerProcess:
             self._nap(timeout)
             return
         try:
-            with self.sleeping.running():
-                self.broker.wait_for_wake(timeout)
+            self.sleeping.call(self._wait_for_wake, timeout)
         except redis.RedisError:
             self._nap(min(timeout, 1.0))
+
+    def _wait_for_wake(self, timeout: float) -> None:
+        if not (self.stopping or self.reload or self.reopen_logs):  # a signal came before
+            self.broker.wait_for_wake(timeout)
 
     def _nap(self, seconds: float) -> None:
         """Sleep without the server, but wake at once when told to stop, reload or reopen

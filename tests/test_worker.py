@@ -18,6 +18,7 @@ from conftest import run_in_this_process, subprocess_env, wait_until
 
 from jobq.config import Config
 from jobq.job import Job, JobStatus
+from jobq.process import BlockingCall
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
 from jobq.slots import IDLE, Slot, SlotTable
@@ -340,3 +341,30 @@ def test_a_worker_warms_up_before_its_slot_says_it_is_ready(
 
     assert seen == [{"as": "idle", "state": IDLE, "epoch": r.get(worker.keys.epoch),
                      "announced": 1, "connections": 2}]
+
+
+def test_a_stop_signal_as_the_wait_returns_is_never_raised_into_the_loop() -> None:
+    """The worker's TERM handler interrupts its blocking wait by raising inside it. A signal
+    that lands as the wait returns (between two bytecodes, where Python runs handlers) must
+    end it as quietly as one that lands during it: it used to escape from the context
+    manager's ``__exit__`` and crash a stopping worker. Signals are fired every 20 µs at a
+    call that returns at once, so they land at every point of the span."""
+    ends = {"result": 0, "interrupted": 0}
+    cleanups: list[None] = []
+    waiting = BlockingCall(on_interrupt=lambda: cleanups.append(None))
+
+    def on_signal(signum: int, frame: object) -> None:
+        waiting.interrupt()
+
+    old = signal.signal(signal.SIGALRM, on_signal)
+    signal.setitimer(signal.ITIMER_REAL, 0.00002, 0.00002)
+    try:
+        for i in range(50_000):
+            got = waiting.call(lambda n: n + 1, i)
+            ends["result" if got == i + 1 else "interrupted"] += 1
+            assert not waiting.active
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert ends["interrupted"] == len(cleanups) > 0
+    assert ends["result"] > 0

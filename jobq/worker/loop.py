@@ -296,13 +296,11 @@ class Worker:
             log.warning("worker %s: its master is gone; stopping", self.name)
             self._stopping = True
             return
-        handed: Claimed | None = None
+        tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
         try:
-            with self._waiting.running():  # from here a TERM interrupts the blocking wait
-                if self._stopping:
-                    return
-                tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
-                handed = self.broker.wait_for_work(self.name, self.queues, tick)
+            # a TERM interrupts the blocking wait (and one that came before it is seen by
+            # the wait's own check of the flag, under the same span)
+            handed = self._waiting.call(self._wait, tick)
         except redis.RedisError as exc:
             if not unavailable(exc):
                 raise
@@ -311,6 +309,11 @@ class Worker:
             return
         if handed is not None:  # already held by us
             self._buffer.append(handed)
+
+    def _wait(self, tick: float) -> Claimed | None:
+        if self._stopping:  # a TERM came before the span opened
+            return None
+        return self.broker.wait_for_work(self.name, self.queues, tick)
 
     def _housekeep(self) -> None:
         """Without a master (so maybe without a scheduler), promote due retries and delayed
