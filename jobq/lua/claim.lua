@@ -35,14 +35,17 @@ for i = 5, #ARGV do
       end
       if ids then
         local specs = redis.call('HMGET', jobs, unpack(ids))
-        local states = redis.call('HMGET', B .. ':state', unpack(ids))
+        local states = {}  -- most jobs have none (never failed)
+        if redis.call('EXISTS', B .. ':state') == 1 then
+          states = redis.call('HMGET', B .. ':state', unpack(ids))
+        end
         for j, id in ipairs(ids) do
           local spec = specs[j]
           if spec or redis.call('EXISTS', B .. ':r:' .. id) == 0 then
             out[#out + 1] = id
             out[#out + 1] = q
             out[#out + 1] = spec
-            out[#out + 1] = states[j]
+            out[#out + 1] = states[j] or false
             held[#held + 1] = id
             held[#held + 1] = q
             got = got + 1

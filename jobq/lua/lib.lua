@@ -77,7 +77,7 @@ end
 
 -- Wake the clients blocked on the completion of these ids (see JobQueue.wait).
 local function notify_done(B, ids)
-  if #ids == 0 then return end
+  if #ids == 0 or redis.call('EXISTS', B .. ':waiting') == 0 then return end
   local waiting = redis.call('HMGET', B .. ':waiting', unpack(ids))
   for k, n in ipairs(waiting) do
     n = tonumber(n)

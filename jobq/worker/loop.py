@@ -63,6 +63,8 @@ BATCH_TARGET = 0.004
 BATCH_MAX = 128
 #: Results of finished jobs are sent at the latest this long after the job ended (seconds).
 FLUSH_INTERVAL = 0.005
+#: A worker's title names the job it runs when its jobs take this long on average (s).
+TITLE_JOB_ID_FROM = 0.01
 #: How long an idle worker blocks before it looks around (heartbeat, its master).
 IDLE_TICK = 1.0
 #: A worker without a master looks for a cancel request of its running job this often (s).
@@ -348,7 +350,10 @@ class Worker:
         task = spec.task
         if self.slot is not None:
             self.slot.begin(job_id, started, started + spec.timeout)
-        self._set_title(f"{queue} {task} {job_id}")
+        # the title names the job when jobs last long enough to be seen in ps (one system
+        # call per job: 2% of a worker's time on empty jobs); short ones show their task
+        self._set_title(f"{queue} {task} {job_id}" if self._avg >= TITLE_JOB_ID_FROM
+                        else f"{queue} {task}")
         context.running = (job_id, queue, spec, state_raw)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s %s started", job_id, task, extra={"job_id": job_id, "task": task})
