@@ -22,7 +22,7 @@ import setproctitle
 from jobq.config import load_config
 from jobq.connection import connect
 from jobq.queue import JobQueue
-from jobq.server import EmbeddedServer, ServerError
+from jobq.server import EmbeddedServer, ServerError, binary_path
 from jobq.worker.loop import Worker
 
 TESTS = Path(__file__).resolve().parent
@@ -206,3 +206,50 @@ def run_in_this_process(worker: Worker) -> int:
             signal.setitimer(signal.ITIMER_REAL, *timer)
         setproctitle.setproctitle(title)
         worker.redis.connection_pool.disconnect()
+
+
+class Valkey:
+    """A valkey-server of the test's own on a TCP port, in the foreground (so the test can
+    freeze it with SIGSTOP, kill it, and start it again empty on the same port)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
+        self.workdir, self.port, self.extra = workdir, port or free_port(), extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> Valkey:
+        self.workdir.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(binary_path()), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        wait_until(lambda: _answers(client), 10, message=f"valkey on port {self.port}")
+        client.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def valkeys(tmp_path: Path) -> Iterator[list[Valkey]]:
+    started: list[Valkey] = []
+    yield started
+    for v in started:
+        v.kill()

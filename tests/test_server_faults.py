@@ -19,13 +19,12 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import free_port, kill_tree, subprocess_env, wait_until
+from conftest import Valkey, free_port, kill_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.connection import connect
 from jobq.job import JobStatus
 from jobq.queue import JobQueue
-from jobq.server import binary_path
 
 pytestmark = pytest.mark.chaos
 
@@ -34,53 +33,6 @@ Spawn = Callable[..., subprocess.Popen[str]]
 BASE = {"lease_time": 2.0, "hard_timeout_grace": 0.5, "heartbeat_timeout": 30.0,
         "graceful_timeout": 5.0, "retry_backoff_base": 0.05, "retry_jitter": 0.0,
         "scheduler_tick": 0.2, "connect_timeout": 1.0}
-
-
-class Valkey:
-    """A valkey-server of the test's own on a TCP port, in the foreground (so the test can
-    freeze it with SIGSTOP, kill it, and start it again empty on the same port)."""
-
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
-        self.workdir, self.port, self.extra = workdir, port or free_port(), extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> Valkey:
-        self.workdir.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            [str(binary_path()), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        wait_until(lambda: _answers(client), 10, message=f"valkey on port {self.port}")
-        client.close()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def valkeys(tmp_path: Path) -> Iterator[list[Valkey]]:
-    started: list[Valkey] = []
-    yield started
-    for v in started:
-        v.kill()
 
 
 def start_master(spawn: Spawn, tmp_path: Path, url: str, workers: int = 2,

@@ -14,7 +14,7 @@ from pathlib import Path
 import jobq_testtasks as tasks
 import pytest
 import redis
-from conftest import run_in_this_process, subprocess_env, wait_until
+from conftest import Valkey, run_in_this_process, subprocess_env, wait_until
 
 from jobq.config import Config
 from jobq.job import Job, JobStatus
@@ -368,3 +368,29 @@ def test_a_stop_signal_as_the_wait_returns_is_never_raised_into_the_loop() -> No
         signal.signal(signal.SIGALRM, old)
     assert ends["interrupted"] == len(cleanups) > 0
     assert ends["result"] > 0
+
+
+@pytest.mark.parametrize("msetex", [True, False], ids=["msetex", "one-set-each"])
+def test_results_are_kept_with_their_ttl_with_or_without_msetex(
+        msetex: bool, config: Config, tmp_path: Path, valkeys: list[Valkey]) -> None:
+    """ack.lua keeps the final records of a batch with one MSETEX (Valkey 9, Redis 8.4); a
+    server without that command (here: renamed away, as on an older server) gets one SET
+    each. Both ways every record is there, with its own ttl, and the failed ones too."""
+    extra = () if msetex else ("--rename-command", "MSETEX", "")
+    server = Valkey(tmp_path / "v", None, *extra).start()
+    valkeys.append(server)
+    q = JobQueue("default", redis_url=server.url, config=config)
+    ok = q.enqueue_many(tasks.add, [(i, 1) for i in range(200)], result_ttl=300)
+    short = q.enqueue_many(tasks.add, [(i, 2) for i in range(30)], result_ttl=60)
+    failed = q.enqueue(tasks.boom, "on purpose", max_retries=0)
+    worker = Worker(["default"], config=config, url=server.url,
+                    resolver=TaskResolver(["jobq_testtasks"]), burst=True, renew_leases=False)
+    assert run_in_this_process(worker) == 0
+
+    assert [j.result(timeout=0) for j in ok] == [i + 1 for i in range(200)]
+    assert [j.result(timeout=0) for j in short] == [i + 2 for i in range(30)]
+    assert get(q, failed.id).status == JobStatus.FAILED
+    ttls = {j.id: q.redis.ttl(q.keys.result(j.id)) for j in [*ok, *short]}
+    assert all(250 < ttls[j.id] <= 300 for j in ok) and all(0 < ttls[j.id] <= 60 for j in short)
+    calls = q.redis.info("commandstats")
+    assert ("cmdstat_msetex" in calls) == msetex

@@ -37,6 +37,14 @@ local stale, live, finished, oks = {}, {}, {}, {}
 local delta = {}   -- queue -> {processing, completed, failed, retried, pending, scheduled,
                    --           cancelled}
 local recent = {}  -- queue -> {ids}
+local records = {} -- ttl -> {key, record, key, record, ...}: the final records to keep
+local function keep(id, record, ttl)
+  if ttl <= 0 then return end
+  local r = records[ttl]
+  if not r then r = {}; records[ttl] = r end
+  r[#r + 1] = B .. ':r:' .. id
+  r[#r + 1] = record
+end
 for k = 1, #ids do
   local i = 8 + (k - 1) * ACK_FIELDS
   local kind, id, q, prio, ttl, payload, gid =
@@ -50,21 +58,21 @@ for k = 1, #ids do
     local c = delta[q]
     c[1] = c[1] - 1
     if kind == 'done' then
-      if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
+      keep(id, payload, ttl)
       finished[#finished + 1] = id
       oks[#oks + 1] = true
       c[2] = c[2] + 1
       table.insert(recent[q], id)
       group_done(B, gid, 'done', id)
     elseif kind == 'fail' then
-      if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
+      keep(id, payload, ttl)
       finished[#finished + 1] = id
       oks[#oks + 1] = false
       c[3] = c[3] + 1
       to_dlq(B, q, id, now, dlq_cap, ttl)
       group_done(B, gid, 'failed', id)
     elseif kind == 'cancel' then
-      if ttl > 0 then redis.call('SET', B .. ':r:' .. id, payload, 'EX', ttl) end
+      keep(id, payload, ttl)
       finished[#finished + 1] = id
       oks[#oks + 1] = false
       c[7] = c[7] + 1
@@ -87,6 +95,7 @@ end
 if #live > 0 then
   redis.call('HDEL', held, unpack(live))
 end
+for ttl, r in pairs(records) do set_many(r, ttl) end
 if #stale > 0 then
   -- a stale job whose spec is gone was deleted with its queue while this worker held it: the
   -- cancel request that interrupted it is cleared here, where nothing else would

@@ -103,6 +103,28 @@ local function final_record(spec, st)
   return '{"spec":' .. (spec or 'null') .. ',' .. string.sub(cjson.encode(st), 2)
 end
 
+-- Set the string keys of kv (key, value, key, value, ...), each to expire in ttl seconds:
+-- MSETEX (Valkey 9, Redis 8.4) writes them in one command, which costs the server half a
+-- microsecond less per key than one SET each; a server without it gets one SET each (the
+-- failed attempt costs it one error reply per call).
+local MSETEX_MAX = 512  -- keys per MSETEX: unpack() takes its arguments on Lua's C stack
+local function set_many(kv, ttl)
+  local n = #kv / 2
+  for first = 1, n, MSETEX_MAX do
+    local last = math.min(n, first + MSETEX_MAX - 1)
+    local args = {'MSETEX', last - first + 1}
+    for i = 2 * first - 1, 2 * last do args[#args + 1] = kv[i] end
+    args[#args + 1] = 'EX'
+    args[#args + 1] = ttl
+    local reply = redis.pcall(unpack(args))
+    if type(reply) == 'table' and reply.err then
+      for i = 2 * first - 1, 2 * last, 2 do
+        redis.call('SET', kv[i], kv[i + 1], 'EX', ttl)
+      end
+    end
+  end
+end
+
 -- Forget a finished job's spec and state, keep its final record for ttl seconds.
 local function finish(B, id, record, ttl)
   if ttl > 0 then redis.call('SET', B .. ':r:' .. id, record, 'EX', ttl) end
