@@ -257,9 +257,10 @@ def square(x: int) -> int:
 
 
 def timed_item(item: dict[str, object]) -> object:
-    """A map item ``{"key", "value", "seconds", "fail", "fail_first", "hang"}``: sleep
-    ``seconds``, then fail (ValueError) when ``fail``, or on its first run when
-    ``fail_first``; else record "<value> <when it ended>" under ``key`` and return the value.
+    """A map item ``{"key", "value", "seconds", "gate", "fail", "fail_first", "hang"}``: sleep
+    ``seconds``, wait for a token on ``test:<gate>`` if given, then fail (ValueError) when
+    ``fail``, or on its first run when ``fail_first``; else record "<value> <when it ended>"
+    under ``key`` and return the value.
     With ``hang``, its first run records its pid under ``key:pid`` and sleeps 30 s (a run to
     kill)."""
     client = _redis()
@@ -269,6 +270,8 @@ def timed_item(item: dict[str, object]) -> object:
         client.rpush(f"test:{key}:pid", str(os.getpid()))
         time.sleep(30)
     time.sleep(float(item.get("seconds", 0)))  # type: ignore[arg-type]
+    if item.get("gate") and client.blpop([f"test:{item['gate']}"], timeout=30) is None:
+        raise TimeoutError(f"nobody opened the gate {item['gate']!r} within 30 s")
     if item.get("fail") or (item.get("fail_first") and first):
         raise ValueError(f"item {value} fails as asked")
     client.rpush(f"test:{key}", f"{value} {time.time()!r}")

@@ -610,6 +610,31 @@ def test_a_worker_killed_mid_group_the_dependent_still_runs_once_after_every_ite
     assert queue.get_stats()["deferred"] == 0
 
 
+def test_a_requeued_item_is_waited_for_again_not_counted_twice(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k, gate = key(), key()
+    group = queue.map(tasks.timed_item, [{"key": k, "value": 0, "fail_first": True},
+                                         {"key": k, "value": 1, "gate": gate}], max_retries=0)
+    report = queue.enqueue(tasks.group_report, k, depends_on=group, on_parent_failure="run")
+    first, gated = group.job_ids()
+    assert finished(queue, first).status is JobStatus.FAILED
+    assert group.progress() == Progress(0, 1, 2)
+
+    assert queue.requeue(first)
+    assert group.progress() == Progress(0, 0, 2)  # in flight again
+    assert finished(queue, first).status is JobStatus.COMPLETED
+    assert group.progress() == Progress(1, 0, 2)  # not 1 done + 1 failed: "ended"
+    assert status(queue, report) is JobStatus.DEFERRED  # the gated item still runs
+    open_gate(r, gate)
+    done = finished(queue, report)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == {"groups": {group.id: [0, 1]}, "parents": {}}
+    [start] = report_starts(r, k)
+    assert start >= max(item_ends(r, k).values())
+
+
 def test_cancelling_and_deleting_a_groups_jobs_settles_the_jobs_waiting_for_it(
         queue: JobQueue, r: redis.Redis) -> None:
     k = key()

@@ -137,6 +137,24 @@ local function group_done(B, gid, field, id)
   if meta[5] then settle_group(B, gid) end
 end
 
+-- A member of a group that had ended ("done" or "failed") is put back in its queue
+-- (requeue.lua): it no longer counts as ended, so that it counts once when it ends again (a
+-- group counted twice would look ended, and settle the jobs that wait for it, while another
+-- of its jobs still runs).
+local function group_undone(B, gid, field, id)
+  if gid == nil or gid == '' or gid == cjson.null then return end
+  local gk = B .. ':g:' .. gid
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
+  if not meta[1] then return end
+  redis.call('HINCRBY', gk, field, -1)
+  local chunk = tonumber(meta[2]) or 1
+  if chunk > 1 then
+    local n = chunk
+    if meta[3] == id then n = tonumber(meta[4]) or chunk end
+    redis.call('HINCRBY', gk, field .. '_items', -n)
+  end
+end
+
 -- Why a job that waited for a group is cancelled: some of the group's jobs did not complete.
 local function group_failed(gid, failed, total)
   return 'parent group ' .. gid .. ' did not complete: ' .. failed .. ' of its ' .. total ..
