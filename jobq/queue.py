@@ -76,6 +76,8 @@ class JobQueue:
         Positional arguments go to the task, its keyword arguments in ``kwargs=``; every
         other keyword is a job option (priority, timeout, max_retries, result_ttl, queue, id).
         Returns the job. Enqueueing an id that is already queued does nothing (idempotent).
+        ``depends_on`` takes jobs, ``queue.map`` groups (all their jobs), their ids, or a list
+        of them: the job waits as deferred until they ended (see the README's workflows).
 
         The options a task declared (``@task(queue=..., timeout=...)``) apply unless given
         here; a task given by name gets those its workers announced (:mod:`jobq.catalog`),
