@@ -114,22 +114,28 @@ end
 -- resolve_children, which calls group_done).
 local settle_group
 
--- Count a finished member (job id) of a group (queue.map): "done" or "failed", and wake its
--- waiters. A group of chunks also counts its items ("done_items", "failed_items"): each chunk
--- holds "chunk" items but the last one ("last"), which holds "lastn". A group that jobs
--- wait for (depends_on=group: its "dep_ttl" is set) settles them when this was its last job.
+-- Add `by` to a group's count of its jobs in `field` ("done", "failed"); a group of chunks
+-- also counts their items ("done_items", "failed_items"): each chunk holds "chunk" items but
+-- the last one ("last"), which holds "lastn". meta: the group's total, chunk, last, lastn.
+local function group_add(gk, meta, field, id, by)
+  redis.call('HINCRBY', gk, field, by)
+  local chunk = tonumber(meta[2]) or 1
+  if chunk > 1 then
+    local n = chunk
+    if meta[3] == id then n = tonumber(meta[4]) or chunk end
+    redis.call('HINCRBY', gk, field .. '_items', by * n)
+  end
+end
+
+-- Count a finished member (job id) of a group (queue.map): "done" or "failed" (and its
+-- items), and wake its waiters. A group that jobs wait for (depends_on=group: its "dep_ttl"
+-- is set) settles them when this was its last job.
 local function group_done(B, gid, field, id)
   if gid == nil or gid == '' or gid == cjson.null then return end
   local gk = B .. ':g:' .. gid
   local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn', 'dep_ttl')
   if not meta[1] then return end
-  redis.call('HINCRBY', gk, field, 1)
-  local chunk = tonumber(meta[2]) or 1
-  if chunk > 1 then
-    local n = chunk
-    if meta[3] == id then n = tonumber(meta[4]) or chunk end
-    redis.call('HINCRBY', gk, field .. '_items', n)
-  end
+  group_add(gk, meta, field, id, 1)
   local wk = B .. ':gw:' .. gid
   redis.call('RPUSH', wk, '1')
   redis.call('LTRIM', wk, -16, -1)
@@ -145,14 +151,7 @@ local function group_undone(B, gid, field, id)
   if gid == nil or gid == '' or gid == cjson.null then return end
   local gk = B .. ':g:' .. gid
   local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
-  if not meta[1] then return end
-  redis.call('HINCRBY', gk, field, -1)
-  local chunk = tonumber(meta[2]) or 1
-  if chunk > 1 then
-    local n = chunk
-    if meta[3] == id then n = tonumber(meta[4]) or chunk end
-    redis.call('HINCRBY', gk, field .. '_items', -n)
-  end
+  if meta[1] then group_add(gk, meta, field, id, -1) end
 end
 
 -- Why a job that waited for a group is cancelled: some of the group's jobs did not complete.
