@@ -166,12 +166,13 @@ class Broker:
         pipe.execute()
 
     def enqueue_one(self, job: NewJob, *, unique_key: str = "", unique_ttl: int = 0,
-                    parents: Sequence[str] = ()) -> tuple[str, str]:
-        """Add a job with parents and/or a unique key (enqueue_one.lua); returns (outcome,
-        id): see the script for the outcomes."""
+                    parents: Sequence[str] = (), groups: Sequence[str] = ()
+                    ) -> tuple[str, str]:
+        """Add a job with parents (jobs, and ``queue.map`` groups) and/or a unique key
+        (enqueue_one.lua); returns (outcome, id): see the script for the outcomes."""
         outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], [
             self.keys.base, WAKE_CAP, *job, unique_key, unique_ttl,
-            int(time.time() * 1000), self.cancelled_ttl, *parents])
+            int(time.time() * 1000), self.cancelled_ttl, len(parents), *parents, *groups])
         return str(outcome), str(ref)
 
     def create_group(self, group_id: str, meta: dict[str, Any], job_ids: Sequence[str],
@@ -700,6 +701,17 @@ class Broker:
     # -- groups (queue.map) ----------------------------------------------------------------------
     def group_meta(self, group_id: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in self._r.hgetall(self.keys.group(group_id)).items()}
+
+    def group_exists(self, group_id: str) -> bool:
+        return bool(self._r.exists(self.keys.group(group_id)))
+
+    def final_records(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The final records of jobs (None: live, or gone), in a round trip per 1000."""
+        out: list[str | None] = []
+        for start in range(0, len(job_ids), 1000):
+            keys = [self.keys.result(i) for i in job_ids[start:start + 1000]]
+            out.extend(_opt_str(raw) for raw in self._r.mget(keys))
+        return out
 
     def group_job_ids(self, group_id: str) -> list[str]:
         return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), 0, -1)]

@@ -179,8 +179,10 @@ class Job:
         self.dont_retry_on = exception_names(dont_retry_on, "dont_retry_on")
         #: When a delayed job is due (epoch seconds), None to run as soon as possible
         self.due_at: float | None = None
-        #: Ids of the jobs this one waits for (``depends_on``), and what a failed one does
+        #: Ids of the jobs this one waits for (``depends_on``), of the ``queue.map`` groups it
+        #: waits for (all their items), and what a failed one does
         self.depends_on: list[str] = []
+        self.depends_on_groups: list[str] = []
         self.on_parent_failure = "cancel"
         #: ``queue.map``: the group this job belongs to, and its index in the input
         self.group: str | None = None
@@ -246,6 +248,7 @@ class Job:
             "worker": self.worker,
             "due_at": _iso(_ts(self.due_at)),
             "depends_on": self.depends_on,
+            "depends_on_groups": self.depends_on_groups,
             "group": self.group,
             "group_index": self.group_index,
         }
@@ -308,6 +311,7 @@ class Job:
         except (TypeError, ValueError) as exc:
             raise BadJob(f"job data has a bad option: {exc}") from None
         job.depends_on = list(s.depends_on)
+        job.depends_on_groups = list(s.depends_on_groups)
         job.on_parent_failure = s.on_parent_failure
         job.group, job.group_index = s.group, s.group_index
         job.owner = s.owner

@@ -30,8 +30,10 @@ key                        type    holds
 {ns}:parents               set     ids that have deferred jobs waiting for them
 {ns}:u:<key>               string  the job holding a unique key, with a TTL
 {ns}:g:<group>             hash    a queue.map group: total, done, failed (jobs), items;
-                                   with chunks: chunk, last, lastn, done_items, failed_items
+                                   with chunks: chunk, last, lastn, done_items, failed_items;
+                                   while jobs wait for it: dep_ttl, dep_wake (enqueue_one.lua)
 {ns}:gi:<group>            list    a group's job ids in input order
+{ns}:gwaits:<group>        set     the deferred jobs waiting for a group (depends_on=group)
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
@@ -137,6 +139,9 @@ class Keys:
 
     def group_wake(self, group_id: str) -> str:
         return f"{self.base}:gw:{group_id}"
+
+    def group_waits(self, group_id: str) -> str:
+        return f"{self.base}:gwaits:{group_id}"
 
     def control(self, master_id: str) -> str:
         return f"{self.base}:ctl:{master_id}"

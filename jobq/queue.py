@@ -76,6 +76,8 @@ class JobQueue:
         Positional arguments go to the task, its keyword arguments in ``kwargs=``; every
         other keyword is a job option (priority, timeout, max_retries, result_ttl, queue, id).
         Returns the job. Enqueueing an id that is already queued does nothing (idempotent).
+        ``depends_on`` takes jobs, ``queue.map`` groups (all their jobs), their ids, or a list
+        of them: the job waits as deferred until they ended (see the README's workflows).
 
         The options a task declared (``@task(queue=..., timeout=...)``) apply unless given
         here; a task given by name gets those its workers announced (:mod:`jobq.catalog`),
@@ -85,7 +87,7 @@ class JobQueue:
         """
         job = self._build(job, args, kwargs, options)
         new = self._new_job(job)
-        if job.depends_on or getattr(job, "_unique", None):
+        if job.depends_on or job.depends_on_groups or getattr(job, "_unique", None):
             return self._enqueue_one(job, new)
         self.broker.enqueue(new, spin=REPLY_SPIN)
         return job
@@ -99,14 +101,30 @@ class JobQueue:
         return tuple.__new__(NewJob, (job.id, where, job.priority, _due_ms(job), spec))
 
     def _enqueue_one(self, job: Job, new: NewJob) -> Job:
-        """A job with parents or a unique key (enqueue_one.lua)."""
+        """A job with parents or a unique key (enqueue_one.lua).
+
+        A parent given by id is taken for a job's (the common case costs nothing more); an
+        id the script finds no job of but that names a ``queue.map`` group is moved to the
+        groups the job waits for, and the job is sent again (nothing was written): its spec
+        says which parents are groups, for the scripts and for ``current_job()``."""
         ukey, uttl = getattr(job, "_unique", None) or ("", 0)
-        outcome, ref = self.broker.enqueue_one(new, unique_key=ukey, unique_ttl=uttl,
-                                               parents=job.depends_on)
+        while True:
+            outcome, ref = self.broker.enqueue_one(new, unique_key=ukey, unique_ttl=uttl,
+                                                   parents=job.depends_on,
+                                                   groups=job.depends_on_groups)
+            if outcome != "unknown_parent" or not self.broker.group_exists(ref):
+                break
+            job.depends_on = [p for p in job.depends_on if p != ref]
+            job.depends_on_groups = [*job.depends_on_groups, ref]
+            new = self._new_job(job)
+        kept = f"a group is kept {GROUP_TTL // 3600} h after map()"
         if outcome == "unknown_parent":
-            raise UnknownJob(f"depends_on: no job with id {ref!r} (never enqueued, or its "
-                             "record expired: a parent that finished must keep its record, "
-                             "result_ttl > 0)")
+            raise UnknownJob(f"depends_on: no job with id {ref!r}, nor a queue.map group "
+                             "(never enqueued, or expired: a parent that finished must keep "
+                             f"its record, result_ttl > 0; {kept})")
+        if outcome == "unknown_group":
+            raise UnknownJob(f"depends_on: no queue.map group with id {ref!r} (never created, "
+                             f"or expired: {kept})")
         if outcome == "duplicate":
             raise ValueError(f"a job with id {job.id!r} already exists")
         if outcome == "exists":
@@ -132,7 +150,8 @@ class JobQueue:
             if options:
                 raise TypeError("job options go on the Job objects when enqueueing Jobs")
             built = [self._build(j, (), None, {}) for j in jobs]  # type: ignore[union-attr]
-        special = [j for j in built if j.depends_on or getattr(j, "_unique", None)]
+        special = [j for j in built
+                   if j.depends_on or j.depends_on_groups or getattr(j, "_unique", None)]
         if special:
             if len(special) != len(built):
                 raise TypeError("enqueue_many: jobs with depends_on or unique_key go through "
@@ -200,8 +219,8 @@ class JobQueue:
             if check and checker is not None:
                 checker(job.args, job.kwargs)
             job.due_at = _due(delay, at)
-            job.depends_on = _parent_ids(depends_on)
-            if job.depends_on and (delay or at is not None):
+            job.depends_on, job.depends_on_groups = _parent_ids(depends_on)
+            if (job.depends_on or job.depends_on_groups) and (delay or at is not None):
                 # a deferred job is queued when its last parent completes: a due time would
                 # be dropped silently
                 raise ValueError("depends_on cannot be combined with delay or at")
@@ -439,20 +458,24 @@ class JobQueue:
 Queue = JobQueue
 
 
-def _parent_ids(parents: Any) -> list[str]:
+def _parent_ids(parents: Any) -> tuple[list[str], list[str]]:
+    """``depends_on`` (a Job, a ``queue.map`` Group, an id, or a list of them) as (job ids,
+    group ids); an id is taken for a job's until enqueue finds it is a group's."""
     if parents is None:
-        return []
-    if isinstance(parents, Job | str):
+        return [], []
+    if isinstance(parents, Job | Group | str):
         parents = [parents]
-    ids = []
+    ids, groups = [], []
     for p in parents:
         if isinstance(p, Job):
             ids.append(p.id)
+        elif isinstance(p, Group):
+            groups.append(p.id)
         elif isinstance(p, str) and p:
             ids.append(p)
         else:
-            raise TypeError(f"depends_on takes Jobs or job ids, got {p!r}")
-    return list(dict.fromkeys(ids))
+            raise TypeError(f"depends_on takes Jobs, queue.map groups or their ids, got {p!r}")
+    return list(dict.fromkeys(ids)), list(dict.fromkeys(groups))
 
 
 def _due(delay: float | None, at: Any) -> float | None:

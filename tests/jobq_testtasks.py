@@ -256,6 +256,46 @@ def square(x: int) -> int:
     return x * x
 
 
+def timed_item(item: dict[str, object]) -> object:
+    """A map item ``{"key", "value", "seconds", "gate", "fail", "fail_first", "hang"}``: sleep
+    ``seconds``, wait for a token on ``test:<gate>`` if given, then fail (ValueError) when
+    ``fail``, or on its first run when ``fail_first``; else record "<value> <when it ended>"
+    under ``key`` and return the value.
+    With ``hang``, its first run records its pid under ``key:pid`` and sleeps 30 s (a run to
+    kill)."""
+    client = _redis()
+    key, value = item["key"], item["value"]
+    first = client.incr(f"test:{key}:{value}:runs") == 1
+    if item.get("hang") and first:
+        client.rpush(f"test:{key}:pid", str(os.getpid()))
+        time.sleep(30)
+    time.sleep(float(item.get("seconds", 0)))  # type: ignore[arg-type]
+    if item.get("gate") and client.blpop([f"test:{item['gate']}"], timeout=30) is None:
+        raise TimeoutError(f"nobody opened the gate {item['gate']!r} within 30 s")
+    if item.get("fail") or (item.get("fail_first") and first):
+        raise ValueError(f"item {value} fails as asked")
+    client.rpush(f"test:{key}", f"{value} {time.time()!r}")
+    return value
+
+
+def group_report(key: str) -> dict[str, object]:
+    """Record when it starts under ``key:report``; return the results of the groups it waited
+    for (``current_job().group_results``, by group id; a failed item as "failed <index>:
+    <the error>") and of its parent jobs."""
+    import jobq
+
+    _redis().rpush(f"test:{key}:report", repr(time.time()))
+    ctx = jobq.current_job()
+    if ctx is None:
+        raise RuntimeError("not inside a jobq job")
+    groups = {gid: [f"failed {r.index}: {r}" if isinstance(r, Exception) else r
+                    # one group: the default, else by id
+                    for r in (ctx.group_results() if len(ctx.parent_groups) == 1
+                              else ctx.group_results(gid))]
+              for gid in ctx.parent_groups}
+    return {"groups": groups, "parents": ctx.parent_results()}
+
+
 def sleep_until_cancelled(key: str, seconds: float) -> str:
     """Record "started", then sleep ``seconds``; record the name of whatever interrupts it
     (JobCancelled), or "finished" when the sleep ran to its end."""

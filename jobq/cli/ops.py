@@ -99,8 +99,9 @@ def _positional(text: str | None) -> list[Any]:
               help="Run after this many seconds.")
 @click.option("--at", "at_", default=None, metavar="TIME",
               help="Run at this ISO date-time (without a zone: local time).")
-@click.option("--depends-on", "depends_on", multiple=True, metavar="JOB_ID",
-              help="Run once this job finished (repeat, or separate ids by commas).")
+@click.option("--depends-on", "depends_on", multiple=True, metavar="ID",
+              help="Run once this job, or every job of this queue.map group, finished "
+                   "(repeat, or separate ids by commas).")
 @click.option("--unique-key", default=None, metavar="KEY",
               help="Enqueue nothing while a job with this key is alive.")
 @click.option("--timeout", type=float, default=None, help="The job's time limit (seconds).")

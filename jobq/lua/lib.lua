@@ -132,39 +132,76 @@ local function finish(B, id, record, ttl)
   redis.call('HDEL', B .. ':state', id)
 end
 
--- Count a finished member (job id) of a group (queue.map): "done" or "failed", and wake its
--- waiters. A group of chunks also counts its items ("done_items", "failed_items"): each chunk
--- holds "chunk" items but the last one ("last"), which holds "lastn".
-local function group_done(B, gid, field, id)
-  if gid == nil or gid == '' or gid == cjson.null then return end
-  local gk = B .. ':g:' .. gid
-  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
-  if not meta[1] then return end
-  redis.call('HINCRBY', gk, field, 1)
+-- Settles the jobs waiting for a group when its last job ended (defined below: it calls
+-- resolve_children, which calls group_done).
+local settle_group
+
+-- Add `by` to a group's count of its jobs in `field` ("done", "failed"); a group of chunks
+-- also counts their items ("done_items", "failed_items"): each chunk holds "chunk" items but
+-- the last one ("last"), which holds "lastn". meta: the group's total, chunk, last, lastn.
+local function group_add(gk, meta, field, id, by)
+  redis.call('HINCRBY', gk, field, by)
   local chunk = tonumber(meta[2]) or 1
   if chunk > 1 then
     local n = chunk
     if meta[3] == id then n = tonumber(meta[4]) or chunk end
-    redis.call('HINCRBY', gk, field .. '_items', n)
+    redis.call('HINCRBY', gk, field .. '_items', by * n)
   end
+end
+
+-- Count a finished member (job id) of a group (queue.map): "done" or "failed" (and its
+-- items), and wake its waiters. A group that jobs wait for (depends_on=group: its "dep_ttl"
+-- is set) settles them when this was its last job.
+local function group_done(B, gid, field, id)
+  if gid == nil or gid == '' or gid == cjson.null then return end
+  local gk = B .. ':g:' .. gid
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn', 'dep_ttl')
+  if not meta[1] then return end
+  group_add(gk, meta, field, id, 1)
   local wk = B .. ':gw:' .. gid
   redis.call('RPUSH', wk, '1')
   redis.call('LTRIM', wk, -16, -1)
   redis.call('EXPIRE', wk, 3600)
+  if meta[5] then settle_group(B, gid) end
+end
+
+-- A member of a group that had ended ("done" or "failed") is put back in its queue
+-- (requeue.lua): it no longer counts as ended, so that it counts once when it ends again (a
+-- group counted twice would look ended, and settle the jobs that wait for it, while another
+-- of its jobs still runs).
+local function group_undone(B, gid, field, id)
+  if gid == nil or gid == '' or gid == cjson.null then return end
+  local gk = B .. ':g:' .. gid
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
+  if meta[1] then group_add(gk, meta, field, id, -1) end
+end
+
+-- Why a job that waited for a group is cancelled: some of the group's jobs did not complete.
+local function group_failed(gid, failed, total)
+  return 'parent group ' .. gid .. ' did not complete: ' .. failed .. ' of its ' .. total ..
+    ' jobs failed or were cancelled'
 end
 
 -- A parent finished: completed (ok) or failed/cancelled for good. Its dependents become
 -- pending when their last parent completes; when a parent fails they are cancelled, and
--- theirs in turn (or they run anyway, with on_parent_failure="run").
-local function resolve_children(B, parent, ok, now, wake_cap, ttl)
-  local stack = {{parent, ok}}
+-- theirs in turn (or they run anyway, with on_parent_failure="run"). With group_why the
+-- parent is a queue.map group whose jobs all ended (its waiters are in {ns}:gwaits:<group>),
+-- and group_why says why its dependents are cancelled if it failed.
+local function resolve_children(B, parent, ok, now, wake_cap, ttl, group_why)
+  local stack = {{parent, ok, group_why}}
   while #stack > 0 do
     local item = table.remove(stack)
-    local pid, pok = item[1], item[2]
-    local wk = B .. ':waits:' .. pid
+    local pid, pok, why = item[1], item[2], item[3]
+    local wk
+    if why then
+      wk = B .. ':gwaits:' .. pid
+    else
+      wk = B .. ':waits:' .. pid
+      why = 'parent job ' .. pid .. ' did not complete'
+      redis.call('SREM', B .. ':parents', pid)
+    end
     local children = redis.call('SMEMBERS', wk)
     redis.call('DEL', wk)
-    redis.call('SREM', B .. ':parents', pid)
     for _, child in ipairs(children) do
       local spec = redis.call('HGET', B .. ':jobs', child)
       local left = redis.call('HGET', B .. ':deps', child)
@@ -184,8 +221,7 @@ local function resolve_children(B, parent, ok, now, wake_cap, ttl)
         else
           redis.call('HDEL', B .. ':deps', child)
           local st = {s = 'cancelled', fin = now / 1000,
-                      err = {type = 'ParentFailed', msg = 'parent job ' .. pid ..
-                             ' did not complete'}}
+                      err = {type = 'ParentFailed', msg = why}}
           finish(B, child, final_record(spec, st), ttl)
           count(B, q, 'deferred', -1)
           count(B, q, 'cancelled', 1)
@@ -196,6 +232,20 @@ local function resolve_children(B, parent, ok, now, wake_cap, ttl)
       end
     end
   end
+end
+
+-- A group that jobs wait for counted one more finished job: once every job of it ended (for
+-- good: a retry is not counted), its waiters are settled as a parent's, ok only if none of its
+-- jobs failed; enqueue_one.lua left in the group the settings they need ("dep_ttl",
+-- "dep_wake"), which go: the group settles once, and a job enqueued after that sees it ended.
+settle_group = function(B, gid)
+  local gk = B .. ':g:' .. gid
+  local g = redis.call('HMGET', gk, 'total', 'done', 'failed', 'dep_ttl', 'dep_wake')
+  local total, failed = tonumber(g[1]), tonumber(g[3]) or 0
+  if (tonumber(g[2]) or 0) + failed < total then return end
+  redis.call('HDEL', gk, 'dep_ttl', 'dep_wake')
+  resolve_children(B, gid, failed == 0, server_ms(), tonumber(g[5]), tonumber(g[4]),
+                   group_failed(gid, failed, total))
 end
 
 -- After jobs finished: resolve the dependents of those that have any.
