@@ -86,6 +86,7 @@ for k = 1, #ids do
 end
 if #live > 0 then
   redis.call('HDEL', held, unpack(live))
+  free_slots(B, live, wake_cap)  -- ended or back in a queue: no longer running
 end
 if #stale > 0 then
   -- a stale job whose spec is gone was deleted with its queue while this worker held it: the
