@@ -63,9 +63,13 @@ class Rate:
         """The time between two starts at the steady rate (ms)."""
         return self.per * 1000 / self.count
 
+    @property
+    def text(self) -> str:
+        """As written: "10/s"."""
+        return f"{self.count}/{ {v: k for k, v in RATE_UNITS.items()}[self.per]}"
+
     def __str__(self) -> str:
-        unit = {v: k for k, v in RATE_UNITS.items()}[self.per]
-        return f"{self.count}/{unit}" + (f" (burst {self.burst})" if self.burst > 1 else "")
+        return self.text + (f" (burst {self.burst})" if self.burst > 1 else "")
 
 
 def parse_rate(text: Any, burst: Any = None) -> Rate:
@@ -190,3 +194,13 @@ def task_limits(task_name: str, *, concurrency: Any = None, rate_limit: Any = No
     names = ([own.name] if own else []) + [n for n in dict.fromkeys(named)
                                            if own is None or n != own.name]
     return own, names
+
+
+def tokens(rate: Rate, tat: float | None, now: float) -> int:
+    """How many starts ``rate`` allows at once at ``now`` (epoch seconds), its GCRA time
+    being ``tat`` (epoch seconds; None: never used): what ``jobq limit list`` shows."""
+    if tat is None:
+        return rate.burst
+    interval = rate.interval_ms / 1000
+    tolerance = interval * (rate.burst - 1)
+    return max(0, min(rate.burst, int((now + tolerance - max(tat, now)) // interval) + 1))

@@ -26,7 +26,7 @@ from .job import (
     unknown_options,
 )
 from .keys import Keys
-from .limits import Limit, LimitError, from_config
+from .limits import Limit, LimitError, from_config, tokens
 from .schedule import to_epoch
 from .server import resolve_url
 from .wire import decode_json, encode_spec, read_record, requeued, route
@@ -269,6 +269,28 @@ class JobQueue:
         """Forget a limit: its jobs run unlimited from now on. True if it was defined."""
         self._limits_known.discard(name)
         return self.broker.delete_limit(name)
+
+    def limit_use(self) -> dict[str, dict[str, Any]]:
+        """Every limit defined or in use, by name: its definition (concurrency, rate, burst;
+        None when it has none: it limits nothing), its jobs running now, the starts its rate
+        allows now (tokens), and the queues where it holds jobs back."""
+        defined = self.limits()
+        names = sorted(set(defined) | set(self.broker.limit_names_in_use()))
+        now = time.time()
+        out = {}
+        for name, use in self.broker.limit_use(names).items():
+            limit = defined.get(name)
+            rate = limit.rate if limit else None
+            out[name] = {
+                "defined": limit is not None,
+                "concurrency": limit.concurrency if limit else None,
+                "rate": rate.text if rate else None,
+                "burst": rate.burst if rate else None,
+                "running": use.running,
+                "tokens": tokens(rate, use.tat, now) if rate else None,
+                "waiting": use.waiting,
+            }
+        return out
 
     def limits(self) -> dict[str, Limit]:
         """Every limit defined on the server, by name."""

@@ -56,9 +56,10 @@ for q, list in pairs(ready) do
     local k = 0  -- the last job looked at: a limited one is never handed (claim.lua
                  -- enforces its limits)
     for _, w in ipairs(idle) do
-      redis.call('ZREM', idle_key, w)  -- handed a job, or busy already (a stale entry)
       while k < #list and list[k + 1][6] do k = k + 1 end
-      if k < #list and redis.call('EXISTS', B .. ':held:' .. w) == 0 then
+      if k >= #list then break end  -- only limited jobs left: the idle stay idle
+      redis.call('ZREM', idle_key, w)  -- handed a job, or busy already (a stale entry)
+      if redis.call('EXISTS', B .. ':held:' .. w) == 0 then
         handed = handed + 1
         k = k + 1
         local job = list[k]
