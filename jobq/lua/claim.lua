@@ -27,7 +27,8 @@
 -- noted in {ns}:lim:<name>:wait; free_slots() (a slot freed), or a claim that takes a rate's
 -- start, wakes an idle worker there. For a rate, one idle worker keeps the time: a claim that
 -- got nothing and was held back by a rate becomes the keeper ({ns}:lim:<name> "keeper": when
--- it wakes, ms) unless another one will wake in time, and is told how long to wait.
+-- it wakes, ms; "keeper_by": who) unless another one will wake in time, and is told how long
+-- to wait (a keeper that woke early keeps it).
 --
 -- Returns a flat array: the keeper's wait (ms; 0: none), then id, queue, spec, state, ...
 -- (spec false when the spec is missing, which the worker fails into the dead-letter queue;
@@ -196,10 +197,11 @@ for name, qs in pairs(waiting) do
   if when ~= 'c' then
     -- a rate: make sure an idle worker wakes when its next start is allowed
     local sk = B .. ':lim:' .. name
-    local keeper = tonumber(redis.call('HGET', sk, 'keeper'))
-    if not keeper or keeper <= now or keeper > when then
+    local kept = redis.call('HMGET', sk, 'keeper', 'keeper_by')
+    local keeper = tonumber(kept[1])
+    if not keeper or keeper <= now or keeper > when or kept[2] == worker then
       if #out == 1 then  -- this worker claimed nothing: it waits, and keeps the time
-        redis.call('HSET', sk, 'keeper', string.format('%.3f', when))
+        redis.call('HSET', sk, 'keeper', string.format('%.3f', when), 'keeper_by', worker)
         local wait = math.ceil(when - now)
         if out[1] == 0 or wait < out[1] then out[1] = wait end
       else  -- busy now: wake an idle one, which will keep it
