@@ -198,7 +198,7 @@ def test_a_rate_admits_its_burst_then_one_idle_worker_keeps_its_time(queue: JobQ
 def test_every_way_a_job_ends_frees_its_slot(queue: JobQueue, r: redis.Redis,
                                              ending: str) -> None:
     a = queue.enqueue(tasks.one_at_a_time, "k")
-    b = queue.enqueue(tasks.one_at_a_time, "k")
+    queue.enqueue(tasks.one_at_a_time, "k")
     assert claim(queue, "w1", 1) == [a.id]
     assert claim(queue, "w2") == []
     r.delete("{jobq}:wake:default")
