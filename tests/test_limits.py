@@ -16,11 +16,12 @@ import jobq_testtasks as tasks
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import kill_tree, wait_until
+from conftest import kill_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
 from jobq.config import ConfigError, load_config
+from jobq.connection import connect
 from jobq.limits import Limit, LimitError, Rate, parse_rate, task_limits, tokens
 from jobq.queue import JobQueue
 from jobq.registry import task
@@ -263,7 +264,6 @@ def start_master(spawn: Spawn, tmp_path: Path, name: str, workers: int = 2,
     path = tmp_path / f"{name}.toml"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**CONFIG, **values}.items()))
     url_args = ("--redis-url", url) if url else ()
-    from conftest import subprocess_env
     return spawn("-I", "jobq_testtasks", "-w", str(workers), "--config", str(path), *url_args,
                  env=subprocess_env(), module="jobq.master")
 
@@ -348,3 +348,32 @@ def test_a_lost_host_frees_its_slot_by_the_lease(spawn: Spawn, tmp_path: Path,
     wait_until(lambda: r.llen("test:next") == 1, timeout=30,
                message="the next job, after the lease")
     assert holders(r, "jobq_testtasks:one_at_a_time_marked") == {}
+
+
+@pytest.mark.chaos
+def test_a_server_restart_mid_run_leaks_no_slot_and_loses_no_job(
+        spawn: Spawn, tmp_path: Path, r: redis.Redis) -> None:
+    from test_server_faults import Valkey
+
+    server = Valkey(tmp_path / "data", None, "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    try:
+        queue = JobQueue("default", redis_url=server.url)
+        start_master(spawn, tmp_path, "m", workers=3, url=server.url, connect_timeout=1.0)
+        ones = queue.enqueue_many(tasks.one_at_a_time, [("one", 0.05)] * 30)
+        twos = queue.enqueue_many(tasks.two_at_a_time, [("two", 0.05)] * 30)
+        wait_until(lambda: r.llen("test:one") + r.llen("test:two") >= 10, timeout=30,
+                   message="the run under way")
+        server.kill()  # persisted: every step a script took is in the append-only file
+        server.start()
+        ids = [j.id for j in ones + twos]
+        wait_until(lambda: all(queue.get_status(i) == "completed" for i in ids), timeout=60,
+                   message="every job completed")
+        check = connect(server.url)
+        assert check.hlen(f"{{jobq}}:lim:{ONE}:run") == 0
+        assert check.hlen(f"{{jobq}}:lim:{TWO}:run") == 0
+        assert check.hlen("{jobq}:limited") == 0
+        assert queue.broker.stats("default")["processing"] == 0
+        assert most_at_once(spans(r, "one")) == 1
+    finally:
+        server.kill()
