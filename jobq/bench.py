@@ -42,7 +42,10 @@ COUNTER_KEY = "jobqbench:counter"
 #: A drain that sees no completion for this long fails (seconds).
 STALL = 60.0
 SCENARIOS = ("noop", "noop_ttl0", "incr", "cpu", "latency", "delayed", "enqueue", "memory",
-             "backlog", "tail")
+             "backlog", "tail", "limited")
+#: The limited scenario's concurrency limit: far above any pool, so it never binds (what is
+#: measured is what checking and holding a slot costs).
+NEVER_BINDS = 100_000
 #: The delayed scenario: its jobs are due this far apart (seconds), the first this long after
 #: they are all enqueued; the busy pool's jobs last this long each.
 DELAYED_SPACING, DELAYED_LEAD, BUSY_JOB = 0.02, 0.5, 0.002
@@ -64,6 +67,12 @@ _R = TypeVar("_R")
 # -- the bench's tasks (run by the master's workers: -I jobq.bench) -------------------------------
 @task(name="jobq.bench:noop")
 def noop() -> None:
+    return None
+
+
+@task(name="jobq.bench:limited_noop", concurrency=NEVER_BINDS)
+def limited_noop() -> None:
+    """An empty job under a limit that never binds."""
     return None
 
 
@@ -277,6 +286,18 @@ class Bench:
     def noop_ttl0(self) -> dict[str, float]:
         """Empty jobs, no result kept (result_ttl 0)."""
         return self._versus_bare(noop, int(200_000 * self.scale), "empty", result_ttl=0)
+
+    def limited(self) -> dict[str, float]:
+        """Empty jobs of a task with a concurrency limit that never binds against the same
+        unlimited, in the same run (interleaved): what a limit costs (jobq.limits)."""
+        n = int(100_000 * self.scale)
+        limited, plain = self._interleave(lambda: self.throughput(noop, n),
+                                          lambda: self.throughput(limited_noop, n))
+        return {"jobs_per_s": limited["jobs_per_s"],
+                "unlimited_jobs_per_s": plain["jobs_per_s"],
+                "ratio": round(limited["jobs_per_s"] / max(plain["jobs_per_s"], 1), 3),
+                "server_us_per_job": limited["server_us_per_job"],
+                "unlimited_server_us_per_job": plain["server_us_per_job"]}
 
     def incr(self) -> dict[str, float]:
         return self._versus_bare(incr, int(100_000 * self.scale), "incr")

@@ -74,6 +74,27 @@ class NewJob(NamedTuple):
     spec: str
 
 
+class Exchanged(NamedTuple):
+    """What one exchange did: the ids whose results were stale (their lease had lapsed), the
+    jobs claimed, and, when it claimed nothing because a rate limit held jobs back, how long
+    this worker waits (seconds) to keep the limit's time (see claim.lua); else None."""
+
+    stale: list[str]
+    claimed: list[Claimed]
+    keep_time: float | None = None
+
+
+class LimitUse(NamedTuple):
+    """A limit's definition (JSON, None if it has none) and use right now: jobs holding its
+    slots, queues where it holds jobs back, its rate's GCRA time (epoch seconds, None: never
+    used)."""
+
+    definition: str | None
+    running: int
+    waiting: list[str]
+    tat: float | None
+
+
 class Released(NamedTuple):
     """What giving back a worker's jobs did: ids requeued, and ids failed for good."""
 
@@ -401,10 +422,9 @@ class Broker:
 
     # -- the worker ------------------------------------------------------------------------------
     def exchange(self, worker: str, acks: Sequence[Any], queues: Sequence[str], want: int, *,
-                 now: float | None = None) -> tuple[list[str], list[Claimed]]:
+                 now: float | None = None) -> Exchanged:
         """One round trip: settle ``acks`` (flat ack entry fields, see :class:`wire.AckEntry`)
-        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua. Returns the
-        ids whose results were stale (their lease had lapsed) and the jobs claimed."""
+        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua."""
         now = time.time() if now is None else now
         calls: list[tuple[str, list[str], list[Any]]] = []
         if acks:
@@ -413,14 +433,17 @@ class Broker:
             calls.append(("claim", [self.keys.jobs],
                           [self.keys.base, worker, self.lease_ms, want, *queues]))
         if not calls:
-            return [], []
+            return Exchanged([], [])
         replies = self.scripts.run_many(calls)
         stale = [str(i) for i in replies[0]] if acks else []
         claimed: list[Claimed] = []
+        keep_time = None
         if want:
-            fields = iter(replies[-1])  # id, queue, spec, state, id, ...
+            fields = iter(replies[-1])  # keeper's wait (ms), then id, queue, spec, state, id, ...
+            wait_ms = int(next(fields))
             claimed = list(zip(fields, fields, fields, fields, strict=True))
-        return stale, claimed
+            keep_time = wait_ms / 1000 if wait_ms > 0 else None
+        return Exchanged(stale, claimed, keep_time)
 
     def _ack_head(self, worker: str, now: float) -> list[Any]:
         return [self.keys.base, worker, int(now * 1000), RECENT_MAX, self.config.dlq_max,
@@ -435,18 +458,27 @@ class Broker:
         if not flat:
             return []
         assert len(flat) % ACK_FIELDS == 0
-        return self.exchange(worker, flat, (), 0, now=now)[0]
+        return self.exchange(worker, flat, (), 0, now=now).stale
 
     def wait_for_work(self, worker: str, queues: Sequence[str],
-                      timeout: float) -> Claimed | None:
+                      timeout: float, *, on_time: bool = False) -> Claimed | None:
         """Register ``worker`` as idle on its queues (a producer then hands it a job
         straight: no claim round trip) and block on its hand list and the queues' wake
-        tokens, in one round trip. Returns a job handed to it (already held by it), if any."""
+        tokens, in one round trip. Returns a job handed to it (already held by it), if any.
+
+        ``on_time``: the wait ends when ``timeout`` is up on this client's clock, not at the
+        server's next tick (a worker keeping a rate limit's time: see claim.lua); that costs
+        a second round trip, and a third when the time is up (:func:`blpop_by`)."""
         hand = self.keys.hand(worker)
-        pipe = self._r.pipeline(transaction=False)
-        self.scripts.queue(pipe, "idle", [], [self.keys.base, worker, *queues])
-        pipe.blpop([hand, *[self.keys.wake(q) for q in queues]], timeout=self._block(timeout))
-        got = pipe.execute()[-1]
+        keys = [hand, *[self.keys.wake(q) for q in queues]]
+        if on_time:
+            self.scripts.run("idle", [], [self.keys.base, worker, *queues])
+            got = blpop_by(self.client, keys, timeout, server_timeout=self._block(timeout))
+        else:
+            pipe = self._r.pipeline(transaction=False)
+            self.scripts.queue(pipe, "idle", [], [self.keys.base, worker, *queues])
+            pipe.blpop(keys, timeout=self._block(timeout))
+            got = pipe.execute()[-1]
         if got and got[0] == hand:  # "id\nqueue\nspec"
             job_id, queue, spec = str(got[1]).split("\n", 2)
             return job_id, queue, spec, None
@@ -472,6 +504,79 @@ class Broker:
         lease is never re-created)."""
         if workers:
             self.scripts.run("renew", [self.keys.leases], [self.lease_ms, *workers])
+
+    # -- limits (jobq.limits; claim.lua enforces them) --------------------------------------------
+    def define_limits(self, definitions: dict[str, str], *, keep: bool = False) -> None:
+        """Store limit definitions (name -> JSON); with ``keep``, only those not defined
+        yet. Whatever waited on a limit whose definition changed is woken (it may fit now)."""
+        if not definitions:
+            return
+        pipe = self._r.pipeline()
+        for name, definition in definitions.items():
+            if keep:
+                pipe.hsetnx(self.keys.limits, name, definition)
+            else:
+                pipe.hset(self.keys.limits, name, definition)
+        pipe.execute()
+        if not keep:
+            for name in definitions:
+                self._wake_limit(name)
+
+    def delete_limit(self, name: str) -> bool:
+        """Forget a limit's definition: its jobs are no longer limited. Slots in use are
+        still freed as their jobs end. True if it was defined."""
+        removed = bool(self._r.hdel(self.keys.limits, name))
+        self._wake_limit(name)
+        return removed
+
+    def _wake_limit(self, name: str) -> None:
+        """Wake an idle worker of each queue where the limit held jobs back."""
+        waiting = self._r.smembers(self.keys.limit_waiting(name))
+        if waiting:
+            pipe = self._r.pipeline()
+            for queue in waiting:
+                pipe.lpush(self.keys.wake(str(queue)), "1").ltrim(self.keys.wake(str(queue)), 0,
+                                                                    WAKE_CAP - 1)
+            pipe.delete(self.keys.limit_waiting(name))
+            pipe.execute()
+
+    def limit_definitions(self) -> dict[str, str]:
+        """Every stored limit definition (JSON), by name."""
+        return {str(k): str(v) for k, v in self._r.hgetall(self.keys.limits).items()}
+
+    def limits_defined(self, names: Sequence[str]) -> list[bool]:
+        if not names:
+            return []
+        return [v is not None for v in self._r.hmget(self.keys.limits, list(names))]
+
+    def limit_use(self, names: Sequence[str]) -> dict[str, LimitUse]:
+        """The definition and use of each named limit, in one round trip."""
+        k = self.keys
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(k.limits, name).hlen(k.limit_running(name)).smembers(
+                k.limit_waiting(name)).hget(k.limit_state(name), "tat")
+        replies = pipe.execute()
+        out = {}
+        for i, name in enumerate(names):
+            definition, running, waiting, tat = replies[4 * i:4 * i + 4]
+            out[name] = LimitUse(_opt_str(definition), int(running),
+                                 sorted(str(q) for q in waiting),
+                                 float(tat) / 1000 if tat is not None else None)
+        return out
+
+    def limit_names_in_use(self) -> list[str]:
+        """The names of limits with state on the server (slots held, jobs held back, a rate
+        used), defined or not (SCAN: for tools such as ``jobq limit list``)."""
+        prefix = self.keys.limit_state("")
+        names = set()
+        for key in self._r.scan_iter(match=prefix + "*", count=1000):
+            name = str(key)[len(prefix):]
+            for suffix in (":run", ":wait"):
+                if name.endswith(suffix):
+                    name = name[:-len(suffix)]
+            names.add(name)
+        return sorted(names)
 
     # -- giving back the jobs of workers that are gone -------------------------------------------
     def release(self, worker: str, *, cause: str, current: str | None,

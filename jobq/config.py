@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import LimitError, from_config
 from .urls import redact
 
 #: Environment variable naming the config file when ``load_config`` gets no path.
@@ -89,6 +90,8 @@ class Config:
     retry_jitter: float = 0.25
 
     schedules: list[dict[str, Any]] = field(default_factory=list)
+    #: named limits, ``[limits.NAME]`` tables: concurrency, rate, burst (jobq.limits)
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         values = _validate({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
@@ -285,6 +288,19 @@ class _Schedules:
         return [dict(entry) for entry in value]
 
 
+class _Limits:
+    """``[limits.NAME]`` tables, each checked as a limit (:func:`jobq.limits.from_config`)."""
+
+    def __call__(self, value: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(value, Mapping):
+            raise _Invalid(f"expected tables ([limits.NAME]), got {_show(value)}")
+        try:
+            from_config(value)
+        except LimitError as exc:
+            raise _Invalid(str(exc)) from None
+        return {name: dict(table) for name, table in value.items()}
+
+
 def _valid_url(url: str) -> bool:
     scheme, sep, _ = url.partition("://")
     return url == "" or (bool(sep) and scheme.lower() in URL_SCHEMES)
@@ -382,6 +398,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "retry_backoff_cap": _seconds(zero=True),
     "retry_jitter": _fraction(),
     "schedules": _Schedules(),
+    "limits": _Limits(),
 }
 
 

@@ -48,6 +48,13 @@ key                        type    holds
 {ns}:stats:history         list    snapshots of every queue's counters, newest first (rates)
 {ns}:reaper                hash    when a reaper last ran, and until when none may reap
 {ns}:epoch                 string  a token written when the namespace is first used
+{ns}:limits                hash    limit name -> definition (JSON, jobq.limits.Limit.to_json)
+{ns}:limited               hash    id -> the concurrency limits whose slots it holds ("\n")
+{ns}:lim:<name>            hash    a rate's GCRA time "tat" (ms), and "keeper": when the idle
+                                   worker keeping its time wakes (ms); see claim.lua
+{ns}:lim:<name>:run        hash    id -> worker: the jobs holding one of its slots
+{ns}:lim:<name>:wait       set     queues (routes) where it holds jobs back (woken when it
+                                   frees)
 =========================  ======  ==========================================================
 
 The Lua scripts (``jobq/lua``) build the same names from the key base they are given.
@@ -61,7 +68,8 @@ class Keys:
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
-                 "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog")
+                 "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog",
+                 "limits", "limited")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -84,6 +92,8 @@ class Keys:
         self.history = f"{b}:stats:history"
         self.epoch = f"{b}:epoch"
         self.catalog = f"{b}:catalog"
+        self.limits = f"{b}:limits"
+        self.limited = f"{b}:limited"
 
     @property
     def pattern(self) -> str:
@@ -142,6 +152,15 @@ class Keys:
 
     def group_waits(self, group_id: str) -> str:
         return f"{self.base}:gwaits:{group_id}"
+
+    def limit_state(self, name: str) -> str:
+        return f"{self.base}:lim:{name}"
+
+    def limit_running(self, name: str) -> str:
+        return f"{self.base}:lim:{name}:run"
+
+    def limit_waiting(self, name: str) -> str:
+        return f"{self.base}:lim:{name}:wait"
 
     def control(self, master_id: str) -> str:
         return f"{self.base}:ctl:{master_id}"

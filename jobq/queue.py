@@ -26,6 +26,7 @@ from .job import (
     unknown_options,
 )
 from .keys import Keys
+from .limits import Limit, LimitError, from_config, tokens
 from .schedule import to_epoch
 from .server import resolve_url
 from .wire import decode_json, encode_spec, read_record, requeued, route
@@ -34,6 +35,8 @@ from .wire import decode_json, encode_spec, read_record, requeued, route
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
                          "retry_on", "dont_retry_on", "delay", "at", "depends_on",
                          "on_parent_failure", "unique_key", "unique_ttl", "strict"})
+# (limits are declared on the task, @task(concurrency=..., limits=[...]), not per call: a limit
+# guards what the task uses, whoever enqueues it)
 #: How long enqueue polls for the server's reply before it sleeps (see Scripts.run_many).
 REPLY_SPIN = 0.0002
 #: How long a unique key holds by default (seconds).
@@ -64,6 +67,8 @@ class JobQueue:
         self.keys = Keys(prefix or self.config.prefix)
         self.broker = Broker(self.redis, self.keys, self.config)
         self.catalog = Catalog(self.broker)
+        #: limit names known to be defined on the server (a producer checks each once)
+        self._limits_known: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<JobQueue {self.name}>"
@@ -238,10 +243,83 @@ class JobQueue:
                                      f"{unique_ttl!r}")
             job._unique = (unique_key, unique_ttl) if unique_key is not None else None
         check_enqueueable(job.task)
+        if job.limits:
+            self._check_limits(job.limits, getattr(job.func, "own_limit", None))
         if job.queue is None:
             job.queue = self.name
         job._queue = self
         return job
+
+    def _check_limits(self, names: Sequence[str], own: Limit | None) -> None:
+        """Make sure every limit a job names is defined on the server, once per name and
+        producer: a task's own limit is written from its declaration, a named one from the
+        config if it is there and the server lacks it; an unknown name is a
+        :class:`~jobq.limits.LimitError` (a job that could never run is not enqueued)."""
+        todo = [n for n in names if n not in self._limits_known]
+        if not todo:
+            return
+        if own is not None and own.name in todo:
+            self.broker.define_limits({own.name: own.to_json()})
+            self._limits_known.add(own.name)
+            todo.remove(own.name)
+        configured = from_config(self.config.limits)
+        missing = [n for n, ok in zip(todo, self.broker.limits_defined(todo), strict=True)
+                   if not ok]
+        from_file = {n: configured[n].to_json() for n in missing if n in configured}
+        self.broker.define_limits(from_file, keep=True)
+        unknown = [n for n in missing if n not in from_file]
+        if unknown:
+            raise LimitError(
+                f"unknown limit {unknown[0]!r}: define it in the config ([limits.{unknown[0]}]), "
+                f"with 'jobq limit set {unknown[0]} --concurrency N' or JobQueue.set_limit()")
+        self._limits_known.update(todo)
+
+    # -- limits --------------------------------------------------------------------------------
+    def set_limit(self, name: str, *, concurrency: int | None = None, rate: str | None = None,
+                  burst: int | None = None) -> Limit:
+        """Define (or redefine) a named limit shared by the tasks that name it:
+        ``set_limit("gpu", concurrency=2, rate="10/s")``. Every host sees it at its next
+        claim. :class:`~jobq.limits.LimitError` for a bad value."""
+        limit = Limit.build(name, concurrency=concurrency, rate=rate, burst=burst)
+        self.broker.define_limits({name: limit.to_json()})
+        return limit
+
+    def delete_limit(self, name: str) -> bool:
+        """Forget a limit: its jobs run unlimited from now on. True if it was defined."""
+        self._limits_known.discard(name)
+        return self.broker.delete_limit(name)
+
+    def limit_use(self) -> dict[str, dict[str, Any]]:
+        """Every limit defined or in use, by name: its definition (concurrency, rate, burst;
+        None when it has none: it limits nothing), its jobs running now, the starts its rate
+        allows now (tokens), and the queues where it holds jobs back."""
+        defined = self.limits()
+        names = sorted(set(defined) | set(self.broker.limit_names_in_use()))
+        now = time.time()
+        out = {}
+        for name, use in self.broker.limit_use(names).items():
+            limit = defined.get(name)
+            rate = limit.rate if limit else None
+            out[name] = {
+                "defined": limit is not None,
+                "concurrency": limit.concurrency if limit else None,
+                "rate": rate.text if rate else None,
+                "burst": rate.burst if rate else None,
+                "running": use.running,
+                "tokens": tokens(rate, use.tat, now) if rate else None,
+                "waiting": use.waiting,
+            }
+        return out
+
+    def limits(self) -> dict[str, Limit]:
+        """Every limit defined on the server, by name."""
+        out = {}
+        for name, raw in self.broker.limit_definitions().items():
+            try:
+                out[name] = Limit.from_json(name, raw)
+            except (ValueError, KeyError, TypeError):
+                continue  # not written by jobq: claim.lua ignores it too
+        return out
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
             chunksize: int | None = None, **options: Any) -> Group:

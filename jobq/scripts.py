@@ -13,6 +13,7 @@ EVAL once when the server does not know the script (a restarted server, a fresh 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "lea
 def _constants() -> str:
     lines = []
     for name, value in LUA_CONSTANTS.items():
-        literal = str(value) if isinstance(value, int) else '"' + value + '"'
+        literal = str(value) if isinstance(value, int) else json.dumps(value)  # a Lua string too
         lines.append(f"local {name} = {literal}\n")
     return "".join(lines)
 

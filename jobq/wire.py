@@ -25,6 +25,9 @@ Spec fields::
     r  max_retries (3)                    g    queue.map group id   gi  index in the group
     to timeout, seconds (300)             c    created, epoch seconds
     o  owner: the pool that alone can run it (a task of a script's ``__main__``), see route()
+    lm the limits the job is subject to (names, see :mod:`jobq.limits`); always written
+       first, so that claim.lua and enqueue.lua tell a limited job by the spec's first bytes
+       (``{"lm":``) without decoding the spec of every job
 
 State fields (all optional; a final record carries them too)::
 
@@ -118,6 +121,7 @@ class Spec(NamedTuple):
     created: float | None = None
     owner: str | None = None
     depends_on_groups: Sequence[str] = ()
+    limits: Sequence[str] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The compact object stored in Redis: options equal to their defaults left out."""
@@ -159,6 +163,7 @@ class Spec(NamedTuple):
         depends_on: Sequence[str] = ()
         depends_on_groups: Sequence[str] = ()
         on_parent_failure = "cancel"
+        limits: Sequence[str] = ()
         for code, value in data.items():
             if value is None or code == "t" or code == "a":
                 continue
@@ -214,10 +219,12 @@ class Spec(NamedTuple):
             elif code == "o":
                 if isinstance(value, str) and value and ROUTE not in value:
                     owner = value
+            elif code == "lm":
+                limits = _names(value)
         # tuple.__new__: the NamedTuple without its Python-level __new__ (one per job run)
         return tuple.__new__(cls, (task, args, kwargs, queue, priority, retries, timeout, ttl,
                                    retry_on, dont_retry_on, depends_on, on_parent_failure,
-                                   group, index, created, owner, depends_on_groups))
+                                   group, index, created, owner, depends_on_groups, limits))
 
 
 #: A spec's keyword arguments when it has none (read-only: shared by every such spec).
@@ -261,12 +268,17 @@ class SpecFields(Protocol):
     def owner(self) -> str | None: ...
     @property
     def depends_on_groups(self) -> Sequence[str]: ...
+    @property
+    def limits(self) -> Sequence[str]: ...
 
 
 def spec_json(s: SpecFields) -> dict[str, Any]:
     """The compact object stored in Redis for a spec: options equal to their defaults left
     out (the Lua scripts fill the defaults back in from :data:`LUA_CONSTANTS`)."""
-    spec: dict[str, Any] = {"t": s.task, "a": s.args}
+    # "lm" first: see the module docstring (LIMITED_PREFIX)
+    spec: dict[str, Any] = {"lm": list(s.limits)} if s.limits else {}
+    spec["t"] = s.task
+    spec["a"] = s.args
     if s.kwargs:
         spec["k"] = s.kwargs
     if s.queue and s.queue != DEFAULT_QUEUE:
@@ -565,6 +577,9 @@ class AckEntry(NamedTuple):
 ACK_FIELDS = len(AckEntry._fields)
 ACK_KINDS = ("done", "fail", "cancel", "retry", "later")
 
+#: How a limited job's spec begins (its "lm" field first): the scripts test this prefix.
+LIMITED_PREFIX = '{"lm":'
+
 #: Constants the Lua scripts share with this module (see :mod:`jobq.scripts`).
 LUA_CONSTANTS: dict[str, str | int] = {
     "DEFAULT_QUEUE": DEFAULT_QUEUE,
@@ -572,4 +587,5 @@ LUA_CONSTANTS: dict[str, str | int] = {
     "DEFAULT_MAX_RETRIES": DEFAULT_MAX_RETRIES,
     "MAX_ERRORS_KEPT": MAX_ERRORS_KEPT,
     "ACK_FIELDS": ACK_FIELDS,
+    "LIMITED_PREFIX": LIMITED_PREFIX,
 }

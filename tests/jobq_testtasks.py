@@ -462,3 +462,53 @@ def chaos_die_mid_slot_write(key: str) -> str:
             struct.pack_into("<Q", slot.mem, slot.offset, seq | 1)
         os.kill(os.getpid(), signal.SIGKILL)
     return job_id
+
+
+# -- for test_limits.py ----------------------------------------------------------------------
+
+
+def _span(key: str, seconds: float) -> str:
+    """Record this run's own start and end times (and pid) in ``test:<key>``: the limits'
+    tests judge overlaps and rates by them, not by the machine's timings."""
+    start = time.time()
+    time.sleep(seconds)
+    _redis().rpush(f"test:{key}", f"{start:.6f} {time.time():.6f} {os.getpid()}")
+    return "ok"
+
+
+@task(concurrency=1)
+def one_at_a_time(key: str, seconds: float = 0.0) -> str:
+    """At most one runs at once, across every host."""
+    return _span(key, seconds)
+
+
+@task(concurrency=2)
+def two_at_a_time(key: str, seconds: float = 0.0) -> str:
+    return _span(key, seconds)
+
+
+@task(rate_limit="20/s")
+def twenty_a_second(key: str) -> str:
+    """Records its start time: at most 20 starts a second (burst 1)."""
+    _redis().rpush(f"test:{key}", f"{time.time():.6f}")
+    return "ok"
+
+
+@task(limits=["gpu"])
+def on_the_gpu(key: str, seconds: float = 0.0) -> str:
+    """Shares the named limit "gpu" (defined by the test)."""
+    return _span(key, seconds)
+
+
+@task(concurrency=1)
+def one_at_a_time_marked(key: str, seconds: float = 30) -> str:
+    """One at a time; records its pid first (a run to kill), then its span. Only the first
+    run takes ``seconds`` (a job given back when its host is lost runs again)."""
+    runs = _redis().rpush(f"test:{key}:pid", str(os.getpid()))
+    return _span(key, seconds if runs == 1 else 0)
+
+
+@task(concurrency=1000)
+def limited_noop() -> None:
+    """A limit too high to bind: what a limit costs (bench, tests)."""
+    return None

@@ -33,6 +33,8 @@ KEYS = {
     "memory": {"bytes_per_job"},
     "backlog": {"ratio", "server_us_per_job"},
     "tail": {"efficiency"},
+    "limited": {"jobs_per_s", "unlimited_jobs_per_s", "ratio", "server_us_per_job",
+                "unlimited_server_us_per_job"},
 }
 #: Figures that cannot be 0 whatever the machine: a reference, the server's CPU for work.
 POSITIVE = {"bare_jobs_per_s", "bare_server_us_per_job", "server_us_per_job", "rtt_ms",

@@ -2,7 +2,7 @@
 commands live in :mod:`.run`, :mod:`.ops`, :mod:`.workers` and :mod:`.bench`, and
 ``jobq-master``'s command line in :mod:`.master`."""
 
-from . import bench, ops, run, workers  # noqa: F401  (each registers its commands on the group)
+from . import bench, limits, ops, run, workers  # noqa: F401  (each registers its commands on the group)
 from .app import main
 
 __all__ = ["main", "master_main"]

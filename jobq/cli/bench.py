@@ -25,6 +25,7 @@ HEADLINE: dict[str, tuple[tuple[str, str], ...]] = {
     "memory": (("bytes_per_job", "<= 200"),),
     "backlog": (("ratio", ">= 0.9"),),
     "tail": (("efficiency", ">= 0.95"),),
+    "limited": (("ratio", ">= 0.8"),),
 }
 #: How the table shows a figure's ratio and reference, by the reference's key.
 REFERENCE_TEXT = {

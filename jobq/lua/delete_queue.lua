@@ -109,6 +109,7 @@ local function take_held()
     end
   end
   deleted[HELD] = deleted[HELD] + #taken
+  free_slots(B, taken, wake_cap)
   if #taken > 0 then drop(taken) end
 end
 

@@ -265,3 +265,33 @@ local function ended_unfinished(B, ids, now, wake_cap, ttl)
   for k = 1, #ids do oks[k] = false end
   finished_parents(B, ids, oks, now, wake_cap, ttl)
 end
+
+-- Limits (jobq/limits.py, claim.lua). Wake one idle worker of each queue where jobs wait
+-- for limit `name` ({ns}:lim:<name>:wait, filled by claim.lua), and forget them: a woken
+-- worker that still finds them held back puts them there again.
+local function wake_waiting(B, name, wake_cap)
+  local wk = B .. ':lim:' .. name .. ':wait'
+  for _, q in ipairs(redis.call('SMEMBERS', wk)) do wake(B, q, 1, wake_cap) end
+  redis.call('DEL', wk)
+end
+
+-- Jobs that no worker holds any more (settled, given back, released, deleted): free their
+-- slots in the concurrency limits claim.lua took for them ({ns}:limited: id -> the limits'
+-- names), and wake a worker for what waited on those limits. One EXISTS when no limited job
+-- runs anywhere.
+local function free_slots(B, ids, wake_cap)
+  if #ids == 0 or redis.call('EXISTS', B .. ':limited') == 0 then return end
+  local names = redis.call('HMGET', B .. ':limited', unpack(ids))
+  local freed, gone = {}, {}
+  for k, held in ipairs(names) do
+    if held then
+      for name in string.gmatch(held, '[^\n]+') do
+        redis.call('HDEL', B .. ':lim:' .. name .. ':run', ids[k])
+        freed[name] = true
+      end
+      gone[#gone + 1] = ids[k]
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', B .. ':limited', unpack(gone)) end
+  for name in pairs(freed) do wake_waiting(B, name, wake_cap) end
+end

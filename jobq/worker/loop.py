@@ -130,6 +130,9 @@ class Worker:
         self._lease_stop = threading.Event()
         self._trouble: Trouble | None = None  # the server cannot be used now
         self._epoch: str | None = None
+        #: when the last claim got nothing because a rate limit held jobs back: how long this
+        #: worker waits to keep the limit's time (claim.lua), instead of its idle tick
+        self._keep_time: float | None = None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -195,7 +198,8 @@ class Worker:
         delay = RECONNECT_FIRST
         while True:
             try:
-                stale, claimed = self.broker.exchange(self.name, self._acks, self.queues, want)
+                stale, claimed, keep_time = self.broker.exchange(self.name, self._acks,
+                                                                 self.queues, want)
                 break
             except redis.RedisError as exc:
                 if not unavailable(exc):
@@ -234,6 +238,7 @@ class Worker:
                 self.slot.journal_sent()
         if not want:
             return False
+        self._keep_time = keep_time
         self._buffer.extend(claimed)
         if self._resync:
             self._give_back_orphans()
@@ -268,6 +273,7 @@ class Worker:
                        for name, info in self.resolver.describe(time.time()).items()}
             self.broker.announce_tasks(self.announcer, self.generation, entries,
                                        catalog.ttl(self.config.lease_time))
+            self.broker.define_limits(self.resolver.own_limits())
         except redis.RedisError as exc:
             log.debug("could not announce the tasks yet: %s", describe_error(exc, self.url))
             return
@@ -299,10 +305,14 @@ class Worker:
             self._stopping = True
             return
         tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
+        keep_time, self._keep_time = self._keep_time, None
+        on_time = keep_time is not None and keep_time < tick
+        if keep_time is not None and on_time:
+            tick = keep_time  # a rate-limited job may start then: be on time
         try:
             # a TERM interrupts the blocking wait (and one that came before it is seen by
             # the wait's own check of the flag, under the same span)
-            handed = self._waiting.call(self._wait, tick)
+            handed = self._waiting.call(self._wait, tick, on_time)
         except redis.RedisError as exc:
             if not unavailable(exc):
                 raise
@@ -312,10 +322,10 @@ class Worker:
         if handed is not None:  # already held by us
             self._buffer.append(handed)
 
-    def _wait(self, tick: float) -> Claimed | None:
+    def _wait(self, tick: float, on_time: bool) -> Claimed | None:
         if self._stopping:  # a TERM came before the span opened
             return None
-        return self.broker.wait_for_work(self.name, self.queues, tick)
+        return self.broker.wait_for_work(self.name, self.queues, tick, on_time=on_time)
 
     def _housekeep(self) -> None:
         """Without a master (so maybe without a scheduler), promote due retries and delayed
