@@ -330,6 +330,14 @@ class JobQueue:
         size = chunksize or 1
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        # refused, not dropped: a group's jobs go in one pipelined batch, which waits for no
+        # parent, and one key cannot be unique to every item
+        if options.get("depends_on"):
+            raise TypeError("map does not take depends_on: call map from a job that depends "
+                            "on those parents")
+        if options.get("unique_key"):
+            raise TypeError("map does not take unique_key: one key cannot be unique to every "
+                            "item")
         name = task_name(func)
         group_id = new_id()
         options.setdefault("result_ttl", GROUP_TTL)

@@ -782,3 +782,15 @@ def test_cancelling_a_running_job_interrupts_it(
     # the worker survived the interruption and takes the next job
     assert finished(queue, queue.enqueue(tasks.add, 1, 1)).return_value == 2
     assert ready_workers(master) == before
+
+
+def test_map_refuses_what_its_batch_cannot_honour(queue: JobQueue, r: redis.Redis) -> None:
+    """depends_on and unique_key used to be dropped by map without a word: its jobs would
+    run at once, or twice. Refused, and nothing is written."""
+    parent = queue.enqueue(tasks.add, 1, 2, delay=60)
+    before = set(r.keys(f"{queue.keys.base}:*"))
+    with pytest.raises(TypeError, match="map does not take depends_on"):
+        queue.map(tasks.square, [1, 2, 3], depends_on=parent)
+    with pytest.raises(TypeError, match="map does not take unique_key"):
+        queue.map(tasks.square, [1, 2, 3], unique_key="nightly")
+    assert set(r.keys(f"{queue.keys.base}:*")) == before
