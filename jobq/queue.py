@@ -122,7 +122,7 @@ class JobQueue:
             job.depends_on = [p for p in job.depends_on if p != ref]
             job.depends_on_groups = [*job.depends_on_groups, ref]
             new = self._new_job(job)
-        kept = f"a group is kept {GROUP_TTL // 3600} h after map()"
+        kept = f"a group is kept {GROUP_TTL // 3600} h after its last job ended"
         if outcome == "unknown_parent":
             raise UnknownJob(f"depends_on: no job with id {ref!r}, nor a queue.map group "
                              "(never enqueued, or expired: a parent that finished must keep "
@@ -364,7 +364,7 @@ class JobQueue:
             except SerializationError as exc:
                 raise item_error(exc, items, size, job.group_index or 0) from None
         meta = {"total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
-                "task": name, "created": time.time()}
+                "task": name, "created": time.time(), "ttl": GROUP_TTL}
         if size > 1 and jobs:  # progress counts items: the last chunk may hold fewer
             meta.update(last=jobs[-1].id, lastn=len(items) - (len(jobs) - 1) * size,
                         done_items=0, failed_items=0)

@@ -794,3 +794,21 @@ def test_map_refuses_what_its_batch_cannot_honour(queue: JobQueue, r: redis.Redi
     with pytest.raises(TypeError, match="map does not take unique_key"):
         queue.map(tasks.square, [1, 2, 3], unique_key="nightly")
     assert set(r.keys(f"{queue.keys.base}:*")) == before
+
+
+def test_a_group_is_kept_a_day_after_its_last_job_ended_not_after_map(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    """A map that runs longer than a day used to lose its counts (and leave whoever waited
+    for it waiting for good) a day after map(): each job that ends now keeps the group a day
+    from then. Its expiry is brought near first, as if the map had run for most of a day."""
+    group = queue.map(tasks.square, [1, 2, 3], delay=60)
+    report = queue.enqueue(tasks.add, 1, 2, depends_on=group)
+    keys = [queue.keys.group(group.id), queue.keys.group_ids(group.id),
+            queue.keys.group_waits(group.id)]
+    for k in keys:
+        assert r.expire(k, 100)
+    queue.broker.promote(time.time() + 120)  # due now
+    ready_workers(start_master(spawn, tmp_path))
+    assert list(group.results(timeout=30)) == [1, 4, 9]
+    assert queue.wait(report.id, timeout=30).status == JobStatus.COMPLETED
+    assert 86_000 < r.ttl(keys[0]) <= 86_400 and 86_000 < r.ttl(keys[1]) <= 86_400

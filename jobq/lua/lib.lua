@@ -155,9 +155,17 @@ end
 local function group_done(B, gid, field, id)
   if gid == nil or gid == '' or gid == cjson.null then return end
   local gk = B .. ':g:' .. gid
-  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn', 'dep_ttl')
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn', 'dep_ttl', 'ttl')
   if not meta[1] then return end
   group_add(gk, meta, field, id, 1)
+  local ttl = tonumber(meta[6])
+  if ttl then
+    -- kept ttl seconds after its last job ended, not after map(): a map that runs longer
+    -- keeps its counts, and whoever waits for it, while its jobs still end
+    redis.call('EXPIRE', gk, ttl)
+    redis.call('EXPIRE', B .. ':gi:' .. gid, ttl)
+    if meta[5] then redis.call('EXPIRE', B .. ':gwaits:' .. gid, ttl) end
+  end
   local wk = B .. ':gw:' .. gid
   redis.call('RPUSH', wk, '1')
   redis.call('LTRIM', wk, -16, -1)
