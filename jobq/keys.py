@@ -49,7 +49,6 @@ key                        type    holds
 {ns}:reaper                hash    when a reaper last ran, and until when none may reap
 {ns}:epoch                 string  a token written when the namespace is first used
 {ns}:limits                hash    limit name -> definition (JSON, jobq.limits.Limit.to_json)
-{ns}:limited               hash    id -> the concurrency limits whose slots it holds ("\n")
 {ns}:lim:<name>            hash    a rate's GCRA time "tat" (ms), and "keeper": when the idle
                                    worker keeping its time wakes (ms); see claim.lua
 {ns}:lim:<name>:run        hash    id -> worker: the jobs holding one of its slots
@@ -69,7 +68,7 @@ class Keys:
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
                  "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog",
-                 "limits", "limited")
+                 "limits")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -93,7 +92,6 @@ class Keys:
         self.epoch = f"{b}:epoch"
         self.catalog = f"{b}:catalog"
         self.limits = f"{b}:limits"
-        self.limited = f"{b}:limited"
 
     @property
     def pattern(self) -> str:

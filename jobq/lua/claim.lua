@@ -17,8 +17,8 @@
 -- definitions are in {ns}:limits (a name without one limits nothing). It is claimed only if
 -- every limit admits it now:
 --   concurrency c: fewer than c ids in {ns}:lim:<name>:run (id -> worker); the claim adds it
---     there, and the names of the limits it holds in {ns}:limited (id -> names), which
---     lib.lua's free_slots() reads when the job stops being held, however that happens;
+--     there, and lib.lua's free_slots() takes it out when the job stops being held, however
+--     that happens (the names are in its spec);
 --   rate n/per, burst b: GCRA on the server's clock: {ns}:lim:<name> "tat" (ms) minus
 --     (b - 1) * per/n is not after now; a start moves tat to max(tat, now) + per/n.
 -- A job held back stays pending in its place: it is put back at the front of its level, in
@@ -60,16 +60,6 @@ local function def_of(name)
   return d
 end
 
--- The names in a limited spec's "lm" (limit names hold no quote or bracket).
-local function limit_names(spec)
-  local names = {}
-  local body = string.match(spec, '^{"lm":%[([^%]]*)%]')
-  if body then
-    for name in string.gmatch(body, '"([^"]+)"') do names[#names + 1] = name end
-  end
-  return names
-end
-
 -- A full limit's holders that no worker holds any more (a leak: it should not happen) are
 -- dropped; returns the slots in use.
 local function repair(name)
@@ -78,7 +68,6 @@ local function repair(name)
   for i = 1, #all, 2 do
     if redis.call('HEXISTS', B .. ':held:' .. all[i + 1], all[i]) == 0 then
       redis.call('HDEL', rk, all[i])
-      redis.call('HDEL', B .. ':limited', all[i])
     end
   end
   return redis.call('HLEN', rk)
@@ -115,25 +104,35 @@ local function admits(names)
   return true
 end
 
+-- Take a job's slots and starts: counted here at once, written once per call (flush_takes).
+local taken = {}    -- concurrency limit name -> {id, worker, id, worker, ...}
+local started = {}  -- rate limit name -> true: this call took a start
 local function take(id, names)
-  local slots = {}
   for _, name in ipairs(names) do
     local d = defs[name]
     if d then
       if tonumber(d.c) then
-        redis.call('HSET', B .. ':lim:' .. name .. ':run', id, worker)
+        local t = taken[name]
+        if not t then t = {}; taken[name] = t end
+        t[#t + 1] = id
+        t[#t + 1] = worker
         running[name] = running[name] + 1
-        slots[#slots + 1] = name
       end
       if tonumber(d.n) then
         tats[name] = math.max(tats[name], now) + interval(d)
-        redis.call('HSET', B .. ':lim:' .. name, 'tat', string.format('%.3f', tats[name]))
-        -- a start taken: whoever waited for it is woken, to wait for the next one
-        if not blocked[name] then wake_waiting(B, name, 1) end
+        started[name] = true
       end
     end
   end
-  if #slots > 0 then redis.call('HSET', B .. ':limited', id, table.concat(slots, '\n')) end
+end
+
+local function flush_takes()
+  for name, t in pairs(taken) do redis.call('HSET', B .. ':lim:' .. name .. ':run', unpack(t)) end
+  for name in pairs(started) do
+    redis.call('HSET', B .. ':lim:' .. name, 'tat', string.format('%.3f', tats[name]))
+    -- a start taken: whoever waited for it is woken, to wait for the next one
+    wake_waiting(B, name, 1)
+  end
 end
 
 for i = 5, #ARGV do
@@ -193,6 +192,7 @@ for i = 5, #ARGV do
     count(B, q, 'processing', got)
   end
 end
+flush_takes()  -- before the queues held back are noted as waiting: those stay
 for name, qs in pairs(waiting) do
   local wk = B .. ':lim:' .. name .. ':wait'
   for q in pairs(qs) do redis.call('SADD', wk, q) end

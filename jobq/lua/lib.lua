@@ -283,23 +283,38 @@ local function wake_waiting(B, name, wake_cap)
   redis.call('DEL', wk)
 end
 
--- Jobs that no worker holds any more (settled, given back, released, deleted): free their
--- slots in the concurrency limits claim.lua took for them ({ns}:limited: id -> the limits'
--- names), and wake a worker for what waited on those limits. One EXISTS when no limited job
--- runs anywhere.
+-- The names in a limited spec's "lm" (it begins with LIMITED_PREFIX; limit names hold no
+-- quote or bracket).
+local function limit_names(spec)
+  local names = {}
+  local body = string.match(spec, '^{"lm":%[([^%]]*)%]')
+  if body then
+    for name in string.gmatch(body, '"([^"]+)"') do names[#names + 1] = name end
+  end
+  return names
+end
+
+-- Jobs that no worker holds any more (settled, given back, released, deleted; called while
+-- their specs are still there): free the slots claim.lua took for them in their concurrency
+-- limits ({ns}:lim:<name>:run), named by their specs, and wake a worker for what waited on a
+-- limit that had one. One EXISTS when no limit is defined.
 local function free_slots(B, ids, wake_cap)
-  if #ids == 0 or redis.call('EXISTS', B .. ':limited') == 0 then return end
-  local names = redis.call('HMGET', B .. ':limited', unpack(ids))
-  local freed, gone = {}, {}
-  for k, held in ipairs(names) do
-    if held then
-      for name in string.gmatch(held, '[^\n]+') do
-        redis.call('HDEL', B .. ':lim:' .. name .. ':run', ids[k])
-        freed[name] = true
+  if #ids == 0 or redis.call('EXISTS', B .. ':limits') == 0 then return end
+  local specs = redis.call('HMGET', B .. ':jobs', unpack(ids))
+  local freed = {}  -- limit name -> the ids to free in it
+  for k, spec in ipairs(specs) do
+    if spec and string.sub(spec, 1, #LIMITED_PREFIX) == LIMITED_PREFIX then
+      for _, name in ipairs(limit_names(spec)) do
+        local f = freed[name]
+        if not f then f = {}; freed[name] = f end
+        f[#f + 1] = ids[k]
       end
-      gone[#gone + 1] = ids[k]
     end
   end
-  if #gone > 0 then redis.call('HDEL', B .. ':limited', unpack(gone)) end
-  for name in pairs(freed) do wake_waiting(B, name, wake_cap) end
+  for name, f in pairs(freed) do
+    -- a rate, or a limit defined after the claim, holds no slot: nothing freed, nobody woken
+    if redis.call('HDEL', B .. ':lim:' .. name .. ':run', unpack(f)) > 0 then
+      wake_waiting(B, name, wake_cap)
+    end
+  end
 end
