@@ -126,6 +126,11 @@ def test_a_scrape_during_a_run_agrees_with_the_queues_counters(
     port = free_port()
     master = start_master(spawn, tmp_path, "--metrics-port", str(port))
     wait_workers(master, 2)
+    listening = [c.laddr for c in psutil.Process(master.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening == [("127.0.0.1", port)]
+    for child in psutil.Process(master.pid).children():  # workers, scheduler: never the port
+        assert child.net_connections(kind="inet") == [], child.cmdline()
     k = key = os.urandom(4).hex()
     hanging = queue.enqueue(tasks.sleep_until_cancelled, k, 30)
     queue.enqueue_many(tasks.noop, [()] * 200)

@@ -579,8 +579,6 @@ class Master:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wakeup_r)
                 os.close(self._wakeup_w)
-                if self._metrics is not None:  # the master's to serve, not its children's
-                    os.close(self._metrics.fileno())
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides on Ctrl-C

@@ -18,12 +18,17 @@ Every metric, by where it comes from:
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from socketserver import ThreadingMixIn
+from typing import Any, NamedTuple, Protocol, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -236,15 +241,55 @@ def scrape_broker(config: Config, url: str) -> Broker:
     return Broker(client, Keys(config.prefix), config)
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every 15 s is no news
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape; keeps its open connections, which a forked child closes."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.connections: set[socket.socket] = set()
+        super().__init__(*args, **kw)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+
+#: The metrics servers of this process (one, in a master).
+_SERVERS: weakref.WeakSet[_MetricsServer] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    """After a fork: the listening socket and the scrapes being answered are the parent's.
+    A worker that kept them would hold the port, and the scrapers' connections, open for as
+    long as it lives."""
+    for server in list(_SERVERS):
+        for sock in [server.socket, *server.connections]:
+            try:
+                os.close(sock.detach())  # detached: the copy in the child never closes it again
+            except OSError:
+                pass
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 class Served:
     """The HTTP server of the metrics, serving from threads of its own."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: _MetricsServer) -> None:
         self._server = server
         self.port = int(server.server_address[1])
-
-    def fileno(self) -> int:
-        return int(self._server.fileno())
+        threading.Thread(target=server.serve_forever, name="jobq-metrics", daemon=True).start()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -258,10 +303,14 @@ def serve(collector: Collector, host: str, port: int) -> Served:
     registry.register(collector)
     ProcessCollector(registry=registry)
     try:
-        server, _ = start_http_server(port, addr=host, registry=registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = cast(type[_MetricsServer], type(
+            "MetricsServer", (_MetricsServer,), {"address_family": family}))
+        server = make_server(host, port, make_wsgi_app(registry), server_class, _Quiet)
     except OSError as exc:
         raise MetricsError(f"metrics: cannot listen on {host}:{port}: "
                            f"{exc.strerror or exc}") from None
+    _SERVERS.add(server)
     return Served(server)
 
 
