@@ -11,15 +11,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import jobq_testtasks as tasks
 import psutil
+import pytest
 import redis
 import yaml
-from conftest import ROOT, free_port, subprocess_env, wait_until
+from conftest import ROOT, free_port, stop_server, subprocess_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_master import finish, start_master, started, wait_status, wait_workers
 
@@ -36,6 +38,7 @@ from jobq.metrics.tally import (
     Totals,
 )
 from jobq.queue import JobQueue
+from jobq.server import EmbeddedServer
 
 Spawn = Callable[..., subprocess.Popen[str]]
 #: (sample name, its labels) -> value
@@ -204,6 +207,26 @@ def test_a_scrape_during_a_run_agrees_with_the_queues_counters(
     assert total(s, "jobq_reloads_total", result="refused") == 0
     master.terminate()
     assert finish(master)[0] == 0
+
+
+def test_a_dead_server_shows_in_the_metrics_and_stalls_no_supervision(
+        spawn: Spawn, tmp_path: Path, server: EmbeddedServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBQ_REDIS_URL", server.url)  # a server of this test's own
+    port = free_port()
+    master = start_master(spawn, tmp_path, "--metrics-port", str(port), workers=1)
+    [victim] = wait_workers(master, 1)
+    assert total(scrape(port), "jobq_server_up") == 1
+
+    stop_server(server)
+    t0 = time.monotonic()
+    down = scrape(port)
+    assert time.monotonic() - t0 < exporter.SCRAPE_TIMEOUT + 1
+    assert total(down, "jobq_server_up") == 0
+    assert not [n for n, _ in down if n.startswith("jobq_queue_")]  # unknown: not shown as 0
+    os.kill(victim, signal.SIGKILL)  # the master goes on supervising meanwhile
+    wait_workers(master, 1, without={victim})
+    assert total(scrape(port), "jobq_worker_restarts_total", cause="killed") == 1
 
 
 def test_jobq_metrics_serves_the_queues_of_a_server_with_no_master(
