@@ -792,6 +792,12 @@ class Broker:
             if int(cursor) == 0:
                 return
 
+    def round_trip(self) -> float:
+        """Seconds one PING takes, on this client's connection (for metrics)."""
+        start = time.perf_counter()
+        self._r.ping()
+        return time.perf_counter() - start
+
     def used_memory(self) -> int:
         """The server's memory in use (bytes)."""
         return int(self._r.info("memory")["used_memory"])

@@ -89,6 +89,9 @@ class Config:
     retry_backoff_cap: float = 300.0
     retry_jitter: float = 0.25
 
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+
     schedules: list[dict[str, Any]] = field(default_factory=list)
     #: named limits, ``[limits.NAME]`` tables: concurrency, rate, burst (jobq.limits)
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -397,6 +400,9 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "retry_backoff_base": _seconds(zero=True),
     "retry_backoff_cap": _seconds(zero=True),
     "retry_jitter": _fraction(),
+    "metrics_port": _Number("a TCP port (1-65535), or 0 for no metrics", integer=True, low=0,
+                            high=65535),
+    "metrics_host": _Str("a host name or address to listen on", check=bool),
     "schedules": _Schedules(),
     "limits": _Limits(),
 }
@@ -458,6 +464,10 @@ FLAGS: dict[str, Flag] = {
     "log_level": Flag(("--log-level",), "Lowest level logged (default: info)."),
     "log_format": Flag(("--log-format",), "Log line format; json writes one object per line "
                        "(default: text)."),
+    "metrics_port": Flag(("--metrics-port",), "Serve Prometheus metrics on this port (needs "
+                         "jobq[metrics]; default: off).", metavar="PORT"),
+    "metrics_host": Flag(("--metrics-host",), "Address the metrics listen on (default: "
+                         "127.0.0.1).", metavar="HOST"),
 }
 
 

@@ -68,3 +68,8 @@ class Retry(JobqError):
     def __init__(self, delay: float | None = None, message: str = "retry requested") -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class MetricsError(JobqError):
+    """Metrics cannot be served (the ``metrics`` extra is missing, the port is taken, ...);
+    the message is one line."""

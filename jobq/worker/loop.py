@@ -45,6 +45,7 @@ from ..connection import connect, describe_error, unavailable
 from ..exceptions import JobCancelled, JobTimeout, TaskNotAllowed
 from ..keys import Keys
 from ..log import Trouble
+from ..metrics.tally import INVALID_TASK, Tally
 from ..process import BlockingCall, Interrupted, set_title
 from ..registry import TaskResolver
 from ..settle import Completed, Failed, RetryPolicy, Settlement, settle
@@ -92,7 +93,7 @@ class Worker:
                  resolver: TaskResolver, name: str | None = None, burst: bool = False,
                  slot: Slot | None = None, renew_leases: bool = True, max_jobs: int = 0,
                  master_pid: int | None = None, title: str = "", announcer: str | None = None,
-                 generation: int = 0) -> None:
+                 generation: int = 0, tally: Tally | None = None) -> None:
         self.queues = list(queues)
         self.config = config
         self.url = url
@@ -106,6 +107,8 @@ class Worker:
         #: whom the tasks this worker can run are announced for (its master, or itself)
         self.announcer = announcer or self.name
         self.generation = generation
+        #: per-task counts for the master's metrics (None when they are off)
+        self.tally = tally
         self._announced = False
         self.title_prefix = f"jobq worker {title or self.name}"
         self.policy = RetryPolicy.from_config(config)
@@ -234,6 +237,8 @@ class Worker:
                             "lapsed, or deleted with their queue (%s)", len(stale),
                             ", ".join(stale[:5]))
             self._acks = []
+            if self.tally is not None:  # counted once the server has their outcome
+                self.tally.publish()
             if self.slot is not None:
                 self.slot.journal_sent()
         if not want:
@@ -355,7 +360,7 @@ class Worker:
         except (BadJob, TaskNotAllowed) as exc:
             task = spec.task if spec is not None else "?"
             self._settle(claimed, spec, Failed(exc, started, time.time(), permanent=True),
-                         task)
+                         task, runnable=False)
             return
         task = spec.task
         if self.slot is not None:
@@ -388,7 +393,7 @@ class Worker:
         self._settle(claimed, spec, outcome, task)
 
     def _settle(self, claimed: Claimed, spec: Spec | None, outcome: Completed | Failed,
-                task: str) -> None:
+                task: str, runnable: bool = True) -> None:
         self._avg = 0.5 * self._avg + 0.5 * (outcome.finished - outcome.started)
         if isinstance(outcome, Completed):
             self.jobs_done += 1
@@ -396,6 +401,12 @@ class Worker:
         s = settle(job_id, queue, spec_raw, spec, state_raw, outcome, worker=self.name,
                    worker_json=self._name_json, policy=self.policy)
         self._ack(s.entry)
+        if self.tally is not None:
+            # enqueue-to-start: first attempts only (a retry's includes its back-off)
+            created = spec.created if spec is not None and state_raw is None else None
+            self.tally.record(queue, task if runnable else INVALID_TASK, s.status,
+                              outcome.finished - outcome.started,
+                              outcome.started - created if created else None)
         if s.status != "completed" or log.isEnabledFor(logging.DEBUG):
             _log_settlement(job_id, task, s, outcome)
 
