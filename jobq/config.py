@@ -31,7 +31,8 @@ CONFIG_ENV = "JOBQ_CONFIG"
 #: Environment variable overriding ``redis_url`` from the file.
 REDIS_URL_ENV = "JOBQ_REDIS_URL"
 #: URL schemes :func:`jobq.connection.connect` understands.
-URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+sentinel",
+               "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel")
 #: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A key prefix: like a queue name, plus ':' for namespaces such as ``app:jobq``.
@@ -444,7 +445,8 @@ class Flag:
 
 #: Config key -> its command-line twin, for ``jobq`` and ``jobq-master`` alike.
 FLAGS: dict[str, Flag] = {
-    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://; default: ${REDIS_URL_ENV}, "
+    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://, redis+sentinel://; "
+                      f"default: ${REDIS_URL_ENV}, "
                       "the config, else the embedded server.", metavar="URL"),
     "queues": Flag(("-q", "--queues"), "Queues to take jobs from, highest priority first "
                    "(default: the config's).", metavar="Q1,Q2"),
