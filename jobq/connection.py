@@ -218,8 +218,10 @@ def check_server(url: str, *, timeout: float) -> None:
 
 
 #: How a server says it takes no writes now: out of memory (maxmemory, noeviction), a
-#: replica, or unable to persist (stop-writes-on-bgsave-error).
-_REFUSED_WRITES = ("OOM ", "READONLY ", "MISCONF ", "command not allowed when used memory")
+#: replica, unable to persist (stop-writes-on-bgsave-error), or a primary with fewer
+#: replicas than its min-replicas-to-write (cut off from them: see the README's Sentinel).
+_REFUSED_WRITES = ("OOM ", "READONLY ", "MISCONF ", "command not allowed when used memory",
+                   "NOREPLICAS ")
 
 
 def refuses_writes(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from test_server_faults import text_of, wait_workers
 
 from jobq import exitcodes
 from jobq.config import ConfigError, load_config
-from jobq.connection import ServerProblem, check_server, connect
+from jobq.connection import ServerProblem, check_server, connect, describe_error, unavailable
 from jobq.exceptions import ReplicationTimeout
 from jobq.queue import JobQueue
 from jobq.sentinel import DEFAULT_PORT, is_sentinel_url, parse
@@ -312,6 +312,23 @@ def test_jobq_enqueue_wait_replicas_prints_the_id_and_fails_when_no_replica_conf
                  '["k", "v"]')
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == exitcodes.OK and err == "", err
+
+
+def test_a_primary_short_of_replicas_refuses_writes_which_every_process_waits_out(
+        tmp_path: Path) -> None:
+    """min-replicas-to-write (what bounds the writes a cut-off primary takes) refuses writes
+    with NOREPLICAS: a condition of the server to wait out, as out of memory is, not an
+    error that would crash a worker."""
+    primary = Valkey(tmp_path / "p", None, "--min-replicas-to-write", "1").start()
+    try:
+        queue = JobQueue("default", redis_url=primary.url)
+        with pytest.raises(redis.ResponseError) as info:
+            queue.enqueue(tasks.record, "k", "v")
+        assert str(info.value).startswith("NOREPLICAS")
+        assert unavailable(info.value)
+        assert "refuses writes for now" in describe_error(info.value, primary.url)
+    finally:
+        primary.kill()
 
 
 # -- credentials: the data nodes' and the sentinels' own ------------------------------------------
