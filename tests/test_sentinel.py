@@ -506,5 +506,10 @@ interval = 0.5
     assert _children(master.pid).keys() == children_before.keys()
     text = text_of(log)
     assert "Traceback" not in text and "crashed" not in text, text[-3000:]
+    # each said it lost the server, once, and that it is back (the master for its duties)
+    scheduler = next(pid for pid, t in children_before.items() if "scheduler" in t)
+    for pid, name in ((master.pid, "master"), (scheduler, "scheduler")):
+        assert f"[{pid}] jobq.{name}: the server answers again after" in text, text[-3000:]
+        assert text.count(f"[{pid}] jobq.{name}:") < 40  # not a line per try
     assert "lost its data" not in text  # the new primary has the epoch: nothing was lost
     assert new.port != old.port
