@@ -268,6 +268,11 @@ def test_wait_replicas_returns_once_a_replica_has_the_jobs_and_says_so_when_none
     # that its jobs are on the primary only; nothing is silently taken as replicated
     os.kill(replica.pid, signal.SIGSTOP)
     try:
+        # a server that lost its scripts: the enqueue is sent again as EVAL after the WAIT
+        # that followed the refused EVALSHA (which wrote nothing): WAIT is sent again after it
+        connect(primary.url).script_flush()
+        with pytest.raises(ReplicationTimeout):
+            queue.enqueue(tasks.record, "k", "after a script flush", wait_replicas=1)
         started = time.monotonic()
         with pytest.raises(ReplicationTimeout) as info:
             queue.enqueue(tasks.record, "k", "x", wait_replicas=1)
