@@ -417,6 +417,7 @@ def _children(pid: int) -> dict[int, str]:
     return out
 
 
+@pytest.mark.chaos
 def test_a_failover_is_followed_by_every_process_and_every_confirmed_job_runs(
         topology: Topology, spawn: Spawn, r: redis.Redis, tmp_path: Path) -> None:
     topology.wait_ready()
