@@ -25,6 +25,7 @@ import redis
 
 from .config import Config
 from .connection import block_limit, blpop_by
+from .exceptions import ReplicationTimeout
 from .keys import Keys
 from .scripts import Scripts
 from .wire import ACK_FIELDS, ROUTE, AckEntry, route
@@ -171,30 +172,60 @@ class Broker:
     def _enqueue_head(self) -> list[Any]:
         return [self.keys.base, WAKE_CAP, self.lease_ms]
 
-    def enqueue(self, job: NewJob, *, spin: float = 0.0) -> int:
-        """Add one job (enqueue.lua): handed to an idle worker, queued, or scheduled."""
-        return int(self.scripts.run("enqueue", [self.keys.jobs],
-                                    [*self._enqueue_head(), *job], spin=spin))
+    def enqueue(self, job: NewJob, *, spin: float = 0.0, replicas: int = 0) -> int:
+        """Add one job (enqueue.lua): handed to an idle worker, queued, or scheduled. With
+        ``replicas``, wait for that many replicas to have it (see :meth:`_replicated`)."""
+        argv = [*self._enqueue_head(), *job]
+        if not replicas:
+            return int(self.scripts.run("enqueue", [self.keys.jobs], argv, spin=spin))
+        reply, acked = self.scripts.run_and_wait("enqueue", [self.keys.jobs], argv,
+                                                 replicas=replicas, spin=spin,
+                                                 timeout=self.config.wait_replicas_timeout)
+        self._replicated([job.job_id], replicas, acked)
+        return int(reply)
 
-    def enqueue_many(self, jobs: Sequence[NewJob]) -> None:
-        """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`."""
+    def enqueue_many(self, jobs: Sequence[NewJob], *, replicas: int = 0) -> None:
+        """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`; with
+        ``replicas``, then wait for that many replicas to have them."""
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(jobs), ENQUEUE_CHUNK):
             argv = self._enqueue_head()
             for job in jobs[start:start + ENQUEUE_CHUNK]:
                 argv += job
             self.scripts.queue(pipe, "enqueue", [self.keys.jobs], argv)
-        pipe.execute()
+        if replicas and jobs:  # a pipeline is one connection: WAIT follows its writes
+            pipe.execute_command("WAIT", replicas, self._wait_ms)
+        replies = pipe.execute()
+        if replicas and jobs:
+            self._replicated([j.job_id for j in jobs], replicas, int(replies[-1]))
 
     def enqueue_one(self, job: NewJob, *, unique_key: str = "", unique_ttl: int = 0,
-                    parents: Sequence[str] = (), groups: Sequence[str] = ()
-                    ) -> tuple[str, str]:
+                    parents: Sequence[str] = (), groups: Sequence[str] = (),
+                    replicas: int = 0) -> tuple[str, str]:
         """Add a job with parents (jobs, and ``queue.map`` groups) and/or a unique key
-        (enqueue_one.lua); returns (outcome, id): see the script for the outcomes."""
-        outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], [
-            self.keys.base, WAKE_CAP, *job, unique_key, unique_ttl,
-            int(time.time() * 1000), self.cancelled_ttl, len(parents), *parents, *groups])
+        (enqueue_one.lua); returns (outcome, id): see the script for the outcomes.
+        ``replicas``: as for :meth:`enqueue`."""
+        argv = [self.keys.base, WAKE_CAP, *job, unique_key, unique_ttl,
+                int(time.time() * 1000), self.cancelled_ttl, len(parents), *parents, *groups]
+        if not replicas:
+            outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], argv)
+            return str(outcome), str(ref)
+        (outcome, ref), acked = self.scripts.run_and_wait(
+            "enqueue_one", [self.keys.jobs], argv, replicas=replicas,
+            timeout=self.config.wait_replicas_timeout)
+        self._replicated([job.job_id], replicas, acked)
         return str(outcome), str(ref)
+
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, int(self.config.wait_replicas_timeout * 1000))
+
+    def _replicated(self, job_ids: list[str], replicas: int, acked: int) -> None:
+        """WAIT's answer: fewer replicas than asked acknowledged the writes within
+        ``wait_replicas_timeout``: raise :class:`ReplicationTimeout` (the jobs are on the
+        primary; never a silent success)."""
+        if acked < replicas:
+            raise ReplicationTimeout(job_ids, replicas, acked, self.config.wait_replicas_timeout)
 
     def create_group(self, group_id: str, meta: dict[str, Any], job_ids: Sequence[str],
                      ttl: int) -> None:

@@ -31,7 +31,8 @@ CONFIG_ENV = "JOBQ_CONFIG"
 #: Environment variable overriding ``redis_url`` from the file.
 REDIS_URL_ENV = "JOBQ_REDIS_URL"
 #: URL schemes :func:`jobq.connection.connect` understands.
-URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+sentinel",
+               "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel")
 #: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A key prefix: like a queue name, plus ':' for namespaces such as ``app:jobq``.
@@ -69,6 +70,8 @@ class Config:
     failed_ttl: int = 604800
     dlq_max: int = 10000
     max_payload_bytes: int = 1048576
+    wait_replicas: int = 0
+    wait_replicas_timeout: float = 0.5
 
     lease_time: float = 15.0
     connect_timeout: float = 10.0
@@ -384,6 +387,8 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "failed_ttl": _Ttl(),
     "dlq_max": _count(),
     "max_payload_bytes": _positive_int(),
+    "wait_replicas": _count(),
+    "wait_replicas_timeout": _seconds(zero=False),
     "connect_timeout": _seconds(zero=False),
     "lease_time": _Number("a number of seconds > 0 and <= 300", integer=False, low=0, high=300,
                           low_open=True),
@@ -418,10 +423,20 @@ def _cap_over_base(base: float, cap: float) -> str | None:
     return f"must be >= retry_backoff_base ({base:g}), got {cap:g}" if cap < base else None
 
 
+def _wait_within_read(lease: float, wait: float) -> str | None:
+    """WAIT blocks the connection: it must end well within the client's read timeout (the
+    lease, at least 1 s; see jobq.connection.client_options), or the wait is taken for a
+    dead server."""
+    limit = max(1.0, lease) / 2
+    return f"must be <= {limit:g} (half of lease_time, at least 0.5), got {wait:g}" \
+        if wait > limit else None
+
+
 #: Rules that tie fields together: (field names, check returning a problem or None).
 _CROSS_RULES: list[tuple[tuple[str, ...], Callable[..., str | None]]] = [
     (("memory_soft_limit_mb", "memory_hard_limit_mb"), _hard_over_soft),
     (("retry_backoff_base", "retry_backoff_cap"), _cap_over_base),
+    (("lease_time", "wait_replicas_timeout"), _wait_within_read),
 ]
 
 _DEFAULTS: dict[str, Any] = {
@@ -450,7 +465,8 @@ class Flag:
 
 #: Config key -> its command-line twin, for ``jobq`` and ``jobq-master`` alike.
 FLAGS: dict[str, Flag] = {
-    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://; default: ${REDIS_URL_ENV}, "
+    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://, redis+sentinel://; "
+                      f"default: ${REDIS_URL_ENV}, "
                       "the config, else the embedded server.", metavar="URL"),
     "queues": Flag(("-q", "--queues"), "Queues to take jobs from, highest priority first "
                    "(default: the config's).", metavar="Q1,Q2"),

@@ -12,7 +12,7 @@ from .broker import Broker, NewJob
 from .catalog import Catalog, TaskInfo
 from .config import Config, load_config
 from .connection import connect
-from .exceptions import SerializationError, UnknownJob, UnknownTask
+from .exceptions import ReplicationTimeout, SerializationError, UnknownJob, UnknownTask
 from .groups import CHUNK_TASK, GROUP_TTL, Group, item_error
 from .job import (
     MAX_TTL,
@@ -75,7 +75,8 @@ class JobQueue:
 
     # -- enqueue -----------------------------------------------------------------------------
     def enqueue(self, job: Job | Callable[..., Any] | str, *args: Any,
-                kwargs: dict[str, Any] | None = None, **options: Any) -> Job:
+                kwargs: dict[str, Any] | None = None, wait_replicas: int | None = None,
+                **options: Any) -> Job:
         """Enqueue a :class:`Job`, or ``func(*args, **kwargs)`` with job ``options``.
 
         Positional arguments go to the task, its keyword arguments in ``kwargs=``; every
@@ -89,13 +90,31 @@ class JobQueue:
         and its arguments are checked against its signature (TypeError). A name no running
         worker announced is enqueued as given, with the config's defaults, or with
         ``strict=True`` refused (:class:`~jobq.exceptions.UnknownTask`).
+
+        ``wait_replicas=N`` (default: the config's ``wait_replicas``) returns only once N
+        replicas have the job (WAIT), else raises
+        :class:`~jobq.exceptions.ReplicationTimeout`: the job was enqueued on the primary,
+        but a failover now could lose it (see the README's Sentinel section).
         """
+        replicas = self._replicas(wait_replicas)
         job = self._build(job, args, kwargs, options)
         new = self._new_job(job)
-        if job.depends_on or job.depends_on_groups or getattr(job, "_unique", None):
-            return self._enqueue_one(job, new)
-        self.broker.enqueue(new, spin=REPLY_SPIN)
+        try:
+            if job.depends_on or job.depends_on_groups or getattr(job, "_unique", None):
+                return self._enqueue_one(job, new, replicas)
+            self.broker.enqueue(new, spin=REPLY_SPIN, replicas=replicas)
+        except ReplicationTimeout as exc:
+            raise _unconfirmed(exc, [job]) from None
         return job
+
+    def _replicas(self, wait_replicas: int | None) -> int:
+        """The replicas an enqueue waits for: the call's, else the config's."""
+        if wait_replicas is None:
+            return self.config.wait_replicas
+        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or \
+                wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be an integer >= 0, got {wait_replicas!r}")
+        return wait_replicas
 
     def _new_job(self, job: Job) -> NewJob:
         """The job as the broker enqueues it, its spec encoded (and checked: JSON, size); its
@@ -105,7 +124,7 @@ class JobQueue:
         where = route(job.queue or self.name, job.owner)
         return tuple.__new__(NewJob, (job.id, where, job.priority, _due_ms(job), spec))
 
-    def _enqueue_one(self, job: Job, new: NewJob) -> Job:
+    def _enqueue_one(self, job: Job, new: NewJob, replicas: int = 0) -> Job:
         """A job with parents or a unique key (enqueue_one.lua).
 
         A parent given by id is taken for a job's (the common case costs nothing more); an
@@ -116,7 +135,8 @@ class JobQueue:
         while True:
             outcome, ref = self.broker.enqueue_one(new, unique_key=ukey, unique_ttl=uttl,
                                                    parents=job.depends_on,
-                                                   groups=job.depends_on_groups)
+                                                   groups=job.depends_on_groups,
+                                                   replicas=replicas)
             if outcome != "unknown_parent" or not self.broker.group_exists(ref):
                 break
             job.depends_on = [p for p in job.depends_on if p != ref]
@@ -143,12 +163,15 @@ class JobQueue:
         return job
 
     def enqueue_many(self, jobs: Iterable[Job] | Callable[..., Any] | str,
-                     arg_list: Iterable[Sequence[Any]] | None = None, **options: Any) -> list[Job]:
+                     arg_list: Iterable[Sequence[Any]] | None = None, *,
+                     wait_replicas: int | None = None, **options: Any) -> list[Job]:
         """Enqueue many jobs in few round trips.
 
         Either ``enqueue_many([job, ...])`` or ``enqueue_many(func, [args, ...], **options)``.
-        Jobs are sent in chunks; each chunk is added atomically.
+        Jobs are sent in chunks; each chunk is added atomically. ``wait_replicas``: as for
+        :meth:`enqueue`, once for all of them.
         """
+        replicas = self._replicas(wait_replicas)
         if arg_list is not None:
             built = self._build_many(jobs, arg_list, options)
         else:
@@ -161,9 +184,18 @@ class JobQueue:
             if len(special) != len(built):
                 raise TypeError("enqueue_many: jobs with depends_on or unique_key go through "
                                 "enqueue(), one by one")
-            return [self._enqueue_one(j, self._new_job(j)) for j in built]
+            # one WAIT, after the last: replication is one ordered stream
+            last = len(built) - 1
+            try:
+                return [self._enqueue_one(j, self._new_job(j), replicas if i == last else 0)
+                        for i, j in enumerate(built)]
+            except ReplicationTimeout as exc:
+                raise _unconfirmed(exc, built) from None
         new = [self._new_job(job) for job in built]  # all checked before anything is sent
-        self.broker.enqueue_many(new)
+        try:
+            self.broker.enqueue_many(new, replicas=replicas)
+        except ReplicationTimeout as exc:
+            raise _unconfirmed(exc, built) from None
         return built
 
     def _build_many(self, func: Any, arg_list: Iterable[Sequence[Any]],
@@ -322,10 +354,13 @@ class JobQueue:
         return out
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
-            chunksize: int | None = None, **options: Any) -> Group:
+            chunksize: int | None = None, wait_replicas: int | None = None,
+            **options: Any) -> Group:
         """Enqueue ``func(item)`` for each item (or a job per ``chunksize`` items), pipelined;
         returns a :class:`~jobq.groups.Group`: ``progress()``, ``wait(progress=True)``,
-        ``results()`` in input order. Job options (priority, timeout, ...) apply to each."""
+        ``results()`` in input order. Job options (priority, timeout, ...) apply to each;
+        ``wait_replicas``: as for :meth:`enqueue`, once for the group and all its jobs."""
+        replicas = self._replicas(wait_replicas)
         items = list(iterable)
         size = chunksize or 1
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -370,7 +405,10 @@ class JobQueue:
                         done_items=0, failed_items=0)
         self.broker.create_group(group_id, meta, [j.id for j in jobs], GROUP_TTL)
         if new:
-            self.broker.enqueue_many(new)
+            try:
+                self.broker.enqueue_many(new, replicas=replicas)
+            except ReplicationTimeout as exc:
+                raise _unconfirmed(exc, jobs) from None
         return Group(self, group_id)
 
     def task_info(self, name: str) -> TaskInfo | None:
@@ -542,6 +580,13 @@ class JobQueue:
 
 
 Queue = JobQueue
+
+
+def _unconfirmed(exc: ReplicationTimeout, jobs: list[Job]) -> ReplicationTimeout:
+    """The broker's ReplicationTimeout, for every job of the call, with the Jobs."""
+    out = ReplicationTimeout([j.id for j in jobs], exc.wanted, exc.acknowledged, exc.timeout)
+    out.jobs = jobs
+    return out
 
 
 def _parent_ids(parents: Any) -> tuple[list[str], list[str]]:

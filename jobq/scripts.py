@@ -86,8 +86,17 @@ class Scripts:
         """One script call; see :meth:`run_many` for ``spin``."""
         return self.run_many([(name, keys, args)], spin)[0]
 
+    def run_and_wait(self, name: str, keys: list[str], args: list[Any], *, replicas: int,
+                     timeout: float, spin: float = 0.0) -> tuple[Any, int]:
+        """One script call, then ``WAIT replicas timeout`` on the same connection, in the same
+        round trip: the script's reply, and how many replicas acknowledged its writes (and
+        every write before them: replication is one ordered stream)."""
+        replies = self.run_many([(name, keys, args)], spin,
+                                then=("WAIT", replicas, max(1, int(timeout * 1000))))
+        return replies[0], int(replies[1])
+
     def run_many(self, calls: list[tuple[str, list[str], list[Any]]],
-                 spin: float = 0.0) -> list[Any]:
+                 spin: float = 0.0, then: tuple[Any, ...] = ()) -> list[Any]:
         """Several script calls in one round trip, their replies in order.
 
         With ``spin`` (seconds), wait for the reply by polling the socket that long before
@@ -99,15 +108,20 @@ class Scripts:
         be sent again after the calls behind it had run (an ack after the claim that should
         have found what it put back), so the scripts of a batch are loaded first, once per
         connection (again after the connection or the server's scripts were lost).
+
+        ``then``: a command sent after the calls (WAIT), its reply last; sent again after a
+        script the server did not hold, so that it follows every call's writes.
         """
         with self._lock:
             conn = self._connection()
             try:
                 if len(calls) > 1:
                     self._load(conn, {name for name, _, _ in calls} - self._loaded)
-                conn.send_packed_command(conn.pack_commands(
-                    [("EVALSHA", self._sha[name], len(keys), *keys, *args)
-                     for name, keys, args in calls]))
+                commands = [("EVALSHA", self._sha[name], len(keys), *keys, *args)
+                            for name, keys, args in calls]
+                if then:
+                    commands.append(then)
+                conn.send_packed_command(conn.pack_commands(commands))
                 if spin:
                     deadline = time.perf_counter() + spin
                     while not conn.can_read(timeout=0) and time.perf_counter() < deadline:
@@ -124,10 +138,15 @@ class Scripts:
                         unknown.append(i)
                 if unknown:
                     self._loaded.clear()  # the server lost its scripts (flushed, restarted)
+                if then:
+                    replies.append(conn.read_response())
                 for i in unknown:
                     name, keys, args = calls[i]
                     conn.send_command("EVAL", self._source[name], len(keys), *keys, *args)
                     replies[i] = conn.read_response()
+                if then and unknown:
+                    conn.send_command(*then)
+                    replies[-1] = conn.read_response()
                 return replies
             except BaseException:
                 conn.disconnect()  # a reply may be half read: never reuse this socket as is
