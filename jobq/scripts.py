@@ -28,6 +28,9 @@ from .wire import LUA_CONSTANTS
 #: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
 #: or a whole queue (jobq queue delete) to make room.
 FREE_MEMORY = frozenset({"empty", "delete_queue"})
+#: Scripts that only read: they run on a server that refuses writes (out of memory, short of
+#: replicas under min-replicas-to-write), so a job's status can still be read there.
+READ_ONLY = frozenset({"holder"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
          "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap",
          "announce", "tasks", "delete_queue", "holder")
@@ -49,9 +52,11 @@ def _source(name: str) -> str:
     whole, before it runs, while the server is out of memory, instead of running until its
     first write that adds memory (claim.lua's first write is an LPOP, which frees some, so a
     legacy script went on claiming). The caller keeps what it wanted written and tries again.
-    Scripts that free memory run all the same (:data:`FREE_MEMORY`)."""
+    Scripts that free memory run all the same (:data:`FREE_MEMORY`), and so do those that
+    only read (:data:`READ_ONLY`)."""
     lua = resources.files("jobq").joinpath("lua")
-    shebang = "#!lua flags=allow-oom\n" if name in FREE_MEMORY else "#!lua\n"
+    shebang = ("#!lua flags=allow-oom\n" if name in FREE_MEMORY
+               else "#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n")
     return (shebang + _constants() + lua.joinpath("lib.lua").read_text("utf-8")
             + lua.joinpath(f"{name}.lua").read_text("utf-8"))
 
