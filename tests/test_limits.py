@@ -16,7 +16,7 @@ import jobq_testtasks as tasks
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import kill_tree, subprocess_env, wait_until
+from conftest import Valkey, kill_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
@@ -353,7 +353,7 @@ def test_a_lost_host_frees_its_slot_by_the_lease(spawn: Spawn, tmp_path: Path,
 @pytest.mark.chaos
 def test_a_server_restart_mid_run_leaks_no_slot_and_loses_no_job(
         spawn: Spawn, tmp_path: Path, r: redis.Redis) -> None:
-    from test_server_faults import Valkey
+
 
     server = Valkey(tmp_path / "data", None, "--appendonly", "yes", "--appendfsync", "always")
     server.start()
