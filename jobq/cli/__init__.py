@@ -1,8 +1,8 @@
 """The ``jobq`` command line (click): :mod:`.app` holds what every command shares, the
-commands live in :mod:`.run`, :mod:`.ops`, :mod:`.workers` and :mod:`.bench`, and
+commands live in :mod:`.run`, :mod:`.ops`, :mod:`.workers`, :mod:`.bench` and :mod:`.web`, and
 ``jobq-master``'s command line in :mod:`.master`."""
 
-from . import bench, ops, run, workers  # noqa: F401  (each registers its commands on the group)
+from . import bench, ops, run, web, workers  # noqa: F401  (each registers its commands on the group)
 from .app import main
 
 __all__ = ["main", "master_main"]
