@@ -5,12 +5,17 @@ a real server (the browser tests are in test_web_browser.py)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_in_this_process
+from conftest import run_in_this_process, subprocess_env
 
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
@@ -313,3 +318,79 @@ def test_no_secret_is_shown(queue: JobQueue) -> None:
 def test_a_dashboard_with_actions_needs_a_real_token(dash: Dashboard) -> None:
     with pytest.raises(ValueError, match="token"):
         create_app(dash, allow_actions=True, token="")
+
+
+# -- the command ---------------------------------------------------------------------------------
+def _first_lines(proc: subprocess.Popen[str], until: str, timeout: float = 15) -> str:
+    """What the process printed up to the line containing ``until``."""
+    said: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            said.append(line)
+            if until in line:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), f"no {until!r} within {timeout} s: {''.join(said)!r}"
+    return "".join(said)
+
+
+def test_the_core_imports_nothing_of_the_web_extra() -> None:
+    code = ("import sys, jobq, jobq.cli, jobq.queue, jobq.master.arbiter\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('flask', 'waitress', 'werkzeug', 'jinja2', 'jobq.web')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_jobq_web_without_the_extra_says_so_in_one_line() -> None:
+    code = (
+        "import sys\n"
+        "class NoFlask:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'flask':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoFlask())\n"
+        "from jobq.cli import main\n"
+        "main(['web'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=30)
+    assert done.returncode == 2
+    assert done.stderr == ("jobq: error: jobq web needs the web extra: pip install "
+                           "'jobq[web]' (no module 'flask')\n")
+
+
+def test_jobq_web_is_read_only_by_default(redis_url: str,
+                                          spawn: Callable[..., subprocess.Popen[str]]) -> None:
+    proc = spawn("web", "--port", "0")
+    said = _first_lines(proc, "serving")
+    address = re.search(r"serving (http://127\.0\.0\.1:\d+/) \(read-only\)", said)
+    assert address and "token" not in said, said
+    with urllib.request.urlopen(address.group(1), timeout=5) as reply:
+        page = reply.read().decode()
+        assert reply.headers["Content-Security-Policy"] == CSP
+    assert "read-only" in page and "Sign in" not in page
+
+
+def test_jobq_web_takes_the_config_token_and_never_prints_it(
+        redis_url: str, tmp_path: Path, queue: JobQueue,
+        spawn: Callable[..., subprocess.Popen[str]]) -> None:
+    config = tmp_path / "jobq.toml"
+    config.write_text(f'web_token = "{TOKEN}"\n')
+    proc = spawn("web", "--allow-actions", "--port", "0", "--config", str(config))
+    said = _first_lines(proc, "serving")
+    assert TOKEN not in said and "token to sign in with" not in said, said
+    address = re.search(r"serving (http://127\.0\.0\.1:\d+/) \(actions allowed\)", said)
+    assert address, said
+    job = queue.enqueue("jobq_testtasks:add", 1, 2)
+    request = urllib.request.Request(address.group(1) + "actions/cancel", method="POST",
+                                     data=f"job={job.id}".encode(),
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        assert reply.status == 200  # redirected to the queues page
+    assert queue.get_status(job.id) == "cancelled"
