@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_in_this_process, subprocess_env
+import redis
+from conftest import free_port, run_in_this_process, subprocess_env
 
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
@@ -313,6 +314,14 @@ def test_no_secret_is_shown(queue: JobQueue) -> None:
         page = c.get(path).get_data(as_text=True)
         assert "hunter2secret" not in page and TOKEN not in page, path
         assert "password=***" in page
+
+
+def test_a_server_that_does_not_answer_is_a_503_page(redis_url: str) -> None:
+    away = JobQueue("default", redis_url=redis_url,
+                    connection=redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+    reply = create_app(Dashboard(away)).test_client().get("/")
+    assert reply.status_code == 503
+    assert "cannot read the server" in reply.get_data(as_text=True)
 
 
 def test_a_dashboard_with_actions_needs_a_real_token(dash: Dashboard) -> None:

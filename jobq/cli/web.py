@@ -45,8 +45,11 @@ def web(state: State, host: str, port: int, allow_actions: bool) -> int:
         click.echo(f"jobq web: listening on {host}: anyone who reaches it sees the queues and "
                    "job arguments" + ("; the token travels in clear without TLS"
                                       if allow_actions else ""), err=True)
-    serve(queue, host=host, port=port, allow_actions=allow_actions, token=token,
-          say=lambda line: click.echo(line))
+    try:
+        serve(queue, host=host, port=port, allow_actions=allow_actions, token=token,
+              say=lambda line: click.echo(line))
+    except KeyboardInterrupt:  # Ctrl-C is how a server in the foreground is stopped
+        pass
     return exitcodes.OK
 
 

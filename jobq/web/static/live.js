@@ -34,9 +34,9 @@
           var copy = fresh.getElementById(region.id);
           if (copy && !busy(region)) { region.replaceWith(document.importNode(copy, true)); }
         });
-        note("live: updated " + new Date().toLocaleTimeString());
+        note("· live: updated " + new Date().toLocaleTimeString());
       })
-      .catch(function (error) { note("live: cannot refresh (" + error.message + ")"); })
+      .catch(function (error) { note("· live: cannot refresh (" + error.message + ")"); })
       .then(function () { setTimeout(refresh, every); });
   }
 
