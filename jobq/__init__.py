@@ -15,6 +15,7 @@ from .exceptions import (
     JobqError,
     JobTimeout,
     PayloadTooLarge,
+    ReplicationTimeout,
     Retry,
     SerializationError,
     TaskNotAllowed,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Job", "JobStatus", "JobQueue", "Queue", "Task", "task", "current_job",
     "JobqError", "JobTimeout", "JobCancelled", "JobFailed", "Retry", "SerializationError",
-    "PayloadTooLarge", "TaskNotAllowed", "UnknownJob",
+    "PayloadTooLarge", "ReplicationTimeout", "TaskNotAllowed", "UnknownJob",
 ]
 
 

@@ -24,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -32,6 +34,7 @@ from typing import Any, NamedTuple, TypeVar
 from . import benchref
 from .config import Config
 from .connection import connect
+from .metrics import load_exporter
 from .queue import JobQueue
 from .registry import task
 
@@ -42,7 +45,13 @@ COUNTER_KEY = "jobqbench:counter"
 #: A drain that sees no completion for this long fails (seconds).
 STALL = 60.0
 SCENARIOS = ("noop", "noop_ttl0", "incr", "cpu", "latency", "delayed", "enqueue", "memory",
-             "backlog", "tail")
+             "backlog", "tail", "limited", "metrics")
+#: The limited scenario's concurrency limit: far above any pool, so it never binds (what is
+#: measured is what checking and holding a slot costs).
+NEVER_BINDS = 100_000
+#: The metrics scenario scrapes the master's /metrics this often while its jobs run (seconds;
+#: Prometheus's default is every 15 s).
+SCRAPE_EVERY = 1.0
 #: The delayed scenario: its jobs are due this far apart (seconds), the first this long after
 #: they are all enqueued; the busy pool's jobs last this long each.
 DELAYED_SPACING, DELAYED_LEAD, BUSY_JOB = 0.02, 0.5, 0.002
@@ -55,6 +64,7 @@ REFERENCES = {
     "single_per_s": "rtt_per_s",  # unpipelined round trips on one connection
     "p50_ms": "rtt_ms",  # the time of one of those round trips
     "p99_ms": "rtt_ms",
+    "metrics_jobs_per_s": "plain_jobs_per_s",  # the same empty jobs, metrics off
 }
 
 _T = TypeVar("_T")
@@ -64,6 +74,12 @@ _R = TypeVar("_R")
 # -- the bench's tasks (run by the master's workers: -I jobq.bench) -------------------------------
 @task(name="jobq.bench:noop")
 def noop() -> None:
+    return None
+
+
+@task(name="jobq.bench:limited_noop", concurrency=NEVER_BINDS)
+def limited_noop() -> None:
+    """An empty job under a limit that never binds."""
     return None
 
 
@@ -150,13 +166,14 @@ class Bench:
 
     master: subprocess.Popen[bytes] | None = None
 
-    def start_master(self) -> subprocess.Popen[bytes]:
+    def start_master(self, *args: str) -> subprocess.Popen[bytes]:
+        """A master on the bench queue (``args``: more of its options)."""
         self._drain_notifications()  # what an earlier master said is not this one's
         env = {**os.environ, "JOBQ_REDIS_URL": self.url, "JOBQ_BENCH_URL": self.url,
                "NOTIFY_SOCKET": str(self.notify_path)}
         cmd = [sys.executable, "-m", "jobq.master", "--workers", str(self.workers), "-q",
                "bench", "-I", "jobq.bench", "--config", str(self.config_path),
-               "--log-level", "error"]
+               "--log-level", "error", *args]
         self.master = subprocess.Popen(cmd, env=env, start_new_session=True)
         return self.master
 
@@ -237,7 +254,8 @@ class Bench:
         return got, reference()
 
     # -- scenarios --------------------------------------------------------------------------
-    def throughput(self, fn: Any, n: int, **options: Any) -> dict[str, float]:
+    def throughput(self, fn: Any, n: int, *, master_args: tuple[str, ...] = (),
+                   **options: Any) -> dict[str, float]:
         """Pre-enqueue n jobs, start the master, time the drain by jobq's own counters.
 
         The server's CPU is read at the first completion seen and at the last, as the time
@@ -247,7 +265,7 @@ class Bench:
         self.cleanup()
         self.queue.enqueue_many(fn, [()] * n, **options)
         started = time.perf_counter()
-        master = self.start_master()
+        master = self.start_master(*master_args)
         try:
             first, last, server_us = self.drain(n, meter=True)
         finally:
@@ -277,6 +295,18 @@ class Bench:
     def noop_ttl0(self) -> dict[str, float]:
         """Empty jobs, no result kept (result_ttl 0)."""
         return self._versus_bare(noop, int(200_000 * self.scale), "empty", result_ttl=0)
+
+    def limited(self) -> dict[str, float]:
+        """Empty jobs of a task with a concurrency limit that never binds against the same
+        unlimited, in the same run (interleaved): what a limit costs (jobq.limits)."""
+        n = int(100_000 * self.scale)
+        limited, plain = self._interleave(lambda: self.throughput(noop, n),
+                                          lambda: self.throughput(limited_noop, n))
+        return {"jobs_per_s": limited["jobs_per_s"],
+                "unlimited_jobs_per_s": plain["jobs_per_s"],
+                "ratio": round(limited["jobs_per_s"] / max(plain["jobs_per_s"], 1), 3),
+                "server_us_per_job": limited["server_us_per_job"],
+                "unlimited_server_us_per_job": plain["server_us_per_job"]}
 
     def incr(self) -> dict[str, float]:
         return self._versus_bare(incr, int(100_000 * self.scale), "incr")
@@ -502,6 +532,46 @@ class Bench:
         ideal = max(sum(lengths) / self.workers, max(lengths))
         return {"efficiency": round(ideal / makespan, 4), "makespan_s": round(makespan, 3),
                 "ideal_s": round(ideal, 3), "jobs": len(lengths)}
+
+
+    def metrics(self) -> dict[str, float]:
+        """Empty jobs with the master's metrics on (scraped every SCRAPE_EVERY seconds while
+        they run) and off, interleaved: what the workers' tallies and the scrapes cost."""
+        load_exporter()  # MetricsError, in one line, when the extra is missing
+        n = int(200_000 * self.scale)
+        with socket.socket() as s:  # a free port (the master binds it a moment later)
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        scrapes: list[float] = []
+        stop = threading.Event()
+
+        def scrape() -> None:
+            while not stop.wait(SCRAPE_EVERY):
+                t0 = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                timeout=5) as reply:
+                        reply.read()
+                except OSError:
+                    continue  # not up yet
+                scrapes.append(time.perf_counter() - t0)
+
+        def with_metrics() -> dict[str, float]:
+            scraper = threading.Thread(target=scrape, daemon=True)
+            scraper.start()
+            try:
+                return self.throughput(noop, n, master_args=("--metrics-port", str(port)))
+            finally:
+                stop.set()
+                scraper.join()
+
+        on, off = self._interleave(lambda: self.throughput(noop, n), with_metrics)
+        result = {"metrics_jobs_per_s": on["jobs_per_s"], "plain_jobs_per_s": off["jobs_per_s"],
+                  "metrics_server_us_per_job": on["server_us_per_job"],
+                  "plain_server_us_per_job": off["server_us_per_job"],
+                  "scrape_ms": round(median(scrapes) * 1000, 2) if scrapes else 0.0,
+                  "jobs": n}
+        return with_ratios(result, "metrics_jobs_per_s")
 
 
 @task(name="jobq.bench:noop_with_args")

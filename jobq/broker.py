@@ -25,6 +25,7 @@ import redis
 
 from .config import Config
 from .connection import block_limit, blpop_by
+from .exceptions import ReplicationTimeout
 from .keys import Keys
 from .scripts import Scripts
 from .wire import ACK_FIELDS, ROUTE, AckEntry, route
@@ -72,6 +73,27 @@ class NewJob(NamedTuple):
     priority: int
     due_ms: int
     spec: str
+
+
+class Exchanged(NamedTuple):
+    """What one exchange did: the ids whose results were stale (their lease had lapsed), the
+    jobs claimed, and, when it claimed nothing because a rate limit held jobs back, how long
+    this worker waits (seconds) to keep the limit's time (see claim.lua); else None."""
+
+    stale: list[str]
+    claimed: list[Claimed]
+    keep_time: float | None = None
+
+
+class LimitUse(NamedTuple):
+    """A limit's definition (JSON, None if it has none) and use right now: jobs holding its
+    slots, queues where it holds jobs back, its rate's GCRA time (epoch seconds, None: never
+    used)."""
+
+    definition: str | None
+    running: int
+    waiting: list[str]
+    tat: float | None
 
 
 class Released(NamedTuple):
@@ -150,29 +172,60 @@ class Broker:
     def _enqueue_head(self) -> list[Any]:
         return [self.keys.base, WAKE_CAP, self.lease_ms]
 
-    def enqueue(self, job: NewJob, *, spin: float = 0.0) -> int:
-        """Add one job (enqueue.lua): handed to an idle worker, queued, or scheduled."""
-        return int(self.scripts.run("enqueue", [self.keys.jobs],
-                                    [*self._enqueue_head(), *job], spin=spin))
+    def enqueue(self, job: NewJob, *, spin: float = 0.0, replicas: int = 0) -> int:
+        """Add one job (enqueue.lua): handed to an idle worker, queued, or scheduled. With
+        ``replicas``, wait for that many replicas to have it (see :meth:`_replicated`)."""
+        argv = [*self._enqueue_head(), *job]
+        if not replicas:
+            return int(self.scripts.run("enqueue", [self.keys.jobs], argv, spin=spin))
+        reply, acked = self.scripts.run_and_wait("enqueue", [self.keys.jobs], argv,
+                                                 replicas=replicas, spin=spin,
+                                                 timeout=self.config.wait_replicas_timeout)
+        self._replicated([job.job_id], replicas, acked)
+        return int(reply)
 
-    def enqueue_many(self, jobs: Sequence[NewJob]) -> None:
-        """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`."""
+    def enqueue_many(self, jobs: Sequence[NewJob], *, replicas: int = 0) -> None:
+        """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`; with
+        ``replicas``, then wait for that many replicas to have them."""
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(jobs), ENQUEUE_CHUNK):
             argv = self._enqueue_head()
             for job in jobs[start:start + ENQUEUE_CHUNK]:
                 argv += job
             self.scripts.queue(pipe, "enqueue", [self.keys.jobs], argv)
-        pipe.execute()
+        if replicas and jobs:  # a pipeline is one connection: WAIT follows its writes
+            pipe.execute_command("WAIT", replicas, self._wait_ms)
+        replies = pipe.execute()
+        if replicas and jobs:
+            self._replicated([j.job_id for j in jobs], replicas, int(replies[-1]))
 
     def enqueue_one(self, job: NewJob, *, unique_key: str = "", unique_ttl: int = 0,
-                    parents: Sequence[str] = ()) -> tuple[str, str]:
-        """Add a job with parents and/or a unique key (enqueue_one.lua); returns (outcome,
-        id): see the script for the outcomes."""
-        outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], [
-            self.keys.base, WAKE_CAP, *job, unique_key, unique_ttl,
-            int(time.time() * 1000), self.cancelled_ttl, *parents])
+                    parents: Sequence[str] = (), groups: Sequence[str] = (),
+                    replicas: int = 0) -> tuple[str, str]:
+        """Add a job with parents (jobs, and ``queue.map`` groups) and/or a unique key
+        (enqueue_one.lua); returns (outcome, id): see the script for the outcomes.
+        ``replicas``: as for :meth:`enqueue`."""
+        argv = [self.keys.base, WAKE_CAP, *job, unique_key, unique_ttl,
+                int(time.time() * 1000), self.cancelled_ttl, len(parents), *parents, *groups]
+        if not replicas:
+            outcome, ref = self.scripts.run("enqueue_one", [self.keys.jobs], argv)
+            return str(outcome), str(ref)
+        (outcome, ref), acked = self.scripts.run_and_wait(
+            "enqueue_one", [self.keys.jobs], argv, replicas=replicas,
+            timeout=self.config.wait_replicas_timeout)
+        self._replicated([job.job_id], replicas, acked)
         return str(outcome), str(ref)
+
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, int(self.config.wait_replicas_timeout * 1000))
+
+    def _replicated(self, job_ids: list[str], replicas: int, acked: int) -> None:
+        """WAIT's answer: fewer replicas than asked acknowledged the writes within
+        ``wait_replicas_timeout``: raise :class:`ReplicationTimeout` (the jobs are on the
+        primary; never a silent success)."""
+        if acked < replicas:
+            raise ReplicationTimeout(job_ids, replicas, acked, self.config.wait_replicas_timeout)
 
     def create_group(self, group_id: str, meta: dict[str, Any], job_ids: Sequence[str],
                      ttl: int) -> None:
@@ -404,10 +457,9 @@ class Broker:
 
     # -- the worker ------------------------------------------------------------------------------
     def exchange(self, worker: str, acks: Sequence[Any], queues: Sequence[str], want: int, *,
-                 now: float | None = None) -> tuple[list[str], list[Claimed]]:
+                 now: float | None = None) -> Exchanged:
         """One round trip: settle ``acks`` (flat ack entry fields, see :class:`wire.AckEntry`)
-        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua. Returns the
-        ids whose results were stale (their lease had lapsed) and the jobs claimed."""
+        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua."""
         now = time.time() if now is None else now
         calls: list[tuple[str, list[str], list[Any]]] = []
         if acks:
@@ -416,14 +468,17 @@ class Broker:
             calls.append(("claim", [self.keys.jobs],
                           [self.keys.base, worker, self.lease_ms, want, *queues]))
         if not calls:
-            return [], []
+            return Exchanged([], [])
         replies = self.scripts.run_many(calls)
         stale = [str(i) for i in replies[0]] if acks else []
         claimed: list[Claimed] = []
+        keep_time = None
         if want:
-            fields = iter(replies[-1])  # id, queue, spec, state, id, ...
+            fields = iter(replies[-1])  # keeper's wait (ms), then id, queue, spec, state, id, ...
+            wait_ms = int(next(fields))
             claimed = list(zip(fields, fields, fields, fields, strict=True))
-        return stale, claimed
+            keep_time = wait_ms / 1000 if wait_ms > 0 else None
+        return Exchanged(stale, claimed, keep_time)
 
     def _ack_head(self, worker: str, now: float) -> list[Any]:
         return [self.keys.base, worker, int(now * 1000), RECENT_MAX, self.config.dlq_max,
@@ -438,18 +493,27 @@ class Broker:
         if not flat:
             return []
         assert len(flat) % ACK_FIELDS == 0
-        return self.exchange(worker, flat, (), 0, now=now)[0]
+        return self.exchange(worker, flat, (), 0, now=now).stale
 
     def wait_for_work(self, worker: str, queues: Sequence[str],
-                      timeout: float) -> Claimed | None:
+                      timeout: float, *, on_time: bool = False) -> Claimed | None:
         """Register ``worker`` as idle on its queues (a producer then hands it a job
         straight: no claim round trip) and block on its hand list and the queues' wake
-        tokens, in one round trip. Returns a job handed to it (already held by it), if any."""
+        tokens, in one round trip. Returns a job handed to it (already held by it), if any.
+
+        ``on_time``: the wait ends when ``timeout`` is up on this client's clock, not at the
+        server's next tick (a worker keeping a rate limit's time: see claim.lua); that costs
+        a second round trip, and a third when the time is up (:func:`blpop_by`)."""
         hand = self.keys.hand(worker)
-        pipe = self._r.pipeline(transaction=False)
-        self.scripts.queue(pipe, "idle", [], [self.keys.base, worker, *queues])
-        pipe.blpop([hand, *[self.keys.wake(q) for q in queues]], timeout=self._block(timeout))
-        got = pipe.execute()[-1]
+        keys = [hand, *[self.keys.wake(q) for q in queues]]
+        if on_time:
+            self.scripts.run("idle", [], [self.keys.base, worker, *queues])
+            got = blpop_by(self.client, keys, timeout, server_timeout=self._block(timeout))
+        else:
+            pipe = self._r.pipeline(transaction=False)
+            self.scripts.queue(pipe, "idle", [], [self.keys.base, worker, *queues])
+            pipe.blpop(keys, timeout=self._block(timeout))
+            got = pipe.execute()[-1]
         if got and got[0] == hand:  # "id\nqueue\nspec"
             job_id, queue, spec = str(got[1]).split("\n", 2)
             return job_id, queue, spec, None
@@ -475,6 +539,79 @@ class Broker:
         lease is never re-created)."""
         if workers:
             self.scripts.run("renew", [self.keys.leases], [self.lease_ms, *workers])
+
+    # -- limits (jobq.limits; claim.lua enforces them) --------------------------------------------
+    def define_limits(self, definitions: dict[str, str], *, keep: bool = False) -> None:
+        """Store limit definitions (name -> JSON); with ``keep``, only those not defined
+        yet. Whatever waited on a limit whose definition changed is woken (it may fit now)."""
+        if not definitions:
+            return
+        pipe = self._r.pipeline()
+        for name, definition in definitions.items():
+            if keep:
+                pipe.hsetnx(self.keys.limits, name, definition)
+            else:
+                pipe.hset(self.keys.limits, name, definition)
+        pipe.execute()
+        if not keep:
+            for name in definitions:
+                self._wake_limit(name)
+
+    def delete_limit(self, name: str) -> bool:
+        """Forget a limit's definition: its jobs are no longer limited. Slots in use are
+        still freed as their jobs end. True if it was defined."""
+        removed = bool(self._r.hdel(self.keys.limits, name))
+        self._wake_limit(name)
+        return removed
+
+    def _wake_limit(self, name: str) -> None:
+        """Wake an idle worker of each queue where the limit held jobs back."""
+        waiting = self._r.smembers(self.keys.limit_waiting(name))
+        if waiting:
+            pipe = self._r.pipeline()
+            for queue in waiting:
+                pipe.lpush(self.keys.wake(str(queue)), "1").ltrim(self.keys.wake(str(queue)), 0,
+                                                                    WAKE_CAP - 1)
+            pipe.delete(self.keys.limit_waiting(name))
+            pipe.execute()
+
+    def limit_definitions(self) -> dict[str, str]:
+        """Every stored limit definition (JSON), by name."""
+        return {str(k): str(v) for k, v in self._r.hgetall(self.keys.limits).items()}
+
+    def limits_defined(self, names: Sequence[str]) -> list[bool]:
+        if not names:
+            return []
+        return [v is not None for v in self._r.hmget(self.keys.limits, list(names))]
+
+    def limit_use(self, names: Sequence[str]) -> dict[str, LimitUse]:
+        """The definition and use of each named limit, in one round trip."""
+        k = self.keys
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(k.limits, name).hlen(k.limit_running(name)).smembers(
+                k.limit_waiting(name)).hget(k.limit_state(name), "tat")
+        replies = pipe.execute()
+        out = {}
+        for i, name in enumerate(names):
+            definition, running, waiting, tat = replies[4 * i:4 * i + 4]
+            out[name] = LimitUse(_opt_str(definition), int(running),
+                                 sorted(str(q) for q in waiting),
+                                 float(tat) / 1000 if tat is not None else None)
+        return out
+
+    def limit_names_in_use(self) -> list[str]:
+        """The names of limits with state on the server (slots held, jobs held back, a rate
+        used), defined or not (SCAN: for tools such as ``jobq limit list``)."""
+        prefix = self.keys.limit_state("")
+        names = set()
+        for key in self._r.scan_iter(match=prefix + "*", count=1000):
+            name = str(key)[len(prefix):]
+            for suffix in (":run", ":wait"):
+                if name.endswith(suffix):
+                    name = name[:-len(suffix)]
+            names.add(name)
+        return sorted(names)
 
     # -- giving back the jobs of workers that are gone -------------------------------------------
     def release(self, worker: str, *, cause: str, current: str | None,
@@ -690,6 +827,12 @@ class Broker:
             if int(cursor) == 0:
                 return
 
+    def round_trip(self) -> float:
+        """Seconds one PING takes, on this client's connection (for metrics)."""
+        start = time.perf_counter()
+        self._r.ping()
+        return time.perf_counter() - start
+
     def used_memory(self) -> int:
         """The server's memory in use (bytes)."""
         return int(self._r.info("memory")["used_memory"])
@@ -704,6 +847,17 @@ class Broker:
     # -- groups (queue.map) ----------------------------------------------------------------------
     def group_meta(self, group_id: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in self._r.hgetall(self.keys.group(group_id)).items()}
+
+    def group_exists(self, group_id: str) -> bool:
+        return bool(self._r.exists(self.keys.group(group_id)))
+
+    def final_records(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The final records of jobs (None: live, or gone), in a round trip per 1000."""
+        out: list[str | None] = []
+        for start in range(0, len(job_ids), 1000):
+            keys = [self.keys.result(i) for i in job_ids[start:start + 1000]]
+            out.extend(_opt_str(raw) for raw in self._r.mget(keys))
+        return out
 
     def group_job_ids(self, group_id: str) -> list[str]:
         return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), 0, -1)]

@@ -32,7 +32,8 @@ CACHE_TTL = 2.0
 #: The shortest life of an announcement after its last renewal (seconds).
 MIN_TTL = 15.0
 #: The job options a task may declare that the catalog carries (the queue is apart).
-OPTIONS = ("priority", "max_retries", "timeout", "result_ttl", "retry_on", "dont_retry_on")
+OPTIONS = ("priority", "max_retries", "timeout", "result_ttl", "retry_on", "dont_retry_on",
+           "limits")
 #: How long a signature or docstring line may be in the catalog (characters).
 TEXT_MAX = 200
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import LimitError, from_config
 from .urls import redact
 
 #: Environment variable naming the config file when ``load_config`` gets no path.
@@ -30,7 +31,8 @@ CONFIG_ENV = "JOBQ_CONFIG"
 #: Environment variable overriding ``redis_url`` from the file.
 REDIS_URL_ENV = "JOBQ_REDIS_URL"
 #: URL schemes :func:`jobq.connection.connect` understands.
-URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+sentinel",
+               "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel")
 #: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A key prefix: like a queue name, plus ':' for namespaces such as ``app:jobq``.
@@ -68,6 +70,8 @@ class Config:
     failed_ttl: int = 604800
     dlq_max: int = 10000
     max_payload_bytes: int = 1048576
+    wait_replicas: int = 0
+    wait_replicas_timeout: float = 0.5
 
     lease_time: float = 15.0
     connect_timeout: float = 10.0
@@ -88,7 +92,12 @@ class Config:
     retry_backoff_cap: float = 300.0
     retry_jitter: float = 0.25
 
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+
     schedules: list[dict[str, Any]] = field(default_factory=list)
+    #: named limits, ``[limits.NAME]`` tables: concurrency, rate, burst (jobq.limits)
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     #: the token ``jobq web --allow-actions`` asks for ('': a new one each start); never shown
     web_token: str = field(default="", repr=False)
@@ -288,6 +297,19 @@ class _Schedules:
         return [dict(entry) for entry in value]
 
 
+class _Limits:
+    """``[limits.NAME]`` tables, each checked as a limit (:func:`jobq.limits.from_config`)."""
+
+    def __call__(self, value: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(value, Mapping):
+            raise _Invalid(f"expected tables ([limits.NAME]), got {_show(value)}")
+        try:
+            from_config(value)
+        except LimitError as exc:
+            raise _Invalid(str(exc)) from None
+        return {name: dict(table) for name, table in value.items()}
+
+
 class _Secret(_Str):
     """A string that is a secret: a bad value is described, never shown."""
 
@@ -379,6 +401,8 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "failed_ttl": _Ttl(),
     "dlq_max": _count(),
     "max_payload_bytes": _positive_int(),
+    "wait_replicas": _count(),
+    "wait_replicas_timeout": _seconds(zero=False),
     "connect_timeout": _seconds(zero=False),
     "lease_time": _Number("a number of seconds > 0 and <= 300", integer=False, low=0, high=300,
                           low_open=True),
@@ -395,7 +419,11 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "retry_backoff_base": _seconds(zero=True),
     "retry_backoff_cap": _seconds(zero=True),
     "retry_jitter": _fraction(),
+    "metrics_port": _Number("a TCP port (1-65535), or 0 for no metrics", integer=True, low=0,
+                            high=65535),
+    "metrics_host": _Str("a host name or address to listen on", check=bool),
     "schedules": _Schedules(),
+    "limits": _Limits(),
     "web_token": _Secret("'' or a token of 16 to 256 printable characters without spaces",
                          check=lambda s: s == "" or (16 <= len(s) <= 256 and s.isprintable()
                                                      and " " not in s)),
@@ -412,10 +440,20 @@ def _cap_over_base(base: float, cap: float) -> str | None:
     return f"must be >= retry_backoff_base ({base:g}), got {cap:g}" if cap < base else None
 
 
+def _wait_within_read(lease: float, wait: float) -> str | None:
+    """WAIT blocks the connection: it must end well within the client's read timeout (the
+    lease, at least 1 s; see jobq.connection.client_options), or the wait is taken for a
+    dead server."""
+    limit = max(1.0, lease) / 2
+    return f"must be <= {limit:g} (half of lease_time, at least 0.5), got {wait:g}" \
+        if wait > limit else None
+
+
 #: Rules that tie fields together: (field names, check returning a problem or None).
 _CROSS_RULES: list[tuple[tuple[str, ...], Callable[..., str | None]]] = [
     (("memory_soft_limit_mb", "memory_hard_limit_mb"), _hard_over_soft),
     (("retry_backoff_base", "retry_backoff_cap"), _cap_over_base),
+    (("lease_time", "wait_replicas_timeout"), _wait_within_read),
 ]
 
 _DEFAULTS: dict[str, Any] = {
@@ -444,7 +482,8 @@ class Flag:
 
 #: Config key -> its command-line twin, for ``jobq`` and ``jobq-master`` alike.
 FLAGS: dict[str, Flag] = {
-    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://; default: ${REDIS_URL_ENV}, "
+    "redis_url": Flag(("--redis-url",), f"redis://, rediss://, unix://, redis+sentinel://; "
+                      f"default: ${REDIS_URL_ENV}, "
                       "the config, else the embedded server.", metavar="URL"),
     "queues": Flag(("-q", "--queues"), "Queues to take jobs from, highest priority first "
                    "(default: the config's).", metavar="Q1,Q2"),
@@ -458,6 +497,10 @@ FLAGS: dict[str, Flag] = {
     "log_level": Flag(("--log-level",), "Lowest level logged (default: info)."),
     "log_format": Flag(("--log-format",), "Log line format; json writes one object per line "
                        "(default: text)."),
+    "metrics_port": Flag(("--metrics-port",), "Serve Prometheus metrics on this port (needs "
+                         "jobq[metrics]; default: off).", metavar="PORT"),
+    "metrics_host": Flag(("--metrics-host",), "Address the metrics listen on (default: "
+                         "127.0.0.1).", metavar="HOST"),
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from . import sentinel
 from .exceptions import JobqError
 from .urls import redact, scrub
 
@@ -24,6 +25,7 @@ SCHEMES = {
     "unix": "unix",
     "valkey": "redis",
     "valkeys": "rediss",
+    **{scheme: "sentinel" for scheme in sentinel.SCHEMES},  # see jobq.sentinel
 }
 #: Client defaults; any of them can be overridden through ``connect(**kw)``.
 DEFAULTS: dict[str, Any] = {
@@ -125,8 +127,9 @@ _unblock_refused: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
 
 def connect(url: str, *, lease_time: float = DEFAULT_LEASE, decode_responses: bool = True,
             **kw: Any) -> redis.Redis:
-    """Return a client for ``url`` (``redis://``, ``rediss://``, ``unix://``, ``valkey[s]://``)
-    with timeouts sized to ``lease_time`` (see :func:`client_options`).
+    """Return a client for ``url`` (``redis://``, ``rediss://``, ``unix://``, ``valkey[s]://``,
+    and ``redis+sentinel://`` & co: the current primary, see :mod:`jobq.sentinel`) with
+    timeouts sized to ``lease_time`` (see :func:`client_options`).
 
     Query parameters (``db``, ``ssl_cert_reqs``, ``ssl_ca_certs``, ...) pass through to
     redis-py's ``from_url``; ``kw`` overrides :data:`DEFAULTS`. No connection is made yet.
@@ -139,7 +142,10 @@ def connect(url: str, *, lease_time: float = DEFAULT_LEASE, decode_responses: bo
     options = {**DEFAULTS, "decode_responses": decode_responses,
                **client_options(lease_time, tcp=target != "unix")}
     options.update(kw)
-    client = redis.Redis.from_url(f"{target}://{rest}", **options)
+    if target == "sentinel":
+        client = sentinel.master_client(url, options)
+    else:
+        client = redis.Redis.from_url(f"{target}://{rest}", **options)
     _clients.add(client)
     return client
 
@@ -153,6 +159,8 @@ def close_all() -> None:
     for client in list(_clients):
         try:
             client.connection_pool.disconnect()
+            for node in sentinel.sentinels_of(client):
+                node.connection_pool.disconnect()
         except Exception:
             pass
 
@@ -186,6 +194,8 @@ def check_server(url: str, *, timeout: float) -> None:
         except redis.AuthenticationError as exc:
             raise ServerProblem(describe_error(exc, url), lasting=True) from exc
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if sentinel.refused_credentials(exc):
+                raise ServerProblem(describe_error(exc, url), lasting=True) from exc
             if time.monotonic() + delay > deadline:
                 raise ServerProblem(describe_error(exc, url), lasting=False) from exc
         except redis.ResponseError as exc:
@@ -208,8 +218,10 @@ def check_server(url: str, *, timeout: float) -> None:
 
 
 #: How a server says it takes no writes now: out of memory (maxmemory, noeviction), a
-#: replica, or unable to persist (stop-writes-on-bgsave-error).
-_REFUSED_WRITES = ("OOM ", "READONLY ", "MISCONF ", "command not allowed when used memory")
+#: replica, unable to persist (stop-writes-on-bgsave-error), or a primary with fewer
+#: replicas than its min-replicas-to-write (cut off from them: see the README's Sentinel).
+_REFUSED_WRITES = ("OOM ", "READONLY ", "MISCONF ", "command not allowed when used memory",
+                   "NOREPLICAS ")
 
 
 def refuses_writes(exc: BaseException) -> bool:
@@ -240,7 +252,7 @@ def _version(client: redis.Redis) -> str:
 
 
 def _is_auth_error(exc: BaseException) -> bool:
-    if isinstance(exc, redis.AuthenticationError):
+    if isinstance(exc, redis.AuthenticationError) or sentinel.refused_credentials(exc):
         return True
     text = str(exc)
     return isinstance(exc, redis.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
@@ -248,6 +260,9 @@ def _is_auth_error(exc: BaseException) -> bool:
 
 def _reason(exc: BaseException) -> str:
     """The most specific text: the OS error under a redis-py wrapper if there is one."""
+    explained = sentinel.explain(exc)
+    if explained is not None:
+        return explained
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:

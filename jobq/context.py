@@ -3,6 +3,7 @@
     @jobq.task
     def report(day):
         parents = jobq.current_job().parent_results()   # {parent id: its result}
+        items = jobq.current_job().group_results()      # a map group's, in input order
 
 The worker loop fills this module in (it sits above it); the job reads it.
 """
@@ -34,8 +35,8 @@ worker: WorkerInfo | Any = None
 
 
 class JobContext:
-    """The running job: its id, task, queue, attempt, parents, group; and its parents'
-    results.
+    """The running job: its id, task, queue, attempt, parents (jobs, and ``queue.map``
+    groups), group; and its parents' results.
 
     ``attempt`` is this attempt's number, from 1 (since the job was enqueued or last
     requeued); ``retries`` the attempts before it (``attempt - 1``), out of ``max_retries``;
@@ -47,6 +48,8 @@ class JobContext:
         self.queue = queue
         self.task = spec.task
         self.parents: list[str] = list(spec.depends_on)
+        #: the ``queue.map`` groups it waited for (``depends_on=group``)
+        self.parent_groups: list[str] = list(spec.depends_on_groups)
         self.group: str | None = spec.group
         self.group_index: int | None = spec.group_index
         self.max_retries = spec.max_retries
@@ -65,6 +68,18 @@ class JobContext:
             job = queue.get_job(parent)
             out[parent] = job.return_value if job is not None else None
         return out
+
+    def group_results(self, group_id: str | None = None) -> list[Any]:
+        """The results of a ``queue.map`` group this job waited for (``depends_on=group``),
+        one per item, in input order (with chunks too); a failed or cancelled item's place
+        holds its :class:`~jobq.groups.ItemFailed` (index, error type, message), never None.
+        ``group_id`` may be left out when the job waited for one group."""
+        if group_id is None:
+            if len(self.parent_groups) != 1:
+                raise ValueError(f"this job waited for {len(self.parent_groups)} groups "
+                                 f"({', '.join(self.parent_groups) or 'none'}): name one")
+            group_id = self.parent_groups[0]
+        return _queue().group(group_id).outcomes()
 
     def __repr__(self) -> str:
         return f"<JobContext {self.id} {self.task} attempt {self.attempt}>"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class JobqError(Exception):
     """Base class of jobq's own errors."""
@@ -33,6 +35,26 @@ class UnknownJob(JobqError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "unknown job"
+
+
+class ReplicationTimeout(JobqError):
+    """``enqueue(..., wait_replicas=N)``: the jobs WERE enqueued on the primary, but fewer
+    than N replicas acknowledged them within ``wait_replicas_timeout``; a failover before
+    the replicas catch up would lose them. ``jobs`` holds the Job objects (when raised by
+    :class:`~jobq.queue.JobQueue`), ``job_ids`` their ids."""
+
+    def __init__(self, job_ids: list[str], wanted: int, acknowledged: int,
+                 timeout: float) -> None:
+        what = f"job {job_ids[0]}" if len(job_ids) == 1 else \
+            f"{len(job_ids)} jobs ({', '.join(job_ids[:3])}{', ...' if len(job_ids) > 3 else ''})"
+        super().__init__(f"{what} enqueued on the primary, but confirmed by {acknowledged} of "
+                         f"{wanted} replica(s) within {timeout:g} s: a failover before they "
+                         "catch up would lose it")
+        self.job_ids = job_ids
+        self.wanted = wanted
+        self.acknowledged = acknowledged
+        self.timeout = timeout
+        self.jobs: list[Any] = []
 
 
 class JobFailed(JobqError):
@@ -68,3 +90,8 @@ class Retry(JobqError):
     def __init__(self, delay: float | None = None, message: str = "retry requested") -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class MetricsError(JobqError):
+    """Metrics cannot be served (the ``metrics`` extra is missing, the port is taken, ...);
+    the message is one line."""

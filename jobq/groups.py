@@ -19,6 +19,7 @@ from . import serialization
 from .broker import Broker
 from .exceptions import JobFailed, SerializationError, UnknownJob
 from .job import Job, JobStatus
+from .wire import BadJob, Facts, read_record
 
 #: How long a group's bookkeeping (and its jobs' results) is kept (seconds).
 GROUP_TTL = 86400
@@ -176,6 +177,36 @@ class Group:
             count = min(self.chunksize, self.items - start)
             for _ in range(count):
                 yield failure
+
+    def outcomes(self) -> list[Any]:
+        """Every item's result in input order, read now, without waiting: for a group that
+        ended (a job that ran with ``depends_on=group`` reads it through
+        ``current_job().group_results()``). A failed or cancelled item's place holds its
+        :class:`ItemFailed` (with chunks, each item of its chunk does), never None; so does
+        one whose record is gone (``result_ttl`` passed, its queue deleted) or that has not
+        ended (status "unknown")."""
+        ids = self.job_ids()
+        out: list[Any] = []
+        for chunk_no, (job_id, raw) in enumerate(
+                zip(ids, self._broker.final_records(ids), strict=True)):
+            start = chunk_no * self.chunksize
+            try:
+                facts = Facts.from_json(read_record(raw)[1]) if raw is not None else Facts()
+            except BadJob as exc:
+                facts = Facts(status="unknown", final_error={"type": "BadJob", "msg": str(exc)})
+            if facts.status == JobStatus.COMPLETED.value:
+                out.extend(facts.result if self.chunksize > 1 else [facts.result])
+                continue
+            last = facts.final_error or (facts.errors or [{}])[-1]
+            if facts.status is None:
+                last = {"type": "Unknown", "msg": "no record of how it ended (not ended, its "
+                        "result_ttl passed, or its queue was deleted)"}
+            message = str(last.get("msg", ""))
+            failure = ItemFailed(_item_index(message, start), JobFailed(
+                job_id, str(last.get("type", "Error")), message, str(last.get("tb", "")),
+                status=facts.status or "unknown"))
+            out.extend([failure] * min(self.chunksize, self.items - start))
+        return out
 
     def cancel(self) -> int:
         """Cancel every job of the group that has not finished; returns how many."""

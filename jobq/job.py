@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from .exceptions import JobFailed, TaskNotAllowed
+from .limits import check_name
 from .wire import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
@@ -147,6 +148,7 @@ class Job:
         result_ttl: int | None = None,
         retry_on: Sequence[type[BaseException] | str] = (),
         dont_retry_on: Sequence[type[BaseException] | str] = (),
+        limits: Sequence[str] = (),
     ) -> None:
         self.func = func
         self.task = task_name(func)
@@ -177,10 +179,16 @@ class Job:
         #: Exception names: only these are retried / these are never retried
         self.retry_on = exception_names(retry_on, "retry_on")
         self.dont_retry_on = exception_names(dont_retry_on, "dont_retry_on")
+        #: the names of the limits the job is subject to (see :mod:`jobq.limits`)
+        if isinstance(limits, str) or not isinstance(limits, Sequence):
+            raise TypeError(f"limits must be a list of limit names, got {limits!r:.60}")
+        self.limits: list[str] = [check_name(n) for n in dict.fromkeys(limits)]
         #: When a delayed job is due (epoch seconds), None to run as soon as possible
         self.due_at: float | None = None
-        #: Ids of the jobs this one waits for (``depends_on``), and what a failed one does
+        #: Ids of the jobs this one waits for (``depends_on``), of the ``queue.map`` groups it
+        #: waits for (all their items), and what a failed one does
         self.depends_on: list[str] = []
+        self.depends_on_groups: list[str] = []
         self.on_parent_failure = "cancel"
         #: ``queue.map``: the group this job belongs to, and its index in the input
         self.group: str | None = None
@@ -246,6 +254,7 @@ class Job:
             "worker": self.worker,
             "due_at": _iso(_ts(self.due_at)),
             "depends_on": self.depends_on,
+            "depends_on_groups": self.depends_on_groups,
             "group": self.group,
             "group_index": self.group_index,
         }
@@ -308,9 +317,11 @@ class Job:
         except (TypeError, ValueError) as exc:
             raise BadJob(f"job data has a bad option: {exc}") from None
         job.depends_on = list(s.depends_on)
+        job.depends_on_groups = list(s.depends_on_groups)
         job.on_parent_failure = s.on_parent_failure
         job.group, job.group_index = s.group, s.group_index
         job.owner = s.owner
+        job.limits = list(s.limits)
         if s.created is not None:
             job.created = s.created
         return job

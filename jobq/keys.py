@@ -30,8 +30,10 @@ key                        type    holds
 {ns}:parents               set     ids that have deferred jobs waiting for them
 {ns}:u:<key>               string  the job holding a unique key, with a TTL
 {ns}:g:<group>             hash    a queue.map group: total, done, failed (jobs), items;
-                                   with chunks: chunk, last, lastn, done_items, failed_items
+                                   with chunks: chunk, last, lastn, done_items, failed_items;
+                                   while jobs wait for it: dep_ttl, dep_wake (enqueue_one.lua)
 {ns}:gi:<group>            list    a group's job ids in input order
+{ns}:gwaits:<group>        set     the deferred jobs waiting for a group (depends_on=group)
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
@@ -46,6 +48,12 @@ key                        type    holds
 {ns}:stats:history         list    snapshots of every queue's counters, newest first (rates)
 {ns}:reaper                hash    when a reaper last ran, and until when none may reap
 {ns}:epoch                 string  a token written when the namespace is first used
+{ns}:limits                hash    limit name -> definition (JSON, jobq.limits.Limit.to_json)
+{ns}:lim:<name>            hash    a rate's GCRA time "tat" (ms), and "keeper": when the idle
+                                   worker keeping its time wakes (ms); see claim.lua
+{ns}:lim:<name>:run        hash    id -> worker: the jobs holding one of its slots
+{ns}:lim:<name>:wait       set     queues (routes) where it holds jobs back (woken when it
+                                   frees)
 =========================  ======  ==========================================================
 
 The Lua scripts (``jobq/lua``) build the same names from the key base they are given.
@@ -59,7 +67,8 @@ class Keys:
 
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
-                 "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog")
+                 "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog",
+                 "limits")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -82,6 +91,7 @@ class Keys:
         self.history = f"{b}:stats:history"
         self.epoch = f"{b}:epoch"
         self.catalog = f"{b}:catalog"
+        self.limits = f"{b}:limits"
 
     @property
     def pattern(self) -> str:
@@ -140,6 +150,18 @@ class Keys:
 
     def group_wake(self, group_id: str) -> str:
         return f"{self.base}:gw:{group_id}"
+
+    def group_waits(self, group_id: str) -> str:
+        return f"{self.base}:gwaits:{group_id}"
+
+    def limit_state(self, name: str) -> str:
+        return f"{self.base}:lim:{name}"
+
+    def limit_running(self, name: str) -> str:
+        return f"{self.base}:lim:{name}:run"
+
+    def limit_waiting(self, name: str) -> str:
+        return f"{self.base}:lim:{name}:wait"
 
     def control(self, master_id: str) -> str:
         return f"{self.base}:ctl:{master_id}"

@@ -12,7 +12,7 @@ from .broker import Broker, NewJob
 from .catalog import Catalog, TaskInfo
 from .config import Config, load_config
 from .connection import connect
-from .exceptions import SerializationError, UnknownJob, UnknownTask
+from .exceptions import ReplicationTimeout, SerializationError, UnknownJob, UnknownTask
 from .groups import CHUNK_TASK, GROUP_TTL, Group, item_error
 from .job import (
     MAX_TTL,
@@ -26,6 +26,7 @@ from .job import (
     unknown_options,
 )
 from .keys import Keys
+from .limits import Limit, LimitError, from_config, tokens
 from .schedule import to_epoch
 from .server import resolve_url
 from .wire import decode_json, encode_spec, read_record, requeued, route
@@ -34,6 +35,8 @@ from .wire import decode_json, encode_spec, read_record, requeued, route
 JOB_OPTIONS = frozenset({"id", "priority", "max_retries", "timeout", "result_ttl", "queue",
                          "retry_on", "dont_retry_on", "delay", "at", "depends_on",
                          "on_parent_failure", "unique_key", "unique_ttl", "strict"})
+# (limits are declared on the task, @task(concurrency=..., limits=[...]), not per call: a limit
+# guards what the task uses, whoever enqueues it)
 #: How long enqueue polls for the server's reply before it sleeps (see Scripts.run_many).
 REPLY_SPIN = 0.0002
 #: How long a unique key holds by default (seconds).
@@ -64,31 +67,54 @@ class JobQueue:
         self.keys = Keys(prefix or self.config.prefix)
         self.broker = Broker(self.redis, self.keys, self.config)
         self.catalog = Catalog(self.broker)
+        #: limit names known to be defined on the server (a producer checks each once)
+        self._limits_known: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<JobQueue {self.name}>"
 
     # -- enqueue -----------------------------------------------------------------------------
     def enqueue(self, job: Job | Callable[..., Any] | str, *args: Any,
-                kwargs: dict[str, Any] | None = None, **options: Any) -> Job:
+                kwargs: dict[str, Any] | None = None, wait_replicas: int | None = None,
+                **options: Any) -> Job:
         """Enqueue a :class:`Job`, or ``func(*args, **kwargs)`` with job ``options``.
 
         Positional arguments go to the task, its keyword arguments in ``kwargs=``; every
         other keyword is a job option (priority, timeout, max_retries, result_ttl, queue, id).
         Returns the job. Enqueueing an id that is already queued does nothing (idempotent).
+        ``depends_on`` takes jobs, ``queue.map`` groups (all their jobs), their ids, or a list
+        of them: the job waits as deferred until they ended (see the README's workflows).
 
         The options a task declared (``@task(queue=..., timeout=...)``) apply unless given
         here; a task given by name gets those its workers announced (:mod:`jobq.catalog`),
         and its arguments are checked against its signature (TypeError). A name no running
         worker announced is enqueued as given, with the config's defaults, or with
         ``strict=True`` refused (:class:`~jobq.exceptions.UnknownTask`).
+
+        ``wait_replicas=N`` (default: the config's ``wait_replicas``) returns only once N
+        replicas have the job (WAIT), else raises
+        :class:`~jobq.exceptions.ReplicationTimeout`: the job was enqueued on the primary,
+        but a failover now could lose it (see the README's Sentinel section).
         """
+        replicas = self._replicas(wait_replicas)
         job = self._build(job, args, kwargs, options)
         new = self._new_job(job)
-        if job.depends_on or getattr(job, "_unique", None):
-            return self._enqueue_one(job, new)
-        self.broker.enqueue(new, spin=REPLY_SPIN)
+        try:
+            if job.depends_on or job.depends_on_groups or getattr(job, "_unique", None):
+                return self._enqueue_one(job, new, replicas)
+            self.broker.enqueue(new, spin=REPLY_SPIN, replicas=replicas)
+        except ReplicationTimeout as exc:
+            raise _unconfirmed(exc, [job]) from None
         return job
+
+    def _replicas(self, wait_replicas: int | None) -> int:
+        """The replicas an enqueue waits for: the call's, else the config's."""
+        if wait_replicas is None:
+            return self.config.wait_replicas
+        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or \
+                wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be an integer >= 0, got {wait_replicas!r}")
+        return wait_replicas
 
     def _new_job(self, job: Job) -> NewJob:
         """The job as the broker enqueues it, its spec encoded (and checked: JSON, size); its
@@ -98,15 +124,32 @@ class JobQueue:
         where = route(job.queue or self.name, job.owner)
         return tuple.__new__(NewJob, (job.id, where, job.priority, _due_ms(job), spec))
 
-    def _enqueue_one(self, job: Job, new: NewJob) -> Job:
-        """A job with parents or a unique key (enqueue_one.lua)."""
+    def _enqueue_one(self, job: Job, new: NewJob, replicas: int = 0) -> Job:
+        """A job with parents or a unique key (enqueue_one.lua).
+
+        A parent given by id is taken for a job's (the common case costs nothing more); an
+        id the script finds no job of but that names a ``queue.map`` group is moved to the
+        groups the job waits for, and the job is sent again (nothing was written): its spec
+        says which parents are groups, for the scripts and for ``current_job()``."""
         ukey, uttl = getattr(job, "_unique", None) or ("", 0)
-        outcome, ref = self.broker.enqueue_one(new, unique_key=ukey, unique_ttl=uttl,
-                                               parents=job.depends_on)
+        while True:
+            outcome, ref = self.broker.enqueue_one(new, unique_key=ukey, unique_ttl=uttl,
+                                                   parents=job.depends_on,
+                                                   groups=job.depends_on_groups,
+                                                   replicas=replicas)
+            if outcome != "unknown_parent" or not self.broker.group_exists(ref):
+                break
+            job.depends_on = [p for p in job.depends_on if p != ref]
+            job.depends_on_groups = [*job.depends_on_groups, ref]
+            new = self._new_job(job)
+        kept = f"a group is kept {GROUP_TTL // 3600} h after its last job ended"
         if outcome == "unknown_parent":
-            raise UnknownJob(f"depends_on: no job with id {ref!r} (never enqueued, or its "
-                             "record expired: a parent that finished must keep its record, "
-                             "result_ttl > 0)")
+            raise UnknownJob(f"depends_on: no job with id {ref!r}, nor a queue.map group "
+                             "(never enqueued, or expired: a parent that finished must keep "
+                             f"its record, result_ttl > 0; {kept})")
+        if outcome == "unknown_group":
+            raise UnknownJob(f"depends_on: no queue.map group with id {ref!r} (never created, "
+                             f"or expired: {kept})")
         if outcome == "duplicate":
             raise ValueError(f"a job with id {job.id!r} already exists")
         if outcome == "exists":
@@ -120,26 +163,39 @@ class JobQueue:
         return job
 
     def enqueue_many(self, jobs: Iterable[Job] | Callable[..., Any] | str,
-                     arg_list: Iterable[Sequence[Any]] | None = None, **options: Any) -> list[Job]:
+                     arg_list: Iterable[Sequence[Any]] | None = None, *,
+                     wait_replicas: int | None = None, **options: Any) -> list[Job]:
         """Enqueue many jobs in few round trips.
 
         Either ``enqueue_many([job, ...])`` or ``enqueue_many(func, [args, ...], **options)``.
-        Jobs are sent in chunks; each chunk is added atomically.
+        Jobs are sent in chunks; each chunk is added atomically. ``wait_replicas``: as for
+        :meth:`enqueue`, once for all of them.
         """
+        replicas = self._replicas(wait_replicas)
         if arg_list is not None:
             built = self._build_many(jobs, arg_list, options)
         else:
             if options:
                 raise TypeError("job options go on the Job objects when enqueueing Jobs")
             built = [self._build(j, (), None, {}) for j in jobs]  # type: ignore[union-attr]
-        special = [j for j in built if j.depends_on or getattr(j, "_unique", None)]
+        special = [j for j in built
+                   if j.depends_on or j.depends_on_groups or getattr(j, "_unique", None)]
         if special:
             if len(special) != len(built):
                 raise TypeError("enqueue_many: jobs with depends_on or unique_key go through "
                                 "enqueue(), one by one")
-            return [self._enqueue_one(j, self._new_job(j)) for j in built]
+            # one WAIT, after the last: replication is one ordered stream
+            last = len(built) - 1
+            try:
+                return [self._enqueue_one(j, self._new_job(j), replicas if i == last else 0)
+                        for i, j in enumerate(built)]
+            except ReplicationTimeout as exc:
+                raise _unconfirmed(exc, built) from None
         new = [self._new_job(job) for job in built]  # all checked before anything is sent
-        self.broker.enqueue_many(new)
+        try:
+            self.broker.enqueue_many(new, replicas=replicas)
+        except ReplicationTimeout as exc:
+            raise _unconfirmed(exc, built) from None
         return built
 
     def _build_many(self, func: Any, arg_list: Iterable[Sequence[Any]],
@@ -200,8 +256,8 @@ class JobQueue:
             if check and checker is not None:
                 checker(job.args, job.kwargs)
             job.due_at = _due(delay, at)
-            job.depends_on = _parent_ids(depends_on)
-            if job.depends_on and (delay or at is not None):
+            job.depends_on, job.depends_on_groups = _parent_ids(depends_on)
+            if (job.depends_on or job.depends_on_groups) and (delay or at is not None):
                 # a deferred job is queued when its last parent completes: a due time would
                 # be dropped silently
                 raise ValueError("depends_on cannot be combined with delay or at")
@@ -219,20 +275,104 @@ class JobQueue:
                                      f"{unique_ttl!r}")
             job._unique = (unique_key, unique_ttl) if unique_key is not None else None
         check_enqueueable(job.task)
+        if job.limits:
+            self._check_limits(job.limits, getattr(job.func, "own_limit", None))
         if job.queue is None:
             job.queue = self.name
         job._queue = self
         return job
 
+    def _check_limits(self, names: Sequence[str], own: Limit | None) -> None:
+        """Make sure every limit a job names is defined on the server, once per name and
+        producer: a task's own limit is written from its declaration, a named one from the
+        config if it is there and the server lacks it; an unknown name is a
+        :class:`~jobq.limits.LimitError` (a job that could never run is not enqueued)."""
+        todo = [n for n in names if n not in self._limits_known]
+        if not todo:
+            return
+        if own is not None and own.name in todo:
+            self.broker.define_limits({own.name: own.to_json()})
+            self._limits_known.add(own.name)
+            todo.remove(own.name)
+        configured = from_config(self.config.limits)
+        missing = [n for n, ok in zip(todo, self.broker.limits_defined(todo), strict=True)
+                   if not ok]
+        from_file = {n: configured[n].to_json() for n in missing if n in configured}
+        self.broker.define_limits(from_file, keep=True)
+        unknown = [n for n in missing if n not in from_file]
+        if unknown:
+            raise LimitError(
+                f"unknown limit {unknown[0]!r}: define it in the config ([limits.{unknown[0]}]), "
+                f"with 'jobq limit set {unknown[0]} --concurrency N' or JobQueue.set_limit()")
+        self._limits_known.update(todo)
+
+    # -- limits --------------------------------------------------------------------------------
+    def set_limit(self, name: str, *, concurrency: int | None = None, rate: str | None = None,
+                  burst: int | None = None) -> Limit:
+        """Define (or redefine) a named limit shared by the tasks that name it:
+        ``set_limit("gpu", concurrency=2, rate="10/s")``. Every host sees it at its next
+        claim. :class:`~jobq.limits.LimitError` for a bad value."""
+        limit = Limit.build(name, concurrency=concurrency, rate=rate, burst=burst)
+        self.broker.define_limits({name: limit.to_json()})
+        return limit
+
+    def delete_limit(self, name: str) -> bool:
+        """Forget a limit: its jobs run unlimited from now on. True if it was defined."""
+        self._limits_known.discard(name)
+        return self.broker.delete_limit(name)
+
+    def limit_use(self) -> dict[str, dict[str, Any]]:
+        """Every limit defined or in use, by name: its definition (concurrency, rate, burst;
+        None when it has none: it limits nothing), its jobs running now, the starts its rate
+        allows now (tokens), and the queues where it holds jobs back."""
+        defined = self.limits()
+        names = sorted(set(defined) | set(self.broker.limit_names_in_use()))
+        now = time.time()
+        out = {}
+        for name, use in self.broker.limit_use(names).items():
+            limit = defined.get(name)
+            rate = limit.rate if limit else None
+            out[name] = {
+                "defined": limit is not None,
+                "concurrency": limit.concurrency if limit else None,
+                "rate": rate.text if rate else None,
+                "burst": rate.burst if rate else None,
+                "running": use.running,
+                "tokens": tokens(rate, use.tat, now) if rate else None,
+                "waiting": use.waiting,
+            }
+        return out
+
+    def limits(self) -> dict[str, Limit]:
+        """Every limit defined on the server, by name."""
+        out = {}
+        for name, raw in self.broker.limit_definitions().items():
+            try:
+                out[name] = Limit.from_json(name, raw)
+            except (ValueError, KeyError, TypeError):
+                continue  # not written by jobq: claim.lua ignores it too
+        return out
+
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
-            chunksize: int | None = None, **options: Any) -> Group:
+            chunksize: int | None = None, wait_replicas: int | None = None,
+            **options: Any) -> Group:
         """Enqueue ``func(item)`` for each item (or a job per ``chunksize`` items), pipelined;
         returns a :class:`~jobq.groups.Group`: ``progress()``, ``wait(progress=True)``,
-        ``results()`` in input order. Job options (priority, timeout, ...) apply to each."""
+        ``results()`` in input order. Job options (priority, timeout, ...) apply to each;
+        ``wait_replicas``: as for :meth:`enqueue`, once for the group and all its jobs."""
+        replicas = self._replicas(wait_replicas)
         items = list(iterable)
         size = chunksize or 1
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        # refused, not dropped: a group's jobs go in one pipelined batch, which waits for no
+        # parent, and one key cannot be unique to every item
+        if options.get("depends_on"):
+            raise TypeError("map does not take depends_on: call map from a job that depends "
+                            "on those parents")
+        if options.get("unique_key"):
+            raise TypeError("map does not take unique_key: one key cannot be unique to every "
+                            "item")
         name = task_name(func)
         group_id = new_id()
         options.setdefault("result_ttl", GROUP_TTL)
@@ -259,13 +399,16 @@ class JobQueue:
             except SerializationError as exc:
                 raise item_error(exc, items, size, job.group_index or 0) from None
         meta = {"total": len(jobs), "items": len(items), "chunk": size, "done": 0, "failed": 0,
-                "task": name, "created": time.time()}
+                "task": name, "created": time.time(), "ttl": GROUP_TTL}
         if size > 1 and jobs:  # progress counts items: the last chunk may hold fewer
             meta.update(last=jobs[-1].id, lastn=len(items) - (len(jobs) - 1) * size,
                         done_items=0, failed_items=0)
         self.broker.create_group(group_id, meta, [j.id for j in jobs], GROUP_TTL)
         if new:
-            self.broker.enqueue_many(new)
+            try:
+                self.broker.enqueue_many(new, replicas=replicas)
+            except ReplicationTimeout as exc:
+                raise _unconfirmed(exc, jobs) from None
         return Group(self, group_id)
 
     def task_info(self, name: str) -> TaskInfo | None:
@@ -439,20 +582,31 @@ class JobQueue:
 Queue = JobQueue
 
 
-def _parent_ids(parents: Any) -> list[str]:
+def _unconfirmed(exc: ReplicationTimeout, jobs: list[Job]) -> ReplicationTimeout:
+    """The broker's ReplicationTimeout, for every job of the call, with the Jobs."""
+    out = ReplicationTimeout([j.id for j in jobs], exc.wanted, exc.acknowledged, exc.timeout)
+    out.jobs = jobs
+    return out
+
+
+def _parent_ids(parents: Any) -> tuple[list[str], list[str]]:
+    """``depends_on`` (a Job, a ``queue.map`` Group, an id, or a list of them) as (job ids,
+    group ids); an id is taken for a job's until enqueue finds it is a group's."""
     if parents is None:
-        return []
-    if isinstance(parents, Job | str):
+        return [], []
+    if isinstance(parents, Job | Group | str):
         parents = [parents]
-    ids = []
+    ids, groups = [], []
     for p in parents:
         if isinstance(p, Job):
             ids.append(p.id)
+        elif isinstance(p, Group):
+            groups.append(p.id)
         elif isinstance(p, str) and p:
             ids.append(p)
         else:
-            raise TypeError(f"depends_on takes Jobs or job ids, got {p!r}")
-    return list(dict.fromkeys(ids))
+            raise TypeError(f"depends_on takes Jobs, queue.map groups or their ids, got {p!r}")
+    return list(dict.fromkeys(ids)), list(dict.fromkeys(groups))
 
 
 def _due(delay: float | None, at: Any) -> float | None:

@@ -19,6 +19,7 @@ from .catalog import TaskInfo
 from .exceptions import TaskImportError, TaskNotAllowed
 from .groups import CHUNK_TASK, run_chunk
 from .job import Job, unknown_options
+from .limits import Limit, task_limits
 from .queue import default_queue
 from .wire import TASK_NAME
 
@@ -29,18 +30,24 @@ R = TypeVar("R")
 REGISTRY: dict[str, Task[Any, Any]] = {}
 
 _OPTIONS = ("queue", "priority", "max_retries", "timeout", "result_ttl", "retry_on",
-            "dont_retry_on")
+            "dont_retry_on", "limits")
+#: What @task declares beyond job options: the task's own limit (see :mod:`jobq.limits`).
+_LIMIT_OPTIONS = ("concurrency", "rate_limit", "rate_burst")
 
 
 class Task(Generic[P, R]):
     """A function registered as a task: call it to run it here, ``.delay()`` to enqueue it."""
 
-    def __init__(self, fn: Callable[P, R], name: str, options: dict[str, Any]) -> None:
+    def __init__(self, fn: Callable[P, R], name: str, options: dict[str, Any],
+                 own_limit: Limit | None = None) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.task_name = name
         self.job_options = options
         self.default_queue = options.get("queue")
+        #: the task's own limit (concurrency=, rate_limit=), named after the task; whoever
+        #: enqueues or runs the task writes its definition to the server
+        self.own_limit = own_limit
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -50,7 +57,7 @@ class Task(Generic[P, R]):
         unknown = set(options) - set(_OPTIONS)
         if unknown:
             raise unknown_options(options, _OPTIONS, task_args="delay")
-        variant = Task(self.fn, self.task_name, {**self.job_options, **options})
+        variant = Task(self.fn, self.task_name, {**self.job_options, **options}, self.own_limit)
         return variant
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
@@ -65,16 +72,30 @@ class Task(Generic[P, R]):
 
 def task(fn: Callable[P, R] | None = None, *, name: str | None = None,
          **options: Any) -> Any:
-    """Register a function as a task: ``@task`` or ``@task(queue=..., priority=..., ...)``."""
-    unknown = set(options) - set(_OPTIONS)
+    """Register a function as a task: ``@task`` or ``@task(queue=..., priority=..., ...)``.
+
+    Limits (:mod:`jobq.limits`): ``concurrency=4`` (at most 4 running across all hosts),
+    ``rate_limit="100/m"`` with ``rate_burst=20``, ``limits=["gpu"]`` (named limits, shared);
+    a bad value is a :class:`~jobq.limits.LimitError` here, at declaration."""
+    unknown = set(options) - set(_OPTIONS) - set(_LIMIT_OPTIONS)
     if unknown:
-        raise unknown_options(options, _OPTIONS, what="task option", task_args=None)
+        raise unknown_options(options, (*_OPTIONS, *_LIMIT_OPTIONS), what="task option",
+                              task_args=None)
 
     def register(f: Callable[P, R]) -> Task[P, R]:
         task_name = name or f"{f.__module__}:{f.__qualname__}"
         if not TASK_NAME.match(task_name):
             raise ValueError(f"task name {task_name!r} is not of the form 'module:function'")
-        t = Task(f, task_name, options)
+        job_options = {k: v for k, v in options.items() if k not in _LIMIT_OPTIONS}
+        own, names = task_limits(task_name, concurrency=options.get("concurrency"),
+                                 rate_limit=options.get("rate_limit"),
+                                 rate_burst=options.get("rate_burst"),
+                                 limits=options.get("limits"))
+        if names:
+            job_options["limits"] = names
+        else:
+            job_options.pop("limits", None)
+        t = Task(f, task_name, job_options, own)
         REGISTRY[task_name] = t
         return t
 
@@ -123,6 +144,13 @@ class TaskResolver:
                         name, fn, obj.job_options if isinstance(obj, Task) else {},
                         declared=isinstance(obj, Task), now=now)
         return found
+
+    def own_limits(self) -> dict[str, str]:
+        """The definitions (JSON) of the limits the registered tasks declared for themselves
+        (``@task(concurrency=...)``): a worker writes them to the server when it boots, so
+        that a job enqueued by name, by a producer without the task's code, finds its limit."""
+        return {t.own_limit.name: t.own_limit.to_json() for t in REGISTRY.values()
+                if t.own_limit is not None}
 
     def resolve(self, name: str) -> Callable[..., Any]:
         fn = self._cache.get(name)

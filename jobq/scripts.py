@@ -13,6 +13,7 @@ EVAL once when the server does not know the script (a restarted server, a fresh 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -27,6 +28,9 @@ from .wire import LUA_CONSTANTS
 #: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
 #: or a whole queue (jobq queue delete) to make room.
 FREE_MEMORY = frozenset({"empty", "delete_queue"})
+#: Scripts that only read: they run on a server that refuses writes (out of memory, short of
+#: replicas under min-replicas-to-write), so a job's status can still be read there.
+READ_ONLY = frozenset({"holder"})
 NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "leader",
          "resign", "requeue", "empty", "enqueue_one", "giveback", "idle", "renew", "reap",
          "announce", "tasks", "delete_queue", "holder")
@@ -35,7 +39,7 @@ NAMES = ("enqueue", "claim", "ack", "release", "cancel", "promote", "fire", "lea
 def _constants() -> str:
     lines = []
     for name, value in LUA_CONSTANTS.items():
-        literal = str(value) if isinstance(value, int) else '"' + value + '"'
+        literal = str(value) if isinstance(value, int) else json.dumps(value)  # a Lua string too
         lines.append(f"local {name} = {literal}\n")
     return "".join(lines)
 
@@ -48,9 +52,11 @@ def _source(name: str) -> str:
     whole, before it runs, while the server is out of memory, instead of running until its
     first write that adds memory (claim.lua's first write is an LPOP, which frees some, so a
     legacy script went on claiming). The caller keeps what it wanted written and tries again.
-    Scripts that free memory run all the same (:data:`FREE_MEMORY`)."""
+    Scripts that free memory run all the same (:data:`FREE_MEMORY`), and so do those that
+    only read (:data:`READ_ONLY`)."""
     lua = resources.files("jobq").joinpath("lua")
-    shebang = "#!lua flags=allow-oom\n" if name in FREE_MEMORY else "#!lua\n"
+    shebang = ("#!lua flags=allow-oom\n" if name in FREE_MEMORY
+               else "#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n")
     return (shebang + _constants() + lua.joinpath("lib.lua").read_text("utf-8")
             + lua.joinpath(f"{name}.lua").read_text("utf-8"))
 
@@ -85,8 +91,17 @@ class Scripts:
         """One script call; see :meth:`run_many` for ``spin``."""
         return self.run_many([(name, keys, args)], spin)[0]
 
+    def run_and_wait(self, name: str, keys: list[str], args: list[Any], *, replicas: int,
+                     timeout: float, spin: float = 0.0) -> tuple[Any, int]:
+        """One script call, then ``WAIT replicas timeout`` on the same connection, in the same
+        round trip: the script's reply, and how many replicas acknowledged its writes (and
+        every write before them: replication is one ordered stream)."""
+        replies = self.run_many([(name, keys, args)], spin,
+                                then=("WAIT", replicas, max(1, int(timeout * 1000))))
+        return replies[0], int(replies[1])
+
     def run_many(self, calls: list[tuple[str, list[str], list[Any]]],
-                 spin: float = 0.0) -> list[Any]:
+                 spin: float = 0.0, then: tuple[Any, ...] = ()) -> list[Any]:
         """Several script calls in one round trip, their replies in order.
 
         With ``spin`` (seconds), wait for the reply by polling the socket that long before
@@ -98,15 +113,20 @@ class Scripts:
         be sent again after the calls behind it had run (an ack after the claim that should
         have found what it put back), so the scripts of a batch are loaded first, once per
         connection (again after the connection or the server's scripts were lost).
+
+        ``then``: a command sent after the calls (WAIT), its reply last; sent again after a
+        script the server did not hold, so that it follows every call's writes.
         """
         with self._lock:
             conn = self._connection()
             try:
                 if len(calls) > 1:
                     self._load(conn, {name for name, _, _ in calls} - self._loaded)
-                conn.send_packed_command(conn.pack_commands(
-                    [("EVALSHA", self._sha[name], len(keys), *keys, *args)
-                     for name, keys, args in calls]))
+                commands = [("EVALSHA", self._sha[name], len(keys), *keys, *args)
+                            for name, keys, args in calls]
+                if then:
+                    commands.append(then)
+                conn.send_packed_command(conn.pack_commands(commands))
                 if spin:
                     deadline = time.perf_counter() + spin
                     while not conn.can_read(timeout=0) and time.perf_counter() < deadline:
@@ -123,10 +143,15 @@ class Scripts:
                         unknown.append(i)
                 if unknown:
                     self._loaded.clear()  # the server lost its scripts (flushed, restarted)
+                if then:
+                    replies.append(conn.read_response())
                 for i in unknown:
                     name, keys, args = calls[i]
                     conn.send_command("EVAL", self._source[name], len(keys), *keys, *args)
                     replies[i] = conn.read_response()
+                if then and unknown:
+                    conn.send_command(*then)
+                    replies[-1] = conn.read_response()
                 return replies
             except BaseException:
                 conn.disconnect()  # a reply may be half read: never reuse this socket as is

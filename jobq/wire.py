@@ -1,8 +1,9 @@
 """The job on the wire: the one module that knows how a job is written in Redis.
 
 Four things travel, each encoded and decoded here and nowhere else (the Lua scripts read
-the spec's ``q``/``p``/``r``/``opf``/``g`` fields and build two kinds of final record; the
-defaults they need are handed to them from this module, see :data:`LUA_CONSTANTS`):
+the spec's ``q``/``p``/``r``/``opf``/``g``/``dep``/``dg`` fields and build two kinds of final
+record; the defaults they need are handed to them from this module, see
+:data:`LUA_CONSTANTS`):
 
 =============  ==========================================================================
 the spec       what to run, written once at enqueue (``{ns}:jobs``): a compact JSON object;
@@ -19,10 +20,14 @@ Spec fields::
     a  positional arguments (list)        ro   retry only on these exception names
     k  keyword arguments (object)         dro  never retry on these exception names
     q  queue ("default")                  dep  parent job ids (depends_on)
-    p  priority (0; lower runs first)     opf  "run": run even if a parent failed
+    p  priority (0; lower runs first)     dg   parent queue.map group ids (depends_on)
+                                          opf  "run": run even if a parent failed
     r  max_retries (3)                    g    queue.map group id   gi  index in the group
     to timeout, seconds (300)             c    created, epoch seconds
     o  owner: the pool that alone can run it (a task of a script's ``__main__``), see route()
+    lm the limits the job is subject to (names, see :mod:`jobq.limits`); always written
+       first, so that claim.lua and enqueue.lua tell a limited job by the spec's first bytes
+       (``{"lm":``) without decoding the spec of every job
 
 State fields (all optional; a final record carries them too)::
 
@@ -42,9 +47,9 @@ one for the attempt that completed; deliveries are the attempts plus ``u``.
 
 A field present with the value ``null`` counts as absent, but for ``t`` and ``a``, which
 jobq always writes. What the worker needs to run a job (``t a k p r to ttl g``) must be
-well formed, or the job fails; the rest (``q ro dro dep opf gi c``) is informational to the
-worker, and a malformed value there is dropped: the job runs and reads back as if it were
-absent.
+well formed, or the job fails; the rest (``q ro dro dep dg opf gi c``) is informational to
+the worker, and a malformed value there is dropped: the job runs and reads back as if it
+were absent.
 
 Data read from Redis is never trusted: :meth:`Spec.from_json` raises :class:`BadJob` saying
 what is wrong, and the worker fails such a job into the dead-letter queue instead of
@@ -115,6 +120,8 @@ class Spec(NamedTuple):
     group_index: int | None = None
     created: float | None = None
     owner: str | None = None
+    depends_on_groups: Sequence[str] = ()
+    limits: Sequence[str] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The compact object stored in Redis: options equal to their defaults left out."""
@@ -154,7 +161,9 @@ class Spec(NamedTuple):
         retry_on: Sequence[str] = ()
         dont_retry_on: Sequence[str] = ()
         depends_on: Sequence[str] = ()
+        depends_on_groups: Sequence[str] = ()
         on_parent_failure = "cancel"
+        limits: Sequence[str] = ()
         for code, value in data.items():
             if value is None or code == "t" or code == "a":
                 continue
@@ -203,15 +212,19 @@ class Spec(NamedTuple):
                 dont_retry_on = _names(value)
             elif code == "dep":
                 depends_on = _ids(value)
+            elif code == "dg":
+                depends_on_groups = _ids(value)
             elif code == "opf":
                 on_parent_failure = "run" if value == "run" else "cancel"
             elif code == "o":
                 if isinstance(value, str) and value and ROUTE not in value:
                     owner = value
+            elif code == "lm":
+                limits = _names(value)
         # tuple.__new__: the NamedTuple without its Python-level __new__ (one per job run)
         return tuple.__new__(cls, (task, args, kwargs, queue, priority, retries, timeout, ttl,
                                    retry_on, dont_retry_on, depends_on, on_parent_failure,
-                                   group, index, created, owner))
+                                   group, index, created, owner, depends_on_groups, limits))
 
 
 #: A spec's keyword arguments when it has none (read-only: shared by every such spec).
@@ -253,12 +266,19 @@ class SpecFields(Protocol):
     def created(self) -> float | None: ...
     @property
     def owner(self) -> str | None: ...
+    @property
+    def depends_on_groups(self) -> Sequence[str]: ...
+    @property
+    def limits(self) -> Sequence[str]: ...
 
 
 def spec_json(s: SpecFields) -> dict[str, Any]:
     """The compact object stored in Redis for a spec: options equal to their defaults left
     out (the Lua scripts fill the defaults back in from :data:`LUA_CONSTANTS`)."""
-    spec: dict[str, Any] = {"t": s.task, "a": s.args}
+    # "lm" first: see the module docstring (LIMITED_PREFIX)
+    spec: dict[str, Any] = {"lm": list(s.limits)} if s.limits else {}
+    spec["t"] = s.task
+    spec["a"] = s.args
     if s.kwargs:
         spec["k"] = s.kwargs
     if s.queue and s.queue != DEFAULT_QUEUE:
@@ -277,6 +297,9 @@ def spec_json(s: SpecFields) -> dict[str, Any]:
         spec["dro"] = list(s.dont_retry_on)
     if s.depends_on:
         spec["dep"] = list(s.depends_on)
+    if s.depends_on_groups:
+        spec["dg"] = list(s.depends_on_groups)
+    if s.depends_on or s.depends_on_groups:
         if s.on_parent_failure != "cancel":
             spec["opf"] = s.on_parent_failure
     if s.group is not None:
@@ -336,7 +359,7 @@ def _names(value: Any) -> list[str]:
 
 
 def _ids(value: Any) -> list[str]:
-    """Parent ids (``dep``): a list's items as strings, nothing from anything else."""
+    """Parent ids (``dep``, ``dg``): a list's items as strings, nothing from anything else."""
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
@@ -554,6 +577,9 @@ class AckEntry(NamedTuple):
 ACK_FIELDS = len(AckEntry._fields)
 ACK_KINDS = ("done", "fail", "cancel", "retry", "later")
 
+#: How a limited job's spec begins (its "lm" field first): the scripts test this prefix.
+LIMITED_PREFIX = '{"lm":'
+
 #: Constants the Lua scripts share with this module (see :mod:`jobq.scripts`).
 LUA_CONSTANTS: dict[str, str | int] = {
     "DEFAULT_QUEUE": DEFAULT_QUEUE,
@@ -561,4 +587,5 @@ LUA_CONSTANTS: dict[str, str | int] = {
     "DEFAULT_MAX_RETRIES": DEFAULT_MAX_RETRIES,
     "MAX_ERRORS_KEPT": MAX_ERRORS_KEPT,
     "ACK_FIELDS": ACK_FIELDS,
+    "LIMITED_PREFIX": LIMITED_PREFIX,
 }

@@ -256,6 +256,46 @@ def square(x: int) -> int:
     return x * x
 
 
+def timed_item(item: dict[str, object]) -> object:
+    """A map item ``{"key", "value", "seconds", "gate", "fail", "fail_first", "hang"}``: sleep
+    ``seconds``, wait for a token on ``test:<gate>`` if given, then fail (ValueError) when
+    ``fail``, or on its first run when ``fail_first``; else record "<value> <when it ended>"
+    under ``key`` and return the value.
+    With ``hang``, its first run records its pid under ``key:pid`` and sleeps 30 s (a run to
+    kill)."""
+    client = _redis()
+    key, value = item["key"], item["value"]
+    first = client.incr(f"test:{key}:{value}:runs") == 1
+    if item.get("hang") and first:
+        client.rpush(f"test:{key}:pid", str(os.getpid()))
+        time.sleep(30)
+    time.sleep(float(item.get("seconds", 0)))  # type: ignore[arg-type]
+    if item.get("gate") and client.blpop([f"test:{item['gate']}"], timeout=30) is None:
+        raise TimeoutError(f"nobody opened the gate {item['gate']!r} within 30 s")
+    if item.get("fail") or (item.get("fail_first") and first):
+        raise ValueError(f"item {value} fails as asked")
+    client.rpush(f"test:{key}", f"{value} {time.time()!r}")
+    return value
+
+
+def group_report(key: str) -> dict[str, object]:
+    """Record when it starts under ``key:report``; return the results of the groups it waited
+    for (``current_job().group_results``, by group id; a failed item as "failed <index>:
+    <the error>") and of its parent jobs."""
+    import jobq
+
+    _redis().rpush(f"test:{key}:report", repr(time.time()))
+    ctx = jobq.current_job()
+    if ctx is None:
+        raise RuntimeError("not inside a jobq job")
+    groups = {gid: [f"failed {r.index}: {r}" if isinstance(r, Exception) else r
+                    # one group: the default, else by id
+                    for r in (ctx.group_results() if len(ctx.parent_groups) == 1
+                              else ctx.group_results(gid))]
+              for gid in ctx.parent_groups}
+    return {"groups": groups, "parents": ctx.parent_results()}
+
+
 def sleep_until_cancelled(key: str, seconds: float) -> str:
     """Record "started", then sleep ``seconds``; record the name of whatever interrupts it
     (JobCancelled), or "finished" when the sleep ran to its end."""
@@ -422,3 +462,53 @@ def chaos_die_mid_slot_write(key: str) -> str:
             struct.pack_into("<Q", slot.mem, slot.offset, seq | 1)
         os.kill(os.getpid(), signal.SIGKILL)
     return job_id
+
+
+# -- for test_limits.py ----------------------------------------------------------------------
+
+
+def _span(key: str, seconds: float) -> str:
+    """Record this run's own start and end times (and pid) in ``test:<key>``: the limits'
+    tests judge overlaps and rates by them, not by the machine's timings."""
+    start = time.time()
+    time.sleep(seconds)
+    _redis().rpush(f"test:{key}", f"{start:.6f} {time.time():.6f} {os.getpid()}")
+    return "ok"
+
+
+@task(concurrency=1)
+def one_at_a_time(key: str, seconds: float = 0.0) -> str:
+    """At most one runs at once, across every host."""
+    return _span(key, seconds)
+
+
+@task(concurrency=2)
+def two_at_a_time(key: str, seconds: float = 0.0) -> str:
+    return _span(key, seconds)
+
+
+@task(rate_limit="20/s")
+def twenty_a_second(key: str) -> str:
+    """Records its start time: at most 20 starts a second (burst 1)."""
+    _redis().rpush(f"test:{key}", f"{time.time():.6f}")
+    return "ok"
+
+
+@task(limits=["gpu"])
+def on_the_gpu(key: str, seconds: float = 0.0) -> str:
+    """Shares the named limit "gpu" (defined by the test)."""
+    return _span(key, seconds)
+
+
+@task(concurrency=1)
+def one_at_a_time_marked(key: str, seconds: float = 30) -> str:
+    """One at a time; records its pid first (a run to kill), then its span. Only the first
+    run takes ``seconds`` (a job given back when its host is lost runs again)."""
+    runs = _redis().rpush(f"test:{key}:pid", str(os.getpid()))
+    return _span(key, seconds if runs == 1 else 0)
+
+
+@task(concurrency=1000)
+def limited_noop() -> None:
+    """A limit too high to bind: what a limit costs (bench, tests)."""
+    return None

@@ -447,6 +447,31 @@ def test_enqueue_wait_prints_the_result(jobq: Callable[..., Result], spawn: Spaw
     assert "failed: ValueError: bad input" in failed.stderr
 
 
+def test_enqueue_depends_on_a_group(jobq: Callable[..., Result], queue: JobQueue,
+                                    spawn: Spawn, tmp_path: Path) -> None:
+    k = key()
+    queue.suspend()
+    group = queue.map(tasks.square, range(4))
+    parent = queue.enqueue(tasks.add, 1, 1)
+    child = queue.get_job(jobq("enqueue", "jobq_testtasks:group_report", json.dumps(k),
+                               "--depends-on", f"{group.id},{parent.id}").stdout.strip())
+    assert child.status is JobStatus.DEFERRED
+    assert (child.depends_on, child.depends_on_groups) == ([parent.id], [group.id])
+    err = jobq("enqueue", "jobq_testtasks:noop", "--depends-on", group.id, "--depends-on",
+               "nobody", code=exitcodes.NOT_FOUND).stderr
+    assert "no job with id 'nobody', nor a queue.map group" in err
+    assert queue.get_stats()["enqueued"] == 6  # 4 items, the parent, the child
+    start_master(spawn, tmp_path)
+
+    queue.resume()
+    out = as_json(jobq("enqueue", "jobq_testtasks:group_report", json.dumps(f"{k}:2"),
+                       "--depends-on", group.id, "--wait", "--wait-timeout", "30"))
+
+    assert out == {"groups": {group.id: [0, 1, 4, 9]}, "parents": {}}
+    assert queue.wait(child.id, timeout=30).return_value == {
+        "groups": {group.id: [0, 1, 4, 9]}, "parents": {parent.id: 2}}
+
+
 def test_suspended_queue_is_not_claimed_from_until_resumed(
         jobq: Callable[..., Result], queue: JobQueue, r: redis.Redis, spawn: Spawn,
         tmp_path: Path) -> None:

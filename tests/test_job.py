@@ -503,10 +503,13 @@ def test_task_decorator_refuses_unknown_options() -> None:
         registry.task(retries=3)
     with pytest.raises(TypeError, match="unknown job option"):
         tasks.registered.options(retries=3)
-    with pytest.raises(TypeError, match=r"limit: did you mean \.delay\(\.\.\., limit=1\)\?"):
-        tasks.registered.options(limit=1)
-    with pytest.raises(TypeError, match=r"unknown task option\(s\): limit \(task options: "
-                                        r"dont_retry_on, max_retries, priority, queue, "):
+    with pytest.raises(TypeError, match=r"size: did you mean \.delay\(\.\.\., size=1\)\?"):
+        tasks.registered.options(size=1)
+    with pytest.raises(TypeError, match=r"unknown task option\(s\): size \(task options: "
+                                        r"concurrency, dont_retry_on, limits, max_retries, "
+                                        r"priority, queue, "):
+        registry.task(size=1)
+    with pytest.raises(TypeError, match=r"limit: did you mean limits\?"):
         registry.task(limit=1)
     with pytest.raises(TypeError, match=r"priorty: did you mean priority\?"):
         registry.task(priorty=1)

@@ -105,7 +105,8 @@ def test_by_default_a_job_stuck_past_its_limit_frees_its_slot_within_a_second() 
 def test_a_worker_over_the_memory_hard_limit_is_killed_even_while_busy() -> None:
     w = busy(8, started=NOW - 1, timeout=300, memory_mb=512.4)
     [action] = check_workers(NOW, [w], LIMITS)
-    assert action == Kill(8, "memory hard limit: worker used 512 MB, over 500 MB; it was killed")
+    assert action == Kill(8, "memory hard limit: worker used 512 MB, over 500 MB; it was killed",
+                          "memory_hard_limit")
 
 
 def test_no_memory_limits_when_they_are_zero() -> None:
@@ -117,7 +118,7 @@ def test_an_idle_worker_without_heartbeat_is_killed() -> None:
     hung = worker(9, heartbeat=NOW - 61)
     fresh = worker(10, heartbeat=NOW - 59)
     actions = check_workers(NOW, [hung, fresh], LIMITS)
-    assert actions == [Kill(9, "no heartbeat for 61 s while idle (hung?); killed")]
+    assert actions == [Kill(9, "no heartbeat for 61 s while idle (hung?); killed", "heartbeat")]
 
 
 def test_a_booting_worker_is_not_judged_by_heartbeat() -> None:

@@ -63,7 +63,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> int:
 
 
 def claim(queue: JobQueue, count: int, *queues: str, worker: str = "w1") -> list[str]:
-    _, claimed = queue.broker.exchange(worker, [], queues or ("default",), count)
+    claimed = queue.broker.exchange(worker, [], queues or ("default",), count).claimed
     return [job_id for job_id, _, _, _ in claimed]
 
 

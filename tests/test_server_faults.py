@@ -120,6 +120,26 @@ def test_a_server_out_of_memory_is_waited_out_no_worker_dies_no_job_runs_twice(
     assert text.count("refuses writes") <= 2 * 3  # said once per worker and condition, not per try
 
 
+def test_a_jobs_status_is_read_on_a_server_that_refuses_writes(
+        valkeys: list[Valkey], tmp_path: Path) -> None:
+    """Reading a job runs a script (who holds it); a script that may write is refused as a
+    whole by a server out of memory, so a status read used to fail exactly when an operator
+    looks. The read-only one declares it (no-writes) and runs."""
+    server = Valkey(tmp_path / "full").start()
+    valkeys.append(server)
+    queue = JobQueue("default", redis_url=server.url)
+    job = queue.enqueue(tasks.add, 1, 2)
+    client = connect(server.url)
+    client.mset({f"filler:{i}": "x" * 1000 for i in range(4000)})
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1mb")  # far below what it holds: every write is refused
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        queue.enqueue(tasks.add, 3, 4)
+    got = queue.get_job(job.id)
+    assert got is not None and got.status == JobStatus.PENDING
+    assert queue.get_status(job.id) == "pending"
+
+
 # -- frozen ---------------------------------------------------------------------------------
 
 def test_a_frozen_server_stalls_no_supervision_and_takes_no_live_worker_for_dead(

@@ -27,6 +27,8 @@ LAZY: dict[tuple[str, str], str] = {
     ("jobq", "jobq.pool"): "`import jobq` stays light: WorkerPool brings the master along",
     ("jobq", "jobq.scheduler"): "`import jobq` stays light: loaded on first use",
     ("jobq", "jobq.store"): "`import jobq` stays light: loaded on first use",
+    ("jobq.metrics", "jobq.metrics.exporter"): (
+        "prometheus_client (the metrics extra) is imported only when metrics are on"),
     ("jobq.worker", "jobq.pool"): (
         "scripts import WorkerPool from jobq.worker; the pool sits above the master, which "
         "imports jobq.worker.loop (not this package face), so no cycle"),

@@ -399,6 +399,292 @@ def test_group_wait_with_progress_prints_lines_when_not_a_tty(
     assert all(line.endswith(" done, 0 failed") and "/12 " in line for line in lines)
 
 
+# -- depending on a group (depends_on=group) ---------------------------------------------------
+
+def item_ends(r: redis.Redis, k: str) -> dict[int, float]:
+    """When each timed_item recorded under ``k`` ended, by value (one entry per value: an
+    item recorded twice fails the test)."""
+    ends = [line.split() for line in runs(r, k)]
+    assert len({v for v, _ in ends}) == len(ends), f"an item ended twice: {ends}"
+    return {int(v): float(t) for v, t in ends}
+
+
+def report_starts(r: redis.Redis, k: str) -> list[float]:
+    return [float(t) for t in runs(r, f"{k}:report")]
+
+
+def test_a_job_that_depends_on_a_map_runs_once_after_every_item_and_reads_their_results(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    k = key()
+    queue.suspend()  # no item ends before the report is enqueued
+    values = list(range(12))
+    group = queue.map(tasks.timed_item, [{"key": k, "value": v, "seconds": (v % 4) * 0.03,
+                                          "fail_first": v == 5} for v in values],
+                      max_retries=1)
+    report = queue.enqueue(tasks.group_report, k, depends_on=group)
+    assert report.status is JobStatus.DEFERRED
+    assert (report.depends_on, report.depends_on_groups) == ([], [group.id])
+    assert queue.get_stats()["deferred"] == 1
+    start_master(spawn, tmp_path)
+
+    queue.resume()
+    done = finished(queue, report, timeout=30)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == {"groups": {group.id: values}, "parents": {}}
+    ends = item_ends(r, k)
+    assert sorted(ends) == values
+    [start] = report_starts(r, k)  # it ran once, after every item ended
+    assert start >= max(ends.values())
+    jobs = [queue.get_job(i) for i in group.job_ids()]
+    assert done.started_at >= max(j.completed_at for j in jobs)
+    # the item that failed once was retried: its first end did not count as the group's
+    assert jobs[5].attempts == 2 and jobs[5].status is JobStatus.COMPLETED
+    stats = queue.get_stats()
+    assert (stats["deferred"], stats["completed"], stats["cancelled"]) == (0, 13, 0)
+    assert not r.exists(queue.keys.group_waits(group.id))
+    assert not r.hexists(queue.keys.group(group.id), "dep_ttl")
+
+
+def test_a_failed_item_cancels_the_dependent_and_one_that_runs_anyway_sees_the_error(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    k = key()
+    queue.suspend()
+    group = queue.map(tasks.timed_item, [{"key": k, "value": v, "fail": v == 3}
+                                         for v in range(6)], max_retries=0)
+    cancelled = queue.enqueue(tasks.group_report, f"{k}:c", depends_on=group)
+    anyway = queue.enqueue(tasks.group_report, f"{k}:a", depends_on=group.id,  # by its id
+                           on_parent_failure="run")
+    after_cancelled = queue.enqueue(tasks.record, k, "after", depends_on=cancelled)
+    assert anyway.depends_on_groups == [group.id]
+    start_master(spawn, tmp_path)
+
+    queue.resume()
+    for job in (cancelled, anyway, after_cancelled):
+        finished(queue, job, timeout=30)
+
+    why = f"parent group {group.id} did not complete: 1 of its 6 jobs failed or were cancelled"
+    done = queue.get_job(cancelled.id)
+    assert done.status is JobStatus.CANCELLED
+    assert done.final_error["type"] == "ParentFailed"
+    assert done.error == f"ParentFailed: {why}"
+    assert runs(r, f"{k}:c:report") == []  # it never ran
+    after = queue.get_job(after_cancelled.id)  # and its own dependent neither
+    assert after.status is JobStatus.CANCELLED and cancelled.id in after.final_error["msg"]
+    ran = queue.get_job(anyway.id)
+    assert ran.status is JobStatus.COMPLETED, ran.error
+    results = ran.return_value["groups"][group.id]
+    assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]
+    failed_id = group.job_ids()[3]
+    assert results[3] == (f"failed 3: item 3 (job {failed_id}) failed: ValueError: item 3 "
+                          "fails as asked")  # the error, not None
+    [start] = report_starts(r, f"{k}:a")
+    assert start >= max(item_ends(r, k).values())
+    assert queue.get_stats()["deferred"] == 0
+
+
+def test_a_group_that_already_ended_is_not_waited_for(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k = key()
+    good = queue.map(tasks.square, range(4))
+    bad = queue.map(tasks.square, [1, -2], max_retries=0)
+    assert good.wait(timeout=30) and bad.wait(timeout=30)
+
+    after_good = queue.enqueue(tasks.group_report, k, depends_on=good)
+    after_bad = queue.enqueue(tasks.record, k, "after-bad", depends_on=[bad.id])
+    anyway = queue.enqueue(tasks.group_report, f"{k}:a", depends_on=bad,
+                           on_parent_failure="run")
+
+    # pending at once, or cancelled at once: never deferred
+    assert after_good.status is JobStatus.PENDING and anyway.status is JobStatus.PENDING
+    assert after_bad.status is JobStatus.CANCELLED
+    record = queue.get_job(after_bad.id)
+    assert record.status is JobStatus.CANCELLED
+    assert record.final_error == {"type": "ParentFailed", "msg": f"parent group {bad.id} did "
+                                  "not complete: 1 of its 2 jobs failed or were cancelled"}
+    assert finished(queue, after_good).return_value == {"groups": {good.id: [0, 1, 4, 9]},
+                                                        "parents": {}}
+    [first, second] = finished(queue, anyway).return_value["groups"][bad.id]
+    assert first == 1 and second.startswith("failed 1: item 1 (job ")
+    assert second.endswith("failed: ValueError: negative: -2")
+    assert runs(r, k) == []  # after-bad never ran
+    assert queue.get_stats()["deferred"] == 0
+    assert not r.exists(queue.keys.group_waits(good.id))
+
+
+def test_a_job_that_depends_on_chunked_maps_reads_one_result_per_item(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k = key()
+    queue.suspend()
+    good = queue.map(tasks.square, range(10), chunksize=3)
+    bad = queue.map(tasks.square, [0, 1, 2, 3, -4, 5, 6], chunksize=3, max_retries=0)
+    report = queue.enqueue(tasks.group_report, k, depends_on=[good, bad],
+                           on_parent_failure="run")
+    cancelled = queue.enqueue(tasks.group_report, f"{k}:c", depends_on=bad)
+    assert report.depends_on_groups == [good.id, bad.id]
+
+    queue.resume()
+    done = finished(queue, report, timeout=30)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    groups = done.return_value["groups"]
+    assert groups[good.id] == [x * x for x in range(10)]  # per item, the short last chunk too
+    results = groups[bad.id]
+    assert len(results) == 7 and results[:3] == [0, 1, 4] and results[6] == 36
+    for failed in results[3:6]:  # the failed chunk: each of its items names the failing one
+        assert failed.startswith("failed 4: item 4 (job ") and "negative: -4" in failed
+    gone = finished(queue, cancelled)
+    assert gone.status is JobStatus.CANCELLED
+    assert gone.final_error["msg"].endswith("1 of its 3 jobs failed or were cancelled")
+    assert runs(r, f"{k}:c:report") == []
+
+
+def test_a_job_that_depends_on_a_group_and_a_job_waits_for_both(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k, gate = key(), key()
+    parent = queue.enqueue(tasks.gated, f"{k}:parent", gate, False, 7)
+    group = queue.map(tasks.timed_item, [{"key": k, "value": v} for v in range(5)])
+
+    report = queue.enqueue(tasks.group_report, k, depends_on=[group.id, parent])
+
+    assert (report.depends_on, report.depends_on_groups) == ([parent.id], [group.id])
+    assert group.wait(timeout=30)
+    started(r, f"{k}:parent")
+    assert status(queue, report) is JobStatus.DEFERRED  # the group ended, the job has not
+    open_gate(r, gate)
+    done = finished(queue, report)
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == {"groups": {group.id: list(range(5))},
+                                 "parents": {parent.id: 7}}
+    assert done.started_at >= queue.get_job(parent.id).completed_at
+    [start] = report_starts(r, k)
+    assert start >= max(item_ends(r, k).values())
+
+
+def test_dependents_enqueued_while_their_group_ends_are_never_left_deferred(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    ready_workers(start_master(spawn, tmp_path))
+    k = key()
+    group = queue.map(tasks.timed_item, [{"key": k, "value": v} for v in range(40)])
+    dependents = []
+    while not group.progress().finished:  # as the items end, one after the other
+        dependents.append(queue.enqueue(tasks.noop, depends_on=group))
+    for _ in range(5):
+        dependents.append(queue.enqueue(tasks.noop, depends_on=group))
+
+    assert {j.status for j in dependents} == {JobStatus.DEFERRED, JobStatus.PENDING}
+    for job in dependents:
+        assert finished(queue, job).status is JobStatus.COMPLETED
+    assert queue.get_stats()["deferred"] == 0
+    assert not r.exists(queue.keys.deps)
+
+
+def test_a_worker_killed_mid_group_the_dependent_still_runs_once_after_every_item(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    master = start_master(spawn, tmp_path)
+    k = key()
+    values = list(range(8))
+    group = queue.map(tasks.timed_item, [{"key": k, "value": v, "seconds": 0.02,
+                                          "hang": v == 2} for v in values], max_retries=2)
+    report = queue.enqueue(tasks.group_report, k, depends_on=group)
+    [victim] = started(r, f"{k}:pid")
+    assert int(victim) in ready_workers(master)
+    assert status(queue, report) is JobStatus.DEFERRED
+
+    os.kill(int(victim), signal.SIGKILL)
+    done = finished(queue, report, timeout=30)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == {"groups": {group.id: values}, "parents": {}}
+    ends = item_ends(r, k)
+    assert sorted(ends) == values
+    [start] = report_starts(r, k)
+    assert start >= max(ends.values())
+    killed = queue.get_job(group.job_ids()[2])
+    assert killed.status is JobStatus.COMPLETED and killed.attempts == 2
+    assert [e["type"] for e in killed.errors] == ["WorkerLost"]
+    assert group.progress() == Progress(8, 0, 8)
+    assert queue.get_stats()["deferred"] == 0
+
+
+def test_a_requeued_item_is_waited_for_again_not_counted_twice(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    start_master(spawn, tmp_path)
+    k, gate = key(), key()
+    group = queue.map(tasks.timed_item, [{"key": k, "value": 0, "fail_first": True},
+                                         {"key": k, "value": 1, "gate": gate}], max_retries=0)
+    report = queue.enqueue(tasks.group_report, k, depends_on=group, on_parent_failure="run")
+    first, gated = group.job_ids()
+    assert finished(queue, first).status is JobStatus.FAILED
+    assert group.progress() == Progress(0, 1, 2)
+
+    assert queue.requeue(first)
+    assert group.progress() == Progress(0, 0, 2)  # in flight again
+    assert finished(queue, first).status is JobStatus.COMPLETED
+    assert group.progress() == Progress(1, 0, 2)  # not 1 done + 1 failed: "ended"
+    assert status(queue, report) is JobStatus.DEFERRED  # the gated item still runs
+    open_gate(r, gate)
+    done = finished(queue, report)
+
+    assert done.status is JobStatus.COMPLETED, done.error
+    assert done.return_value == {"groups": {group.id: [0, 1]}, "parents": {}}
+    [start] = report_starts(r, k)
+    assert start >= max(item_ends(r, k).values())
+
+
+def test_cancelling_and_deleting_a_groups_jobs_settles_the_jobs_waiting_for_it(
+        queue: JobQueue, r: redis.Redis) -> None:
+    k = key()
+    other = JobQueue("other", redis_url=queue.url)
+    group = queue.map(tasks.square, range(3))
+    child = other.enqueue(tasks.record, k, "child", depends_on=group)
+    anyway = other.enqueue(tasks.record, k, "anyway", depends_on=group,
+                           on_parent_failure="run")
+
+    assert queue.cancel(group.job_ids()[0])
+    assert status(queue, child) is JobStatus.DEFERRED  # two of its jobs are left
+    assert queue.delete()["pending"] == 2
+
+    done = queue.get_job(child.id)
+    assert done.status is JobStatus.CANCELLED  # not deferred for ever
+    assert done.final_error["msg"] == (f"parent group {group.id} did not complete: 3 of its "
+                                       "3 jobs failed or were cancelled")
+    assert status(queue, anyway) is JobStatus.PENDING
+    assert group.progress() == Progress(0, 3, 3)
+    assert other.get_stats()["deferred"] == 0
+
+    # a job waiting for a group is deleted with its own queue, and leaves the group's waiters
+    group = other.map(tasks.square, range(2))
+    waiting = queue.enqueue(tasks.record, k, "waiting", depends_on=group)
+    stays = other.enqueue(tasks.record, k, "stays", depends_on=group)
+    assert queue.delete()["deferred"] == 1
+    assert r.smembers(queue.keys.group_waits(group.id)) == {stays.id}
+    assert group.cancel() == 2
+    assert queue.get_job(waiting.id) is None  # not brought back by its group's end
+    assert status(queue, stays) is JobStatus.CANCELLED
+    assert not r.exists(queue.keys.deps)
+
+
+def test_an_unknown_or_expired_group_is_refused_at_enqueue_and_nothing_is_written(
+        queue: JobQueue, r: redis.Redis) -> None:
+    with pytest.raises(UnknownJob, match="no job with id 'nope', nor a queue.map group"):
+        queue.enqueue(tasks.noop, depends_on="nope")
+    group = queue.map(tasks.square, range(2))
+    r.delete(queue.keys.group(group.id))  # as when it expires
+    with pytest.raises(UnknownJob, match=f"no queue.map group with id '{group.id}'"):
+        queue.enqueue(tasks.noop, depends_on=group, id="child-1")
+    with pytest.raises(UnknownJob, match=f"no job with id '{group.id}', nor a queue.map group"):
+        queue.enqueue(tasks.noop, depends_on=[group.id], id="child-1")
+    assert queue.get_job("child-1") is None
+    stats = queue.get_stats()
+    assert (stats["enqueued"], stats["deferred"], stats["pending"]) == (2, 0, 2)
+    with pytest.raises(TypeError, match="depends_on takes Jobs, queue.map groups or their ids"):
+        queue.enqueue(tasks.noop, depends_on=[42])
+
+
 # -- unique keys and cancellation --------------------------------------------------------------
 
 def test_concurrent_enqueues_of_one_unique_key_make_one_job(
@@ -496,3 +782,33 @@ def test_cancelling_a_running_job_interrupts_it(
     # the worker survived the interruption and takes the next job
     assert finished(queue, queue.enqueue(tasks.add, 1, 1)).return_value == 2
     assert ready_workers(master) == before
+
+
+def test_map_refuses_what_its_batch_cannot_honour(queue: JobQueue, r: redis.Redis) -> None:
+    """depends_on and unique_key used to be dropped by map without a word: its jobs would
+    run at once, or twice. Refused, and nothing is written."""
+    parent = queue.enqueue(tasks.add, 1, 2, delay=60)
+    before = set(r.keys(f"{queue.keys.base}:*"))
+    with pytest.raises(TypeError, match="map does not take depends_on"):
+        queue.map(tasks.square, [1, 2, 3], depends_on=parent)
+    with pytest.raises(TypeError, match="map does not take unique_key"):
+        queue.map(tasks.square, [1, 2, 3], unique_key="nightly")
+    assert set(r.keys(f"{queue.keys.base}:*")) == before
+
+
+def test_a_group_is_kept_a_day_after_its_last_job_ended_not_after_map(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    """A map that runs longer than a day used to lose its counts (and leave whoever waited
+    for it waiting for good) a day after map(): each job that ends now keeps the group a day
+    from then. Its expiry is brought near first, as if the map had run for most of a day."""
+    group = queue.map(tasks.square, [1, 2, 3], delay=60)
+    report = queue.enqueue(tasks.add, 1, 2, depends_on=group)
+    keys = [queue.keys.group(group.id), queue.keys.group_ids(group.id),
+            queue.keys.group_waits(group.id)]
+    for k in keys:
+        assert r.expire(k, 100)
+    queue.broker.promote(time.time() + 120)  # due now
+    ready_workers(start_master(spawn, tmp_path))
+    assert list(group.results(timeout=30)) == [1, 4, 9]
+    assert queue.wait(report.id, timeout=30).status == JobStatus.COMPLETED
+    assert 86_000 < r.ttl(keys[0]) <= 86_400 and 86_000 < r.ttl(keys[1]) <= 86_400

@@ -25,6 +25,8 @@ HEADLINE: dict[str, tuple[tuple[str, str], ...]] = {
     "memory": (("bytes_per_job", "<= 200"),),
     "backlog": (("ratio", ">= 0.9"),),
     "tail": (("efficiency", ">= 0.95"),),
+    "limited": (("ratio", ">= 0.8"),),
+    "metrics": (("metrics_jobs_per_s", ">= 0.97 of without"),),
 }
 #: How the table shows a figure's ratio and reference, by the reference's key.
 REFERENCE_TEXT = {
@@ -32,6 +34,7 @@ REFERENCE_TEXT = {
     "bare_server_us_per_job": "{ratio} of bare {ref}",
     "rtt_per_s": "{ratio} of {ref} round trips/s",
     "rtt_ms": "{ratio} round trips of {ref} ms",
+    "plain_jobs_per_s": "{ratio} of {ref} without metrics",
 }
 
 

@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from .. import exitcodes
 from .. import info as info_mod
-from ..exceptions import JobFailed, UnknownJob, UnknownTask
+from ..exceptions import JobFailed, ReplicationTimeout, UnknownJob, UnknownTask
 from ..job import QUEUE_NAME
 from ..queue import JobQueue
 from ..schedule import ScheduleDef, ScheduleError, iso_time, local_time
@@ -99,8 +99,9 @@ def _positional(text: str | None) -> list[Any]:
               help="Run after this many seconds.")
 @click.option("--at", "at_", default=None, metavar="TIME",
               help="Run at this ISO date-time (without a zone: local time).")
-@click.option("--depends-on", "depends_on", multiple=True, metavar="JOB_ID",
-              help="Run once this job finished (repeat, or separate ids by commas).")
+@click.option("--depends-on", "depends_on", multiple=True, metavar="ID",
+              help="Run once this job, or every job of this queue.map group, finished "
+                   "(repeat, or separate ids by commas).")
 @click.option("--unique-key", default=None, metavar="KEY",
               help="Enqueue nothing while a job with this key is alive.")
 @click.option("--timeout", type=float, default=None, help="The job's time limit (seconds).")
@@ -109,11 +110,14 @@ def _positional(text: str | None) -> list[Any]:
               help="Enqueue even if no running worker announced the task.")
 @click.option("--wait", is_flag=True, help="Wait for the job and print its result.")
 @click.option("--wait-timeout", type=float, default=None, metavar="SECONDS")
+@click.option("--wait-replicas", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Return once N replicas have the job (WAIT), else exit 1 saying it was "
+              "enqueued on the primary only (default: the config's wait_replicas).")
 def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | None,
             queue_name: str | None, priority: int | None, delay: float | None,
             at_: str | None, depends_on: tuple[str, ...], unique_key: str | None,
             timeout: float | None, max_retries: int | None, force: bool, wait: bool,
-            wait_timeout: float | None) -> int:
+            wait_timeout: float | None, wait_replicas: int | None) -> int:
     """Enqueue TASK (module:function) with ARGS_JSON (a JSON array); print the job id.
 
     The task's declared options (queue, timeout, retries, ...) apply unless given here, as
@@ -126,9 +130,13 @@ def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | N
              "max_retries": max_retries, "unique_key": unique_key,
              "at": _iso_time(at_, "--at") if at_ is not None else None,
              "depends_on": [i for ids in depends_on for i in ids.split(",") if i] or None}
-    options = {k: v for k, v in given.items() if v is not None}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
-        job = queue.enqueue(task, *args, kwargs=kwargs, strict=not force, **options)
+        job = queue.enqueue(task, *args, kwargs=kwargs, strict=not force,
+                            wait_replicas=wait_replicas, **options)
+    except ReplicationTimeout as exc:
+        click.echo(exc.job_ids[0])  # it was enqueued: its id, for whoever acts on it
+        raise CliError(str(exc), exitcodes.FAILURE) from None
     except UnknownTask:
         raise _unknown_task(queue, task) from None
     except UnknownJob as exc:

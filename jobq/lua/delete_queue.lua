@@ -60,6 +60,9 @@ local function undefer(id, job)
       if redis.call('SCARD', wk) == 0 then redis.call('SREM', B .. ':parents', parent) end
     end
   end
+  if type(job.dg) == 'table' then  -- the groups it waits for (depends_on=group)
+    for _, gid in ipairs(job.dg) do redis.call('SREM', B .. ':gwaits:' .. tostring(gid), id) end
+  end
   return true
 end
 
@@ -106,6 +109,7 @@ local function take_held()
     end
   end
   deleted[HELD] = deleted[HELD] + #taken
+  free_slots(B, taken, wake_cap)
   if #taken > 0 then drop(taken) end
 end
 

@@ -10,7 +10,8 @@
 -- worker registered in {ns}:idle:<queue> (score: when, ms, server clock) and blocks on its own list
 -- {ns}:hand:<worker>, which receives "id\nqueue\nspec"; the job is recorded as held by that
 -- worker (its held hash, its lease) as a claim would, so it is just as safe, and
--- the worker starts it without another round trip. Otherwise the job goes to the end of
+-- the worker starts it without another round trip (never a limited job: claim.lua enforces
+-- limits). Otherwise the job goes to the end of
 -- {ns}:q:<queue>:<priority>; the sorted set {ns}:q:<queue> holds the non-empty priority
 -- levels, so a claim finds the best level in O(log levels); a token in {ns}:wake:<queue>
 -- wakes an idle worker. A job due later waits in {ns}:scheduled and wakes the scheduler.
@@ -33,7 +34,8 @@ for i = 4, #ARGV, 5 do
     else
       if not ready[q] then ready[q] = {} end
       local list = ready[q]
-      list[#list + 1] = {tonumber(prio), prio, id, spec, #list + 1}
+      list[#list + 1] = {tonumber(prio), prio, id, spec, #list + 1,
+                          string.sub(spec, 1, #LIMITED_PREFIX) == LIMITED_PREFIX}
     end
   end
 end
@@ -51,11 +53,16 @@ for q, list in pairs(ready) do
       if a[1] ~= b[1] then return a[1] < b[1] end
       return a[5] < b[5]
     end)
+    local k = 0  -- the last job looked at: a limited one is never handed (claim.lua
+                 -- enforces its limits)
     for _, w in ipairs(idle) do
+      while k < #list and list[k + 1][6] do k = k + 1 end
+      if k >= #list then break end  -- only limited jobs left: the idle stay idle
       redis.call('ZREM', idle_key, w)  -- handed a job, or busy already (a stale entry)
-      if handed < #list and redis.call('EXISTS', B .. ':held:' .. w) == 0 then
+      if redis.call('EXISTS', B .. ':held:' .. w) == 0 then
         handed = handed + 1
-        local job = list[handed]
+        k = k + 1
+        local job = list[k]
         job.handed = true
         redis.call('HSET', B .. ':held:' .. w, job[3], q)
         redis.call('ZADD', B .. ':leases', now + lease, w)

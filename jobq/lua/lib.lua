@@ -132,39 +132,84 @@ local function finish(B, id, record, ttl)
   redis.call('HDEL', B .. ':state', id)
 end
 
--- Count a finished member (job id) of a group (queue.map): "done" or "failed", and wake its
--- waiters. A group of chunks also counts its items ("done_items", "failed_items"): each chunk
--- holds "chunk" items but the last one ("last"), which holds "lastn".
-local function group_done(B, gid, field, id)
-  if gid == nil or gid == '' or gid == cjson.null then return end
-  local gk = B .. ':g:' .. gid
-  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
-  if not meta[1] then return end
-  redis.call('HINCRBY', gk, field, 1)
+-- Settles the jobs waiting for a group when its last job ended (defined below: it calls
+-- resolve_children, which calls group_done).
+local settle_group
+
+-- Add `by` to a group's count of its jobs in `field` ("done", "failed"); a group of chunks
+-- also counts their items ("done_items", "failed_items"): each chunk holds "chunk" items but
+-- the last one ("last"), which holds "lastn". meta: the group's total, chunk, last, lastn.
+local function group_add(gk, meta, field, id, by)
+  redis.call('HINCRBY', gk, field, by)
   local chunk = tonumber(meta[2]) or 1
   if chunk > 1 then
     local n = chunk
     if meta[3] == id then n = tonumber(meta[4]) or chunk end
-    redis.call('HINCRBY', gk, field .. '_items', n)
+    redis.call('HINCRBY', gk, field .. '_items', by * n)
+  end
+end
+
+-- Count a finished member (job id) of a group (queue.map): "done" or "failed" (and its
+-- items), and wake its waiters. A group that jobs wait for (depends_on=group: its "dep_ttl"
+-- is set) settles them when this was its last job.
+local function group_done(B, gid, field, id)
+  if gid == nil or gid == '' or gid == cjson.null then return end
+  local gk = B .. ':g:' .. gid
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn', 'dep_ttl', 'ttl')
+  if not meta[1] then return end
+  group_add(gk, meta, field, id, 1)
+  local ttl = tonumber(meta[6])
+  if ttl then
+    -- kept ttl seconds after its last job ended, not after map(): a map that runs longer
+    -- keeps its counts, and whoever waits for it, while its jobs still end
+    redis.call('EXPIRE', gk, ttl)
+    redis.call('EXPIRE', B .. ':gi:' .. gid, ttl)
+    if meta[5] then redis.call('EXPIRE', B .. ':gwaits:' .. gid, ttl) end
   end
   local wk = B .. ':gw:' .. gid
   redis.call('RPUSH', wk, '1')
   redis.call('LTRIM', wk, -16, -1)
   redis.call('EXPIRE', wk, 3600)
+  if meta[5] then settle_group(B, gid) end
+end
+
+-- A member of a group that had ended ("done" or "failed") is put back in its queue
+-- (requeue.lua): it no longer counts as ended, so that it counts once when it ends again (a
+-- group counted twice would look ended, and settle the jobs that wait for it, while another
+-- of its jobs still runs).
+local function group_undone(B, gid, field, id)
+  if gid == nil or gid == '' or gid == cjson.null then return end
+  local gk = B .. ':g:' .. gid
+  local meta = redis.call('HMGET', gk, 'total', 'chunk', 'last', 'lastn')
+  if meta[1] then group_add(gk, meta, field, id, -1) end
+end
+
+-- Why a job that waited for a group is cancelled: some of the group's jobs did not complete.
+local function group_failed(gid, failed, total)
+  return 'parent group ' .. gid .. ' did not complete: ' .. failed .. ' of its ' .. total ..
+    ' jobs failed or were cancelled'
 end
 
 -- A parent finished: completed (ok) or failed/cancelled for good. Its dependents become
 -- pending when their last parent completes; when a parent fails they are cancelled, and
--- theirs in turn (or they run anyway, with on_parent_failure="run").
-local function resolve_children(B, parent, ok, now, wake_cap, ttl)
-  local stack = {{parent, ok}}
+-- theirs in turn (or they run anyway, with on_parent_failure="run"). With group_why the
+-- parent is a queue.map group whose jobs all ended (its waiters are in {ns}:gwaits:<group>),
+-- and group_why says why its dependents are cancelled if it failed.
+local function resolve_children(B, parent, ok, now, wake_cap, ttl, group_why)
+  local stack = {{parent, ok, group_why}}
   while #stack > 0 do
     local item = table.remove(stack)
-    local pid, pok = item[1], item[2]
-    local wk = B .. ':waits:' .. pid
+    local pid, pok, why = item[1], item[2], item[3]
+    local wk
+    if why then
+      wk = B .. ':gwaits:' .. pid
+    else
+      wk = B .. ':waits:' .. pid
+      why = 'parent job ' .. pid .. ' did not complete'
+      redis.call('SREM', B .. ':parents', pid)
+    end
     local children = redis.call('SMEMBERS', wk)
     redis.call('DEL', wk)
-    redis.call('SREM', B .. ':parents', pid)
     for _, child in ipairs(children) do
       local spec = redis.call('HGET', B .. ':jobs', child)
       local left = redis.call('HGET', B .. ':deps', child)
@@ -184,8 +229,7 @@ local function resolve_children(B, parent, ok, now, wake_cap, ttl)
         else
           redis.call('HDEL', B .. ':deps', child)
           local st = {s = 'cancelled', fin = now / 1000,
-                      err = {type = 'ParentFailed', msg = 'parent job ' .. pid ..
-                             ' did not complete'}}
+                      err = {type = 'ParentFailed', msg = why}}
           finish(B, child, final_record(spec, st), ttl)
           count(B, q, 'deferred', -1)
           count(B, q, 'cancelled', 1)
@@ -196,6 +240,20 @@ local function resolve_children(B, parent, ok, now, wake_cap, ttl)
       end
     end
   end
+end
+
+-- A group that jobs wait for counted one more finished job: once every job of it ended (for
+-- good: a retry is not counted), its waiters are settled as a parent's, ok only if none of its
+-- jobs failed; enqueue_one.lua left in the group the settings they need ("dep_ttl",
+-- "dep_wake"), which go: the group settles once, and a job enqueued after that sees it ended.
+settle_group = function(B, gid)
+  local gk = B .. ':g:' .. gid
+  local g = redis.call('HMGET', gk, 'total', 'done', 'failed', 'dep_ttl', 'dep_wake')
+  local total, failed = tonumber(g[1]), tonumber(g[3]) or 0
+  if (tonumber(g[2]) or 0) + failed < total then return end
+  redis.call('HDEL', gk, 'dep_ttl', 'dep_wake')
+  resolve_children(B, gid, failed == 0, server_ms(), tonumber(g[5]), tonumber(g[4]),
+                   group_failed(gid, failed, total))
 end
 
 -- After jobs finished: resolve the dependents of those that have any.
@@ -214,4 +272,49 @@ local function ended_unfinished(B, ids, now, wake_cap, ttl)
   local oks = {}
   for k = 1, #ids do oks[k] = false end
   finished_parents(B, ids, oks, now, wake_cap, ttl)
+end
+
+-- Limits (jobq/limits.py, claim.lua). Wake one idle worker of each queue where jobs wait
+-- for limit `name` ({ns}:lim:<name>:wait, filled by claim.lua), and forget them: a woken
+-- worker that still finds them held back puts them there again.
+local function wake_waiting(B, name, wake_cap)
+  local wk = B .. ':lim:' .. name .. ':wait'
+  for _, q in ipairs(redis.call('SMEMBERS', wk)) do wake(B, q, 1, wake_cap) end
+  redis.call('DEL', wk)
+end
+
+-- The names in a limited spec's "lm" (it begins with LIMITED_PREFIX; limit names hold no
+-- quote or bracket).
+local function limit_names(spec)
+  local names = {}
+  local body = string.match(spec, '^{"lm":%[([^%]]*)%]')
+  if body then
+    for name in string.gmatch(body, '"([^"]+)"') do names[#names + 1] = name end
+  end
+  return names
+end
+
+-- Jobs that no worker holds any more (settled, given back, released, deleted; called while
+-- their specs are still there): free the slots claim.lua took for them in their concurrency
+-- limits ({ns}:lim:<name>:run), named by their specs, and wake a worker for what waited on a
+-- limit that had one. One EXISTS when no limit is defined.
+local function free_slots(B, ids, wake_cap)
+  if #ids == 0 or redis.call('EXISTS', B .. ':limits') == 0 then return end
+  local specs = redis.call('HMGET', B .. ':jobs', unpack(ids))
+  local freed = {}  -- limit name -> the ids to free in it
+  for k, spec in ipairs(specs) do
+    if spec and string.sub(spec, 1, #LIMITED_PREFIX) == LIMITED_PREFIX then
+      for _, name in ipairs(limit_names(spec)) do
+        local f = freed[name]
+        if not f then f = {}; freed[name] = f end
+        f[#f + 1] = ids[k]
+      end
+    end
+  end
+  for name, f in pairs(freed) do
+    -- a rate, or a limit defined after the claim, holds no slot: nothing freed, nobody woken
+    if redis.call('HDEL', B .. ':lim:' .. name .. ':run', unpack(f)) > 0 then
+      wake_waiting(B, name, wake_cap)
+    end
+  end
 end

@@ -100,6 +100,9 @@ if current ~= '' and current ~= '-' and redis.call('HEXISTS', jobs, current) == 
   -- ran: no cancel request of it is left behind
   redis.call('HDEL', B .. ':cancel', current)
 end
+local ids = {}
+for i = 1, #held, 2 do ids[#ids + 1] = held[i] end
+free_slots(B, ids, wake_cap)
 redis.call('DEL', held_key)
 redis.call('DEL', B .. ':hand:' .. worker)  -- what was handed to it is in held_key too
 redis.call('ZREM', B .. ':leases', worker)

@@ -59,12 +59,13 @@ from typing import Any
 
 import psutil
 
-from .. import exitcodes
+from .. import exitcodes, metrics
 from .. import log as jobq_log
 from ..config import Config, ConfigError, load_config
 from ..connection import ServerProblem, check_server
 from ..exceptions import TaskImportError
 from ..log import Repeats
+from ..metrics.tally import TallyTable, Totals
 from ..process import die_with_parent, kill_group, memory_mb, send_signal, set_title
 from ..registry import TaskResolver
 from ..schedule import ScheduleError
@@ -101,7 +102,8 @@ _DUTIES_WAKE = 0
 #: Config keys a reload cannot change: the server and the key names the master's duties and
 #: the scheduler hold from the start (new workers would use others), the pidfile it holds,
 #: the logging it set up. A HUP that changes one is refused: it takes a restart.
-FIXED_AT_START = ("redis_url", "prefix", "pidfile", "log_file", "log_level", "log_format")
+FIXED_AT_START = ("redis_url", "prefix", "pidfile", "log_file", "log_level", "log_format",
+                  "metrics_port", "metrics_host")
 #: Why a master with no task module neither starts nor reloads: every job would fail. (A
 #: WorkerPool's master may: its workers run the functions of the script's ``__main__``.)
 NO_TASK_MODULE = ('imports: no task module: name the modules that define your tasks '
@@ -156,6 +158,15 @@ class Master:
         self.host = socket.gethostname().split(".")[0] or "host"
         self.slots = SlotTable(max(64, 8 * config.workers))
         self.duties: Duties | None = None
+        #: what the metrics read (jobq.metrics): the workers as the last tick saw them, the
+        #: restarts by cause and the reloads by result, and with metrics on the workers'
+        #: per-task tallies
+        self.seen_now: list[Seen] = []
+        self.restarts = dict.fromkeys(policy.RESTART_CAUSES, 0)
+        self.reloads = {"applied": 0, "refused": 0}
+        self.totals = (Totals(TallyTable(self.slots.capacity)) if config.metrics_port
+                       else None)
+        self._metrics: Any = None  # the HTTP server of the metrics, when on
         self._wakeup_r = self._wakeup_w = -1
         #: signals read before the loop ran (while waiting for the server), for it to act on
         self._early_signals = b""
@@ -186,6 +197,8 @@ class Master:
                 self._fatal(problem)
                 return exitcodes.IMPORT
             self.url = resolve_url(self.config)
+            if self.config.metrics_port and not self._serve_metrics():
+                return exitcodes.USAGE
             self._title()
             if not self._wait_for_server():
                 return self.exit_code
@@ -218,6 +231,18 @@ class Master:
             self._cleanup()
         log.info("master %d stopped", os.getpid())
         return self.exit_code
+
+    def _serve_metrics(self) -> bool:
+        """Listen for scrapes (metrics_port): before anything is forked, so that a port
+        taken or the extra missing stops the master at once (exit 2)."""
+        try:
+            self._metrics = metrics.load_exporter().serve_master(self, self.config, self.url)
+        except metrics.MetricsError as exc:
+            self._fatal(str(exc))
+            return False
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host,
+                 self._metrics.port)
+        return True
 
     def _wait_for_server(self) -> bool:
         """Before anything is forked: the server must answer, as one jobq can use. A lasting
@@ -270,18 +295,19 @@ class Master:
             self._read_memory()
         for action in policy.check_workers(now, list(self.workers.values()), self.limits):
             if isinstance(action, Kill):
-                self._kill(action.pid, action.cause)
+                self._kill(action.pid, action.cause, action.kind)
             elif isinstance(action, Retire):
                 log.warning("recycling worker %d: %s", action.pid, action.reason)
-                self._retire(action.pid, now)
+                self._retire(action.pid, now, action.kind)
         self._interrupt_cancelled()
         self._apply_controls()
+        self.seen_now = self._seen()
         if self.duties is not None:
-            self.duties.seen(self._seen())
+            self.duties.seen(self.seen_now)
         if self.reload_started is not None and (
                 self._all_ready() or now - self.reload_started > RELOAD_READY_WAIT):
             for pid in self.to_retire:
-                self._retire(pid, now)
+                self._retire(pid, now, "reload")
             self.to_retire = []
             self.reload_started = None
             notify("READY=1")
@@ -289,7 +315,7 @@ class Master:
             for pid, w in list(self.workers.items()):
                 if not w.killing:
                     self._kill(pid, "still running at graceful_timeout when stopping; "
-                                    "re-queued")
+                                    "re-queued", "stopping")
         if not self.stopping and not self.scheduler_pid and now >= self.scheduler_due:
             self._spawn_scheduler()
 
@@ -393,6 +419,7 @@ class Master:
             self._reload(config)
 
     def _refuse_reload(self, why: str) -> None:
+        self.reloads["refused"] += 1
         message = " ".join(f"reload refused, the running workers and config stay: {why}".split())
         log.error("%s", message)
         notify("READY=1")
@@ -400,6 +427,7 @@ class Master:
 
     def _reload(self, config: Config) -> None:
         log.info("reloading: config re-read, replacing %d worker(s)", len(self.workers))
+        self.reloads["applied"] += 1
         self.config = config
         if self.duties is not None:
             self.duties.reconfigure(config)
@@ -475,11 +503,11 @@ class Master:
             log.info("stopping: waiting up to %g s for running jobs",
                      self.config.graceful_timeout)
             for pid in list(self.workers):
-                self._retire(pid, now)
+                self._retire(pid, now, "stopping")
         else:
             log.info("stopping now: running jobs are re-queued")
             for pid in list(self.workers):
-                self._kill(pid, "master stopped at once (QUIT); re-queued")
+                self._kill(pid, "master stopped at once (QUIT); re-queued", "stopping")
         if self.scheduler_pid:
             send_signal(self.scheduler_pid,
                         signal.SIGTERM if how == "graceful" else signal.SIGKILL)
@@ -507,7 +535,7 @@ class Master:
             else:
                 victim = min(current, key=lambda w: (w.busy, -w.slot))
                 current.remove(victim)
-                self._retire(victim.pid, now)
+                self._retire(victim.pid, now, "scaled_down")
             count -= 1
 
     def _free_slot(self) -> int | None:
@@ -584,10 +612,11 @@ class Master:
             slot.fail_boot(message)
             log.error("worker %d: %s", slot_index, message)
             return exitcodes.IMPORT
+        tally = self.totals.table.writer(slot_index) if self.totals is not None else None
         worker = Worker(self._worker_queues(), config=self.config, url=self.url,
                         resolver=resolver, name=name, slot=slot, renew_leases=False,
                         max_jobs=max_jobs, master_pid=self.pid, title=f"{slot_index}",
-                        announcer=self.id, generation=self.generation)
+                        announcer=self.id, generation=self.generation, tally=tally)
         return worker.run()
 
     def _worker_queues(self) -> list[str]:
@@ -625,18 +654,23 @@ class Master:
         current = [w for w in self.workers.values() if w.generation == self.generation]
         return len(current) >= self.target and all(w.ready for w in current)
 
-    def _retire(self, pid: int, now: float) -> None:
+    def _retire(self, pid: int, now: float, why: str) -> None:
+        """Ask a worker to stop after its current job (``why``: one of policy.ENDINGS)."""
         w = self.workers.get(pid)
         if w is None or w.retiring_since is not None:
             return
         w.retiring_since = now
+        w.ending = why
         send_signal(pid, signal.SIGTERM)
 
-    def _kill(self, pid: int, cause: str) -> None:
+    def _kill(self, pid: int, cause: str, why: str) -> None:
+        """Kill a worker now (``why``: one of policy.ENDINGS); its job is given back with
+        ``cause``."""
         w = self.workers.get(pid)
         if w is None or w.killing:
             return
         w.killing = cause
+        w.ending = why
         if not self.stopping:
             log.warning("killing worker %d (slot %d): %s", pid, w.slot, cause)
         kill_group(pid)
@@ -682,6 +716,11 @@ class Master:
             self.duties.worker_gone(w.name, current, decision.cause, acks,
                                     self._worker_queues())
         self.slots.clear(w.slot)
+        if self.totals is not None:  # its counts stay in the totals, its slot is emptied
+            self.totals.worker_gone(w.slot)
+        cause = policy.restart_cause(w, status)
+        if cause and not self.stopping:
+            self.restarts[cause] += 1
         if decision.unexpected and not self.stopping:
             self.repeats.say(decision.kind, "worker %d (slot %d) %s%s", w.pid, w.slot,
                              decision.cause,
@@ -765,6 +804,8 @@ class Master:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
+        if self._metrics is not None:
+            self._metrics.close()
         if self._pidfile is not None:
             release(self._pidfile)
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from .. import catalog, serialization
+from .. import catalog, limits, serialization
 from ..broker import Broker
 from ..config import Config
 from ..connection import connect, describe_error
@@ -117,6 +117,8 @@ class Duties:
         self._epoch: str | None = None
         self._thread = threading.Thread(target=self._run, name="jobq-duties", daemon=True)
         self._next_renew = self._next_cancel = self._next_beat = self._next_server = 0.0
+        #: whether the config's limits ([limits.NAME]) are written to the server yet
+        self._limits_defined = False
 
     # -- what the arbiter calls -------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +132,7 @@ class Duties:
         """A reload: the new config's lease time and retention apply from now on."""
         self.config = config
         self.broker.config = config
+        self._limits_defined = False  # the new config's limits replace the old ones
 
     def beat_now(self) -> None:
         """Describe the master at once (the arbiter applied a control request: its sender
@@ -268,6 +271,10 @@ class Duties:
             self.broker.describe_master(self.master_id, serialization.dumps(
                 self._describe(self._seen, now)), catalog.ttl(self.config.lease_time))
             self._check_epoch()
+            if not self._limits_defined:
+                self.broker.define_limits({name: limit.to_json() for name, limit in
+                                           limits.from_config(self.config.limits).items()})
+                self._limits_defined = True
         except redis.RedisError as exc:
             log.debug("heartbeat failed: %s", exc)
 
@@ -281,6 +288,8 @@ class Duties:
                       "job it held is gone: queued, scheduled, deferred, and the %d running "
                       "here, whose results will be dropped; counters start again from zero",
                       redact(self.url), running)
+        if epoch != self._epoch:
+            self._limits_defined = False  # a server that lost its data lost them too
         self._epoch = epoch
 
     def _forget_master(self) -> None:

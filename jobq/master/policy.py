@@ -68,6 +68,18 @@ class WorkerState:
     retiring_since: float | None = None  # asked to stop after its current job
     ready_since: float | None = None  # when the master first saw it ready
     killing: str | None = None  # why we killed it, once we did
+    ending: str = ""  # why the master ended it (retired or killed): one of ENDINGS
+
+
+#: Why a worker exits, as metrics count its restarts (``jobq_worker_restarts_total{cause}``):
+#: the master ended it (killed at a limit, retired, recycled), or it ended on its own.
+KILL_CAUSES = ("hard_timeout", "memory_hard_limit", "heartbeat", "stop_timeout")
+RETIRE_CAUSES = ("memory_soft_limit", "reload")
+OWN_CAUSES = ("max_jobs", "killed", "crashed")
+RESTART_CAUSES = KILL_CAUSES + RETIRE_CAUSES + OWN_CAUSES
+#: Endings after which no worker takes the slot's place: not restarts.
+NOT_RESTARTS = ("scaled_down", "stopping")
+ENDINGS = KILL_CAUSES + RETIRE_CAUSES + NOT_RESTARTS
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class Kill:
 
     pid: int
     cause: str
+    kind: str = ""  # one of KILL_CAUSES
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ class Retire:
 
     pid: int
     reason: str
+    kind: str = ""  # one of RETIRE_CAUSES
 
 
 Action = Kill | Retire
@@ -100,23 +114,25 @@ def check_workers(now: float, workers: list[WorkerState], limits: Limits) -> lis
             actions.append(Kill(w.pid, (
                 f"hard time limit: job {w.job_id} ran {now - w.job_started:.1f} s, past its "
                 f"timeout plus {limits.hard_timeout_grace:g} s grace, and did not stop on "
-                "SIGALRM; its worker was killed")))
+                "SIGALRM; its worker was killed"), "hard_timeout"))
         elif limits.memory_hard_mb and w.memory_mb and w.memory_mb > limits.memory_hard_mb:
             actions.append(Kill(w.pid, (
                 f"memory hard limit: worker used {w.memory_mb:.0f} MB, over "
-                f"{limits.memory_hard_mb:g} MB; it was killed")))
+                f"{limits.memory_hard_mb:g} MB; it was killed"), "memory_hard_limit"))
         elif (w.ready and not w.busy and w.heartbeat
               and now - w.heartbeat > limits.heartbeat_timeout):
             actions.append(Kill(w.pid, (
-                f"no heartbeat for {now - w.heartbeat:.0f} s while idle (hung?); killed")))
+                f"no heartbeat for {now - w.heartbeat:.0f} s while idle (hung?); killed"),
+                "heartbeat"))
         elif (w.retiring_since is not None
               and now - w.retiring_since > limits.graceful_timeout + limits.hard_timeout_grace):
-            actions.append(Kill(w.pid, "did not stop within graceful_timeout after SIGTERM"))
+            actions.append(Kill(w.pid, "did not stop within graceful_timeout after SIGTERM",
+                                "stop_timeout"))
         elif (w.retiring_since is None and limits.memory_soft_mb and w.memory_mb
               and w.memory_mb > limits.memory_soft_mb):
             actions.append(Retire(w.pid, (
                 f"memory soft limit: {w.memory_mb:.0f} MB > {limits.memory_soft_mb:g} MB; "
-                "recycled after its current job")))
+                "recycled after its current job"), "memory_soft_limit"))
     return actions
 
 
@@ -239,6 +255,17 @@ def on_exit(now: float, worker: WorkerState, status: int, history: SlotHistory,
                   + (f": {boot_error}" if boot_error else ""))
         return ExitDecision(cause, None, (exitcodes.WORKER_BOOT, reason), kind=kind)
     return ExitDecision(cause, history.not_before, kind=kind)
+
+
+def restart_cause(worker: WorkerState, status: int) -> str | None:
+    """Why a worker exited, as one of RESTART_CAUSES; None when no worker replaces it (the
+    pool shrank, or the master stops)."""
+    if worker.ending:
+        return None if worker.ending in NOT_RESTARTS else worker.ending
+    _, code, sig = describe_exit(status)
+    if sig is not None:
+        return "killed"  # by someone else: an operator, the OOM killer
+    return "max_jobs" if code == 0 else "crashed"
 
 
 def max_jobs_for(base: int, jitter: float, rng: random.Random) -> int:

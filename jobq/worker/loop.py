@@ -45,6 +45,7 @@ from ..connection import connect, describe_error, unavailable
 from ..exceptions import JobCancelled, JobTimeout, TaskNotAllowed
 from ..keys import Keys
 from ..log import Trouble
+from ..metrics.tally import INVALID_TASK, Tally
 from ..process import BlockingCall, Interrupted, set_title
 from ..registry import TaskResolver
 from ..settle import Completed, Failed, RetryPolicy, Settlement, settle
@@ -92,7 +93,7 @@ class Worker:
                  resolver: TaskResolver, name: str | None = None, burst: bool = False,
                  slot: Slot | None = None, renew_leases: bool = True, max_jobs: int = 0,
                  master_pid: int | None = None, title: str = "", announcer: str | None = None,
-                 generation: int = 0) -> None:
+                 generation: int = 0, tally: Tally | None = None) -> None:
         self.queues = list(queues)
         self.config = config
         self.url = url
@@ -106,6 +107,8 @@ class Worker:
         #: whom the tasks this worker can run are announced for (its master, or itself)
         self.announcer = announcer or self.name
         self.generation = generation
+        #: per-task counts for the master's metrics (None when they are off)
+        self.tally = tally
         self._announced = False
         self.title_prefix = f"jobq worker {title or self.name}"
         self.policy = RetryPolicy.from_config(config)
@@ -130,6 +133,9 @@ class Worker:
         self._lease_stop = threading.Event()
         self._trouble: Trouble | None = None  # the server cannot be used now
         self._epoch: str | None = None
+        #: when the last claim got nothing because a rate limit held jobs back: how long this
+        #: worker waits to keep the limit's time (claim.lua), instead of its idle tick
+        self._keep_time: float | None = None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -195,7 +201,8 @@ class Worker:
         delay = RECONNECT_FIRST
         while True:
             try:
-                stale, claimed = self.broker.exchange(self.name, self._acks, self.queues, want)
+                stale, claimed, keep_time = self.broker.exchange(self.name, self._acks,
+                                                                 self.queues, want)
                 break
             except redis.RedisError as exc:
                 if not unavailable(exc):
@@ -230,10 +237,13 @@ class Worker:
                             "lapsed, or deleted with their queue (%s)", len(stale),
                             ", ".join(stale[:5]))
             self._acks = []
+            if self.tally is not None:  # counted once the server has their outcome
+                self.tally.publish()
             if self.slot is not None:
                 self.slot.journal_sent()
         if not want:
             return False
+        self._keep_time = keep_time
         self._buffer.extend(claimed)
         if self._resync:
             self._give_back_orphans()
@@ -268,6 +278,7 @@ class Worker:
                        for name, info in self.resolver.describe(time.time()).items()}
             self.broker.announce_tasks(self.announcer, self.generation, entries,
                                        catalog.ttl(self.config.lease_time))
+            self.broker.define_limits(self.resolver.own_limits())
         except redis.RedisError as exc:
             log.debug("could not announce the tasks yet: %s", describe_error(exc, self.url))
             return
@@ -299,10 +310,14 @@ class Worker:
             self._stopping = True
             return
         tick = HOUSEKEEP_EVERY if self.renew_leases else IDLE_TICK
+        keep_time, self._keep_time = self._keep_time, None
+        on_time = keep_time is not None and keep_time < tick
+        if keep_time is not None and on_time:
+            tick = keep_time  # a rate-limited job may start then: be on time
         try:
             # a TERM interrupts the blocking wait (and one that came before it is seen by
             # the wait's own check of the flag, under the same span)
-            handed = self._waiting.call(self._wait, tick)
+            handed = self._waiting.call(self._wait, tick, on_time)
         except redis.RedisError as exc:
             if not unavailable(exc):
                 raise
@@ -312,10 +327,10 @@ class Worker:
         if handed is not None:  # already held by us
             self._buffer.append(handed)
 
-    def _wait(self, tick: float) -> Claimed | None:
+    def _wait(self, tick: float, on_time: bool) -> Claimed | None:
         if self._stopping:  # a TERM came before the span opened
             return None
-        return self.broker.wait_for_work(self.name, self.queues, tick)
+        return self.broker.wait_for_work(self.name, self.queues, tick, on_time=on_time)
 
     def _housekeep(self) -> None:
         """Without a master (so maybe without a scheduler), promote due retries and delayed
@@ -345,7 +360,7 @@ class Worker:
         except (BadJob, TaskNotAllowed) as exc:
             task = spec.task if spec is not None else "?"
             self._settle(claimed, spec, Failed(exc, started, time.time(), permanent=True),
-                         task)
+                         task, runnable=False)
             return
         task = spec.task
         if self.slot is not None:
@@ -378,7 +393,7 @@ class Worker:
         self._settle(claimed, spec, outcome, task)
 
     def _settle(self, claimed: Claimed, spec: Spec | None, outcome: Completed | Failed,
-                task: str) -> None:
+                task: str, runnable: bool = True) -> None:
         self._avg = 0.5 * self._avg + 0.5 * (outcome.finished - outcome.started)
         if isinstance(outcome, Completed):
             self.jobs_done += 1
@@ -386,6 +401,12 @@ class Worker:
         s = settle(job_id, queue, spec_raw, spec, state_raw, outcome, worker=self.name,
                    worker_json=self._name_json, policy=self.policy)
         self._ack(s.entry)
+        if self.tally is not None:
+            # enqueue-to-start: first attempts only (a retry's includes its back-off)
+            created = spec.created if spec is not None and state_raw is None else None
+            self.tally.record(queue, task if runnable else INVALID_TASK, s.status,
+                              outcome.finished - outcome.started,
+                              outcome.started - created if created else None)
         if s.status != "completed" or log.isEnabledFor(logging.DEBUG):
             _log_settlement(job_id, task, s, outcome)
 
