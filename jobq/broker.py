@@ -250,6 +250,10 @@ class Broker:
             pipe.zscore(k.scheduled, job_id).hget(k.deps, job_id).execute())
         return JobParts(final, spec, state, _opt_str(holder), due, deps is not None)
 
+    def dependents(self, job_id: str) -> list[str]:
+        """The deferred jobs still waiting for this one (``depends_on``), sorted."""
+        return sorted(str(i) for i in self._r.smembers(self.keys.waits(job_id)))
+
     def final_record(self, job_id: str) -> str | None:
         return _opt_str(self._r.get(self.keys.result(job_id)))
 

@@ -99,6 +99,9 @@ class Config:
     #: named limits, ``[limits.NAME]`` tables: concurrency, rate, burst (jobq.limits)
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    #: the token ``jobq web --allow-actions`` asks for ('': a new one each start); never shown
+    web_token: str = field(default="", repr=False)
+
     def __post_init__(self) -> None:
         values = _validate({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
         for name, value in values.items():
@@ -307,6 +310,17 @@ class _Limits:
         return {name: dict(table) for name, table in value.items()}
 
 
+class _Secret(_Str):
+    """A string that is a secret: a bad value is described, never shown."""
+
+    def __call__(self, value: Any) -> str:
+        try:
+            return super().__call__(value)
+        except _Invalid:
+            shown = f"{len(value)} characters" if isinstance(value, str) else _show(value)
+            raise _Invalid(f"expected {self.expect}, got {shown}") from None
+
+
 def _valid_url(url: str) -> bool:
     scheme, sep, _ = url.partition("://")
     return url == "" or (bool(sep) and scheme.lower() in URL_SCHEMES)
@@ -410,6 +424,9 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "metrics_host": _Str("a host name or address to listen on", check=bool),
     "schedules": _Schedules(),
     "limits": _Limits(),
+    "web_token": _Secret("'' or a token of 16 to 256 printable characters without spaces",
+                         check=lambda s: s == "" or (16 <= len(s) <= 256 and s.isprintable()
+                                                     and " " not in s)),
 }
 
 

@@ -139,6 +139,9 @@ class Keys:
     def done(self, job_id: str) -> str:
         return f"{self.base}:done:{job_id}"
 
+    def waits(self, parent: str) -> str:
+        return f"{self.base}:waits:{parent}"
+
     def group(self, group_id: str) -> str:
         return f"{self.base}:g:{group_id}"
 

@@ -23,6 +23,7 @@ LAZY: dict[tuple[str, str], str] = {
     ("jobq.cli", "jobq.cli.master"): "`jobq` itself never needs the master's machinery",
     ("jobq.cli.bench", "jobq.bench"): "the bench's own tasks register only when it runs",
     ("jobq.cli.run", "jobq.demo"): "the demo's own tasks register only when it runs",
+    ("jobq.cli.web", "jobq.web.server"): "only `jobq web` needs the web extra (Flask, waitress)",
     ("jobq", "jobq.pool"): "`import jobq` stays light: WorkerPool brings the master along",
     ("jobq", "jobq.scheduler"): "`import jobq` stays light: loaded on first use",
     ("jobq", "jobq.store"): "`import jobq` stays light: loaded on first use",

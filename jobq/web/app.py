@@ -1,0 +1,257 @@
+"""The dashboard's pages and actions (Flask): every value goes through Jinja's autoescape,
+every action is a POST that :func:`.security.refusal` lets through, and no page carries
+inline script or style (the Content-Security-Policy forbids them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import redis
+from flask import (
+    Flask,
+    abort,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.wrappers import Response
+
+from ..schedule import local_time
+from ..scheduler import Scheduler
+from ..urls import redact
+from . import security
+from .data import DLQ_PAGE, Dashboard
+
+#: What a page may load: its own scripts, styles and images, nothing inline, no frames.
+#: ("Referrer-Policy: no-referrer" would make Chrome send "Origin: null" with our own forms.)
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+           "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
+           "Cross-Origin-Opener-Policy": "same-origin"}
+#: How often the live parts of a page refresh where scripts run (milliseconds).
+LIVE_EVERY_MS = 2000
+#: What a schedule form may ask, and what the page then says.
+SCHEDULE_OPS = {"pause": "paused", "resume": "resumed", "run-now": "run now"}
+
+
+def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str = "",
+               secret_key: bytes | None = None) -> Flask:
+    """The dashboard over ``dashboard``'s server. ``token`` is required with
+    ``allow_actions`` (the CLI makes one, or takes the config's ``web_token``)."""
+    if allow_actions and len(token) < 16:
+        raise ValueError("actions need a token of at least 16 characters")
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY=secret_key or os.urandom(32), SESSION_COOKIE_NAME="jobq_web",
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+                      MAX_CONTENT_LENGTH=64 * 1024, TEMPLATES_AUTO_RELOAD=False)
+    app.jinja_env.filters.update(when=_when, pretty=_pretty, mb=_mb, seconds=_seconds)
+    queue = dashboard.queue
+
+    @app.context_processor
+    def page_context() -> dict[str, Any]:
+        return {"actions": allow_actions, "signed_in": _signed_in(),
+                "csrf": session.get(security.CSRF_FIELD, ""), "server": redact(queue.url),
+                "prefix": queue.config.prefix, "live_every": LIVE_EVERY_MS}
+
+    def _signed_in() -> bool:
+        return allow_actions and session.get("auth") is True
+
+    @app.before_request
+    def give_csrf() -> None:
+        if allow_actions and security.CSRF_FIELD not in session:
+            session[security.CSRF_FIELD] = security.new_token()
+
+    @app.after_request
+    def harden(response: Response) -> Response:
+        response.headers.update(HEADERS)
+        if request.endpoint != "static":
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.errorhandler(redis.RedisError)
+    def server_trouble(exc: redis.RedisError) -> tuple[str, int]:
+        message = str(exc).replace(queue.url, redact(queue.url))
+        return render_template("error.html", title="Server unreachable",
+                               message=f"cannot read the server: {message}"), 503
+
+    @app.errorhandler(404)
+    def not_found(exc: Any) -> tuple[str, int]:
+        return render_template("error.html", title="Not found",
+                               message=getattr(exc, "description", "not found")), 404
+
+    # -- pages (GET never changes anything) ---------------------------------------------------
+    @app.get("/")
+    def index() -> str:
+        return render_template("index.html", data=dashboard.overview())
+
+    @app.get("/job")
+    def job() -> str:
+        job_id = request.args.get("id", "").strip()
+        if not job_id:
+            return render_template("job_lookup.html")
+        page = dashboard.job(job_id)
+        if page is None:
+            abort(404, f"no job {job_id!r}: never enqueued, or its record expired")
+        return render_template("job.html", page=page, job=page.job)
+
+    @app.get("/dlq")
+    def dlq() -> str:
+        counts = {q["queue"]: q["dead"] for q in dashboard.overview()["queues"]}
+        name = request.args.get("queue") or next((q for q, n in counts.items() if n), None) \
+            or next(iter(counts), "default")
+        if name not in counts:
+            abort(404, f"no queue {name!r}")
+        jobs, total = dashboard.dead_letters(name)
+        return render_template("dlq.html", queue=name, counts=counts, jobs=jobs, total=total,
+                               page_size=DLQ_PAGE)
+
+    @app.get("/schedules")
+    def schedules() -> str:
+        items, leader = dashboard.schedules()
+        return render_template("schedules.html", schedules=items, leader=leader)
+
+    @app.get("/groups")
+    def groups() -> str:
+        group_id = request.args.get("id", "").strip()
+        if not group_id:
+            return render_template("group_lookup.html")
+        page = dashboard.group(group_id)
+        if page is None:
+            abort(404, f"no group {group_id!r}: never made, or expired")
+        return render_template("group.html", group=page)
+
+    # -- signing in -----------------------------------------------------------------------------
+    @app.get("/login")
+    def login_form() -> str:
+        if not allow_actions:
+            abort(404, "nothing to sign in to: this dashboard is read-only")
+        return render_template("login.html")
+
+    @app.post("/login")
+    def login() -> Response | tuple[str, int]:
+        why = security.refusal(allowed=allow_actions, token=token, signed_in=True,
+                               session_csrf=session.get(security.CSRF_FIELD),
+                               form_csrf=request.form.get(security.CSRF_FIELD),
+                               authorization=None, origin=request.headers.get("Origin"),
+                               host=request.host)
+        if why is None and not security.same(request.form.get("token"), token):
+            why = "refused: wrong token"
+        if why is not None:
+            return render_template("error.html", title="Refused", message=why), 403
+        session.clear()  # a new session, new CSRF token: nothing from before signing in
+        session["auth"] = True
+        session[security.CSRF_FIELD] = security.new_token()
+        flash("signed in: actions are on")
+        return redirect(_back())
+
+    @app.post("/logout")
+    def logout() -> Response:
+        session.clear()
+        return redirect(url_for("index"))
+
+    # -- actions (POST, token, CSRF) --------------------------------------------------------------
+    def guard() -> None:
+        why = security.refusal(allowed=allow_actions, token=token, signed_in=_signed_in(),
+                               session_csrf=session.get(security.CSRF_FIELD),
+                               form_csrf=request.form.get(security.CSRF_FIELD),
+                               authorization=request.headers.get("Authorization"),
+                               origin=request.headers.get("Origin"), host=request.host)
+        if why is not None:
+            abort(Response(render_template("error.html", title="Refused", message=why), 403))
+
+    def done(message: str) -> Response:
+        dashboard.forget()
+        flash(message)
+        return redirect(_back())
+
+    @app.post("/actions/cancel")
+    def cancel() -> Response:
+        guard()
+        job_id = _field("job")
+        outcome = queue.cancel_job(job_id)
+        return done({"cancelled": f"job {job_id} cancelled",
+                     "interrupting": f"job {job_id} is running: its worker is interrupting it",
+                     "finished": f"job {job_id} had already finished: nothing to cancel",
+                     "unknown": f"no job {job_id}"}[outcome])
+
+    @app.post("/actions/requeue")
+    def requeue() -> Response:
+        guard()
+        job_id = _field("job")
+        if queue.requeue(job_id):
+            return done(f"job {job_id} requeued")
+        found = queue.get_job(job_id)
+        return done(f"job {job_id} not requeued: " +
+                    ("unknown job" if found is None else f"it is {found.status.value}"))
+
+    @app.post("/actions/requeue-all")
+    def requeue_all() -> Response:
+        guard()
+        name = _field("queue")
+        return done(f"requeued {dashboard.handle(name).requeue_failed()} job(s) from {name}")
+
+    @app.post("/actions/purge")
+    def purge() -> Response:
+        guard()
+        name = _field("queue")
+        if request.form.get("confirm") != "yes":
+            return done(f"nothing purged: tick the box to confirm deleting the dead-letter "
+                        f"queue of {name}")
+        return done(f"purged {dashboard.handle(name).purge_failed()} job(s) from the "
+                    f"dead-letter queue of {name}")
+
+    @app.post("/actions/schedule")
+    def schedule() -> Response:
+        guard()
+        name, op = _field("schedule"), _field("op")
+        if op not in SCHEDULE_OPS:
+            abort(400, f"unknown schedule operation {op!r}")
+        sched = Scheduler(queue)
+        if op == "run-now":
+            try:
+                return done(f"schedule {name}: ran now as job {sched.run_now(name).id}")
+            except KeyError:
+                return done(f"no schedule {name!r}")
+        ok = sched.pause(name) if op == "pause" else sched.resume(name)
+        return done(f"schedule {name}: {SCHEDULE_OPS[op]}" if ok else f"no schedule {name!r}")
+
+    return app
+
+
+def _field(name: str) -> str:
+    value = request.form.get(name, "").strip()
+    if not value:
+        abort(400, f"the form has no {name}")
+    return value
+
+
+def _back() -> str:
+    """Where to go after a form: the page it came from (``next``), if it is one of ours."""
+    target = request.form.get("next", "")
+    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
+
+
+# -- filters ----------------------------------------------------------------------------------
+def _when(ts: Any) -> str:
+    if ts is None:
+        return "-"
+    return local_time(ts.timestamp() if hasattr(ts, "timestamp") else float(ts))
+
+
+def _pretty(value: Any) -> str:
+    """A JSON value as text (the template escapes it)."""
+    return json.dumps(value, indent=2, default=str, ensure_ascii=False)
+
+
+def _mb(value: Any) -> str:
+    return f"{value:.0f} MB" if value else "-"
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f} s"

@@ -1,0 +1,64 @@
+"""Who may act: the dashboard's safety rules as pure functions (the views only apply them).
+
+* Read-only unless ``jobq web --allow-actions``.
+* An action is a POST. A browser signs in once with the token (a session cookie,
+  HttpOnly, SameSite=Strict) and sends each form with the session's CSRF token; a
+  cross-origin request is refused whatever it carries. A script may instead send
+  ``Authorization: Bearer TOKEN`` (a header a cross-site page cannot set without a CORS
+  grant, which the dashboard never gives).
+* Tokens are compared in constant time and never shown.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from urllib.parse import urlsplit
+
+#: The form field (and session key) of the CSRF token.
+CSRF_FIELD = "csrf"
+
+
+def new_token() -> str:
+    """A fresh secret: 32 URL-safe characters (192 random bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def same(given: str | None, expected: str | None) -> bool:
+    """Whether two secrets are equal, in constant time; never for a missing one."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, if that is what it is."""
+    scheme, _, value = (authorization or "").partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def same_origin(origin: str | None, host: str) -> bool:
+    """Whether an ``Origin`` header names this server (no header: a same-origin GET form or
+    a non-browser client, which the other checks cover)."""
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+
+
+def refusal(*, allowed: bool, token: str, signed_in: bool, session_csrf: str | None,
+            form_csrf: str | None, authorization: str | None, origin: str | None,
+            host: str) -> str | None:
+    """Why an action must be refused (a 403 saying so), or None when it may go ahead."""
+    if not allowed:
+        return "actions are off: this dashboard was started without --allow-actions"
+    if not same_origin(origin, host):
+        return "refused: the request came from another site"
+    key = bearer(authorization)
+    if key is not None:
+        return None if same(key, token) else "refused: wrong token"
+    if not signed_in:
+        return "refused: sign in with the token first"
+    if not same(form_csrf, session_csrf):
+        return "refused: the form's CSRF token is missing or stale (reload the page)"
+    return None
