@@ -51,7 +51,7 @@ pytestmark = pytest.mark.skipif(
            "chromium-driver (.ci/run does, as root)")
 
 HOSTILE = "<script>alert(1)</script>"
-#: Where the screenshots go, when set.
+#: Where the screenshots go, when set (else a temporary folder: they are taken all the same).
 SCREENSHOTS_ENV = "JOBQ_SCREENSHOTS"
 
 
@@ -59,9 +59,10 @@ class Dashboard:
     """What the tests share: the server, the processes, the browsers."""
 
     def __init__(self, url: str, queue: JobQueue, token: str, web: str,
-                 browser: Any, plain: Any) -> None:
+                 browser: Any, plain: Any, shots: Path) -> None:
         self.url, self.queue, self.token, self.web = url, queue, token, web
         self.browser, self.plain = browser, plain  # scripts on / scripts off
+        self.shots = shots  # where the screenshots go: $JOBQ_SCREENSHOTS, else a temp dir
 
     def open(self, path: str, browser: Any = None) -> Any:
         b = browser or self.browser
@@ -138,7 +139,8 @@ def dash(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         browsers += [_browser(scripts=True), _browser(scripts=False)]
         wait_until(lambda: [m for m in info.collect(queue.broker)["masters"]
                             if len(m["workers"]) == 2], 20, message="the master's 2 workers")
-        yield Dashboard(server_url, queue, token.group(1), web.group(1), *browsers)
+        shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path_factory.mktemp("shots"))
+        yield Dashboard(server_url, queue, token.group(1), web.group(1), *browsers, shots)
     finally:
         for b in browsers:
             b.quit()
@@ -182,11 +184,9 @@ def _no_dialog(browser: Any) -> None:
     pytest.fail(f"a dialog fired: {browser.switch_to.alert.text!r}")
 
 
-def _shot(browser: Any, name: str) -> None:
-    folder = os.environ.get(SCREENSHOTS_ENV)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        assert browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+def _shot(dash: Dashboard, browser: Any, name: str) -> None:
+    dash.shots.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(dash.shots / f"{name}.png"))
 
 
 def test_the_queues_page_updates_live(dash: Dashboard) -> None:
@@ -204,7 +204,7 @@ def test_the_queues_page_updates_live(dash: Dashboard) -> None:
                message="the page to update")
     assert b.execute_script("return window.notReloaded") is True  # live, not reloaded
     assert "live: updated" in _text(b, "#live-state")
-    _shot(b, "queues")
+    _shot(dash, b, "queues")
 
 
 def test_a_hostile_argument_is_shown_as_text(dash: Dashboard) -> None:
@@ -226,10 +226,10 @@ def test_requeue_from_the_dead_letter_queue(dash: Dashboard) -> None:
     dash.sign_in(b)
     dash.open(f"/job?id={job.id}")
     assert "ValueError: run 1 of" in b.page_source and "Traceback" in b.page_source
-    _shot(b, "failed-job")
+    _shot(dash, b, "failed-job")
     dash.open("/dlq?queue=default")
     row = b.find_element(By.CSS_SELECTOR, f'tr[data-job="{job.id}"]')
-    _shot(b, "dead-letters")
+    _shot(dash, b, "dead-letters")
     row.find_element(By.TAG_NAME, "button").click()
     wait_until(lambda: "requeued" in dash.flash(b), 5, message="the page to say requeued")
     assert f"job {job.id} requeued" in dash.flash(b)
@@ -305,10 +305,9 @@ def test_actions_without_the_token_are_refused_and_get_changes_nothing(dash: Das
     assert dash.queue.get_status(job.id) == "cancelled"
 
 
-@pytest.mark.skipif(not os.environ.get(SCREENSHOTS_ENV),
-                    reason=f"{SCREENSHOTS_ENV} is not set: no screenshots wanted")
 def test_screenshots_are_written(dash: Dashboard) -> None:
-    folder = Path(os.environ[SCREENSHOTS_ENV])
+    """Taken by the tests before this one (in $JOBQ_SCREENSHOTS when set, to look at)."""
+    folder = dash.shots
     for name in ("queues", "failed-job", "dead-letters"):
         path = folder / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
