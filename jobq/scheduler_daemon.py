@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -32,7 +31,7 @@ from . import info, serialization
 from . import log as jobq_log
 from .broker import Broker, NewJob
 from .catalog import Catalog
-from .config import Config, load_config
+from .config import Config, host_name, load_config
 from .connection import connect, describe_error
 from .job import Job
 from .keys import Keys
@@ -64,7 +63,7 @@ class SchedulerProcess:
         self.keys = Keys(config.prefix)
         self.broker = Broker(self.redis, self.keys, config)
         self.catalog = Catalog(self.broker)
-        self.token = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.token = f"{host_name(config, short=False)}.{os.getpid()}.{os.urandom(3).hex()}"
         self.leading = False
         self.epoch: str | None = None
         self.stopping = False
