@@ -194,10 +194,10 @@ class SchedulerProcess:
         owners = set()
         for master, raw in self.broker.masters().items():
             described = serialization.loads(raw)
-            age = now - described.get("ts", 0)
-            if age < info.MASTER_STALE:
+            state = info.master_state(described, now)
+            if state == "alive":
                 owners.add(described.get("owner"))
-            elif age > info.MASTER_FORGOTTEN:
+            elif state == "forgotten":
                 self.broker.forget_master(master)
         for name, raw in self.broker.schedule_defs().items():
             owner = serialization.loads(raw).get("owner")

@@ -763,6 +763,7 @@ class Master:
         """This master and what each worker does, for ``jobq info`` and the scheduler (which
         drops the schedules of a pool that is gone); written by the duties thread."""
         return {"host": self.host, "pid": self.pid, "started": self.started, "ts": now,
+                "lease_time": self.config.lease_time,
                 "queues": self.config.queues, "target": self.target,
                 "generation": self.generation, "owner": self.options.owner,
                 "scheduler_pid": self.scheduler_pid, "resized": list(self.resized),

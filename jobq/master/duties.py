@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from .. import catalog, limits, serialization
+from .. import catalog, info, limits, serialization
 from ..broker import Broker
 from ..config import Config
 from ..connection import connect, describe_error
@@ -49,7 +49,7 @@ log = logging.getLogger("jobq.master")
 #: control requests (seconds).
 CANCEL_CHECK_EVERY = 0.25
 #: How often the master describes itself and its workers in Redis (``jobq info``).
-HEARTBEAT_EVERY = 2.0
+HEARTBEAT_EVERY = info.HEARTBEAT_EVERY
 #: How often the embedded server is checked (seconds).
 SERVER_EVERY = 5.0
 #: Retry back-off for giving back a dead worker's jobs while the server is away (seconds).
