@@ -247,7 +247,7 @@ class Duties:
             gap = sent - self._renewed
             if self._seen and gap > self.config.lease_time:
                 log.warning("leases lapsed: no renewal reached the server for %.1f s, longer "
-                            "than the lease (%g s): the jobs %d worker(s) held may have been "
+                            "than the lease (%g s): the jobs its %d worker(s) held may have been "
                             "given back to run elsewhere, and their results here are dropped",
                             gap, self.config.lease_time, len(self._seen))
             self._renewed = sent
