@@ -18,6 +18,7 @@ import grp
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+sentinel",
                "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel")
 #: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A host name label (``hostname``): it becomes part of master ids and worker names
+#: (``host.pid...``, split on dots), so letters, digits, '_' and '-' only.
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 #: A key prefix: like a queue name, plus ':' for namespaces such as ``app:jobq``.
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 #: Allowed ``log_level`` values.
@@ -63,6 +67,7 @@ class Config:
     log_file: str = ""
     log_format: str = "text"
     pidfile: str = ""
+    hostname: str = ""
 
     default_timeout: float = 300.0
     default_max_retries: int = 3
@@ -150,6 +155,16 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         sources[name] = "command line"
 
     return Config(**_validate(values, sources))
+
+
+def host_name(config: Config, *, short: bool = True) -> str:
+    """The name this host goes by in master ids, worker names, the scheduler's leader token
+    and metrics: the ``hostname`` key, else the machine's host name (its first label when
+    ``short``). Hosts that share a machine name (containers, network namespaces) set it."""
+    if config.hostname:
+        return config.hostname
+    name = socket.gethostname()
+    return (name.split(".")[0] or "host") if short else name
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -395,6 +410,8 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "log_file": _Str(),
     "log_format": _Str(f"one of {', '.join(LOG_FORMATS)}", choices=LOG_FORMATS),
     "pidfile": _Str(),
+    "hostname": _Str("a host name (1-63 chars of A-Za-z0-9_-), or '' for the machine's",
+                     check=lambda s: s == "" or HOSTNAME_RE.fullmatch(s) is not None),
     "default_timeout": _seconds(zero=False),
     "default_max_retries": _count(),
     "result_ttl": _Ttl(),
@@ -497,6 +514,8 @@ FLAGS: dict[str, Flag] = {
     "log_level": Flag(("--log-level",), "Lowest level logged (default: info)."),
     "log_format": Flag(("--log-format",), "Log line format; json writes one object per line "
                        "(default: text)."),
+    "hostname": Flag(("--hostname",), "The name this host goes by in master ids, worker names "
+                     "and `jobq info` (default: the machine's host name).", metavar="NAME"),
     "metrics_port": Flag(("--metrics-port",), "Serve Prometheus metrics on this port (needs "
                          "jobq[metrics]; default: off).", metavar="PORT"),
     "metrics_host": Flag(("--metrics-host",), "Address the metrics listen on (default: "

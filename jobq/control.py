@@ -24,7 +24,7 @@ from typing import Any
 
 from . import serialization
 from .broker import Broker
-from .info import MASTER_STALE
+from .info import master_state
 
 #: What a request does to a master's number of workers.
 OPS = ("add", "remove", "set")
@@ -96,7 +96,7 @@ def live_masters(broker: Broker, now: float | None = None) -> dict[str, dict[str
     out = {}
     for master_id, raw in sorted(broker.masters().items()):
         info = serialization.loads(raw)
-        if now - info.get("ts", 0) < MASTER_STALE:
+        if master_state(info, now) == "alive":
             out[master_id] = info
     return out
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -32,7 +31,7 @@ from . import info, serialization
 from . import log as jobq_log
 from .broker import Broker, NewJob
 from .catalog import Catalog
-from .config import Config, load_config
+from .config import Config, host_name, load_config
 from .connection import connect, describe_error
 from .job import Job
 from .keys import Keys
@@ -64,7 +63,7 @@ class SchedulerProcess:
         self.keys = Keys(config.prefix)
         self.broker = Broker(self.redis, self.keys, config)
         self.catalog = Catalog(self.broker)
-        self.token = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.token = f"{host_name(config, short=False)}.{os.getpid()}.{os.urandom(3).hex()}"
         self.leading = False
         self.epoch: str | None = None
         self.stopping = False
@@ -195,10 +194,10 @@ class SchedulerProcess:
         owners = set()
         for master, raw in self.broker.masters().items():
             described = serialization.loads(raw)
-            age = now - described.get("ts", 0)
-            if age < info.MASTER_STALE:
+            state = info.master_state(described, now)
+            if state == "alive":
                 owners.add(described.get("owner"))
-            elif age > info.MASTER_FORGOTTEN:
+            elif state == "forgotten":
                 self.broker.forget_master(master)
         for name, raw in self.broker.schedule_defs().items():
             owner = serialization.loads(raw).get("owner")

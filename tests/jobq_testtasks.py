@@ -512,3 +512,22 @@ def one_at_a_time_marked(key: str, seconds: float = 30) -> str:
 def limited_noop() -> None:
     """A limit too high to bind: what a limit costs (bench, tests)."""
     return None
+
+
+# -- for test_many_hosts.py ------------------------------------------------------------------
+
+
+def hosts_record(key: str, seconds: float = 0.0) -> str:
+    """Record the run (its job id to ``test:<key>``, as the chaos tasks do, and "<id> <host>"
+    to ``test:<key>:host``), sleep ``seconds``, and return the host's name ($JOBQ_TEST_HOST):
+    the final record says which host completed the job."""
+    import jobq
+
+    ctx = jobq.current_job()
+    job_id = ctx.id if ctx is not None else "?"
+    host = os.environ.get("JOBQ_TEST_HOST", "?")
+    _redis().pipeline(transaction=False).rpush(f"test:{key}", job_id).rpush(
+        f"test:{key}:host", f"{job_id} {host}").execute()
+    if seconds:
+        time.sleep(seconds)
+    return host

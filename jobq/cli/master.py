@@ -30,11 +30,13 @@ from .app import QuietCommand, config_file_option, config_option, one_line_error
 @config_option("log_format")
 @config_option("metrics_port")
 @config_option("metrics_host")
+@config_option("hostname")
 @click.version_option(package_name="jobq")
 def master_command(workers: int | None, queues: list[str] | None, imports: tuple[str, ...],
                    config_path: str | None, redis_url: str | None, pidfile: str | None,
                    log_file: str | None, log_level: str | None, log_format: str | None,
-                   metrics_port: int | None, metrics_host: str | None) -> None:
+                   metrics_port: int | None, metrics_host: str | None,
+                   hostname: str | None) -> None:
     """Run the jobq master: a supervised pool of worker processes and a scheduler.
 
     Signals: HUP reload, TERM/INT graceful stop, QUIT immediate stop (jobs re-queued),
@@ -43,7 +45,7 @@ def master_command(workers: int | None, queues: list[str] | None, imports: tuple
     overrides: dict[str, Any] = {
         "workers": workers, "queues": queues, "redis_url": redis_url, "pidfile": pidfile,
         "log_file": log_file, "log_level": log_level, "log_format": log_format,
-        "metrics_port": metrics_port, "metrics_host": metrics_host,
+        "metrics_port": metrics_port, "metrics_host": metrics_host, "hostname": hostname,
     }
     try:
         config = load_config(config_path, **overrides)

@@ -335,7 +335,8 @@ def _info_text(data: dict[str, Any]) -> str:
     out = [tabulate(rows, headers=("queue", "pending", "running", "scheduled", "deferred",
                                    "completed", "failed", "dead", "done/s", "failed/s"))]
     for m in data["masters"]:
-        state = "" if m["alive"] else "  (gone)"
+        state = "" if m["alive"] else (f"  (gone: no heartbeat for {m['seen_s_ago']:.0f} s; "
+                                        f"what its workers held is given back)")
         out.append(f"\nmaster {m['id']} on {m['host']}: {len(m['workers'])}/{m['target']} "
                    f"workers, queues {','.join(m['queues'])}{state}")
         workers = [(w["slot"], w["pid"], w["state"], w.get("job") or "-",

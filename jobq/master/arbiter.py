@@ -50,7 +50,6 @@ import os
 import random
 import select
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +60,7 @@ import psutil
 
 from .. import exitcodes, metrics
 from .. import log as jobq_log
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, host_name, load_config
 from ..connection import ServerProblem, check_server
 from ..exceptions import TaskImportError
 from ..log import Repeats
@@ -103,7 +102,7 @@ _DUTIES_WAKE = 0
 #: the scheduler hold from the start (new workers would use others), the pidfile it holds,
 #: the logging it set up. A HUP that changes one is refused: it takes a restart.
 FIXED_AT_START = ("redis_url", "prefix", "pidfile", "log_file", "log_level", "log_format",
-                  "metrics_port", "metrics_host")
+                  "metrics_port", "metrics_host", "hostname")
 #: Why a master with no task module neither starts nor reloads: every job would fail. (A
 #: WorkerPool's master may: its workers run the functions of the script's ``__main__``.)
 NO_TASK_MODULE = ('imports: no task module: name the modules that define your tasks '
@@ -155,7 +154,7 @@ class Master:
         self.id = ""
         self.pid = os.getpid()
         self.rng = random.Random()
-        self.host = socket.gethostname().split(".")[0] or "host"
+        self.host = host_name(config)
         self.slots = SlotTable(max(64, 8 * config.workers))
         self.duties: Duties | None = None
         #: what the metrics read (jobq.metrics): the workers as the last tick saw them, the
@@ -764,6 +763,7 @@ class Master:
         """This master and what each worker does, for ``jobq info`` and the scheduler (which
         drops the schedules of a pool that is gone); written by the duties thread."""
         return {"host": self.host, "pid": self.pid, "started": self.started, "ts": now,
+                "lease_time": self.config.lease_time,
                 "queues": self.config.queues, "target": self.target,
                 "generation": self.generation, "owner": self.options.owner,
                 "scheduler_pid": self.scheduler_pid, "resized": list(self.resized),

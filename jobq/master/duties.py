@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from .. import catalog, limits, serialization
+from .. import catalog, info, limits, serialization
 from ..broker import Broker
 from ..config import Config
 from ..connection import connect, describe_error
@@ -49,7 +49,7 @@ log = logging.getLogger("jobq.master")
 #: control requests (seconds).
 CANCEL_CHECK_EVERY = 0.25
 #: How often the master describes itself and its workers in Redis (``jobq info``).
-HEARTBEAT_EVERY = 2.0
+HEARTBEAT_EVERY = info.HEARTBEAT_EVERY
 #: How often the embedded server is checked (seconds).
 SERVER_EVERY = 5.0
 #: Retry back-off for giving back a dead worker's jobs while the server is away (seconds).
@@ -114,6 +114,9 @@ class Duties:
         self._stopping = threading.Event()
         self._interrupted: set[tuple[int, str]] = set()
         self._trouble: Trouble | None = None  # the server, as lease renewals find it
+        #: when the latest renewal that reached the server was sent (monotonic): the leases
+        #: last until at least then plus the lease time
+        self._renewed = time.monotonic()
         self._epoch: str | None = None
         self._thread = threading.Thread(target=self._run, name="jobq-duties", daemon=True)
         self._next_renew = self._next_cancel = self._next_beat = self._next_server = 0.0
@@ -226,7 +229,10 @@ class Duties:
                 log.warning("%s", message)
 
     def _renew(self) -> None:
-        """Extend the lease of every live worker (a released lease is never re-created)."""
+        """Extend the lease of every live worker (a released lease is never re-created).
+        Says so when no renewal got through for longer than a lease (a partition, a frozen
+        host): the leader may have given back what the workers held, to run elsewhere."""
+        sent = time.monotonic()
         try:
             self.broker.renew_leases([w.name for w in self._seen])
         except redis.RedisError as exc:
@@ -238,6 +244,13 @@ class Duties:
             if self._trouble is not None:
                 self._trouble.over()
                 self._trouble = None
+            gap = sent - self._renewed
+            if self._seen and gap > self.config.lease_time:
+                log.warning("leases lapsed: no renewal reached the server for %.1f s, longer "
+                            "than the lease (%g s): the jobs its %d worker(s) held may have been "
+                            "given back to run elsewhere, and their results here are dropped",
+                            gap, self.config.lease_time, len(self._seen))
+            self._renewed = sent
 
     def _poll(self) -> None:
         """Tell the arbiter which workers run a job that was asked to stop, and hand it the

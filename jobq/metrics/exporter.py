@@ -39,7 +39,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..broker import Broker
-from ..config import Config
+from ..config import Config, host_name
 from ..connection import connect
 from ..exceptions import MetricsError
 from ..keys import Keys
@@ -223,7 +223,7 @@ class JobqCollector(Collector):
     def __init__(self, broker: Broker, master: Supervised | None = None) -> None:
         self.broker = broker
         self.master = master
-        self.host = socket.gethostname()
+        self.host = host_name(broker.config, short=False)  # as the leader token names it
 
     def collect(self) -> Iterator[Metric]:
         reading = read_server(self.broker)

@@ -80,8 +80,8 @@ RET_OK = 0
 RET_IMPORT = 4
 
 
-def worker_name(slot: int | None = None) -> str:
-    host = socket.gethostname().split(".")[0] or "host"
+def worker_name(slot: int | None = None, host: str | None = None) -> str:
+    host = host or socket.gethostname().split(".")[0] or "host"
     suffix = f".{slot}" if slot is not None else ""
     return f"{host}.{os.getpid()}{suffix}.{os.urandom(2).hex()}"
 
@@ -98,7 +98,7 @@ class Worker:
         self.config = config
         self.url = url
         self.resolver = resolver
-        self.name = name or worker_name()
+        self.name = name or worker_name(host=config.hostname or None)
         self.burst = burst
         self.slot = slot
         self.renew_leases = renew_leases
