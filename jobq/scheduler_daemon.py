@@ -116,21 +116,26 @@ class SchedulerProcess:
         return min(c.scheduler_tick, c.leader_lease / 3, c.lease_time / 6)
 
     def step(self, now: float) -> float:
-        """One pass: keep or take the lead, then (leading) promote, fire, reap.
+        """One pass: keep or take the lead, reap, then (leading) promote and fire.
         Returns when to look again."""
         leading = self.broker.lead(self.token, self.config.leader_lease)
         if leading != self.leading:
             self.leading = leading
             log.info("scheduler %s %s", self.token, "leads" if leading else "stands by")
         renew_at = now + self.tick
-        if not leading:
-            return renew_at
-        next_job = self.broker.promote(now)
-        next_fire = self.fire_due(now)
+        # every scheduler reaps, leading or not: the jobs of a host that died come back
+        # within its lease even when that host's scheduler led (its leader lease lapses
+        # later). Reaping is atomic and checks each lease again (release.lua), so two
+        # reapers never give a worker's jobs back twice; and the stall guard (reap.lua)
+        # then sees a gap only when no scheduler anywhere could reach the server.
         for worker, released in self.broker.reap(self.tick, now):
             message = released.describe(worker, "lease expired")
             if message:
                 log.warning("%s", message)
+        if not leading:
+            return renew_at
+        next_job = self.broker.promote(now)
+        next_fire = self.fire_due(now)
         if now >= self.next_owner_check:
             self.next_owner_check = now + OWNER_CHECK_EVERY
             self.drop_orphaned_schedules(now)

@@ -95,6 +95,15 @@ def config(redis_url: str) -> Any:
     return load_config(redis_url=redis_url)
 
 
+def figure(text: str) -> None:
+    """Report a measured figure: printed (``-s``), and kept in $JOBQ_TEST_FIGURES if set."""
+    print(f"\n[figure] {text}")
+    path = os.environ.get("JOBQ_TEST_FIGURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import jobq_testtasks as tasks
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import Valkey, kill_tree, subprocess_env, wait_until
+from conftest import Valkey, figure, kill_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.cli import main
@@ -327,10 +328,13 @@ def test_a_killed_worker_frees_its_slot_at_once(spawn: Spawn, tmp_path: Path, qu
     queue.enqueue(tasks.one_at_a_time_marked, "next", 0)
     pid = int(wait_until(lambda: r.lindex("test:long:pid", 0), timeout=15, message="the job"))
     assert r.llen("test:next:pid") == 0  # held back by the running one
+    killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
     # its master gives its jobs back at once, the slot with them: the next one starts
     wait_until(lambda: r.llen("test:next") == 1, timeout=10, message="the next job")
     assert holders(r, "jobq_testtasks:one_at_a_time_marked") == {}
+    figure(f"limits: concurrency=1, its worker kill -9'd: the next job started "
+           f"{spans(r, 'next')[0][0] - killed_at:.3f} s after the kill")
 
 
 def test_a_lost_host_frees_its_slot_by_the_lease(spawn: Spawn, tmp_path: Path,
@@ -341,6 +345,7 @@ def test_a_lost_host_frees_its_slot_by_the_lease(spawn: Spawn, tmp_path: Path,
     wait_until(lambda: r.llen("test:long:pid") == 1, timeout=15, message="the job")
     start_master(spawn, tmp_path, "b", workers=1)
     wait_until(lambda: r.hlen("{jobq}:masters") == 2, timeout=15, message="the second master")
+    killed_at = time.time()
     kill_tree(first.pid)  # the whole tree, at once: nobody gives anything back but the lease
     first.wait(timeout=10)
     # the lease lapses (2 s); the surviving master's scheduler reaps it once it leads (the
@@ -348,6 +353,9 @@ def test_a_lost_host_frees_its_slot_by_the_lease(spawn: Spawn, tmp_path: Path,
     wait_until(lambda: r.llen("test:next") == 1, timeout=30,
                message="the next job, after the lease")
     assert holders(r, "jobq_testtasks:one_at_a_time_marked") == {}
+    figure(f"limits: concurrency=1, its whole master tree killed: the next job started "
+           f"{spans(r, 'next')[0][0] - killed_at:.3f} s after the kill (lease "
+           f"{CONFIG['lease_time']} s)")
 
 
 @pytest.mark.chaos

@@ -26,7 +26,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import kill_processes, process_tree, wait_until
+from conftest import figure, kill_processes, process_tree, wait_until
 
 from jobq.broker import NewJob
 from jobq.config import Config, load_config
@@ -57,15 +57,6 @@ def key() -> str:
 
 def runs(r: redis.Redis, name: str) -> list[str]:
     return r.lrange(f"test:{name}", 0, -1)
-
-
-def figure(text: str) -> None:
-    """Report a measured figure: printed (``-s``), and kept in $JOBQ_TEST_FIGURES if set."""
-    print(f"\n[figure] {text}")
-    path = os.environ.get("JOBQ_TEST_FIGURES")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
 
 
 def pct(values: list[float], p: float) -> float:
