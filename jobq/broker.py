@@ -864,8 +864,9 @@ class Broker:
 
     def recent_groups(self, limit: int) -> list[tuple[str, float, dict[str, str]]]:
         """The ``limit`` groups made last that still exist, newest first: (id, when it was
-        made, its bookkeeping). The ids of groups that expired are dropped from the index
-        as they are met (a round trip per ``limit`` ids read)."""
+        made, its bookkeeping). The ids of groups that expired are skipped, and dropped from
+        the index as they are met where this client may write (a round trip per ``limit`` ids
+        read)."""
         k = self.keys
         out: list[tuple[str, float, dict[str, str]]] = []
         start = 0
@@ -883,11 +884,15 @@ class Broker:
                 elif len(out) < limit:
                     out.append((str(group_id), float(created),
                                 {str(f): str(v) for f, v in meta.items()}))
+            dropped = 0
             if gone:
-                self._r.zrem(k.groups, *gone)
+                try:
+                    dropped = int(self._r.zrem(k.groups, *gone))
+                except redis.ResponseError:
+                    pass  # a reader that may not write (a replica, an ACL): skipped all the same
             if len(page) < limit:
                 break
-            start += len(page) - len(gone)  # the ids dropped no longer take a rank
+            start += len(page) - dropped  # the ids dropped no longer take a rank
         return out
 
     def final_records(self, job_ids: Sequence[str]) -> list[str | None]:

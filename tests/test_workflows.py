@@ -844,3 +844,12 @@ def test_recent_groups_lists_the_maps_made_last_and_forgets_the_expired(
     made = [queue.map(tasks.square, [i]).id for i in range(4)]
     assert [g.id for g in queue.recent_groups()] == made[::-1][:3]
     assert r.zcard(queue.keys.groups) == 3
+
+    def refused(*_: object) -> None:
+        raise redis.ResponseError("READONLY You can't write against a read only replica.")
+
+    monkeypatch.setattr(queue.broker._r, "zrem", refused)  # a reader that may not write
+    r.delete(queue.keys.group(made[-1]))
+    assert [g.id for g in queue.recent_groups()] == made[::-1][1:3]  # skipped all the same
+    assert [g.id for g in queue.recent_groups(1)] == [made[-2]]  # read on past it, once
+    assert r.zcard(queue.keys.groups) == 3
