@@ -58,6 +58,10 @@ SCHED_WAKE_CAP = 4
 #: renewals cannot land for about two thirds of one), or STALL_TICKS of the reaper's ticks if
 #: that is longer (see reap.lua; reapers tick at most every sixth of a lease).
 STALL_TICKS = 3
+#: Most groups kept in the index of recent groups (``{ns}:groups``, for ``jobq web``): the
+#: oldest go first, whatever their age, so that many small maps a second cannot grow it
+#: beyond this.
+GROUP_INDEX_CAP = 10_000
 
 
 #: A job handed to a worker: (job id, queue, spec, state), spec and state as stored (None when
@@ -237,6 +241,13 @@ class Broker:
             pipe.rpush(k.group_ids(group_id), *job_ids[start:start + 5000])
         pipe.expire(k.group(group_id), ttl)
         pipe.expire(k.group_ids(group_id), ttl)
+        # the index of recent groups: made with the group, in the same transaction; the
+        # entries older than the group's TTL go (a group of a map that runs for longer may
+        # outlive its entry: it is still found by its id)
+        created = float(meta.get("created") or time.time())
+        pipe.zadd(k.groups, {group_id: created})
+        pipe.zremrangebyscore(k.groups, "-inf", f"({created - ttl}")
+        pipe.zremrangebyrank(k.groups, 0, -GROUP_INDEX_CAP - 1)
         pipe.execute()
 
     # -- read ------------------------------------------------------------------------------------
@@ -850,6 +861,39 @@ class Broker:
 
     def group_exists(self, group_id: str) -> bool:
         return bool(self._r.exists(self.keys.group(group_id)))
+
+    def recent_groups(self, limit: int) -> list[tuple[str, float, dict[str, str]]]:
+        """The ``limit`` groups made last that still exist, newest first: (id, when it was
+        made, its bookkeeping). The ids of groups that expired are skipped, and dropped from
+        the index as they are met where this client may write (a round trip per ``limit`` ids
+        read)."""
+        k = self.keys
+        out: list[tuple[str, float, dict[str, str]]] = []
+        start = 0
+        while len(out) < limit:
+            page = self._r.zrevrange(k.groups, start, start + limit - 1, withscores=True)
+            if not page:
+                break
+            pipe = self._r.pipeline(transaction=False)
+            for group_id, _ in page:
+                pipe.hgetall(k.group(str(group_id)))
+            gone = []
+            for (group_id, created), meta in zip(page, pipe.execute(), strict=True):
+                if not meta:
+                    gone.append(str(group_id))
+                elif len(out) < limit:
+                    out.append((str(group_id), float(created),
+                                {str(f): str(v) for f, v in meta.items()}))
+            dropped = 0
+            if gone:
+                try:
+                    dropped = int(self._r.zrem(k.groups, *gone))
+                except redis.ResponseError:
+                    pass  # a reader that may not write (a replica, an ACL): skipped all the same
+            if len(page) < limit:
+                break
+            start += len(page) - dropped  # the ids dropped no longer take a rank
+        return out
 
     def final_records(self, job_ids: Sequence[str]) -> list[str | None]:
         """The final records of jobs (None: live, or gone), in a round trip per 1000."""

@@ -119,17 +119,8 @@ class Group:
 
     def progress(self) -> Progress:
         """Items done and failed, out of all the items (a chunk counts as its items)."""
-        done, failed, done_items, failed_items = self._broker.group_progress(self.id)
-        if self.chunksize == 1:
-            return Progress(done, failed, self.items)
-        if self._counts_items:
-            return Progress(done_items, failed_items, self.items)
-        # a group made before groups counted items: whole chunks, the short last one unknown
-        failed_items = min(failed * self.chunksize, self.items)
-        left = self.items - failed_items
-        if done + failed < self.total:
-            left = min(done * self.chunksize, left)
-        return Progress(left, failed_items, self.items)
+        return _progress(self.items, self.total, self.chunksize, self._counts_items,
+                         *self._broker.group_progress(self.id))
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> bool:
         """Block until every job of the group finished; True, or False on timeout.
@@ -211,6 +202,59 @@ class Group:
     def cancel(self) -> int:
         """Cancel every job of the group that has not finished; returns how many."""
         return sum(self.queue.cancel(i) for i in self.job_ids())
+
+
+def _progress(items: int, jobs: int, chunksize: int, counts_items: bool, done: int,
+              failed: int, done_items: int, failed_items: int) -> Progress:
+    """A group's progress from its counts: of jobs (``done``, ``failed``), and of items when
+    it ``counts_items`` (a group of chunks made by a jobq that knew its last chunk's size)."""
+    if chunksize == 1:
+        return Progress(done, failed, items)
+    if counts_items:
+        return Progress(done_items, failed_items, items)
+    # a group made before groups counted items: whole chunks, the short last one unknown
+    failed_items = min(failed * chunksize, items)
+    left = items - failed_items
+    if done + failed < jobs:
+        left = min(done * chunksize, left)
+    return Progress(left, failed_items, items)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """A group as a list of groups shows it (:meth:`jobq.JobQueue.recent_groups`)."""
+
+    id: str
+    #: the task of its items (``module:function``), "" when the group does not say
+    task: str
+    #: when ``map`` made it (epoch seconds)
+    created: float
+    progress: Progress
+    #: its jobs (fewer than its items with ``chunksize``), and the items per job
+    jobs: int
+    chunksize: int
+
+    @classmethod
+    def from_meta(cls, group_id: str, created: float,
+                  meta: dict[str, str]) -> GroupSummary | None:
+        """From a group's bookkeeping (``{ns}:g:<group>``); None if it is not a group's."""
+        try:
+            jobs = int(meta["total"])
+            items = int(meta.get("items", jobs))
+            chunksize = int(meta.get("chunk", 1))
+            counts = [int(meta.get(f) or 0) for f in ("done", "failed", "done_items",
+                                                      "failed_items")]
+        except (KeyError, ValueError):
+            return None
+        return cls(group_id, meta.get("task", ""), created,
+                   _progress(items, jobs, chunksize, "lastn" in meta, *counts), jobs,
+                   chunksize)
+
+
+def recent_groups(broker: Broker, limit: int) -> list[GroupSummary]:
+    """The ``limit`` groups made last that still exist, newest first."""
+    found = (GroupSummary.from_meta(*entry) for entry in broker.recent_groups(limit))
+    return [g for g in found if g is not None]
 
 
 def _item_index(message: str, default: int) -> int:

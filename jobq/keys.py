@@ -35,6 +35,10 @@ key                        type    holds
 {ns}:gi:<group>            list    a group's job ids in input order
 {ns}:gwaits:<group>        set     the deferred jobs waiting for a group (depends_on=group)
 {ns}:gw:<group>            list    tokens for whoever waits on a group's progress
+{ns}:groups                zset    group id -> when map() made it (s): the index of recent
+                                   groups (jobq web); trimmed at each map() to a day
+                                   (GROUP_TTL) and GROUP_INDEX_CAP entries, and by its reader
+                                   of the ids whose {ns}:g:<group> expired
 {ns}:done:<id>             list    a token per waiter, pushed when the job finishes
 {ns}:masters               hash    master id -> its description and its workers' jobs (JSON)
 {ns}:catalog               set     who announced tasks: master ids, lone workers' names
@@ -68,7 +72,7 @@ class Keys:
     __slots__ = ("base", "jobs", "state", "queues", "suspended", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
                  "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog",
-                 "limits")
+                 "limits", "groups")
 
     def __init__(self, prefix: str = "jobq") -> None:
         self.base = "{" + prefix + "}"
@@ -92,6 +96,7 @@ class Keys:
         self.epoch = f"{b}:epoch"
         self.catalog = f"{b}:catalog"
         self.limits = f"{b}:limits"
+        self.groups = f"{b}:groups"
 
     @property
     def pattern(self) -> str:

@@ -13,7 +13,7 @@ from .catalog import Catalog, TaskInfo
 from .config import Config, load_config
 from .connection import connect
 from .exceptions import ReplicationTimeout, SerializationError, UnknownJob, UnknownTask
-from .groups import CHUNK_TASK, GROUP_TTL, Group, item_error
+from .groups import CHUNK_TASK, GROUP_TTL, Group, GroupSummary, item_error, recent_groups
 from .job import (
     MAX_TTL,
     QUEUE_NAME,
@@ -321,12 +321,16 @@ class JobQueue:
         self._limits_known.discard(name)
         return self.broker.delete_limit(name)
 
-    def limit_use(self) -> dict[str, dict[str, Any]]:
+    def limit_use(self, in_use: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Every limit defined or in use, by name: its definition (concurrency, rate, burst;
         None when it has none: it limits nothing), its jobs running now, the starts its rate
-        allows now (tokens), and the queues where it holds jobs back."""
+        allows now (tokens), and the queues where it holds jobs back. ``in_use``: the names
+        of the limits with state on the server, when the caller has them (a SCAN finds them:
+        the dashboard keeps its answer for a while); the definitions are read every time."""
         defined = self.limits()
-        names = sorted(set(defined) | set(self.broker.limit_names_in_use()))
+        if in_use is None:
+            in_use = self.broker.limit_names_in_use()
+        names = sorted(set(defined) | set(in_use))
         now = time.time()
         out = {}
         for name, use in self.broker.limit_use(names).items():
@@ -422,6 +426,11 @@ class JobQueue:
     def group(self, group_id: str) -> Group:
         """The handle of a ``map`` group by id."""
         return Group(self, group_id)
+
+    def recent_groups(self, limit: int = 50) -> list[GroupSummary]:
+        """The ``limit`` groups ``map`` made last (on any queue of this namespace, within
+        the group TTL) that still exist, newest first: id, task, when, progress."""
+        return recent_groups(self.broker, limit)
 
     # -- read --------------------------------------------------------------------------------
     def get_job(self, job_id: str) -> Job | None:

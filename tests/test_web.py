@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jobq_testtasks as tasks
 import pytest
 import redis
 from conftest import free_port, run_in_this_process, subprocess_env
@@ -188,7 +189,8 @@ def test_every_page_answers(client: Any, queue: JobQueue) -> None:
     Scheduler(queue).schedule_interval("every-minute", "jobq_testtasks:noop", 60)
     for path, says in [("/", "default"), (f"/job?id={job.id}", "jobq_testtasks:add"),
                        ("/job", "Find a job"), ("/dlq", "Dead-letter queue of default"),
-                       ("/schedules", "every-minute"), ("/groups", "group id"),
+                       ("/schedules", "every-minute"), ("/groups", group.id),
+                       ("/limits", "No limit"),
                        (f"/groups?id={group.id}", "0 done, 0 failed, of 3 item(s)"),
                        ("/login", "Sign in")]:
         reply = client.get(path)
@@ -197,6 +199,82 @@ def test_every_page_answers(client: Any, queue: JobQueue) -> None:
     assert client.get("/job?id=nope").status_code == 404
     assert client.get("/groups?id=nope").status_code == 404
     assert client.get("/dlq?queue=nope").status_code == 404
+
+
+def _cells(page: str, row: str) -> list[str]:
+    """The text of each cell of the table row whose data attribute is ``row``
+    ('data-limit="gpu"'), tags stripped."""
+    found = re.search(rf"<tr {re.escape(row)}>(.*?)</tr>", page, re.S)
+    assert found, f"no row {row} in {page[-2000:]}"
+    return [re.sub(r"<[^>]+>", "", c).strip()
+            for c in re.findall(r"<td[^>]*>(.*?)</td>", found.group(1), re.S)]
+
+
+def test_the_limits_page_shows_each_limit_and_its_use(readonly: Any, queue: JobQueue,
+                                                      r: redis.Redis) -> None:
+    k = queue.keys
+    queue.set_limit("gpu", concurrency=2, rate="10/s", burst=3)
+    queue.enqueue(tasks.one_at_a_time, "x")  # the task's own limit: concurrency 1
+    r.hset(k.limit_running("gpu"), mapping={"job-a": "w1", "job-b": "w2"})  # 2 slots held
+    r.sadd(k.limit_waiting("gpu"), "default")  # ... and jobs held back in default
+    r.hset(k.limit_running(HOSTILE), "job-c", "w3")  # state of a name no jobq writes
+    r.hset(k.limits, HOSTILE, '{"c": 1}')  # a definition no jobq writes: ignored
+    reply = readonly.get("/limits")
+    page = reply.get_data(as_text=True)
+    assert reply.status_code == 200 and 'href="/limits"' in page
+    assert _cells(page, 'data-limit="gpu"') == ["gpu", "2", "10/s", "3", "2 full", "3",
+                                                "default"]
+    assert _cells(page, 'data-limit="jobq_testtasks:one_at_a_time"') == [
+        "jobq_testtasks:one_at_a_time", "1", "-", "-", "0", "-", "-"]
+    hostile = 'data-limit="&lt;script&gt;alert(1)&lt;/script&gt;"'
+    assert _cells(page, hostile)[0] == "&lt;script&gt;alert(1)&lt;/script&gt; deleted"
+    assert HOSTILE not in page and 'id="limits" data-live' in page
+    use = queue.limit_use()  # what jobq limit list shows: the same
+    assert use["gpu"]["running"] == 2 and use[HOSTILE]["defined"] is False
+    r.hdel(k.limit_running("gpu"), "job-a")
+    assert _cells(readonly.get("/limits").get_data(as_text=True),
+                  'data-limit="gpu"')[4] == "1"
+
+
+def test_the_limit_names_a_scan_finds_are_kept_the_definitions_read_each_time(
+        queue: JobQueue, r: redis.Redis) -> None:
+    client = create_app(Dashboard(queue, cache=TtlCache(0.0))).test_client()
+    assert "No limit" in client.get("/limits").get_data(as_text=True)
+    r.hset(queue.keys.limit_running("leftover"), "job-a", "w1")  # found by the next scan
+    queue.set_limit("gpu", concurrency=2)
+    page = client.get("/limits").get_data(as_text=True)
+    assert 'data-limit="gpu"' in page and "leftover" not in page
+    fresh = create_app(Dashboard(queue, cache=TtlCache(0.0))).test_client()
+    assert 'data-limit="leftover"' in fresh.get("/limits").get_data(as_text=True)
+
+
+def test_the_groups_page_lists_the_maps_with_their_progress(readonly: Any, queue: JobQueue,
+                                                            r: redis.Redis) -> None:
+    from jobq.groups import GROUP_TTL
+
+    done = queue.map("jobq_testtasks:square", [1, 2, 3])
+    failed = queue.map("jobq_testtasks:boom", ["x"], max_retries=0)
+    run_in_this_process(Worker(["default"], config=queue.config, url=queue.url, burst=True,
+                               resolver=TaskResolver(["jobq_testtasks"])))
+    waiting = queue.map("jobq_testtasks:square", range(5), chunksize=2)
+    expired = queue.map("jobq_testtasks:square", [1])
+    r.delete(queue.keys.group(expired.id))
+    queue.broker.create_group("hostile", {"total": 1, "items": 1, "chunk": 1, "done": 0,
+                                          "failed": 0, "task": HOSTILE,
+                                          "created": time.time()}, ["j"], GROUP_TTL)
+    page = readonly.get("/groups").get_data(as_text=True)
+    rows = re.findall(r'<tr data-group="([^"]+)">', page)
+    assert rows == ["hostile", waiting.id, failed.id, done.id]  # newest first
+    assert expired.id not in page
+    cells = _cells(page, f'data-group="{done.id}"')
+    assert cells[0] == done.id and cells[1] == "jobq_testtasks:square" and cells[2] != "-"
+    assert cells[3:] == ["finished", "3", "0", "3"]  # progress, done, failed, items
+    assert _cells(page, f'data-group="{failed.id}"')[4:] == ["0", "1", "1"]
+    assert _cells(page, f'data-group="{waiting.id}"')[1] == "jobq_testtasks:square 3 jobs of 2"
+    assert _cells(page, f'data-group="{waiting.id}"')[3:] == ["", "0", "0", "5"]
+    assert f'href="/groups?id={done.id}"' in page and 'id="groups" data-live' in page
+    assert HOSTILE not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert readonly.get("/groups?id=hostile").status_code == 200
 
 
 def test_get_never_changes_anything(client: Any, queue: JobQueue) -> None:
@@ -310,7 +388,7 @@ def test_schedule_actions(client: Any, queue: JobQueue) -> None:
 def test_no_secret_is_shown(queue: JobQueue) -> None:
     queue.url += "?password=hunter2secret"  # what a page would show is the URL, redacted
     c = create_app(Dashboard(queue), allow_actions=True, token=TOKEN).test_client()
-    for path in ("/", "/login", "/dlq", "/schedules"):
+    for path in ("/", "/login", "/dlq", "/schedules", "/groups", "/limits"):
         page = c.get(path).get_data(as_text=True)
         assert "hunter2secret" not in page and TOKEN not in page, path
         assert "password=***" in page

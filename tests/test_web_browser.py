@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jobq_testtasks as tasks
 import pytest
 from conftest import kill_tree, subprocess_env, wait_until
 
@@ -305,9 +306,33 @@ def test_actions_without_the_token_are_refused_and_get_changes_nothing(dash: Das
     assert dash.queue.get_status(job.id) == "cancelled"
 
 
+def test_the_limits_page_shows_a_limit_in_use_live_and_without_scripts(dash: Dashboard) -> None:
+    """One job at a time (the task's own limit, concurrency 1): the page, left open, shows a
+    slot taken, then free again, without being reloaded; scripts off, it is the same table."""
+    b = dash.open("/limits")
+    b.execute_script("window.notReloaded = true")
+    row = 'tr[data-limit="jobq_testtasks:one_at_a_time"]'
+    running = f'{row} [data-field="running"]'
+    key = uuid.uuid4().hex
+    jobs = [dash.queue.enqueue(tasks.one_at_a_time, key, 2.5) for _ in range(2)]
+    wait_until(lambda: _text(b, running) == "1", 10, interval=0.2,
+               message="the page to show a slot taken")
+    assert "full" in _text(b, row)
+    _shot(dash, b, "limits")
+    plain = dash.open("/limits", dash.plain)  # scripts off: the same table, as it is now
+    assert _text(plain, f"{row} td") == "jobq_testtasks:one_at_a_time"
+    assert _text(plain, f"{row} td:nth-child(2)") == "1"  # its concurrency
+    wait_until(lambda: all(j.refresh().status.value == "completed" for j in jobs), 20,
+               message="the jobs to complete")
+    wait_until(lambda: _text(b, running) == "0", 10, interval=0.2,
+               message="the page to show the slot free")
+    assert b.execute_script("return window.notReloaded") is True  # live, not reloaded
+    assert dash.queue.limit_use()["jobq_testtasks:one_at_a_time"]["running"] == 0
+
+
 def test_screenshots_are_written(dash: Dashboard) -> None:
     """Taken by the tests before this one (in $JOBQ_SCREENSHOTS when set, to look at)."""
     folder = dash.shots
-    for name in ("queues", "failed-job", "dead-letters"):
+    for name in ("queues", "failed-job", "dead-letters", "limits"):
         path = folder / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path

@@ -812,3 +812,44 @@ def test_a_group_is_kept_a_day_after_its_last_job_ended_not_after_map(
     assert list(group.results(timeout=30)) == [1, 4, 9]
     assert queue.wait(report.id, timeout=30).status == JobStatus.COMPLETED
     assert 86_000 < r.ttl(keys[0]) <= 86_400 and 86_000 < r.ttl(keys[1]) <= 86_400
+
+
+def test_recent_groups_lists_the_maps_made_last_and_forgets_the_expired(
+        queue: JobQueue, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """map() indexes its group ({ns}:groups, in the transaction that writes the group); the
+    index is trimmed to the groups' TTL and a cap at each map(), and its reader drops the ids
+    whose group expired."""
+    import jobq.broker
+    from jobq.groups import GROUP_TTL
+
+    old = "0ld-group"  # as if made more than a day ago
+    queue.broker.create_group(old, {"total": 0, "items": 0, "chunk": 1, "done": 0, "failed": 0,
+                                    "created": time.time() - GROUP_TTL - 60}, [], GROUP_TTL)
+    assert r.zscore(queue.keys.groups, old) is not None
+    first = queue.map(tasks.square, [1, 2, 3])
+    assert r.zscore(queue.keys.groups, old) is None  # trimmed: older than the TTL
+    chunked = queue.map(tasks.square, range(5), chunksize=2)
+    gone = queue.map(tasks.square, [4])
+    r.delete(queue.keys.group(gone.id))  # expired
+    listed = queue.recent_groups()
+    assert [g.id for g in listed] == [chunked.id, first.id]  # newest first, the expired skipped
+    assert r.zscore(queue.keys.groups, gone.id) is None  # and dropped from the index
+    assert listed[0].task == "jobq_testtasks:square" and listed[0].chunksize == 2
+    assert (listed[0].jobs, listed[0].progress) == (3, Progress(0, 0, 5))
+    assert listed[1].progress == first.progress() == Progress(0, 0, 3)
+    assert abs(listed[1].created - time.time()) < 60
+    assert [g.id for g in queue.recent_groups(1)] == [chunked.id]
+
+    monkeypatch.setattr(jobq.broker, "GROUP_INDEX_CAP", 3)  # many small maps: a bound
+    made = [queue.map(tasks.square, [i]).id for i in range(4)]
+    assert [g.id for g in queue.recent_groups()] == made[::-1][:3]
+    assert r.zcard(queue.keys.groups) == 3
+
+    def refused(*_: object) -> None:
+        raise redis.ResponseError("READONLY You can't write against a read only replica.")
+
+    monkeypatch.setattr(queue.broker._r, "zrem", refused)  # a reader that may not write
+    r.delete(queue.keys.group(made[-1]))
+    assert [g.id for g in queue.recent_groups()] == made[::-1][1:3]  # skipped all the same
+    assert [g.id for g in queue.recent_groups(1)] == [made[-2]]  # read on past it, once
+    assert r.zcard(queue.keys.groups) == 3

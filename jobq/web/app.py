@@ -25,7 +25,7 @@ from ..schedule import local_time
 from ..scheduler import Scheduler
 from ..urls import redact
 from . import security
-from .data import DLQ_PAGE, Dashboard
+from .data import DLQ_PAGE, GROUPS_SHOWN, Dashboard
 
 #: What a page may load: its own scripts, styles and images, nothing inline, no frames.
 #: ("Referrer-Policy: no-referrer" would make Chrome send "Origin: null" with our own forms.)
@@ -120,11 +120,15 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
     def groups() -> str:
         group_id = request.args.get("id", "").strip()
         if not group_id:
-            return render_template("group_lookup.html")
+            return render_template("groups.html", groups=dashboard.groups(), shown=GROUPS_SHOWN)
         page = dashboard.group(group_id)
         if page is None:
             abort(404, f"no group {group_id!r}: never made, or expired")
         return render_template("group.html", group=page)
+
+    @app.get("/limits")
+    def limits() -> str:
+        return render_template("limits.html", limits=dashboard.limits())
 
     # -- signing in -----------------------------------------------------------------------------
     @app.get("/login")

@@ -27,12 +27,13 @@ class TtlCache:
         self._locks: dict[Hashable, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, read: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, read: Callable[[], Any], ttl: float | None = None) -> Any:
+        """``ttl``: this key's own, instead of the cache's (a costlier read kept longer)."""
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             hit = self._values.get(key)
-            if hit is not None and self.clock() - hit[0] < self.ttl:
+            if hit is not None and self.clock() - hit[0] < (self.ttl if ttl is None else ttl):
                 return hit[1]
             value = read()  # an exception is not cached: the next viewer reads again
             with self._lock:

@@ -1,6 +1,8 @@
 """What the dashboard's pages show, read through jobq's own API (the reads of ``jobq info``,
-``jobq job``, ``jobq dlq list``, ``jobq schedule list``, ``jobq wait``), each cached for a
-second (:mod:`.cache`): a page costs the server a few batched calls, however many look."""
+``jobq job``, ``jobq dlq list``, ``jobq schedule list``, ``jobq limit list``, ``jobq wait``),
+each cached for a second (:mod:`.cache`): a page costs the server a few batched calls, however
+many look. The one read that scans the keyspace (the names of limits with state on the
+server, undefined ones among them) is kept for :data:`LIMIT_NAMES_TTL`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 from .. import info
 from ..exceptions import UnknownJob
-from ..groups import Group, Progress
+from ..groups import Group, GroupSummary, Progress
 from ..job import Job
 from ..queue import JobQueue
 from ..scheduler import Scheduler
@@ -19,6 +21,13 @@ from .cache import TtlCache
 #: page reads one by one (the rest are named by id, or counted).
 DLQ_PAGE = 50
 RELATED_SHOWN = 20
+#: Groups the groups page lists (the newest).
+GROUPS_SHOWN = 50
+#: How long the names of the limits with state on the server are kept (seconds): finding
+#: them is a SCAN of the namespace, as long as it holds keys (a record per finished job). A
+#: limit defined meanwhile shows at once (the definitions are read each time); one deleted
+#: while it still holds jobs, or left with state by a deleted one, within this time.
+LIMIT_NAMES_TTL = 30.0
 
 
 @dataclass
@@ -45,9 +54,11 @@ class GroupPage:
 class Dashboard:
     """The pages' reads, for one server and key prefix (``queue``'s)."""
 
-    def __init__(self, queue: JobQueue, *, cache: TtlCache | None = None) -> None:
+    def __init__(self, queue: JobQueue, *, cache: TtlCache | None = None,
+                 limit_names_ttl: float = LIMIT_NAMES_TTL) -> None:
         self.queue = queue
         self.cache = cache or TtlCache()
+        self.limit_names_ttl = limit_names_ttl
         self._queues: dict[str, JobQueue] = {queue.name: queue}
 
     def handle(self, name: str) -> JobQueue:
@@ -102,3 +113,16 @@ class Dashboard:
         ids = group.job_ids()[:RELATED_SHOWN]
         return GroupPage(group_id, group.progress(), group.total, group.chunksize,
                          [(i, self.queue.get_status(i)) for i in ids])
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """Every limit defined or in use, and its use now (``jobq limit list``)."""
+        def read() -> dict[str, dict[str, Any]]:
+            in_use = self.cache.get("limit-names", self.queue.broker.limit_names_in_use,
+                                    ttl=self.limit_names_ttl)
+            return self.queue.limit_use(in_use)
+
+        return self.cache.get("limits", read)
+
+    def groups(self) -> list[GroupSummary]:
+        """The groups made last that still exist, newest first."""
+        return self.cache.get("groups", lambda: self.queue.recent_groups(GROUPS_SHOWN))
