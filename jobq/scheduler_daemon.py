@@ -8,9 +8,12 @@ overwrite another's). The leader:
   its ``hz`` ticks) and woken early when a sooner one arrives (``{ns}:sched:wake``);
 * fires schedules (``fire.lua``): a fire is keyed by (schedule, due time) and moves the due
   time on atomically, so two schedulers that both believe they lead never fire one run twice;
-* gives back the jobs of workers whose lease lapsed (their host or master died);
 * drops the schedules of a ``WorkerPool`` script that is gone, and snapshots the counters for
   ``jobq info``'s rates.
+
+Every scheduler, leading or not, gives back the jobs of workers whose lease lapsed (their host
+or master died; ``reap.lua``, then ``release.lua`` checks each lease again): a host whose
+scheduler led gets its jobs back within the lease, not after the leader lease as well.
 
 Signals: TERM stops it (a leader resigns at once, so a standby takes over quickly); HUP
 re-reads the config and re-applies its ``[[schedule]]`` tables; USR1 and HUP reopen the log
