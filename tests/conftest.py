@@ -132,15 +132,17 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def kill_processes(procs: list[psutil.Process]) -> None:
-    """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait."""
+def kill_processes(procs: list[psutil.Process], *, wait: bool = True) -> None:
+    """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait for
+    them (with ``wait``)."""
     for sig in (signal.SIGCONT, signal.SIGKILL):
         for p in procs:
             try:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
-    psutil.wait_procs(procs, timeout=10)
+    if wait:
+        psutil.wait_procs(procs, timeout=10)
 
 
 def kill_tree(pid: int) -> None:

@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psutil
+from conftest import kill_processes
 
 #: The first two octets of the private /24s the networks use (10.77.N.0/24).
 SUBNET_PREFIX = "10.77"
@@ -102,14 +102,7 @@ def _kill_pids(pids: Sequence[int], *, wait: bool = True) -> list[psutil.Process
             procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    if wait:
-        psutil.wait_procs(procs, timeout=10)
+    kill_processes(procs, wait=wait)
     return procs
 
 

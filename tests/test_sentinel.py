@@ -293,9 +293,10 @@ def test_wait_replicas_returns_once_a_replica_has_the_jobs_and_says_so_when_none
                              wait_replicas_timeout=0.2)
         with pytest.raises(ReplicationTimeout, match="within 0.2 s"):
             JobQueue("default", config=config).enqueue(tasks.record, "k", "d")
-        started = time.monotonic()
-        queue.enqueue(tasks.record, "k", "fast")
-        assert time.monotonic() - started < 0.2
+        admin = connect(primary.url)
+        admin.config_resetstat()
+        queue.enqueue(tasks.record, "k", "fast")  # wait_replicas 0: no WAIT at all
+        assert "cmdstat_wait" not in admin.info("commandstats")
         with pytest.raises(ValueError, match="wait_replicas must be an integer >= 0"):
             queue.enqueue(tasks.record, "k", "bad", wait_replicas=-1)
     finally:
@@ -359,7 +360,8 @@ def test_both_passwords_are_used_and_a_wrong_one_is_one_line_without_it(
             started = time.monotonic()
             with pytest.raises(ServerProblem) as info:
                 check_server(url, timeout=10)
-            assert info.value.lasting and time.monotonic() - started < 3  # not waited out
+            # lasting: given up at once, not waited out until the 10 s timeout
+            assert info.value.lasting and time.monotonic() - started < 8
             message = str(info.value)
             assert "authentication failed" in message, message
             assert "\n" not in message and "-pw" not in message.replace("sentinel_password", "")
