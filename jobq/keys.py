@@ -12,6 +12,8 @@ key                        type    holds
 {ns}:q:<queue>:<prio>      list    ids waiting at one priority level, FIFO
 {ns}:wake:<queue>          list    wake tokens; idle workers block on them (BLPOP)
 {ns}:idle:<queue>          zset    idle workers of a queue -> when they registered (ms)
+{ns}:ilease:<worker>       string  an idle worker's lease length (ms), while its registration
+                                   is fresh (3 s): the lease of a job handed to it
 {ns}:hand:<worker>         list    jobs handed straight to an idle worker ("id\nqueue\nspec")
 {ns}:queues                set     every queue name ever used
 {ns}:suspended             set     queues that workers do not claim from

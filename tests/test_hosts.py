@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import process_tree, subprocess_env, wait_until
+from conftest import figure, process_tree, subprocess_env, wait_until
 
 from jobq import serialization
 from jobq.cli import main
@@ -95,7 +95,7 @@ def start_host(spawn: Spawn, tmp_path: Path, name: str, **config: Any) -> subpro
 
 def test_info_shows_every_hosts_master_and_work_then_a_vanished_host_gone_then_forgotten(
         redis_url: str, queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
-    lease = 0.4  # gone 4.4 s after its last heartbeat, forgotten 16 s after it
+    lease = 0.4  # gone 4.4 s after its last heartbeat
     config = {"lease_time": lease, "scheduler_tick": 0.1, "leader_lease": 1.0,
               "retry_backoff_base": 0.05, "retry_jitter": 0.0}
     hosts = {name: start_host(spawn, tmp_path, name, **config) for name in ("host-a", "host-b")}
@@ -146,11 +146,15 @@ def test_info_shows_every_hosts_master_and_work_then_a_vanished_host_gone_then_f
     wait_until(lambda: queue.get_status(victim_job) == "retry"
                and queue.get_stats()["pending"] == 1, 15, message="host-b's job given back")
 
-    wait_until(lambda: victim_id not in jobq_info(redis_url), FORGOTTEN_LEASES * lease + 10,
-               interval=0.2, message="host-b forgotten")
-    forgotten_after = time.monotonic() - killed
-    assert forgotten_after >= FORGOTTEN_LEASES * lease - 2 * 2.0  # its last beat came before
+    # forgotten FORGOTTEN_LEASES leases after its last heartbeat (the rule is
+    # master_state's, tested above with a fake clock): here its heartbeat is aged past that
+    # on the server rather than waited for, and jobq info leaves it out
+    assert victim_id in jobq_info(redis_url)
+    beat = json.loads(r.hget("{jobq}:masters", victim_id))
+    beat["ts"] = time.time() - FORGOTTEN_LEASES * lease - 1
+    r.hset("{jobq}:masters", victim_id, json.dumps(beat))
+    assert victim_id not in jobq_info(redis_url)
     assert [m["host"] for m in json.loads(jobq_info(redis_url, "--json"))["masters"]] == \
         ["host-a"]
-    print(f"\n[hosts] gone after {gone_after:.1f} s, forgotten after {forgotten_after:.1f} s "
-          f"(lease {lease} s)")
+    figure(f"hosts: a killed host's master shown as gone {gone_after:.1f} s after the kill "
+           f"(lease {lease} s)")

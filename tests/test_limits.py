@@ -172,7 +172,7 @@ def test_an_unknown_named_limit_is_refused_at_enqueue(queue: JobQueue, r: redis.
 
 def test_enqueue_never_hands_a_limited_job_to_an_idle_worker(queue: JobQueue,
                                                              r: redis.Redis) -> None:
-    queue.broker.scripts.run("idle", [], [queue.keys.base, "w9", "default"])
+    queue.broker.scripts.run("idle", [], [queue.keys.base, "w9", 15_000, "default"])
     limited = queue.enqueue(tasks.one_at_a_time, "k")
     assert r.llen("{jobq}:hand:w9") == 0
     plain = queue.enqueue(tasks.noop)

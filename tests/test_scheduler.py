@@ -773,6 +773,12 @@ def test_jobs_of_a_killed_master_come_back_and_complete_elsewhere(
     holder = master_of(int(first))
     assert holder in {p.pid for p in procs}
     assert queue.get_status(job.id) == "processing"
+    # handed to an idle worker by a producer with the default lease (15 s): leased for the
+    # worker's own (1 s), so that it comes back within that when the worker's host dies
+    seconds, micros = r.time()
+    server_ms = seconds * 1000 + micros // 1000
+    assert max(score for _, score in r.zrange("{jobq}:leases", 0, -1, withscores=True)) \
+        <= server_ms + CONFIG["lease_time"] * 1000
     killed_at = time.time()
     killed = set(masters.kill(holder))
     assert int(first) in killed

@@ -3,7 +3,8 @@
 -- KEYS[1]  the jobs hash ({ns}:jobs): id -> job spec (JSON, written once, never rewritten)
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  cap on wake tokens per queue
--- ARGV[3]  lease time (ms), for jobs handed straight to an idle worker
+-- ARGV[3]  lease time (ms), for jobs handed straight to an idle worker that did not say its
+--          own ({ns}:ilease:<worker>, see idle.lua)
 -- ARGV[4..] groups of 5: id, queue, priority, due (ms since the epoch; 0 = now), spec
 --
 -- A ready job is handed straight to an idle worker of its queue when there is one: the
@@ -19,7 +20,6 @@
 local B = ARGV[1]
 local wake_cap = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
-local IDLE_FRESH = 3000  -- an idle registration older than this (ms) is from a dead worker
 local jobs = KEYS[1]
 local ready, later = {}, {}
 local added = 0
@@ -65,7 +65,8 @@ for q, list in pairs(ready) do
         local job = list[k]
         job.handed = true
         redis.call('HSET', B .. ':held:' .. w, job[3], q)
-        redis.call('ZADD', B .. ':leases', now + lease, w)
+        local own = tonumber(redis.call('GET', B .. ':ilease:' .. w))
+        redis.call('ZADD', B .. ':leases', now + (own or lease), w)
         redis.call('RPUSH', B .. ':hand:' .. w, job[3] .. '\n' .. q .. '\n' .. job[4])
       end
     end

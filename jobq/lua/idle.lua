@@ -3,12 +3,18 @@
 -- KEYS     none
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  worker id
--- ARGV[3..] its queues
+-- ARGV[3]  its lease length (ms)
+-- ARGV[4..] its queues
 --
 -- The worker joins {ns}:idle:<queue> of each, scored with the server's now (ms): enqueue.lua
 -- hands a job to an idle worker registered recently (a stale entry is from a dead worker).
+-- Its lease length goes to {ns}:ilease:<worker> for as long as the registration is fresh:
+-- a job handed to it is leased for the worker's lease, not the producer's (a producer
+-- configured with a longer one would otherwise delay the job's return when the worker's
+-- host dies before its master's first renewal).
 -- Returns the number of queues.
 local B, worker = ARGV[1], ARGV[2]
 local now = server_ms()
-for i = 3, #ARGV do redis.call('ZADD', B .. ':idle:' .. ARGV[i], now, worker) end
-return #ARGV - 2
+redis.call('SET', B .. ':ilease:' .. worker, ARGV[3], 'PX', IDLE_FRESH)
+for i = 4, #ARGV do redis.call('ZADD', B .. ':idle:' .. ARGV[i], now, worker) end
+return #ARGV - 3

@@ -10,6 +10,9 @@ local function server_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- An idle worker's registration (idle.lua) older than this (ms) is from a dead worker.
+local IDLE_FRESH = 3000
+
 -- A queue as users know it. The jobs of a task in a script's __main__ go on a route of their
 -- own, "queue~owner", that only the pool that script started claims from (wire.route); they
 -- count, and fail into the dead-letter queue, under their queue.
