@@ -615,14 +615,11 @@ class Broker:
     def limit_names_in_use(self) -> list[str]:
         """The names of limits with state on the server (slots held, jobs held back, a rate
         used), defined or not (SCAN: for tools such as ``jobq limit list``)."""
-        prefix = self.keys.limit_state("")
         names = set()
-        for key in self._r.scan_iter(match=prefix + "*", count=1000):
-            name = str(key)[len(prefix):]
-            for suffix in (":run", ":wait"):
-                if name.endswith(suffix):
-                    name = name[:-len(suffix)]
-            names.add(name)
+        for prefix in (self.keys.limit_state(""), self.keys.limit_running(""),
+                       self.keys.limit_waiting("")):
+            for key in self._r.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+                names.add(str(key)[len(prefix):])
         return sorted(names)
 
     # -- giving back the jobs of workers that are gone -------------------------------------------
@@ -922,3 +919,8 @@ class Broker:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern (the key base's braces, a name's *)."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)

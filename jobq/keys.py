@@ -55,10 +55,12 @@ key                        type    holds
 {ns}:reaper                hash    when a reaper last ran, and until when none may reap
 {ns}:epoch                 string  a token written when the namespace is first used
 {ns}:limits                hash    limit name -> definition (JSON, jobq.limits.Limit.to_json)
-{ns}:lim:<name>            hash    a rate's GCRA time "tat" (ms), and "keeper": when the idle
+{ns}:lim:rate:<name>       hash    a rate's GCRA time "tat" (ms), and "keeper": when the idle
                                    worker keeping its time wakes (ms); see claim.lua
-{ns}:lim:<name>:run        hash    id -> worker: the jobs holding one of its slots
-{ns}:lim:<name>:wait       set     queues (routes) where it holds jobs back (woken when it
+{ns}:lim:run:<name>        hash    id -> worker: the jobs holding one of its slots
+{ns}:limheld:<worker>      hash    id -> the concurrency limits whose slots the job it holds
+                                   took ("\n"): what to free when it stops holding it
+{ns}:lim:wait:<name>       set     queues (routes) where it holds jobs back (woken when it
                                    frees)
 =========================  ======  ==========================================================
 
@@ -161,14 +163,19 @@ class Keys:
     def group_waits(self, group_id: str) -> str:
         return f"{self.base}:gwaits:{group_id}"
 
+    # the kind first, then the name: a name may hold ":" (a task's), and "X:run" must not be
+    # X's running set
     def limit_state(self, name: str) -> str:
-        return f"{self.base}:lim:{name}"
+        return f"{self.base}:lim:rate:{name}"
 
     def limit_running(self, name: str) -> str:
-        return f"{self.base}:lim:{name}:run"
+        return f"{self.base}:lim:run:{name}"
 
     def limit_waiting(self, name: str) -> str:
-        return f"{self.base}:lim:{name}:wait"
+        return f"{self.base}:lim:wait:{name}"
+
+    def limits_held(self, worker: str) -> str:
+        return f"{self.base}:limheld:{worker}"
 
     def control(self, master_id: str) -> str:
         return f"{self.base}:ctl:{master_id}"

@@ -122,7 +122,7 @@ def claim(queue: JobQueue, worker: str, count: int = 10) -> list[str]:
 
 
 def holders(r: redis.Redis, name: str) -> dict[str, str]:
-    return r.hgetall(f"{{jobq}}:lim:{name}:run")
+    return r.hgetall(f"{{jobq}}:lim:run:{name}")
 
 
 def test_a_job_over_its_limit_stays_pending_in_its_place(queue: JobQueue,
@@ -139,7 +139,7 @@ def test_a_job_over_its_limit_stays_pending_in_its_place(queue: JobQueue,
     assert queue.broker.stats("default")["pending"] == 2
     assert claim(queue, "w2") == []  # never claimed, spun on or re-queued
     assert r.lrange("{jobq}:q:default:0", 0, -1) == [b.id, d.id]
-    assert r.smembers(f"{{jobq}}:lim:{ONE}:wait") == {"default"}
+    assert r.smembers(f"{{jobq}}:lim:wait:{ONE}") == {"default"}
     r.delete("{jobq}:wake:default")
     queue.broker.exchange("w1", list(AckEntry("done", a.id, "default", 0, 0, "{}", "")),
                           [], 0)
@@ -196,10 +196,12 @@ def test_a_rate_admits_its_burst_then_one_idle_worker_keeps_its_time(queue: JobQ
 
 
 @pytest.mark.parametrize("ending", ["done", "fail", "cancel", "retry", "later", "giveback",
-                                    "killed", "lease", "queue deleted"])
+                                    "killed", "killed for good", "lease", "queue deleted"])
 def test_every_way_a_job_ends_frees_its_slot(queue: JobQueue, r: redis.Redis,
                                              ending: str) -> None:
-    a = queue.enqueue(tasks.one_at_a_time, "k")
+    # "killed for good": its worker died and it had no retry left, so the release fails it
+    # (and deletes its spec) in the same script that frees its slot
+    a = queue.enqueue(tasks.one_at_a_time, "k", max_retries=0 if ending.endswith("good") else 3)
     queue.enqueue(tasks.one_at_a_time, "k")
     assert claim(queue, "w1", 1) == [a.id]
     assert claim(queue, "w2") == []
@@ -211,15 +213,16 @@ def test_every_way_a_job_ends_frees_its_slot(queue: JobQueue, r: redis.Redis,
         assert broker.exchange("w1", list(entry), [], 0).stale == []
     elif ending == "giveback":
         assert broker.give_back("w1", [a.id]) == 1
-    elif ending == "killed":  # what the master does when its worker dies
+    elif ending.startswith("killed"):  # what the master does when its worker dies
         broker.release("w1", cause="worker killed by signal 9 (SIGKILL)", current=a.id)
+        assert (queue.get_status(a.id) == "failed") == ending.endswith("good")
     elif ending == "lease":  # its whole host gone: another master's reaper
         r.zadd("{jobq}:leases", {"w1": 1})
         assert [w for w, _ in broker.reap(0.1)] == ["w1"]
     else:
         queue.delete()
     assert holders(r, ONE) == {}
-    assert r.hlen("{jobq}:limited") == 0
+    assert not r.keys("{jobq}:limheld:*")
     if ending != "queue deleted":
         assert r.llen("{jobq}:wake:default") >= 1  # whoever waited for the slot is woken
         assert len(claim(queue, "w3")) == 1  # a or b: one slot, taken again
@@ -378,9 +381,9 @@ def test_a_server_restart_mid_run_leaks_no_slot_and_loses_no_job(
         wait_until(lambda: all(queue.get_status(i) == "completed" for i in ids), timeout=60,
                    message="every job completed")
         check = connect(server.url)
-        assert check.hlen(f"{{jobq}}:lim:{ONE}:run") == 0
-        assert check.hlen(f"{{jobq}}:lim:{TWO}:run") == 0
-        assert check.hlen("{jobq}:limited") == 0
+        assert check.hlen(f"{{jobq}}:lim:run:{ONE}") == 0
+        assert check.hlen(f"{{jobq}}:lim:run:{TWO}") == 0
+        assert not check.keys("{jobq}:limheld:*")
         assert queue.broker.stats("default")["processing"] == 0
         assert most_at_once(spans(r, "one")) == 1
     finally:

@@ -94,7 +94,7 @@ for k = 1, #ids do
 end
 if #live > 0 then
   redis.call('HDEL', held, unpack(live))
-  free_slots(B, live, wake_cap)  -- ended or back in a queue: no longer running
+  free_slots(B, worker, live, wake_cap)  -- ended or back in a queue: no longer running
 end
 for ttl, r in pairs(records) do set_many(r, ttl) end
 if #stale > 0 then

@@ -16,17 +16,18 @@
 -- Limits (jobq/limits.py). A job whose spec begins with LIMITED_PREFIX names its limits; their
 -- definitions are in {ns}:limits (a name without one limits nothing). It is claimed only if
 -- every limit admits it now:
---   concurrency c: fewer than c ids in {ns}:lim:<name>:run (id -> worker); the claim adds it
---     there, and lib.lua's free_slots() takes it out when the job stops being held, however
---     that happens (the names are in its spec);
---   rate n/per, burst b: GCRA on the server's clock: {ns}:lim:<name> "tat" (ms) minus
+--   concurrency c: fewer than c ids in {ns}:lim:run:<name> (id -> worker); the claim adds it
+--     there, and the names of the limits whose slots it took in the worker's
+--     {ns}:limheld:<worker> (id -> names), from which lib.lua's free_slots() frees them when
+--     the job stops being held, however that happens;
+--   rate n/per, burst b: GCRA on the server's clock: {ns}:lim:rate:<name> "tat" (ms) minus
 --     (b - 1) * per/n is not after now; a start moves tat to max(tat, now) + per/n.
 -- A job held back stays pending in its place: it is put back at the front of its level, in
 -- order, and the claim goes on with the jobs behind it, looking past at most SCAN_MAX held-back
 -- jobs per call (beyond them, the jobs further down wait until the head drains). The queue is
--- noted in {ns}:lim:<name>:wait; free_slots() (a slot freed), or a claim that takes a rate's
+-- noted in {ns}:lim:wait:<name>; free_slots() (a slot freed), or a claim that takes a rate's
 -- start, wakes an idle worker there. For a rate, one idle worker keeps the time: a claim that
--- got nothing and was held back by a rate becomes the keeper ({ns}:lim:<name> "keeper": when
+-- got nothing and was held back by a rate becomes the keeper ({ns}:lim:rate:<name> "keeper": when
 -- it wakes, ms; "keeper_by": who) unless another one will wake in time, and is told how long
 -- to wait (a keeper that woke early keeps it).
 --
@@ -54,7 +55,19 @@ local function def_of(name)
   if d == nil then
     local raw = redis.call('HGET', B .. ':limits', name)
     local ok, v = pcall(cjson.decode, raw or 'null')
-    d = (ok and type(v) == 'table') and v or false
+    d = false
+    if ok and type(v) == 'table' then
+      -- only what jobq.limits writes counts: a concurrency of 1 or more; a rate of n > 0
+      -- starts per per > 0 seconds, burst 1 or more. Anything else (written by hand) limits
+      -- nothing, rather than failing the claim or holding jobs back for good.
+      local c, n, per, b = tonumber(v.c), tonumber(v.n), tonumber(v.per), tonumber(v.b or 1)
+      d = {}
+      if c and c >= 1 then d.c = math.floor(c) end
+      if n and n > 0 and per and per > 0 and b and b >= 1 then
+        d.n, d.per, d.b = n, per, math.floor(b)
+      end
+      if not d.c and not d.n then d = false end
+    end
     defs[name] = d
   end
   return d
@@ -63,11 +76,12 @@ end
 -- A full limit's holders that no worker holds any more (a leak: it should not happen) are
 -- dropped; returns the slots in use.
 local function repair(name)
-  local rk = B .. ':lim:' .. name .. ':run'
+  local rk = B .. ':lim:run:' .. name
   local all = redis.call('HGETALL', rk)
   for i = 1, #all, 2 do
     if redis.call('HEXISTS', B .. ':held:' .. all[i + 1], all[i]) == 0 then
       redis.call('HDEL', rk, all[i])
+      redis.call('HDEL', B .. ':limheld:' .. all[i + 1], all[i])
     end
   end
   return redis.call('HLEN', rk)
@@ -86,7 +100,7 @@ local function admits(names)
       local c = tonumber(d.c)
       if c then
         if running[name] == nil then
-          running[name] = redis.call('HLEN', B .. ':lim:' .. name .. ':run')
+          running[name] = redis.call('HLEN', B .. ':lim:run:' .. name)
           if running[name] >= c and c <= REPAIR_MAX then running[name] = repair(name) end
         end
         if running[name] >= c then blocked[name] = 'c'; return false, name end
@@ -94,7 +108,7 @@ local function admits(names)
       if tonumber(d.n) then
         now = now or server_ms()
         if tats[name] == nil then
-          tats[name] = tonumber(redis.call('HGET', B .. ':lim:' .. name, 'tat')) or 0
+          tats[name] = tonumber(redis.call('HGET', B .. ':lim:rate:' .. name, 'tat')) or 0
         end
         local allowed = tats[name] - interval(d) * ((tonumber(d.b) or 1) - 1)
         if allowed > now then blocked[name] = allowed; return false, name end
@@ -106,8 +120,10 @@ end
 
 -- Take a job's slots and starts: counted here at once, written once per call (flush_takes).
 local taken = {}    -- concurrency limit name -> {id, worker, id, worker, ...}
+local holding = {}  -- {id, the names of the concurrency limits it took, ...}: limheld
 local started = {}  -- rate limit name -> true: this call took a start
 local function take(id, names)
+  local slots = {}
   for _, name in ipairs(names) do
     local d = defs[name]
     if d then
@@ -117,6 +133,7 @@ local function take(id, names)
         t[#t + 1] = id
         t[#t + 1] = worker
         running[name] = running[name] + 1
+        slots[#slots + 1] = name
       end
       if tonumber(d.n) then
         tats[name] = math.max(tats[name], now) + interval(d)
@@ -124,12 +141,17 @@ local function take(id, names)
       end
     end
   end
+  if #slots > 0 then
+    holding[#holding + 1] = id
+    holding[#holding + 1] = table.concat(slots, '\n')
+  end
 end
 
 local function flush_takes()
-  for name, t in pairs(taken) do redis.call('HSET', B .. ':lim:' .. name .. ':run', unpack(t)) end
+  for name, t in pairs(taken) do redis.call('HSET', B .. ':lim:run:' .. name, unpack(t)) end
+  if #holding > 0 then redis.call('HSET', B .. ':limheld:' .. worker, unpack(holding)) end
   for name in pairs(started) do
-    redis.call('HSET', B .. ':lim:' .. name, 'tat', string.format('%.3f', tats[name]))
+    redis.call('HSET', B .. ':lim:rate:' .. name, 'tat', string.format('%.3f', tats[name]))
     -- a start taken: whoever waited for it is woken, to wait for the next one
     wake_waiting(B, name, 1)
   end
@@ -194,12 +216,12 @@ for i = 5, #ARGV do
 end
 flush_takes()  -- before the queues held back are noted as waiting: those stay
 for name, qs in pairs(waiting) do
-  local wk = B .. ':lim:' .. name .. ':wait'
+  local wk = B .. ':lim:wait:' .. name
   for q in pairs(qs) do redis.call('SADD', wk, q) end
   local when = blocked[name]
   if when ~= 'c' then
     -- a rate: make sure an idle worker wakes when its next start is allowed
-    local sk = B .. ':lim:' .. name
+    local sk = B .. ':lim:rate:' .. name
     local kept = redis.call('HMGET', sk, 'keeper', 'keeper_by')
     local keeper = tonumber(kept[1])
     if not keeper or keeper <= now or keeper > when or kept[2] == worker then

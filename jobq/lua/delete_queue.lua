@@ -77,7 +77,7 @@ local function drop(ids)
     redis.call('HDEL', jobs, id)
     redis.call('HDEL', B .. ':state', id)
     gone[#gone + 1] = id
-    if job then group_done(B, job.g, 'failed') end
+    if job then group_done(B, job.g, 'failed', id) end
     for _, child in ipairs(redis.call('SMEMBERS', B .. ':waits:' .. id)) do
       local cjob = decode(redis.call('HGET', jobs, child))
       if ours(cjob) and undefer(child, cjob) then
@@ -94,6 +94,7 @@ local function take_held()
   for _, worker in ipairs(redis.call('ZRANGE', B .. ':leases', 0, -1)) do
     local held = B .. ':held:' .. worker
     local all = redis.call('HGETALL', held)
+    local mine = {}
     for i = 1, #all, 2 do
       local id, route = all[i], all[i + 1]
       if base(route) == q then
@@ -105,11 +106,12 @@ local function take_held()
         redis.call('HSET', B .. ':cancel', id, ARGV[7])
         count(B, route, 'processing', -1)
         taken[#taken + 1] = id
+        mine[#mine + 1] = id
       end
     end
+    free_slots(B, worker, mine, wake_cap)
   end
   deleted[HELD] = deleted[HELD] + #taken
-  free_slots(B, taken, wake_cap)
   if #taken > 0 then drop(taken) end
 end
 

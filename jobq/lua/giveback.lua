@@ -26,7 +26,7 @@ for i = #ARGV, 4, -1 do  -- last first, so that LPUSH keeps their order
     local ok, job = pcall(cjson.decode, spec or 'null')
     if not (ok and type(job) == 'table') then job = {} end
     redis.call('HDEL', held, id)
-    free_slots(B, {id}, tonumber(ARGV[3]))
+    free_slots(B, worker, {id}, tonumber(ARGV[3]))
     push_ready(B, q, spec_level(job), {id}, true)
     count(B, q, 'processing', -1)
     count(B, q, 'pending', 1)

@@ -278,46 +278,49 @@ local function ended_unfinished(B, ids, now, wake_cap, ttl)
 end
 
 -- Limits (jobq/limits.py, claim.lua). Wake one idle worker of each queue where jobs wait
--- for limit `name` ({ns}:lim:<name>:wait, filled by claim.lua), and forget them: a woken
+-- for limit `name` ({ns}:lim:wait:<name>, filled by claim.lua), and forget them: a woken
 -- worker that still finds them held back puts them there again.
 local function wake_waiting(B, name, wake_cap)
-  local wk = B .. ':lim:' .. name .. ':wait'
+  local wk = B .. ':lim:wait:' .. name
   for _, q in ipairs(redis.call('SMEMBERS', wk)) do wake(B, q, 1, wake_cap) end
   redis.call('DEL', wk)
 end
 
 -- The names in a limited spec's "lm" (it begins with LIMITED_PREFIX; limit names hold no
--- quote or bracket).
+-- quote or bracket), each once.
 local function limit_names(spec)
-  local names = {}
+  local names, seen = {}, {}
   local body = string.match(spec, '^{"lm":%[([^%]]*)%]')
   if body then
-    for name in string.gmatch(body, '"([^"]+)"') do names[#names + 1] = name end
+    for name in string.gmatch(body, '"([^"]+)"') do
+      if not seen[name] then seen[name] = true; names[#names + 1] = name end
+    end
   end
   return names
 end
 
--- Jobs that no worker holds any more (settled, given back, released, deleted; called while
--- their specs are still there): free the slots claim.lua took for them in their concurrency
--- limits ({ns}:lim:<name>:run), named by their specs, and wake a worker for what waited on a
--- limit that had one. One EXISTS when no limit is defined.
-local function free_slots(B, ids, wake_cap)
-  if #ids == 0 or redis.call('EXISTS', B .. ':limits') == 0 then return end
-  local specs = redis.call('HMGET', B .. ':jobs', unpack(ids))
-  local freed = {}  -- limit name -> the ids to free in it
-  for k, spec in ipairs(specs) do
-    if spec and string.sub(spec, 1, #LIMITED_PREFIX) == LIMITED_PREFIX then
-      for _, name in ipairs(limit_names(spec)) do
+-- Jobs that a worker no longer holds (settled, given back, released, deleted): free the slots
+-- claim.lua took for them in their concurrency limits ({ns}:lim:run:<name>), which it noted in
+-- the worker's {ns}:limheld:<worker> (id -> names), and wake a worker for what waited on those
+-- limits. One EXISTS when the worker holds no limited job: nothing is read per job then.
+local function free_slots(B, worker, ids, wake_cap)
+  local lk = B .. ':limheld:' .. worker
+  if #ids == 0 or redis.call('EXISTS', lk) == 0 then return end
+  local held = redis.call('HMGET', lk, unpack(ids))
+  local freed, gone = {}, {}  -- limit name -> the ids to free in it; every id freed
+  for k, names in ipairs(held) do
+    if names then
+      for name in string.gmatch(names, '[^\n]+') do
         local f = freed[name]
         if not f then f = {}; freed[name] = f end
         f[#f + 1] = ids[k]
       end
+      gone[#gone + 1] = ids[k]
     end
   end
+  if #gone > 0 then redis.call('HDEL', lk, unpack(gone)) end
   for name, f in pairs(freed) do
-    -- a rate, or a limit defined after the claim, holds no slot: nothing freed, nobody woken
-    if redis.call('HDEL', B .. ':lim:' .. name .. ':run', unpack(f)) > 0 then
-      wake_waiting(B, name, wake_cap)
-    end
+    redis.call('HDEL', B .. ':lim:run:' .. name, unpack(f))
+    wake_waiting(B, name, wake_cap)
   end
 end

@@ -38,6 +38,10 @@ if ARGV[10] == '1' then
   if deadline and tonumber(deadline) > server_ms() then return false end
 end
 local held = redis.call('HGETALL', held_key)
+local ids = {}
+for i = 1, #held, 2 do ids[#ids + 1] = held[i] end
+free_slots(B, worker, ids, wake_cap)  -- first: the loop may finish (delete) some of them
+redis.call('DEL', B .. ':limheld:' .. worker)
 local requeued, failed = {}, {}
 -- last claimed first: each is pushed to the front of its level, so they keep their order
 for i = #held - 1, 1, -2 do
@@ -100,9 +104,6 @@ if current ~= '' and current ~= '-' and redis.call('HEXISTS', jobs, current) == 
   -- ran: no cancel request of it is left behind
   redis.call('HDEL', B .. ':cancel', current)
 end
-local ids = {}
-for i = 1, #held, 2 do ids[#ids + 1] = held[i] end
-free_slots(B, ids, wake_cap)
 redis.call('DEL', held_key)
 redis.call('DEL', B .. ':hand:' .. worker)  -- what was handed to it is in held_key too
 redis.call('ZREM', B .. ':leases', worker)
