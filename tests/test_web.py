@@ -337,6 +337,23 @@ def test_signing_in_renews_the_csrf_token_and_redirects_only_to_our_pages(client
     assert TOKEN not in page and "Sign out" in page
 
 
+@pytest.mark.parametrize("target", ["/\t/evil.example/", "/\n/evil.example/", "/\r\n/x",
+                                    "/\\evil.example", "/x\\y", "//evil.example",
+                                    "http://evil.example/", "javascript:alert(1)", "evil",
+                                    "/\x7f/evil.example", ""])
+def test_next_never_leaves_the_dashboard(client: Any, target: str) -> None:
+    csrf = _csrf(client, "/login")
+    reply = client.post("/login", data={"token": TOKEN, "csrf": csrf, "next": target})
+    assert reply.status_code == 302 and reply.headers["Location"] == "/"
+
+
+def test_next_keeps_our_own_pages(client: Any) -> None:
+    csrf = _csrf(client, "/login")
+    reply = client.post("/login", data={"token": TOKEN, "csrf": csrf,
+                                        "next": "/job?id=a%2Fb&x=1"})
+    assert reply.status_code == 302 and reply.headers["Location"] == "/job?id=a%2Fb&x=1"
+
+
 def test_dead_letters_requeue_and_purge(client: Any, queue: JobQueue) -> None:
     first, second = _failed_job(queue, "one"), _failed_job(queue, "two")
     page = client.get("/dlq").get_data(as_text=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from flask import (
@@ -237,8 +238,22 @@ def _field(name: str) -> str:
 
 def _back() -> str:
     """Where to go after a form: the page it came from (``next``), if it is one of ours."""
-    target = request.form.get("next", "")
-    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
+    return safe_next(request.form.get("next", ""))
+
+
+def safe_next(target: str) -> str:
+    """``target`` if it is a path on this server, else ``/``: no scheme, no host, one
+    leading ``/``, and no backslash or control character (browsers drop tabs and newlines,
+    so ``/<TAB>/evil.example`` would become ``//evil.example``; a newline would break the
+    header)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target \
+            or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in target):
+        return "/"
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return "/"
+    return target if parts.scheme == "" and parts.netloc == "" else "/"
 
 
 # -- filters ----------------------------------------------------------------------------------
