@@ -419,6 +419,24 @@ def test_a_server_that_does_not_answer_is_a_503_page(redis_url: str) -> None:
     assert "cannot read the server" in reply.get_data(as_text=True)
 
 
+def test_the_503_page_hides_the_password_however_it_is_written(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "redis://user:s%40cret-pass@127.0.0.1:1/0"
+    away = JobQueue("default", redis_url=url,
+                    connection=redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+    dash = Dashboard(away)
+
+    def fail() -> None:
+        raise redis.ConnectionError("cannot reach redis://user:s@cret-pass@127.0.0.1:1/0\n"
+                                    "(password s%40cret-pass)")
+
+    monkeypatch.setattr(dash, "overview", fail)
+    reply = create_app(dash).test_client().get("/")
+    text = reply.get_data(as_text=True)
+    assert reply.status_code == 503 and "cannot read the server" in text
+    assert "cret-pass" not in text
+
+
 def test_a_dashboard_with_actions_needs_a_real_token(dash: Dashboard) -> None:
     with pytest.raises(ValueError, match="token"):
         create_app(dash, allow_actions=True, token="")

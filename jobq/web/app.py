@@ -24,7 +24,7 @@ from werkzeug.wrappers import Response
 
 from ..schedule import local_time
 from ..scheduler import Scheduler
-from ..urls import redact
+from ..urls import redact, scrub
 from . import security
 from .data import DLQ_PAGE, GROUPS_SHOWN, Dashboard
 
@@ -77,7 +77,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.errorhandler(redis.RedisError)
     def server_trouble(exc: redis.RedisError) -> tuple[str, int]:
-        message = str(exc).replace(queue.url, redact(queue.url))
+        message = scrub(str(exc), queue.url)
         return render_template("error.html", title="Server unreachable",
                                message=f"cannot read the server: {message}"), 503
 
