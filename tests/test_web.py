@@ -277,6 +277,27 @@ def test_the_groups_page_lists_the_maps_with_their_progress(readonly: Any, queue
     assert readonly.get("/groups?id=hostile").status_code == 200
 
 
+def test_the_group_page_reads_only_the_job_ids_it_shows(readonly: Any, queue: JobQueue,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobq.web.data import RELATED_SHOWN
+
+    group = queue.map("jobq_testtasks:square", range(RELATED_SHOWN + 7))
+    ranges: list[tuple[Any, ...]] = []
+    real = queue.broker._r.lrange
+
+    def lrange(key: Any, start: int, stop: int) -> Any:
+        ranges.append((start, stop))
+        return real(key, start, stop)
+
+    monkeypatch.setattr(queue.broker._r, "lrange", lrange)
+    page = readonly.get(f"/groups?id={group.id}").get_data(as_text=True)
+    assert ranges == [(0, RELATED_SHOWN - 1)]
+    assert page.count('href="/job?id=') == RELATED_SHOWN and "and 7 more job(s)" in page
+    assert queue.broker.group_job_ids(group.id) == group.job_ids()
+    assert len(group.job_ids()) == RELATED_SHOWN + 7  # the other callers still get them all
+    assert queue.broker.group_job_ids(group.id, 2, 3) == group.job_ids()[2:4]
+
+
 def test_get_never_changes_anything(client: Any, queue: JobQueue) -> None:
     job = queue.enqueue("jobq_testtasks:add", 1, 2)
     Scheduler(queue).schedule_interval("s1", "jobq_testtasks:noop", 60)
