@@ -95,6 +95,18 @@ def test_a_failed_read_is_not_cached() -> None:
     assert cache.get("k", lambda: 7) == 7
 
 
+def test_the_lock_table_holds_only_the_reads_in_flight() -> None:
+    cache = TtlCache(10.0, max_keys=8)
+    for i in range(1000):
+        assert cache.get(("job", str(i)), lambda i=i: i) == i
+    with pytest.raises(RuntimeError):
+        cache.get("failing", lambda: (_ for _ in ()).throw(RuntimeError("x")))
+    assert cache._locks == {} and len(cache._values) <= 8
+    inside: list[int] = []
+    cache.get("outer", lambda: inside.append(len(cache._locks)) or 1)
+    assert inside == [1] and cache._locks == {}
+
+
 # -- the safety rules (pure) ----------------------------------------------------------------------
 def _refusal(**given: Any) -> str | None:
     facts = {"allowed": True, "token": TOKEN, "signed_in": True, "session_csrf": "abc",
@@ -296,6 +308,19 @@ def test_the_group_page_reads_only_the_job_ids_it_shows(readonly: Any, queue: Jo
     assert queue.broker.group_job_ids(group.id) == group.job_ids()
     assert len(group.job_ids()) == RELATED_SHOWN + 7  # the other callers still get them all
     assert queue.broker.group_job_ids(group.id, 2, 3) == group.job_ids()[2:4]
+
+
+def test_an_overlong_id_is_a_400_before_any_read(readonly: Any, dash: Dashboard,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_read(*args: Any) -> None:
+        raise AssertionError("read the server")
+
+    for name in ("job", "group", "dead_letters", "overview"):
+        monkeypatch.setattr(dash, name, no_read)
+    for path in ("/job?id=", "/groups?id=", "/dlq?queue="):
+        reply = readonly.get(path + "x" * 201)
+        assert reply.status_code == 400, path
+        assert "longer than 200 characters" in reply.get_data(as_text=True)
 
 
 def test_get_never_changes_anything(client: Any, queue: JobQueue) -> None:

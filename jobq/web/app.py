@@ -37,6 +37,8 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
            "Cross-Origin-Opener-Policy": "same-origin"}
 #: How often the live parts of a page refresh where scripts run (milliseconds).
 LIVE_EVERY_MS = 2000
+#: The longest job id, group id or queue name a page looks up.
+MAX_ARG = 200
 #: What a schedule form may ask, and what the page then says.
 SCHEDULE_OPS = {"pause": "paused", "resume": "resumed", "run-now": "run now"}
 
@@ -81,6 +83,11 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
         return render_template("error.html", title="Server unreachable",
                                message=f"cannot read the server: {message}"), 503
 
+    @app.errorhandler(400)
+    def bad_request(exc: Any) -> tuple[str, int]:
+        return render_template("error.html", title="Bad request",
+                               message=getattr(exc, "description", "bad request")), 400
+
     @app.errorhandler(404)
     def not_found(exc: Any) -> tuple[str, int]:
         return render_template("error.html", title="Not found",
@@ -93,7 +100,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.get("/job")
     def job() -> str:
-        job_id = request.args.get("id", "").strip()
+        job_id = _arg("id")
         if not job_id:
             return render_template("job_lookup.html")
         page = dashboard.job(job_id)
@@ -103,8 +110,9 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.get("/dlq")
     def dlq() -> str:
+        asked = _arg("queue")
         counts = {q["queue"]: q["dead"] for q in dashboard.overview()["queues"]}
-        name = request.args.get("queue") or next((q for q, n in counts.items() if n), None) \
+        name = asked or next((q for q, n in counts.items() if n), None) \
             or next(iter(counts), "default")
         if name not in counts:
             abort(404, f"no queue {name!r}")
@@ -119,7 +127,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.get("/groups")
     def groups() -> str:
-        group_id = request.args.get("id", "").strip()
+        group_id = _arg("id")
         if not group_id:
             return render_template("groups.html", groups=dashboard.groups(), shown=GROUPS_SHOWN)
         page = dashboard.group(group_id)
@@ -227,6 +235,16 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
         return done(f"schedule {name}: {SCHEDULE_OPS[op]}" if ok else f"no schedule {name!r}")
 
     return app
+
+
+def _arg(name: str) -> str:
+    """A query parameter naming a job, group or queue: a 400, before any read, when it is
+    longer than any name jobq makes (each name read is a key of the cache and a read of the
+    server)."""
+    value = request.args.get(name, "").strip()
+    if len(value) > MAX_ARG:
+        abort(400, f"{name} is longer than {MAX_ARG} characters: no such name")
+    return value
 
 
 def _field(name: str) -> str:
