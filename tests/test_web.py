@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,16 @@ def test_a_bearer_token_acts_without_a_session() -> None:
     assert "--allow-actions" in str(_refusal(allowed=False, authorization=f"Bearer {TOKEN}"))
     assert security.bearer("Basic abc") is None and security.bearer("bearer  x ") == "x"
     assert not security.same("", "") and not security.same(None, TOKEN)
+
+
+def test_host_names_and_the_names_a_dashboard_answers_to() -> None:
+    assert [security.host_name(h) for h in ("LocalHost:8181", "[::1]:8181", "[::1]", "::1",
+                                             "example.com.", "127.0.0.1")] == \
+        ["localhost", "::1", "::1", "::1", "example.com", "127.0.0.1"]
+    assert security.allowed_hosts() == {"localhost", "127.0.0.1", "::1"}
+    assert security.allowed_hosts(["0.0.0.0", "::", "[::]"]) == security.allowed_hosts()
+    assert security.allowed_hosts(["192.0.2.7", "Proxy.Example"]) == \
+        {"localhost", "127.0.0.1", "::1", "192.0.2.7", "proxy.example"}
 
 
 def test_new_tokens_are_long_and_differ() -> None:
@@ -321,6 +332,26 @@ def test_an_overlong_id_is_a_400_before_any_read(readonly: Any, dash: Dashboard,
         reply = readonly.get(path + "x" * 201)
         assert reply.status_code == 400, path
         assert "longer than 200 characters" in reply.get_data(as_text=True)
+
+
+def test_a_request_for_another_host_name_is_refused(dash: Dashboard) -> None:
+    """DNS rebinding: a site whose name now resolves to 127.0.0.1 still names itself."""
+    app = create_app(dash, allow_actions=True, token=TOKEN, hosts=["0.0.0.0", "proxy.example"])
+    c = app.test_client()
+    for host in ("localhost", "localhost:8181", "127.0.0.1:8181", "[::1]:8181",
+                 "proxy.example", "PROXY.example:443"):
+        assert c.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8181", "0.0.0.0:8181", "127.0.0.1.evil.example",
+                 "[::2]:8181"):
+        for path in ("/", "/job?id=x", "/static/live.js", "/login"):
+            reply = c.get(path, headers={"Host": host})
+            text = reply.get_data(as_text=True)
+            assert reply.status_code == 400, (host, path)
+            assert text.startswith("refused: this dashboard does not answer to the host name")
+            assert text.count("\n") == 1 and "redis" not in text and "<" not in text
+        reply = c.post("/actions/cancel", data={"job": "x"}, headers={
+            "Host": host, "Authorization": f"Bearer {TOKEN}"})
+        assert reply.status_code == 400
 
 
 def test_get_never_changes_anything(client: Any, queue: JobQueue) -> None:
@@ -543,6 +574,31 @@ def test_jobq_web_is_read_only_by_default(redis_url: str,
         page = reply.read().decode()
         assert reply.headers["Content-Security-Policy"] == CSP
     assert "read-only" in page and "Sign in" not in page
+    rebound = address.group(1).replace("127.0.0.1", "evil.example")
+    request = urllib.request.Request(address.group(1), headers={"Host": rebound[7:-1]})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 400
+
+
+def test_jobq_web_answers_the_allowed_host_names(redis_url: str, tmp_path: Path,
+                                                 spawn: Callable[..., subprocess.Popen[str]]
+                                                 ) -> None:
+    config = tmp_path / "jobq.toml"
+    config.write_text('web_allowed_hosts = ["from-config.example"]\n')
+    proc = spawn("web", "--port", "0", "--allowed-host", "proxy.example", "--allowed-host",
+                 "other.example", "--config", str(config))
+    address = re.search(r"serving (http://127\.0\.0\.1:\d+/)", _first_lines(proc, "serving"))
+    assert address
+    for host, code in (("proxy.example", 200), ("other.example:80", 200),
+                       ("from-config.example", 200), ("evil.example", 400)):
+        request = urllib.request.Request(address.group(1), headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                got = reply.status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        assert got == code, host
 
 
 def test_jobq_web_takes_the_config_token_and_never_prints_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,9 +45,11 @@ SCHEDULE_OPS = {"pause": "paused", "resume": "resumed", "run-now": "run now"}
 
 
 def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str = "",
-               secret_key: bytes | None = None) -> Flask:
+               secret_key: bytes | None = None, hosts: Iterable[str] = ()) -> Flask:
     """The dashboard over ``dashboard``'s server. ``token`` is required with
-    ``allow_actions`` (the CLI makes one, or takes the config's ``web_token``)."""
+    ``allow_actions`` (the CLI makes one, or takes the config's ``web_token``). It answers
+    only requests whose ``Host`` is loopback's or one of ``hosts``."""
+    allowed = security.allowed_hosts(hosts)
     if allow_actions and len(token) < 16:
         raise ValueError("actions need a token of at least 16 characters")
     app = Flask(__name__)
@@ -64,6 +67,17 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     def _signed_in() -> bool:
         return allow_actions and session.get("auth") is True
+
+    @app.before_request
+    def check_host() -> Response | None:
+        """A page for this server's names only: a site rebinding its own name to this
+        address (DNS rebinding) would read it. Plain text: not a word about the server."""
+        name = security.host_name(request.host)
+        if name in allowed:
+            return None
+        return Response(f"refused: this dashboard does not answer to the host name {name!r} "
+                        "(jobq web --allowed-host NAME adds one)\n", 400,
+                        {"Content-Type": "text/plain; charset=utf-8", **HEADERS})
 
     @app.before_request
     def give_csrf() -> None:

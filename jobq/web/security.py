@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Iterable
 from urllib.parse import urlsplit
+
+#: The names a dashboard always answers to (a request's ``Host`` names one of them or another
+#: allowed name, else it is refused: a site that rebinds its name to 127.0.0.1 names itself).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 #: The form field (and session key) of the CSRF token.
 CSRF_FIELD = "csrf"
@@ -62,3 +67,22 @@ def refusal(*, allowed: bool, token: str, signed_in: bool, session_csrf: str | N
     if not same(form_csrf, session_csrf):
         return "refused: the form's CSRF token is missing or stale (reload the page)"
     return None
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header or an allowed-host entry: lower case, without its port,
+    brackets or trailing dot (``[::1]:8181`` -> ``::1``)."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
+def allowed_hosts(names: Iterable[str] = ()) -> frozenset[str]:
+    """The names a dashboard answers to: loopback's and ``names`` (the address it listens
+    on, a proxy's name), less the wildcard addresses (``0.0.0.0``, ``::``), which no
+    request names."""
+    given = {host_name(h) for h in names} - {"", "0.0.0.0", "::"}
+    return frozenset({*LOOPBACK_NAMES, *given})

@@ -3,7 +3,7 @@ in a process of its own (``jobq web``), never in the master."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from waitress.server import create_server
 
@@ -17,10 +17,11 @@ THREADS = 8
 
 
 def serve(queue: JobQueue, *, host: str, port: int, allow_actions: bool, token: str,
-          say: Callable[[str], None]) -> None:
+          say: Callable[[str], None], allowed_hosts: Iterable[str] = ()) -> None:
     """Serve until interrupted; ``say`` gets the lines to show at start (the address, and
     the token when it is a new one)."""
-    app = create_app(Dashboard(queue), allow_actions=allow_actions, token=token)
+    app = create_app(Dashboard(queue), allow_actions=allow_actions, token=token,
+                     hosts=[host, *allowed_hosts])
     server = create_server(app, host=host, port=port, threads=THREADS, ident="jobq",
                            clear_untrusted_proxy_headers=True)
     bound = getattr(server, "effective_port", port)
