@@ -111,7 +111,7 @@ def test_the_lock_table_holds_only_the_reads_in_flight() -> None:
 # -- the safety rules (pure) ----------------------------------------------------------------------
 def _refusal(**given: Any) -> str | None:
     facts = {"allowed": True, "token": TOKEN, "signed_in": True, "session_csrf": "abc",
-             "form_csrf": "abc", "authorization": None, "origin": None,
+             "form_csrf": "abc", "authorization": None, "origin": "http://127.0.0.1:8181",
              "host": "127.0.0.1:8181", **given}
     return security.refusal(**facts)
 
@@ -126,6 +126,18 @@ def test_an_action_needs_actions_on_a_session_and_its_csrf_token() -> None:
     assert "another site" in str(_refusal(origin="http://evil.example"))
     assert "another site" in str(_refusal(origin="null"))
     assert _refusal(origin="http://127.0.0.1:8181") is None
+
+
+def test_a_session_action_must_name_its_origin() -> None:
+    assert "no Origin or Referer" in str(_refusal(origin=None))
+    assert _refusal(origin=None, referer="http://127.0.0.1:8181/dlq?queue=x") is None
+    assert "another site" in str(_refusal(origin=None, referer="http://evil.example/"))
+    assert "another site" in str(_refusal(referer="http://127.0.0.1:8181/",
+                                          origin="http://evil.example"))
+    # a script with the token needs none (a browser cannot send the header cross-site)
+    assert _refusal(origin=None, signed_in=False, authorization=f"Bearer {TOKEN}") is None
+    assert "another site" in str(_refusal(origin="http://evil.example", signed_in=False,
+                                          authorization=f"Bearer {TOKEN}"))
 
 
 def test_a_bearer_token_acts_without_a_session() -> None:
@@ -159,12 +171,19 @@ def dash(queue: JobQueue) -> Dashboard:
 
 @pytest.fixture
 def client(dash: Dashboard) -> Any:
-    return create_app(dash, allow_actions=True, token=TOKEN).test_client()
+    return _browser(create_app(dash, allow_actions=True, token=TOKEN))
 
 
 @pytest.fixture
 def readonly(dash: Dashboard) -> Any:
     return create_app(dash).test_client()
+
+
+def _browser(app: Any) -> Any:
+    """A test client that sends what a browser sends with a form: its page's Origin."""
+    c = app.test_client()
+    c.environ_base["HTTP_ORIGIN"] = "http://localhost"
+    return c
 
 
 def _csrf(client: Any, path: str = "/") -> str:
@@ -431,6 +450,44 @@ def test_next_keeps_our_own_pages(client: Any) -> None:
     assert reply.status_code == 302 and reply.headers["Location"] == "/job?id=a%2Fb&x=1"
 
 
+def test_the_session_cookie_is_lax_and_named_after_the_port(dash: Dashboard) -> None:
+    """Lax: a link followed from another site brings the signed-in session along (with
+    Strict it came without, and the fresh session overwrote the signed-in one)."""
+    c = _browser(create_app(dash, allow_actions=True, token=TOKEN, port=8181))
+    cookie = c.get("/login").headers["Set-Cookie"]
+    assert cookie.startswith("jobq_web_8181=") and "SameSite=Lax" in cookie
+    assert "HttpOnly" in cookie
+    _sign_in(c)
+    page = c.get("/", headers={"Referer": "http://elsewhere.example/"}).get_data(as_text=True)
+    assert "Sign out" in page
+
+
+def test_a_cookie_post_without_origin_or_referer_is_refused(client: Any,
+                                                           queue: JobQueue) -> None:
+    job = queue.enqueue("jobq_testtasks:add", 1, 2)
+    csrf = _sign_in(client)
+    del client.environ_base["HTTP_ORIGIN"]
+    reply = client.post("/actions/cancel", data={"job": job.id, "csrf": csrf})
+    assert reply.status_code == 403 and "no Origin or Referer" in reply.get_data(as_text=True)
+    assert queue.get_status(job.id) == "pending"
+    reply = client.post("/actions/cancel", data={"job": job.id, "csrf": csrf},
+                        headers={"Referer": "http://localhost/job?id=x"})
+    assert reply.status_code == 302 and queue.get_status(job.id) == "cancelled"
+
+
+def test_signing_out_needs_the_csrf_token_and_our_origin(client: Any) -> None:
+    csrf = _sign_in(client)
+    assert client.post("/logout").status_code == 403
+    assert client.post("/logout", data={"csrf": csrf},
+                       headers={"Origin": "http://evil.example"}).status_code == 403
+    assert "Sign out" in client.get("/").get_data(as_text=True)  # still signed in
+    page = client.get("/").get_data(as_text=True)
+    assert re.search(r'action="/logout"><input type="hidden" name="csrf" value="[^"]+"', page)
+    reply = client.post("/logout", data={"csrf": csrf})
+    assert reply.status_code == 302
+    assert "Sign out" not in client.get("/").get_data(as_text=True)
+
+
 def test_dead_letters_requeue_and_purge(client: Any, queue: JobQueue) -> None:
     first, second = _failed_job(queue, "one"), _failed_job(queue, "two")
     page = client.get("/dlq").get_data(as_text=True)
@@ -481,7 +538,7 @@ def test_schedule_actions(client: Any, queue: JobQueue) -> None:
 
 def test_no_secret_is_shown(queue: JobQueue) -> None:
     queue.url += "?password=hunter2secret"  # what a page would show is the URL, redacted
-    c = create_app(Dashboard(queue), allow_actions=True, token=TOKEN).test_client()
+    c = _browser(create_app(Dashboard(queue), allow_actions=True, token=TOKEN))
     for path in ("/", "/login", "/dlq", "/schedules", "/groups", "/limits"):
         page = c.get(path).get_data(as_text=True)
         assert "hunter2secret" not in page and TOKEN not in page, path
@@ -611,6 +668,9 @@ def test_jobq_web_takes_the_config_token_and_never_prints_it(
     assert TOKEN not in said and "token to sign in with" not in said, said
     address = re.search(r"serving (http://127\.0\.0\.1:\d+/) \(actions allowed\)", said)
     assert address, said
+    with urllib.request.urlopen(address.group(1) + "login", timeout=5) as reply:
+        port = address.group(1).rsplit(":", 1)[1].strip("/")
+        assert reply.headers["Set-Cookie"].startswith(f"jobq_web_{port}=")
     job = queue.enqueue("jobq_testtasks:add", 1, 2)
     request = urllib.request.Request(address.group(1) + "actions/cancel", method="POST",
                                      data=f"job={job.id}".encode(),

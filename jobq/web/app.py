@@ -45,16 +45,23 @@ SCHEDULE_OPS = {"pause": "paused", "resume": "resumed", "run-now": "run now"}
 
 
 def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str = "",
-               secret_key: bytes | None = None, hosts: Iterable[str] = ()) -> Flask:
+               secret_key: bytes | None = None, hosts: Iterable[str] = (),
+               port: int | None = None) -> Flask:
     """The dashboard over ``dashboard``'s server. ``token`` is required with
     ``allow_actions`` (the CLI makes one, or takes the config's ``web_token``). It answers
-    only requests whose ``Host`` is loopback's or one of ``hosts``."""
+    only requests whose ``Host`` is loopback's or one of ``hosts``. ``port`` names the
+    session cookie (cookies are per host, not per port: two dashboards on one host would
+    otherwise share, and overwrite, one cookie); see :func:`cookie_name`."""
     allowed = security.allowed_hosts(hosts)
     if allow_actions and len(token) < 16:
         raise ValueError("actions need a token of at least 16 characters")
     app = Flask(__name__)
-    app.config.update(SECRET_KEY=secret_key or os.urandom(32), SESSION_COOKIE_NAME="jobq_web",
-                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+    # SameSite=Lax, not Strict: with Strict, a link followed from another site came without
+    # the cookie, and the new session made then overwrote the signed-in one. Lax sends it on
+    # such a top-level GET (which changes nothing) and never on another site's POST.
+    app.config.update(SECRET_KEY=secret_key or os.urandom(32),
+                      SESSION_COOKIE_NAME=cookie_name(port),
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
                       MAX_CONTENT_LENGTH=64 * 1024, TEMPLATES_AUTO_RELOAD=False)
     app.jinja_env.filters.update(when=_when, pretty=_pretty, mb=_mb, seconds=_seconds)
     queue = dashboard.queue
@@ -166,7 +173,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
                                session_csrf=session.get(security.CSRF_FIELD),
                                form_csrf=request.form.get(security.CSRF_FIELD),
                                authorization=None, origin=request.headers.get("Origin"),
-                               host=request.host)
+                               referer=request.headers.get("Referer"), host=request.host)
         if why is None and not security.same(request.form.get("token"), token):
             why = "refused: wrong token"
         if why is not None:
@@ -178,7 +185,14 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
         return redirect(_back())
 
     @app.post("/logout")
-    def logout() -> Response:
+    def logout() -> Response | tuple[str, int]:
+        why = security.refusal(allowed=allow_actions, token=token, signed_in=True,
+                               session_csrf=session.get(security.CSRF_FIELD),
+                               form_csrf=request.form.get(security.CSRF_FIELD),
+                               authorization=None, origin=request.headers.get("Origin"),
+                               referer=request.headers.get("Referer"), host=request.host)
+        if why is not None:  # another site may not sign you out either
+            return render_template("error.html", title="Refused", message=why), 403
         session.clear()
         return redirect(url_for("index"))
 
@@ -188,7 +202,8 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
                                session_csrf=session.get(security.CSRF_FIELD),
                                form_csrf=request.form.get(security.CSRF_FIELD),
                                authorization=request.headers.get("Authorization"),
-                               origin=request.headers.get("Origin"), host=request.host)
+                               origin=request.headers.get("Origin"),
+                               referer=request.headers.get("Referer"), host=request.host)
         if why is not None:
             abort(Response(render_template("error.html", title="Refused", message=why), 403))
 
@@ -249,6 +264,12 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
         return done(f"schedule {name}: {SCHEDULE_OPS[op]}" if ok else f"no schedule {name!r}")
 
     return app
+
+
+def cookie_name(port: int | None) -> str:
+    """The session cookie's name: one per port (a browser sends a host's cookies to all its
+    ports)."""
+    return "jobq_web" if not port else f"jobq_web_{port}"
 
 
 def _arg(name: str) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from waitress.server import create_server
 
 from ..queue import JobQueue
-from .app import create_app
+from .app import cookie_name, create_app
 from .data import Dashboard
 
 #: Threads answering requests: a page is a cache hit most of the time (microseconds), so a
@@ -25,6 +25,7 @@ def serve(queue: JobQueue, *, host: str, port: int, allow_actions: bool, token: 
     server = create_server(app, host=host, port=port, threads=THREADS, ident="jobq",
                            clear_untrusted_proxy_headers=True)
     bound = getattr(server, "effective_port", port)
+    app.config["SESSION_COOKIE_NAME"] = cookie_name(bound)  # the port bound (--port 0)
     shown = f"[{host}]" if ":" in host else host
     say(f"jobq web: serving http://{shown}:{bound}/ "
         f"({'actions allowed' if allow_actions else 'read-only'})")
