@@ -518,6 +518,28 @@ def test_the_job_page_shows_attempts_parents_and_dependents(client: Any,
     assert "deferred" in page and parent.id in page and "pending" in page
 
 
+def test_a_long_value_is_cut_with_a_note() -> None:
+    from jobq.web.app import cap
+
+    assert cap("short") == "short" and cap(None) == ""
+    assert cap("é" * 10, limit=5) == "éé\n… (truncated, 20 bytes in all)"
+
+
+def test_the_job_page_caps_each_long_value(readonly: Any, queue: JobQueue) -> None:
+    big = "x" * 100_000
+    job = queue.enqueue("jobq_testtasks:echo", big, kwargs={"k": big})
+    run_in_this_process(Worker(["default"], config=queue.config, url=queue.url, burst=True,
+                               resolver=TaskResolver(["jobq_testtasks"])))
+    assert queue.get_status(job.id) == "completed"
+    for job_id, cut in ((job.id, 3), (_failed_job(queue, big), 1)):
+        reply = readonly.get(f"/job?id={job_id}")
+        page = reply.get_data(as_text=True)
+        assert reply.status_code == 200 and len(page) < 5 * 16 * 1024
+        assert page.count("truncated, ") >= cut  # arguments, keyword arguments, result
+        assert re.search(r"<pre id=\"args\">\[\n  &#34;x{1000,}", page)  # " escaped
+        assert "(truncated, 100,008 bytes in all)</pre>" in page  # the arguments' JSON
+
+
 def test_schedule_actions(client: Any, queue: JobQueue) -> None:
     sched = Scheduler(queue)
     sched.schedule_interval("tick", "jobq_testtasks:noop", 60)

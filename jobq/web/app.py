@@ -38,6 +38,8 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
            "Cross-Origin-Opener-Policy": "same-origin"}
 #: How often the live parts of a page refresh where scripts run (milliseconds).
 LIVE_EVERY_MS = 2000
+#: The most of one value a job's page shows (bytes): arguments, result, error, traceback.
+VALUE_CAP = 16 * 1024
 #: The longest job id, group id or queue name a page looks up.
 MAX_ARG = 200
 #: What a schedule form may ask, and what the page then says.
@@ -63,7 +65,8 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
                       SESSION_COOKIE_NAME=cookie_name(port),
                       SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
                       MAX_CONTENT_LENGTH=64 * 1024, TEMPLATES_AUTO_RELOAD=False)
-    app.jinja_env.filters.update(when=_when, pretty=_pretty, mb=_mb, seconds=_seconds)
+    app.jinja_env.filters.update(when=_when, pretty=_pretty, mb=_mb, seconds=_seconds,
+                                  cap=cap)
     queue = dashboard.queue
 
     @app.context_processor
@@ -319,6 +322,17 @@ def _when(ts: Any) -> str:
 def _pretty(value: Any) -> str:
     """A JSON value as text (the template escapes it)."""
     return json.dumps(value, indent=2, default=str, ensure_ascii=False)
+
+
+def cap(value: Any, limit: int = VALUE_CAP) -> str:
+    """``value`` as text, at most ``limit`` bytes of it (UTF-8), and a note saying how long it
+    was when it is cut: a job's arguments, result or traceback may be megabytes."""
+    text = "" if value is None else str(value)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return (data[:limit].decode("utf-8", "ignore") +
+            f"\n… (truncated, {len(data):,} bytes in all)")
 
 
 def _mb(value: Any) -> str:
