@@ -901,8 +901,14 @@ class Broker:
             out.extend(_opt_str(raw) for raw in self._r.mget(keys))
         return out
 
-    def group_job_ids(self, group_id: str) -> list[str]:
-        return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), 0, -1)]
+    def group_job_ids(self, group_id: str, start: int = 0, stop: int = -1) -> list[str]:
+        """A group's job ids in input order, ``start`` to ``stop`` inclusive (LRANGE's
+        rules: -1 is the last; the default, every one)."""
+        return [str(i) for i in self._r.lrange(self.keys.group_ids(group_id), start, stop)]
+
+    def group_job_count(self, group_id: str) -> int:
+        """How many job ids a group's list holds (LLEN), without reading them."""
+        return int(self._r.llen(self.keys.group_ids(group_id)))
 
     def group_progress(self, group_id: str) -> tuple[int, int, int, int]:
         """(done, failed) jobs of a group, then (done, failed) items (0 when it has no

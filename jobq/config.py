@@ -106,6 +106,8 @@ class Config:
 
     #: the token ``jobq web --allow-actions`` asks for ('': a new one each start); never shown
     web_token: str = field(default="", repr=False)
+    #: more names the dashboard answers to (a proxy's), besides loopback and ``jobq web --host``
+    web_allowed_hosts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         values = _validate({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
@@ -441,6 +443,9 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "metrics_host": _Str("a host name or address to listen on", check=bool),
     "schedules": _Schedules(),
     "limits": _Limits(),
+    "web_allowed_hosts": _StrList("a list of host names", _Str(
+        "a host name or address", check=lambda s: bool(s) and s.isprintable() and " " not in s
+        and "/" not in s)),
     "web_token": _Secret("'' or a token of 16 to 256 printable characters without spaces",
                          check=lambda s: s == "" or (16 <= len(s) <= 256 and s.isprintable()
                                                      and " " not in s)),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -95,10 +96,22 @@ def test_a_failed_read_is_not_cached() -> None:
     assert cache.get("k", lambda: 7) == 7
 
 
+def test_the_lock_table_holds_only_the_reads_in_flight() -> None:
+    cache = TtlCache(10.0, max_keys=8)
+    for i in range(1000):
+        assert cache.get(("job", str(i)), lambda i=i: i) == i
+    with pytest.raises(RuntimeError):
+        cache.get("failing", lambda: (_ for _ in ()).throw(RuntimeError("x")))
+    assert cache._locks == {} and len(cache._values) <= 8
+    inside: list[int] = []
+    cache.get("outer", lambda: inside.append(len(cache._locks)) or 1)
+    assert inside == [1] and cache._locks == {}
+
+
 # -- the safety rules (pure) ----------------------------------------------------------------------
 def _refusal(**given: Any) -> str | None:
     facts = {"allowed": True, "token": TOKEN, "signed_in": True, "session_csrf": "abc",
-             "form_csrf": "abc", "authorization": None, "origin": None,
+             "form_csrf": "abc", "authorization": None, "origin": "http://127.0.0.1:8181",
              "host": "127.0.0.1:8181", **given}
     return security.refusal(**facts)
 
@@ -115,12 +128,34 @@ def test_an_action_needs_actions_on_a_session_and_its_csrf_token() -> None:
     assert _refusal(origin="http://127.0.0.1:8181") is None
 
 
+def test_a_session_action_must_name_its_origin() -> None:
+    assert "no Origin or Referer" in str(_refusal(origin=None))
+    assert _refusal(origin=None, referer="http://127.0.0.1:8181/dlq?queue=x") is None
+    assert "another site" in str(_refusal(origin=None, referer="http://evil.example/"))
+    assert "another site" in str(_refusal(referer="http://127.0.0.1:8181/",
+                                          origin="http://evil.example"))
+    # a script with the token needs none (a browser cannot send the header cross-site)
+    assert _refusal(origin=None, signed_in=False, authorization=f"Bearer {TOKEN}") is None
+    assert "another site" in str(_refusal(origin="http://evil.example", signed_in=False,
+                                          authorization=f"Bearer {TOKEN}"))
+
+
 def test_a_bearer_token_acts_without_a_session() -> None:
     assert _refusal(signed_in=False, form_csrf=None, authorization=f"Bearer {TOKEN}") is None
     assert "wrong token" in str(_refusal(signed_in=False, authorization="Bearer nope"))
     assert "--allow-actions" in str(_refusal(allowed=False, authorization=f"Bearer {TOKEN}"))
     assert security.bearer("Basic abc") is None and security.bearer("bearer  x ") == "x"
     assert not security.same("", "") and not security.same(None, TOKEN)
+
+
+def test_host_names_and_the_names_a_dashboard_answers_to() -> None:
+    assert [security.host_name(h) for h in ("LocalHost:8181", "[::1]:8181", "[::1]", "::1",
+                                             "example.com.", "127.0.0.1")] == \
+        ["localhost", "::1", "::1", "::1", "example.com", "127.0.0.1"]
+    assert security.allowed_hosts() == {"localhost", "127.0.0.1", "::1"}
+    assert security.allowed_hosts(["0.0.0.0", "::", "[::]"]) == security.allowed_hosts()
+    assert security.allowed_hosts(["192.0.2.7", "Proxy.Example"]) == \
+        {"localhost", "127.0.0.1", "::1", "192.0.2.7", "proxy.example"}
 
 
 def test_new_tokens_are_long_and_differ() -> None:
@@ -136,12 +171,19 @@ def dash(queue: JobQueue) -> Dashboard:
 
 @pytest.fixture
 def client(dash: Dashboard) -> Any:
-    return create_app(dash, allow_actions=True, token=TOKEN).test_client()
+    return _browser(create_app(dash, allow_actions=True, token=TOKEN))
 
 
 @pytest.fixture
 def readonly(dash: Dashboard) -> Any:
     return create_app(dash).test_client()
+
+
+def _browser(app: Any) -> Any:
+    """A test client that sends what a browser sends with a form: its page's Origin."""
+    c = app.test_client()
+    c.environ_base["HTTP_ORIGIN"] = "http://localhost"
+    return c
 
 
 def _csrf(client: Any, path: str = "/") -> str:
@@ -277,6 +319,60 @@ def test_the_groups_page_lists_the_maps_with_their_progress(readonly: Any, queue
     assert readonly.get("/groups?id=hostile").status_code == 200
 
 
+def test_the_group_page_reads_only_the_job_ids_it_shows(readonly: Any, queue: JobQueue,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobq.web.data import RELATED_SHOWN
+
+    group = queue.map("jobq_testtasks:square", range(RELATED_SHOWN + 7))
+    ranges: list[tuple[Any, ...]] = []
+    real = queue.broker._r.lrange
+
+    def lrange(key: Any, start: int, stop: int) -> Any:
+        ranges.append((start, stop))
+        return real(key, start, stop)
+
+    monkeypatch.setattr(queue.broker._r, "lrange", lrange)
+    page = readonly.get(f"/groups?id={group.id}").get_data(as_text=True)
+    assert ranges == [(0, RELATED_SHOWN - 1)]
+    assert page.count('href="/job?id=') == RELATED_SHOWN and "and 7 more job(s)" in page
+    assert queue.broker.group_job_ids(group.id) == group.job_ids()
+    assert len(group.job_ids()) == RELATED_SHOWN + 7  # the other callers still get them all
+    assert queue.broker.group_job_ids(group.id, 2, 3) == group.job_ids()[2:4]
+
+
+def test_an_overlong_id_is_a_400_before_any_read(readonly: Any, dash: Dashboard,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_read(*args: Any) -> None:
+        raise AssertionError("read the server")
+
+    for name in ("job", "group", "dead_letters", "overview"):
+        monkeypatch.setattr(dash, name, no_read)
+    for path in ("/job?id=", "/groups?id=", "/dlq?queue="):
+        reply = readonly.get(path + "x" * 201)
+        assert reply.status_code == 400, path
+        assert "longer than 200 characters" in reply.get_data(as_text=True)
+
+
+def test_a_request_for_another_host_name_is_refused(dash: Dashboard) -> None:
+    """DNS rebinding: a site whose name now resolves to 127.0.0.1 still names itself."""
+    app = create_app(dash, allow_actions=True, token=TOKEN, hosts=["0.0.0.0", "proxy.example"])
+    c = app.test_client()
+    for host in ("localhost", "localhost:8181", "127.0.0.1:8181", "[::1]:8181",
+                 "proxy.example", "PROXY.example:443"):
+        assert c.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8181", "0.0.0.0:8181", "127.0.0.1.evil.example",
+                 "[::2]:8181"):
+        for path in ("/", "/job?id=x", "/static/live.js", "/login"):
+            reply = c.get(path, headers={"Host": host})
+            text = reply.get_data(as_text=True)
+            assert reply.status_code == 400, (host, path)
+            assert text.startswith("refused: this dashboard does not answer to the host name")
+            assert text.count("\n") == 1 and "redis" not in text and "<" not in text
+        reply = c.post("/actions/cancel", data={"job": "x"}, headers={
+            "Host": host, "Authorization": f"Bearer {TOKEN}"})
+        assert reply.status_code == 400
+
+
 def test_get_never_changes_anything(client: Any, queue: JobQueue) -> None:
     job = queue.enqueue("jobq_testtasks:add", 1, 2)
     Scheduler(queue).schedule_interval("s1", "jobq_testtasks:noop", 60)
@@ -337,6 +433,61 @@ def test_signing_in_renews_the_csrf_token_and_redirects_only_to_our_pages(client
     assert TOKEN not in page and "Sign out" in page
 
 
+@pytest.mark.parametrize("target", ["/\t/evil.example/", "/\n/evil.example/", "/\r\n/x",
+                                    "/\\evil.example", "/x\\y", "//evil.example",
+                                    "http://evil.example/", "javascript:alert(1)", "evil",
+                                    "/\x7f/evil.example", ""])
+def test_next_never_leaves_the_dashboard(client: Any, target: str) -> None:
+    csrf = _csrf(client, "/login")
+    reply = client.post("/login", data={"token": TOKEN, "csrf": csrf, "next": target})
+    assert reply.status_code == 302 and reply.headers["Location"] == "/"
+
+
+def test_next_keeps_our_own_pages(client: Any) -> None:
+    csrf = _csrf(client, "/login")
+    reply = client.post("/login", data={"token": TOKEN, "csrf": csrf,
+                                        "next": "/job?id=a%2Fb&x=1"})
+    assert reply.status_code == 302 and reply.headers["Location"] == "/job?id=a%2Fb&x=1"
+
+
+def test_the_session_cookie_is_lax_and_named_after_the_port(dash: Dashboard) -> None:
+    """Lax: a link followed from another site brings the signed-in session along (with
+    Strict it came without, and the fresh session overwrote the signed-in one)."""
+    c = _browser(create_app(dash, allow_actions=True, token=TOKEN, port=8181))
+    cookie = c.get("/login").headers["Set-Cookie"]
+    assert cookie.startswith("jobq_web_8181=") and "SameSite=Lax" in cookie
+    assert "HttpOnly" in cookie
+    _sign_in(c)
+    page = c.get("/", headers={"Referer": "http://elsewhere.example/"}).get_data(as_text=True)
+    assert "Sign out" in page
+
+
+def test_a_cookie_post_without_origin_or_referer_is_refused(client: Any,
+                                                           queue: JobQueue) -> None:
+    job = queue.enqueue("jobq_testtasks:add", 1, 2)
+    csrf = _sign_in(client)
+    del client.environ_base["HTTP_ORIGIN"]
+    reply = client.post("/actions/cancel", data={"job": job.id, "csrf": csrf})
+    assert reply.status_code == 403 and "no Origin or Referer" in reply.get_data(as_text=True)
+    assert queue.get_status(job.id) == "pending"
+    reply = client.post("/actions/cancel", data={"job": job.id, "csrf": csrf},
+                        headers={"Referer": "http://localhost/job?id=x"})
+    assert reply.status_code == 302 and queue.get_status(job.id) == "cancelled"
+
+
+def test_signing_out_needs_the_csrf_token_and_our_origin(client: Any) -> None:
+    csrf = _sign_in(client)
+    assert client.post("/logout").status_code == 403
+    assert client.post("/logout", data={"csrf": csrf},
+                       headers={"Origin": "http://evil.example"}).status_code == 403
+    assert "Sign out" in client.get("/").get_data(as_text=True)  # still signed in
+    page = client.get("/").get_data(as_text=True)
+    assert re.search(r'action="/logout"><input type="hidden" name="csrf" value="[^"]+"', page)
+    reply = client.post("/logout", data={"csrf": csrf})
+    assert reply.status_code == 302
+    assert "Sign out" not in client.get("/").get_data(as_text=True)
+
+
 def test_dead_letters_requeue_and_purge(client: Any, queue: JobQueue) -> None:
     first, second = _failed_job(queue, "one"), _failed_job(queue, "two")
     page = client.get("/dlq").get_data(as_text=True)
@@ -367,6 +518,28 @@ def test_the_job_page_shows_attempts_parents_and_dependents(client: Any,
     assert "deferred" in page and parent.id in page and "pending" in page
 
 
+def test_a_long_value_is_cut_with_a_note() -> None:
+    from jobq.web.app import cap
+
+    assert cap("short") == "short" and cap(None) == ""
+    assert cap("é" * 10, limit=5) == "éé\n… (truncated, 20 bytes in all)"
+
+
+def test_the_job_page_caps_each_long_value(readonly: Any, queue: JobQueue) -> None:
+    big = "x" * 100_000
+    job = queue.enqueue("jobq_testtasks:echo", big, kwargs={"k": big})
+    run_in_this_process(Worker(["default"], config=queue.config, url=queue.url, burst=True,
+                               resolver=TaskResolver(["jobq_testtasks"])))
+    assert queue.get_status(job.id) == "completed"
+    for job_id, cut in ((job.id, 3), (_failed_job(queue, big), 1)):
+        reply = readonly.get(f"/job?id={job_id}")
+        page = reply.get_data(as_text=True)
+        assert reply.status_code == 200 and len(page) < 5 * 16 * 1024
+        assert page.count("truncated, ") >= cut  # arguments, keyword arguments, result
+        assert re.search(r"<pre id=\"args\">\[\n  &#34;x{1000,}", page)  # " escaped
+        assert "(truncated, 100,008 bytes in all)</pre>" in page  # the arguments' JSON
+
+
 def test_schedule_actions(client: Any, queue: JobQueue) -> None:
     sched = Scheduler(queue)
     sched.schedule_interval("tick", "jobq_testtasks:noop", 60)
@@ -387,7 +560,7 @@ def test_schedule_actions(client: Any, queue: JobQueue) -> None:
 
 def test_no_secret_is_shown(queue: JobQueue) -> None:
     queue.url += "?password=hunter2secret"  # what a page would show is the URL, redacted
-    c = create_app(Dashboard(queue), allow_actions=True, token=TOKEN).test_client()
+    c = _browser(create_app(Dashboard(queue), allow_actions=True, token=TOKEN))
     for path in ("/", "/login", "/dlq", "/schedules", "/groups", "/limits"):
         page = c.get(path).get_data(as_text=True)
         assert "hunter2secret" not in page and TOKEN not in page, path
@@ -400,6 +573,24 @@ def test_a_server_that_does_not_answer_is_a_503_page(redis_url: str) -> None:
     reply = create_app(Dashboard(away)).test_client().get("/")
     assert reply.status_code == 503
     assert "cannot read the server" in reply.get_data(as_text=True)
+
+
+def test_the_503_page_hides_the_password_however_it_is_written(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "redis://user:s%40cret-pass@127.0.0.1:1/0"
+    away = JobQueue("default", redis_url=url,
+                    connection=redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+    dash = Dashboard(away)
+
+    def fail() -> None:
+        raise redis.ConnectionError("cannot reach redis://user:s@cret-pass@127.0.0.1:1/0\n"
+                                    "(password s%40cret-pass)")
+
+    monkeypatch.setattr(dash, "overview", fail)
+    reply = create_app(dash).test_client().get("/")
+    text = reply.get_data(as_text=True)
+    assert reply.status_code == 503 and "cannot read the server" in text
+    assert "cret-pass" not in text
 
 
 def test_a_dashboard_with_actions_needs_a_real_token(dash: Dashboard) -> None:
@@ -462,6 +653,31 @@ def test_jobq_web_is_read_only_by_default(redis_url: str,
         page = reply.read().decode()
         assert reply.headers["Content-Security-Policy"] == CSP
     assert "read-only" in page and "Sign in" not in page
+    rebound = address.group(1).replace("127.0.0.1", "evil.example")
+    request = urllib.request.Request(address.group(1), headers={"Host": rebound[7:-1]})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 400
+
+
+def test_jobq_web_answers_the_allowed_host_names(redis_url: str, tmp_path: Path,
+                                                 spawn: Callable[..., subprocess.Popen[str]]
+                                                 ) -> None:
+    config = tmp_path / "jobq.toml"
+    config.write_text('web_allowed_hosts = ["from-config.example"]\n')
+    proc = spawn("web", "--port", "0", "--allowed-host", "proxy.example", "--allowed-host",
+                 "other.example", "--config", str(config))
+    address = re.search(r"serving (http://127\.0\.0\.1:\d+/)", _first_lines(proc, "serving"))
+    assert address
+    for host, code in (("proxy.example", 200), ("other.example:80", 200),
+                       ("from-config.example", 200), ("evil.example", 400)):
+        request = urllib.request.Request(address.group(1), headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                got = reply.status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        assert got == code, host
 
 
 def test_jobq_web_takes_the_config_token_and_never_prints_it(
@@ -474,6 +690,9 @@ def test_jobq_web_takes_the_config_token_and_never_prints_it(
     assert TOKEN not in said and "token to sign in with" not in said, said
     address = re.search(r"serving (http://127\.0\.0\.1:\d+/) \(actions allowed\)", said)
     assert address, said
+    with urllib.request.urlopen(address.group(1) + "login", timeout=5) as reply:
+        port = address.group(1).rsplit(":", 1)[1].strip("/")
+        assert reply.headers["Set-Cookie"].startswith(f"jobq_web_{port}=")
     job = queue.enqueue("jobq_testtasks:add", 1, 2)
     request = urllib.request.Request(address.group(1) + "actions/cancel", method="POST",
                                      data=f"job={job.id}".encode(),

@@ -306,6 +306,52 @@ def test_actions_without_the_token_are_refused_and_get_changes_nothing(dash: Das
     assert dash.queue.get_status(job.id) == "cancelled"
 
 
+def test_a_link_from_another_site_keeps_the_session_and_signing_out_works(
+        dash: Dashboard) -> None:
+    """SameSite=Lax: following a link from another site (here localhost, another site than
+    127.0.0.1) brings the signed-in session along; with Strict, the page came without it and
+    the new session it set replaced the signed-in one."""
+    import http.server
+
+    job = dash.queue.enqueue("jobq_testtasks:echo", 1, delay=3600)
+    target = f"{dash.web}job?id={job.id}"
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = f'<a id="go" href="{target}">to the dashboard</a>'.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    b = dash.plain
+    try:
+        b.delete_all_cookies()
+        dash.sign_in(b)
+        port = dash.web.rstrip("/").rsplit(":", 1)[1]
+        assert [c["name"] for c in b.get_cookies()] == [f"jobq_web_{port}"]
+        assert b.get_cookies()[0]["sameSite"] == "Lax"
+        b.get(f"http://localhost:{other.server_address[1]}/")
+        b.find_element(By.ID, "go").click()
+        wait_until(lambda: b.current_url == target, 5, message="the dashboard's page")
+        assert b.find_elements(By.XPATH, "//button[text()='Sign out']")
+        b.find_element(By.XPATH, "//button[text()='Cancel job']").click()
+        wait_until(lambda: "cancelled" in dash.flash(b), 5, message="the job cancelled")
+        assert dash.queue.get_status(job.id) == "cancelled"
+        b.find_element(By.XPATH, "//button[text()='Sign out']").click()
+        wait_until(lambda: not b.find_elements(By.XPATH, "//button[text()='Sign out']"), 5,
+                   message="signed out")
+    finally:
+        other.shutdown()
+        other.server_close()
+        b.delete_all_cookies()
+
+
 def test_the_limits_page_shows_a_limit_in_use_live_and_without_scripts(dash: Dashboard) -> None:
     """One job at a time (the task's own limit, concurrency 1): the page, left open, shows a
     slot taken, then free again, without being reloaded; scripts off, it is the same table."""

@@ -24,7 +24,12 @@ WEB_MODULES = ("flask", "werkzeug", "jinja2", "markupsafe", "itsdangerous", "wai
 @click.option("--allow-actions", is_flag=True,
               help="Allow cancel, requeue, purge and schedule actions, to whoever signs in "
                    "with the token (the config's web_token, else a new one printed here).")
-def web(state: State, host: str, port: int, allow_actions: bool) -> int:
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Another host name the dashboard answers to (a proxy's; repeatable; adds "
+                   "to the config's web_allowed_hosts): besides localhost, 127.0.0.1, ::1 and "
+                   "--host, any other is refused (DNS rebinding).")
+def web(state: State, host: str, port: int, allow_actions: bool,
+        allowed_hosts: tuple[str, ...]) -> int:
     """A dashboard in the browser: queues, masters and workers, jobs, dead letters,
     schedules and groups; read-only unless --allow-actions."""
     try:
@@ -47,7 +52,8 @@ def web(state: State, host: str, port: int, allow_actions: bool) -> int:
                                       if allow_actions else ""), err=True)
     try:
         serve(queue, host=host, port=port, allow_actions=allow_actions, token=token,
-              say=lambda line: click.echo(line))
+              say=lambda line: click.echo(line),
+              allowed_hosts=[*config.web_allowed_hosts, *allowed_hosts])
     except KeyboardInterrupt:  # Ctrl-C is how a server in the foreground is stopped
         pass
     return exitcodes.OK

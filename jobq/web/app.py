@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from flask import (
@@ -23,7 +25,7 @@ from werkzeug.wrappers import Response
 
 from ..schedule import local_time
 from ..scheduler import Scheduler
-from ..urls import redact
+from ..urls import redact, scrub
 from . import security
 from .data import DLQ_PAGE, GROUPS_SHOWN, Dashboard
 
@@ -36,21 +38,35 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
            "Cross-Origin-Opener-Policy": "same-origin"}
 #: How often the live parts of a page refresh where scripts run (milliseconds).
 LIVE_EVERY_MS = 2000
+#: The most of one value a job's page shows (bytes): arguments, result, error, traceback.
+VALUE_CAP = 16 * 1024
+#: The longest job id, group id or queue name a page looks up.
+MAX_ARG = 200
 #: What a schedule form may ask, and what the page then says.
 SCHEDULE_OPS = {"pause": "paused", "resume": "resumed", "run-now": "run now"}
 
 
 def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str = "",
-               secret_key: bytes | None = None) -> Flask:
+               secret_key: bytes | None = None, hosts: Iterable[str] = (),
+               port: int | None = None) -> Flask:
     """The dashboard over ``dashboard``'s server. ``token`` is required with
-    ``allow_actions`` (the CLI makes one, or takes the config's ``web_token``)."""
+    ``allow_actions`` (the CLI makes one, or takes the config's ``web_token``). It answers
+    only requests whose ``Host`` is loopback's or one of ``hosts``. ``port`` names the
+    session cookie (cookies are per host, not per port: two dashboards on one host would
+    otherwise share, and overwrite, one cookie); see :func:`cookie_name`."""
+    allowed = security.allowed_hosts(hosts)
     if allow_actions and len(token) < 16:
         raise ValueError("actions need a token of at least 16 characters")
     app = Flask(__name__)
-    app.config.update(SECRET_KEY=secret_key or os.urandom(32), SESSION_COOKIE_NAME="jobq_web",
-                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+    # SameSite=Lax, not Strict: with Strict, a link followed from another site came without
+    # the cookie, and the new session made then overwrote the signed-in one. Lax sends it on
+    # such a top-level GET (which changes nothing) and never on another site's POST.
+    app.config.update(SECRET_KEY=secret_key or os.urandom(32),
+                      SESSION_COOKIE_NAME=cookie_name(port),
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
                       MAX_CONTENT_LENGTH=64 * 1024, TEMPLATES_AUTO_RELOAD=False)
-    app.jinja_env.filters.update(when=_when, pretty=_pretty, mb=_mb, seconds=_seconds)
+    app.jinja_env.filters.update(when=_when, pretty=_pretty, mb=_mb, seconds=_seconds,
+                                  cap=cap)
     queue = dashboard.queue
 
     @app.context_processor
@@ -61,6 +77,17 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     def _signed_in() -> bool:
         return allow_actions and session.get("auth") is True
+
+    @app.before_request
+    def check_host() -> Response | None:
+        """A page for this server's names only: a site rebinding its own name to this
+        address (DNS rebinding) would read it. Plain text: not a word about the server."""
+        name = security.host_name(request.host)
+        if name in allowed:
+            return None
+        return Response(f"refused: this dashboard does not answer to the host name {name!r} "
+                        "(jobq web --allowed-host NAME adds one)\n", 400,
+                        {"Content-Type": "text/plain; charset=utf-8", **HEADERS})
 
     @app.before_request
     def give_csrf() -> None:
@@ -76,9 +103,14 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.errorhandler(redis.RedisError)
     def server_trouble(exc: redis.RedisError) -> tuple[str, int]:
-        message = str(exc).replace(queue.url, redact(queue.url))
+        message = scrub(str(exc), queue.url)
         return render_template("error.html", title="Server unreachable",
                                message=f"cannot read the server: {message}"), 503
+
+    @app.errorhandler(400)
+    def bad_request(exc: Any) -> tuple[str, int]:
+        return render_template("error.html", title="Bad request",
+                               message=getattr(exc, "description", "bad request")), 400
 
     @app.errorhandler(404)
     def not_found(exc: Any) -> tuple[str, int]:
@@ -92,7 +124,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.get("/job")
     def job() -> str:
-        job_id = request.args.get("id", "").strip()
+        job_id = _arg("id")
         if not job_id:
             return render_template("job_lookup.html")
         page = dashboard.job(job_id)
@@ -102,8 +134,9 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.get("/dlq")
     def dlq() -> str:
+        asked = _arg("queue")
         counts = {q["queue"]: q["dead"] for q in dashboard.overview()["queues"]}
-        name = request.args.get("queue") or next((q for q, n in counts.items() if n), None) \
+        name = asked or next((q for q, n in counts.items() if n), None) \
             or next(iter(counts), "default")
         if name not in counts:
             abort(404, f"no queue {name!r}")
@@ -118,7 +151,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.get("/groups")
     def groups() -> str:
-        group_id = request.args.get("id", "").strip()
+        group_id = _arg("id")
         if not group_id:
             return render_template("groups.html", groups=dashboard.groups(), shown=GROUPS_SHOWN)
         page = dashboard.group(group_id)
@@ -143,7 +176,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
                                session_csrf=session.get(security.CSRF_FIELD),
                                form_csrf=request.form.get(security.CSRF_FIELD),
                                authorization=None, origin=request.headers.get("Origin"),
-                               host=request.host)
+                               referer=request.headers.get("Referer"), host=request.host)
         if why is None and not security.same(request.form.get("token"), token):
             why = "refused: wrong token"
         if why is not None:
@@ -155,7 +188,14 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
         return redirect(_back())
 
     @app.post("/logout")
-    def logout() -> Response:
+    def logout() -> Response | tuple[str, int]:
+        why = security.refusal(allowed=allow_actions, token=token, signed_in=True,
+                               session_csrf=session.get(security.CSRF_FIELD),
+                               form_csrf=request.form.get(security.CSRF_FIELD),
+                               authorization=None, origin=request.headers.get("Origin"),
+                               referer=request.headers.get("Referer"), host=request.host)
+        if why is not None:  # another site may not sign you out either
+            return render_template("error.html", title="Refused", message=why), 403
         session.clear()
         return redirect(url_for("index"))
 
@@ -165,7 +205,8 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
                                session_csrf=session.get(security.CSRF_FIELD),
                                form_csrf=request.form.get(security.CSRF_FIELD),
                                authorization=request.headers.get("Authorization"),
-                               origin=request.headers.get("Origin"), host=request.host)
+                               origin=request.headers.get("Origin"),
+                               referer=request.headers.get("Referer"), host=request.host)
         if why is not None:
             abort(Response(render_template("error.html", title="Refused", message=why), 403))
 
@@ -228,6 +269,22 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
     return app
 
 
+def cookie_name(port: int | None) -> str:
+    """The session cookie's name: one per port (a browser sends a host's cookies to all its
+    ports)."""
+    return "jobq_web" if not port else f"jobq_web_{port}"
+
+
+def _arg(name: str) -> str:
+    """A query parameter naming a job, group or queue: a 400, before any read, when it is
+    longer than any name jobq makes (each name read is a key of the cache and a read of the
+    server)."""
+    value = request.args.get(name, "").strip()
+    if len(value) > MAX_ARG:
+        abort(400, f"{name} is longer than {MAX_ARG} characters: no such name")
+    return value
+
+
 def _field(name: str) -> str:
     value = request.form.get(name, "").strip()
     if not value:
@@ -237,8 +294,22 @@ def _field(name: str) -> str:
 
 def _back() -> str:
     """Where to go after a form: the page it came from (``next``), if it is one of ours."""
-    target = request.form.get("next", "")
-    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
+    return safe_next(request.form.get("next", ""))
+
+
+def safe_next(target: str) -> str:
+    """``target`` if it is a path on this server, else ``/``: no scheme, no host, one
+    leading ``/``, and no backslash or control character (browsers drop tabs and newlines,
+    so ``/<TAB>/evil.example`` would become ``//evil.example``; a newline would break the
+    header)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target \
+            or any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in target):
+        return "/"
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return "/"
+    return target if parts.scheme == "" and parts.netloc == "" else "/"
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -251,6 +322,17 @@ def _when(ts: Any) -> str:
 def _pretty(value: Any) -> str:
     """A JSON value as text (the template escapes it)."""
     return json.dumps(value, indent=2, default=str, ensure_ascii=False)
+
+
+def cap(value: Any, limit: int = VALUE_CAP) -> str:
+    """``value`` as text, at most ``limit`` bytes of it (UTF-8), and a note saying how long it
+    was when it is cut: a job's arguments, result or traceback may be megabytes."""
+    text = "" if value is None else str(value)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return (data[:limit].decode("utf-8", "ignore") +
+            f"\n… (truncated, {len(data):,} bytes in all)")
 
 
 def _mb(value: Any) -> str:

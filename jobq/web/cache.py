@@ -24,23 +24,35 @@ class TtlCache:
                  max_keys: int = MAX_KEYS) -> None:
         self.ttl, self.clock, self.max_keys = ttl, clock, max_keys
         self._values: dict[Hashable, tuple[float, Any]] = {}
-        self._locks: dict[Hashable, threading.Lock] = {}
+        #: a lock per key being read, and how many viewers hold or wait for it: dropped when
+        #: none does, so the table holds only the reads in flight (any ?id= is a key)
+        self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, read: Callable[[], Any], ttl: float | None = None) -> Any:
         """``ttl``: this key's own, instead of the cache's (a costlier read kept longer)."""
         with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            hit = self._values.get(key)
-            if hit is not None and self.clock() - hit[0] < (self.ttl if ttl is None else ttl):
-                return hit[1]
-            value = read()  # an exception is not cached: the next viewer reads again
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                hit = self._values.get(key)
+                if hit is not None and \
+                        self.clock() - hit[0] < (self.ttl if ttl is None else ttl):
+                    return hit[1]
+                value = read()  # an exception is not cached: the next viewer reads again
+                with self._lock:
+                    if len(self._values) >= self.max_keys and key not in self._values:
+                        self._values.clear()  # crude, and rare: keys are pages people look at
+                    self._values[key] = (self.clock(), value)
+                return value
+        finally:
             with self._lock:
-                if len(self._values) >= self.max_keys and key not in self._values:
-                    self._values.clear()  # crude, and rare: keys are pages people look at
-                self._values[key] = (self.clock(), value)
-            return value
+                lock, users = self._locks[key]
+                if users > 1:
+                    self._locks[key] = (lock, users - 1)
+                else:
+                    del self._locks[key]
 
     def clear(self) -> None:
         """Forget every value (after an action: the next page shows what it did)."""

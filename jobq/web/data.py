@@ -110,9 +110,10 @@ class Dashboard:
             group = Group(self.queue, group_id)
         except UnknownJob:
             return None
-        ids = group.job_ids()[:RELATED_SHOWN]
-        return GroupPage(group_id, group.progress(), group.total, group.chunksize,
-                         [(i, self.queue.get_status(i)) for i in ids])
+        broker = self.queue.broker  # only the ids shown are read: a group may hold millions
+        ids = broker.group_job_ids(group_id, 0, RELATED_SHOWN - 1)
+        return GroupPage(group_id, group.progress(), broker.group_job_count(group_id),
+                         group.chunksize, [(i, self.queue.get_status(i)) for i in ids])
 
     def limits(self) -> dict[str, dict[str, Any]]:
         """Every limit defined or in use, and its use now (``jobq limit list``)."""
