@@ -148,6 +148,21 @@ def test_a_job_over_its_limit_stays_pending_in_its_place(queue: JobQueue,
     assert claim(queue, "w2") == [b.id]
 
 
+def test_a_limited_backlog_at_the_head_of_one_queue_never_keeps_a_worker_from_the_next(
+        queue: JobQueue, r: redis.Redis) -> None:
+    """The claim looks past at most 100 held-back jobs per queue: beyond them a queue's
+    jobs wait for its head to drain, but the worker's next queue is looked at all the same
+    (the budget used to be shared, and 100 held-back jobs in the first queue kept a worker
+    from every other one)."""
+    first = queue.enqueue(tasks.one_at_a_time, "k")
+    queue.enqueue_many(tasks.one_at_a_time, [("k",)] * 150)
+    other = JobQueue("other", redis_url=queue.url).enqueue(tasks.noop)
+    assert claim(queue, "w1") == [first.id]  # the one slot
+    got = queue.broker.exchange("w2", [], ["default", "other"], 5).claimed
+    assert [job_id for job_id, _, _, _ in got] == [other.id]
+    assert r.llen("{jobq}:q:default:0") == 150  # all still pending, in their place
+
+
 def test_a_named_limit_is_shared_by_the_tasks_that_name_it(queue: JobQueue,
                                                            r: redis.Redis) -> None:
     queue.set_limit("gpu", concurrency=2)

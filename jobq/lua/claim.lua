@@ -24,7 +24,8 @@
 --     (b - 1) * per/n is not after now; a start moves tat to max(tat, now) + per/n.
 -- A job held back stays pending in its place: it is put back at the front of its level, in
 -- order, and the claim goes on with the jobs behind it, looking past at most SCAN_MAX held-back
--- jobs per call (beyond them, the jobs further down wait until the head drains). The queue is
+-- jobs per queue and call (beyond them, the queue's jobs further down wait until the head
+-- drains; the worker's next queue is looked at all the same). The queue is
 -- noted in {ns}:lim:wait:<name>; free_slots() (a slot freed), or a claim that takes a rate's
 -- start, wakes an idle worker there. For a rate, one idle worker keeps the time: a claim that
 -- got nothing and was held back by a rate becomes the keeper ({ns}:lim:rate:<name> "keeper": when
@@ -38,7 +39,7 @@ local B = ARGV[1]
 local worker = ARGV[2]
 local need = tonumber(ARGV[4])
 local jobs = KEYS[1]
-local SCAN_MAX = 100  -- held-back jobs looked past per call, across its queues
+local SCAN_MAX = 100  -- held-back jobs looked past per queue and call
 local REPAIR_MAX = 16  -- a full concurrency limit of at most this many is checked for leaks
 local out = {0}
 local held = {}
@@ -158,8 +159,10 @@ local function flush_takes()
 end
 
 for i = 5, #ARGV do
-  if need <= 0 or skipped >= SCAN_MAX then break end
+  if need <= 0 then break end
   local q = ARGV[i]
+  skipped = 0  -- each queue its own budget: a limited backlog at the head of one never
+               -- keeps the worker from its other queues
   if redis.call('SISMEMBER', B .. ':suspended', base(q)) == 0 then
     local levels = B .. ':q:' .. q
     local got = 0
