@@ -546,6 +546,24 @@ class Broker:
             pipe.hget(self.keys.stats(q), "scheduled")
         return sum(max(0, int(n or 0)) for n in pipe.execute())
 
+    def held_back_count(self, queues: Sequence[str]) -> int:
+        """Jobs ready in these queues (not suspended) that a claim just left where they are:
+        held back by a limit (after a claim that got nothing, there is no other reason but a
+        tombstone of a cancelled job behind them). Counted from the level lists, not from the
+        counters, so that a burst worker never waits for a job that is not there."""
+        queues = list(dict.fromkeys(queues))
+        pipe = self._r.pipeline(transaction=False)
+        pipe.smismember(self.keys.suspended, [q.partition(ROUTE)[0] for q in queues])
+        for q in queues:
+            pipe.zrange(self.keys.levels(q), 0, -1)
+        suspended, *levels = pipe.execute()
+        pipe = self._r.pipeline(transaction=False)
+        for q, off, prios in zip(queues, suspended, levels, strict=True):
+            if not off:
+                for prio in prios:
+                    pipe.llen(self.keys.level(q, int(prio)))
+        return sum(int(n) for n in pipe.execute())
+
     def renew_leases(self, workers: Sequence[str]) -> None:
         """renew.lua: extend the leases of live workers, on the server's clock (a released
         lease is never re-created)."""

@@ -163,6 +163,23 @@ def test_a_limited_backlog_at_the_head_of_one_queue_never_keeps_a_worker_from_th
     assert r.llen("{jobq}:q:default:0") == 150  # all still pending, in their place
 
 
+def test_a_burst_worker_waits_for_a_job_its_limit_holds_back(queue: JobQueue, r: redis.Redis,
+                                                             spawn: Spawn) -> None:
+    """A burst worker stops when its queues are empty; a job held back by a limit is not
+    gone, so it waits for the slot (it used to exit and leave the job behind)."""
+    a = queue.enqueue(tasks.one_at_a_time, "k")
+    b = queue.enqueue(tasks.one_at_a_time, "k")
+    assert claim(queue, "w1", 1) == [a.id]  # the one slot, held by another worker
+    proc = spawn("worker", "-I", "jobq_testtasks", "--burst", env=subprocess_env())
+    wait_until(lambda: any(c.get("cmd") == "blpop" for c in r.client_list()),
+               message="the burst worker waiting")
+    assert proc.poll() is None and queue.get_status(b.id) == "pending"
+    queue.broker.exchange("w1", list(AckEntry("done", a.id, "default", 0, 0, "{}", "")), [], 0)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert queue.get_status(b.id) == "completed"
+
+
 def test_a_named_limit_is_shared_by_the_tasks_that_name_it(queue: JobQueue,
                                                            r: redis.Redis) -> None:
     queue.set_limit("gpu", concurrency=2)

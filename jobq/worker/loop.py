@@ -344,8 +344,10 @@ class Worker:
             log.warning("housekeeping failed: %s", describe_error(exc, self.url))
 
     def _scheduled_work(self) -> bool:
-        """Whether jobs of our queues wait for a later time (a burst worker waits for them)."""
-        return self.broker.scheduled_count(self.queues) > 0
+        """Whether jobs of our queues wait for a later time, or for a limit to admit them: a
+        burst worker waits for them (a slot that frees, or a rate's next start, wakes it)."""
+        return (self.broker.scheduled_count(self.queues) > 0
+                or self.broker.held_back_count(self.queues) > 0)
 
     # -- one job -----------------------------------------------------------------------------
     def _run_one(self, claimed: Claimed) -> None:
