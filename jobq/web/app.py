@@ -164,6 +164,17 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
         return render_template("limits.html", limits=dashboard.limits())
 
     # -- signing in -----------------------------------------------------------------------------
+    def refusal(*, signed_in: bool, bearer: bool) -> str | None:
+        """Why this POST is refused (:func:`.security.refusal`), None if it may go on; a
+        bearer token counts only where ``bearer`` (actions, not signing in or out)."""
+        return security.refusal(
+            allowed=allow_actions, token=token, signed_in=signed_in,
+            session_csrf=session.get(security.CSRF_FIELD),
+            form_csrf=request.form.get(security.CSRF_FIELD),
+            authorization=request.headers.get("Authorization") if bearer else None,
+            origin=request.headers.get("Origin"), referer=request.headers.get("Referer"),
+            host=request.host)
+
     @app.get("/login")
     def login_form() -> str:
         if not allow_actions:
@@ -172,11 +183,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.post("/login")
     def login() -> Response | tuple[str, int]:
-        why = security.refusal(allowed=allow_actions, token=token, signed_in=True,
-                               session_csrf=session.get(security.CSRF_FIELD),
-                               form_csrf=request.form.get(security.CSRF_FIELD),
-                               authorization=None, origin=request.headers.get("Origin"),
-                               referer=request.headers.get("Referer"), host=request.host)
+        why = refusal(signed_in=True, bearer=False)
         if why is None and not security.same(request.form.get("token"), token):
             why = "refused: wrong token"
         if why is not None:
@@ -189,11 +196,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     @app.post("/logout")
     def logout() -> Response | tuple[str, int]:
-        why = security.refusal(allowed=allow_actions, token=token, signed_in=True,
-                               session_csrf=session.get(security.CSRF_FIELD),
-                               form_csrf=request.form.get(security.CSRF_FIELD),
-                               authorization=None, origin=request.headers.get("Origin"),
-                               referer=request.headers.get("Referer"), host=request.host)
+        why = refusal(signed_in=True, bearer=False)
         if why is not None:  # another site may not sign you out either
             return render_template("error.html", title="Refused", message=why), 403
         session.clear()
@@ -201,12 +204,7 @@ def create_app(dashboard: Dashboard, *, allow_actions: bool = False, token: str 
 
     # -- actions (POST, token, CSRF) --------------------------------------------------------------
     def guard() -> None:
-        why = security.refusal(allowed=allow_actions, token=token, signed_in=_signed_in(),
-                               session_csrf=session.get(security.CSRF_FIELD),
-                               form_csrf=request.form.get(security.CSRF_FIELD),
-                               authorization=request.headers.get("Authorization"),
-                               origin=request.headers.get("Origin"),
-                               referer=request.headers.get("Referer"), host=request.host)
+        why = refusal(signed_in=_signed_in(), bearer=True)
         if why is not None:
             abort(Response(render_template("error.html", title="Refused", message=why), 403))
 
