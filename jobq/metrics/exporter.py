@@ -43,7 +43,6 @@ from ..config import Config, host_name
 from ..connection import connect
 from ..exceptions import MetricsError
 from ..keys import Keys
-from ..master.policy import RESTART_CAUSES
 from .tally import (
     DUR0,
     DUR_SUM,
@@ -172,7 +171,7 @@ class Supervised(Protocol):
     scheduler_pid: int
     #: the live workers as the last tick saw them (:class:`jobq.master.duties.Seen`)
     seen_now: list[Any]
-    #: worker restarts by cause (every cause of RESTART_CAUSES present from the start)
+    #: worker restarts by cause (every cause of master.policy.RESTART_CAUSES, from the start)
     restarts: dict[str, int]
     #: reloads by result: applied, refused
     reloads: dict[str, int]
@@ -196,8 +195,8 @@ def master_families(master: Supervised, leader: str | None, host: str) -> list[M
             memory.add_metric([str(w.slot)], round(w.memory_mb * 2**20))
     restarts = CounterMetricFamily("jobq_worker_restarts", "Workers this master replaced, by "
                                    "why the one before exited.", labels=["cause"])
-    for cause in RESTART_CAUSES:
-        restarts.add_metric([cause], master.restarts.get(cause, 0))
+    for cause, n in master.restarts.items():  # every cause, from the start (the arbiter's)
+        restarts.add_metric([cause], n)
     reloads = CounterMetricFamily("jobq_reloads", "Reloads (HUP) of this master, applied or "
                                   "refused.", labels=["result"])
     for result in RELOAD_RESULTS:
