@@ -175,22 +175,30 @@ def completed_by(r: redis.Redis, ids: list[str]) -> dict[str, Any]:
     return out
 
 
+def three_hosts_busy(hosts: Hosts, r: redis.Redis, q: JobQueue, config: dict[str, float], *,
+                     jobs: int, seconds: float, runs_first: int) -> tuple[str, list[str]]:
+    """Start host-a, host-b and host-c (2 workers each), enqueue ``jobs`` jobs of ``seconds``
+    each, and wait until ``runs_first`` ran and host-c holds some: the moment to hurt it.
+    Returns the jobs' record key and their ids."""
+    start_hosts(hosts, ["host-a", "host-b", "host-c"], 2, **config)
+    k = netns.secrets.token_hex(6)
+    batch = [Job(tasks.hosts_record, (k, seconds), max_retries=10) for _ in range(jobs)]
+    q.enqueue_many(batch)
+
+    def victim_busy() -> bool:
+        return len(runs(r, k)) >= runs_first and any(held_by(r, "host-c").values())
+
+    wait_until(victim_busy, 30, interval=0.005,
+               message=f"{runs_first} runs, host-c holding jobs")
+    return k, [j.id for j in batch]
+
+
 # == 1. a whole host killed =======================================================================
 
 def test_a_host_killed_whole_its_jobs_come_back_within_the_lease_and_complete_elsewhere(
         hosts: Hosts, r: redis.Redis, q: JobQueue) -> None:
     config = {"lease_time": 2.0, "leader_lease": 1.0, "scheduler_tick": 0.2}
-    names = ["host-a", "host-b", "host-c"]
-    start_hosts(hosts, names, 2, **config)
-    k = netns.secrets.token_hex(6)
-    jobs = [Job(tasks.hosts_record, (k, 0.002), max_retries=10) for _ in range(3000)]
-    ids = [j.id for j in jobs]
-    q.enqueue_many(jobs)
-
-    def victim_busy() -> bool:
-        return len(runs(r, k)) >= 600 and any(held_by(r, "host-c").values())
-
-    wait_until(victim_busy, 30, interval=0.005, message="600 runs, host-c holding jobs")
+    k, ids = three_hosts_busy(hosts, r, q, config, jobs=3000, seconds=0.002, runs_first=600)
     victims = hosts.kill("host-c")
     killed_at = time.monotonic()
     psutil.wait_procs(victims, timeout=10)
@@ -224,27 +232,25 @@ def test_a_host_killed_whole_its_jobs_come_back_within_the_lease_and_complete_el
 def test_a_host_cut_off_past_its_lease_its_jobs_run_elsewhere_and_its_late_results_drop(
         hosts: Hosts, net: netns.Network, r: redis.Redis, q: JobQueue) -> None:
     config = {"lease_time": 2.0, "leader_lease": 1.0, "scheduler_tick": 0.2}
-    names = ["host-a", "host-b", "host-c"]
-    start_hosts(hosts, names, 2, **config)
-    k = netns.secrets.token_hex(6)
-    jobs = [Job(tasks.hosts_record, (k, 0.003), max_retries=10) for _ in range(1500)]
-    ids = [j.id for j in jobs]
-    q.enqueue_many(jobs)
-
-    def victim_busy() -> bool:
-        return len(runs(r, k)) >= 300 and any(held_by(r, "host-c").values())
-
-    wait_until(victim_busy, 30, interval=0.005, message="300 runs, host-c holding jobs")
+    k, ids = three_hosts_busy(hosts, r, q, config, jobs=1500, seconds=0.003, runs_first=300)
     cut = hosts.hosts["host-c"]
     net.cut(cut)
     cut_at = time.monotonic()
     try:
-        held = held_by(r, "host-c")
-        interrupted = sorted({job_id for ids_ in held.values() for job_id in ids_})
-        assert interrupted, "host-c held no job when it was cut off"
-        wait_until(lambda: not any(r.exists(name) for name in held), 30, interval=0.01,
-                   message="host-c's jobs given back")
+        # what host-c holds, as the server sees it until it gives them back: a claim of
+        # host-c's sent before the cut may land after a first look (its reply already on
+        # its way), so every look counts
+        seen: set[str] = set()
+
+        def given_back() -> bool:
+            held = held_by(r, "host-c")
+            seen.update(job_id for ids_ in held.values() for job_id in ids_)
+            return not any(held.values())
+
+        wait_until(given_back, 30, interval=0.01, message="host-c's jobs given back")
         back_after = time.monotonic() - cut_at
+        interrupted = sorted(seen)
+        assert interrupted, "host-c held no job when it was cut off"
         # they run elsewhere while host-c is still cut off
         wait_until(lambda: all(completed_by(r, interrupted).values()), 30, interval=0.02,
                    message="host-c's jobs completed elsewhere")
