@@ -20,7 +20,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,8 @@ CONFIG_ENV = "JOBQ_CONFIG"
 REDIS_URL_ENV = "JOBQ_REDIS_URL"
 #: URL schemes :func:`jobq.connection.connect` understands.
 URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+sentinel",
-               "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel")
+               "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel", "redis+cluster",
+               "rediss+cluster", "valkey+cluster", "valkeys+cluster")
 #: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A host name label (``hostname``): it becomes part of master ids and worker names
@@ -101,6 +102,9 @@ class Config:
     metrics_host: str = "127.0.0.1"
 
     schedules: list[dict[str, Any]] = field(default_factory=list)
+    #: on a Cluster, queues that share a slot: ``[queue_groups]`` group = [queues] (a queue
+    #: in none is a group of its own); see :meth:`namespace`
+    queue_groups: dict[str, list[str]] = field(default_factory=dict)
     #: named limits, ``[limits.NAME]`` tables: concurrency, rate, burst (jobq.limits)
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -113,6 +117,39 @@ class Config:
         values = _validate({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
         for name, value in values.items():
             object.__setattr__(self, name, value)  # store normalized values (floats, copies)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether ``redis_url`` names a Redis/Valkey Cluster (``redis+cluster://``)."""
+        return self.redis_url.partition("://")[0].lower().endswith("+cluster")
+
+    def group_of(self, queue: str) -> str:
+        """The queue group of ``queue``: the ``[queue_groups]`` entry listing it, else its own
+        name."""
+        for group, queues in self.queue_groups.items():
+            if queue in queues:
+                return group
+        return queue
+
+    def namespace(self, queues: Sequence[str] | None = None) -> str:
+        """The key prefix of the jobs of ``queues`` (default: this config's ``queues``).
+
+        On one server (or behind Sentinel) it is ``prefix``: one namespace, one hash tag. On
+        a Cluster every queue group is a namespace of its own, ``prefix:group``, so the groups
+        spread over the shards while what must stay atomic shares a slot: a queue's jobs and
+        records, a group's jobs, dependencies, one worker's claim across its queues, a
+        group's schedules, limits and scheduler. ``queues`` in several groups raise
+        :class:`ConfigError` (one worker claims from one slot)."""
+        if not self.cluster:
+            return self.prefix
+        names = list(self.queues if queues is None else queues)
+        groups = sorted({self.group_of(q) for q in names})
+        if len(groups) != 1:
+            spread = ", ".join(f"{q} ({self.group_of(q)})" for q in names)
+            raise ConfigError(
+                f"on a Cluster, the queues one worker serves must share a queue group (a "
+                f"slot), got {spread or 'none'}: list them under one name in [queue_groups]")
+        return f"{self.prefix}:{groups[0]}"
 
     def replace(self, **changes: Any) -> Config:
         """Return a validated copy with ``changes`` applied."""
@@ -327,6 +364,30 @@ class _Limits:
         return {name: dict(table) for name, table in value.items()}
 
 
+class _QueueGroups:
+    """``[queue_groups]``: group name -> a non-empty list of queue names, each queue in one
+    group at most."""
+
+    def __call__(self, value: Any) -> dict[str, list[str]]:
+        if not isinstance(value, Mapping):
+            raise _Invalid(f"expected a table of group = [queue, ...], got {_show(value)}")
+        owner: dict[str, str] = {}
+        out = {}
+        for group, queues in value.items():
+            try:
+                _QUEUE_NAME(group)
+                out[group] = _StrList("a non-empty list of queue names", _QUEUE_NAME,
+                                      nonempty=True)(queues)
+            except _Invalid as exc:
+                raise _Invalid(f"{group}: {exc}") from None
+            for queue in out[group]:
+                if queue in owner:
+                    raise _Invalid(f"queue {queue!r} is in two groups: {owner[queue]} and "
+                                   f"{group}")
+                owner[queue] = group
+        return out
+
+
 class _Secret(_Str):
     """A string that is a secret: a bad value is described, never shown."""
 
@@ -443,6 +504,7 @@ _RULES: dict[str, Callable[[Any], Any]] = {
     "metrics_host": _Str("a host name or address to listen on", check=bool),
     "schedules": _Schedules(),
     "limits": _Limits(),
+    "queue_groups": _QueueGroups(),
     "web_allowed_hosts": _StrList("a list of host names", _Str(
         "a host name or address", check=lambda s: bool(s) and s.isprintable() and " " not in s
         and "/" not in s)),

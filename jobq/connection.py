@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from . import sentinel
+from . import cluster, sentinel
 from .exceptions import JobqError
 from .urls import redact, scrub
 
@@ -26,6 +26,7 @@ SCHEMES = {
     "valkey": "redis",
     "valkeys": "rediss",
     **{scheme: "sentinel" for scheme in sentinel.SCHEMES},  # see jobq.sentinel
+    **{scheme: "cluster" for scheme in cluster.SCHEMES},  # see jobq.cluster
 }
 #: Client defaults; any of them can be overridden through ``connect(**kw)``.
 DEFAULTS: dict[str, Any] = {
@@ -126,10 +127,12 @@ _unblock_refused: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
 
 
 def connect(url: str, *, lease_time: float = DEFAULT_LEASE, decode_responses: bool = True,
-            **kw: Any) -> redis.Redis:
+            route: str | None = None, **kw: Any) -> redis.Redis:
     """Return a client for ``url`` (``redis://``, ``rediss://``, ``unix://``, ``valkey[s]://``,
-    and ``redis+sentinel://`` & co: the current primary, see :mod:`jobq.sentinel`) with
-    timeouts sized to ``lease_time`` (see :func:`client_options`).
+    ``redis+sentinel://`` & co: the current primary, see :mod:`jobq.sentinel`; and
+    ``redis+cluster://`` & co: the primary serving the slot of key ``route``, any node if
+    None, see :mod:`jobq.cluster`) with timeouts sized to ``lease_time`` (see
+    :func:`client_options`). ``route`` means nothing on a single server.
 
     Query parameters (``db``, ``ssl_cert_reqs``, ``ssl_ca_certs``, ...) pass through to
     redis-py's ``from_url``; ``kw`` overrides :data:`DEFAULTS`. No connection is made yet.
@@ -144,6 +147,8 @@ def connect(url: str, *, lease_time: float = DEFAULT_LEASE, decode_responses: bo
     options.update(kw)
     if target == "sentinel":
         client = sentinel.master_client(url, options)
+    elif target == "cluster":
+        client = cluster.slot_client(url, options, route)
     else:
         client = redis.Redis.from_url(f"{target}://{rest}", **options)
     _clients.add(client)
@@ -185,11 +190,14 @@ def check_server(url: str, *, timeout: float) -> None:
     credentials, or is too old), or after ``timeout`` seconds of trying if nothing answers."""
     deadline = time.monotonic() + timeout
     delay = 0.05
+    target_is_cluster = cluster.is_cluster_url(url)
     while True:
         client = connect(url, socket_connect_timeout=max(0.5, min(5.0, timeout)),
                          socket_timeout=max(1.0, min(5.0, timeout)))
         try:
             version = _version(client)
+            if target_is_cluster:  # one that is not in cluster mode says so (ResponseError)
+                client.execute_command("CLUSTER", "MYID")
             break
         except redis.AuthenticationError as exc:
             raise ServerProblem(describe_error(exc, url), lasting=True) from exc

@@ -14,6 +14,7 @@ import os
 from typing import Any, Protocol
 
 from .config import Config
+from .keys import Keys
 from .queue import JobQueue
 from .wire import Facts, Spec, read_state
 
@@ -24,6 +25,7 @@ class WorkerInfo(Protocol):
     name: str
     url: str
     config: Config
+    keys: Keys
 
 
 #: (job id, queue, spec, state as claimed) of the job running in this process, set by the
@@ -101,5 +103,6 @@ def _queue() -> JobQueue:
     if queue is None:
         if worker is None:
             raise RuntimeError("no jobq worker runs in this process")
-        queue = _queues[os.getpid()] = JobQueue(redis_url=worker.url, config=worker.config)
+        queue = _queues[os.getpid()] = JobQueue(redis_url=worker.url, config=worker.config,
+                                                prefix=worker.keys.prefix)
     return queue

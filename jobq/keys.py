@@ -73,12 +73,13 @@ from __future__ import annotations
 class Keys:
     """Key names of one namespace."""
 
-    __slots__ = ("base", "jobs", "state", "queues", "suspended", "leases",
+    __slots__ = ("prefix", "base", "jobs", "state", "queues", "suspended", "leases",
                  "scheduled", "waiting", "masters", "cancel", "deps", "sched_defs", "sched_due",
                  "sched_last", "sched_leader", "sched_wake", "history", "epoch", "catalog",
                  "limits", "groups")
 
     def __init__(self, prefix: str = "jobq") -> None:
+        self.prefix = prefix
         self.base = "{" + prefix + "}"
         b = self.base
         self.jobs = f"{b}:jobs"
@@ -101,6 +102,12 @@ class Keys:
         self.catalog = f"{b}:catalog"
         self.limits = f"{b}:limits"
         self.groups = f"{b}:groups"
+
+    @property
+    def route(self) -> str:
+        """A key in the namespace's slot: where a Cluster client sends everything it does for
+        this namespace (see :func:`jobq.connection.connect`)."""
+        return self.base
 
     @property
     def pattern(self) -> str:

@@ -63,8 +63,10 @@ class JobQueue:
         if redis_url:
             self.config = self.config.replace(redis_url=redis_url)
         self.url = resolve_url(self.config)
-        self.redis = connection or connect(self.url, lease_time=self.config.lease_time)
-        self.keys = Keys(prefix or self.config.prefix)
+        # on a Cluster, the namespace of this queue's group (jobq.config.Config.namespace)
+        self.keys = Keys(prefix or self.config.namespace([name]))
+        self.redis = connection or connect(self.url, lease_time=self.config.lease_time,
+                                           route=self.keys.route)
         self.broker = Broker(self.redis, self.keys, self.config)
         self.catalog = Catalog(self.broker)
         #: limit names known to be defined on the server (a producer checks each once)
@@ -256,6 +258,8 @@ class JobQueue:
             if check and checker is not None:
                 checker(job.args, job.kwargs)
             job.due_at = _due(delay, at)
+            if self.config.cluster and depends_on is not None:
+                self._parents_share_slot(depends_on)
             job.depends_on, job.depends_on_groups = _parent_ids(depends_on)
             if (job.depends_on or job.depends_on_groups) and (delay or at is not None):
                 # a deferred job is queued when its last parent completes: a due time would
@@ -279,8 +283,30 @@ class JobQueue:
             self._check_limits(job.limits, getattr(job.func, "own_limit", None))
         if job.queue is None:
             job.queue = self.name
+        elif self.config.cluster and job.queue != self.name:
+            self.check_same_slot(job.queue, "queue")
         job._queue = self
         return job
+
+    def check_same_slot(self, queue: str, what: str) -> None:
+        """On a Cluster, refuse what another queue group's namespace (another slot) holds."""
+        if self.config.namespace([queue]) != self.keys.prefix:
+            raise ValueError(
+                f"{what}: queue {queue!r} is in queue group {self.config.group_of(queue)!r}, "
+                f"another slot of the Cluster than this JobQueue's ({self.keys.prefix!r}): "
+                f"use JobQueue({queue!r}), or put both queues in one [queue_groups] entry")
+
+    def _parents_share_slot(self, parents: Any) -> None:
+        """On a Cluster, a job depends only on jobs and groups of its own queue group (the
+        bookkeeping is atomic, in one slot); a parent given by id is looked for there."""
+        for p in parents if isinstance(parents, list | tuple) else [parents]:
+            if isinstance(p, Job) and p.queue:
+                self.check_same_slot(p.queue, "depends_on")
+            elif isinstance(p, Group) and (theirs := p.queue.broker.keys.prefix) != \
+                    self.keys.prefix:
+                raise ValueError(f"depends_on: group {p.id} is in namespace {theirs!r}, another "
+                                 f"slot of the Cluster than this JobQueue's "
+                                 f"({self.keys.prefix!r})")
 
     def _check_limits(self, names: Sequence[str], own: Limit | None) -> None:
         """Make sure every limit a job names is defined on the server, once per name and

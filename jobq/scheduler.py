@@ -21,6 +21,7 @@ from .config import Config
 from .job import Job, check_enqueueable
 from .queue import JobQueue
 from .schedule import ScheduleDef, ScheduleError, first_due, next_fire, refuse_past, to_epoch
+from .wire import DEFAULT_QUEUE
 
 log = logging.getLogger("jobq.scheduler")
 
@@ -91,6 +92,8 @@ class Scheduler:
     def add(self, d: ScheduleDef, *, now: float | None = None) -> str:
         """Store a schedule (replacing one of the same name) and wake the leader."""
         d.validate()
+        if self.queue.config.cluster:  # it fires into its queue where it is stored
+            self.queue.check_same_slot(d.queue or DEFAULT_QUEUE, f"schedule {d.name!r}")
         now = time.time() if now is None else now
         if d.source != "config":  # a config's one-off stays when it has run (reloads)
             refuse_past(d, now)
@@ -231,7 +234,9 @@ def _config_time(value: Any, where: str) -> float:
 
 def apply_config_schedules(queue: JobQueue, config: Config) -> None:
     """Make the stored config schedules match the file: add/replace, remove the missing."""
-    wanted = config_schedules(config)
+    # on a Cluster, each queue group's schedulers apply the schedules of its queues
+    wanted = [d for d in config_schedules(config)
+              if config.namespace([d.queue or DEFAULT_QUEUE]) == queue.keys.prefix]
     sched = Scheduler(queue)
     names = {d.name for d in wanted}
     for name, raw in queue.broker.schedule_defs().items():

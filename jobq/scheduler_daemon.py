@@ -62,8 +62,8 @@ class SchedulerProcess:
         self.url = url
         self.config_path = config_path
         self.overrides = overrides or {}
-        self.redis = connect(url, lease_time=config.lease_time)
-        self.keys = Keys(config.prefix)
+        self.keys = Keys(config.namespace())
+        self.redis = connect(url, lease_time=config.lease_time, route=self.keys.route)
         self.broker = Broker(self.redis, self.keys, config)
         self.catalog = Catalog(self.broker)
         self.token = f"{host_name(config, short=False)}.{os.getpid()}.{os.urandom(3).hex()}"
@@ -265,7 +265,8 @@ class SchedulerProcess:
             return
         try:
             apply_config_schedules(JobQueue(redis_url=self.url, config=self.config,
-                                            connection=self.redis), self.config)
+                                            prefix=self.keys.prefix, connection=self.redis),
+                                   self.config)
         except (ScheduleError, redis.RedisError) as exc:
             log.error("config schedules not applied: %s", exc)
 

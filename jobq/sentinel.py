@@ -28,11 +28,11 @@ from urllib.parse import unquote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import SSLConnection, parse_url
+from redis.connection import SSLConnection
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
-from .urls import redact
+from .urls import host_port, node_options, redact
 
 #: URL scheme -> whether its connections use TLS.
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True,
@@ -78,14 +78,10 @@ def parse(url: str) -> SentinelTarget:
     if not service:
         raise ValueError(f"{where}: no service name: expected .../SERVICE, the name the "
                          "sentinels monitor (sentinel monitor SERVICE ...)")
-    sentinels = [_host_port(h, where) for h in hosts.split(",") if h]
+    sentinels = [host_port(h, where, DEFAULT_PORT) for h in hosts.split(",") if h]
     if not sentinels:
         raise ValueError(f"{where}: no sentinel host")
-    try:  # the query as redis-py reads a URL's: its parsers (db=int, ssl_cert_reqs, ...)
-        options = {k: v for k, v in parse_url(f"redis://localhost/?{query}").items()
-                   if k != "host"}
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    options = node_options(userinfo if at else "", query, where)
     sentinel_options = {SENTINEL_OPTIONS[k]: options.pop(k) for k in list(options)
                         if k in SENTINEL_OPTIONS}
     if db and "db" not in options:
@@ -93,25 +89,8 @@ def parse(url: str) -> SentinelTarget:
             raise ValueError(f"{where}: the database after the service must be a number, "
                              f"got {db!r}")
         options["db"] = int(db.strip("/"))
-    if at:
-        user, colon, password = userinfo.partition(":")
-        if user:
-            options["username"] = unquote(user)
-        if colon and password:
-            options["password"] = unquote(password)
     tls = SCHEMES[scheme.lower()]
     return SentinelTarget(sentinels, unquote(service), tls, options, sentinel_options)
-
-
-def _host_port(text: str, where: str) -> tuple[str, int]:
-    if text.startswith("["):  # [::1]:26379
-        host, _, port = text[1:].partition("]")
-        port = port.removeprefix(":")
-    else:
-        host, _, port = text.partition(":")
-    if not host or (port and not port.isdigit()):
-        raise ValueError(f"{where}: bad sentinel address {text!r}: expected host[:port]")
-    return unquote(host), int(port) if port else DEFAULT_PORT
 
 
 class PrimaryConnection(SentinelManagedConnection):

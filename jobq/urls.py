@@ -4,7 +4,10 @@ password can hide in a URL, for logs, process titles and error messages."""
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote
+
+from redis.connection import parse_url
 
 #: Query parameters whose values are secrets (``?password=`` is redis-py's unix-socket form).
 _SECRET_PARAM_RE = re.compile(r"([?&;][^=&#?;]*(?:pass|secret|token)[^=&#?;]*=)[^&#;]*", re.I)
@@ -45,3 +48,33 @@ def _secrets(url: str) -> list[str]:
     found += [unquote(s) for s in found]
     # Replacing a one- or two-letter string would garble the message more than it protects.
     return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def host_port(text: str, where: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6addr][:port]`` of a URL listing several nodes (``where``: the
+    URL, redacted, for the message)."""
+    if text.startswith("["):  # [::1]:26379
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    if not host or (port and not port.isdigit()):
+        raise ValueError(f"{where}: bad node address {text!r}: expected host[:port]")
+    return unquote(host), int(port) if port else default_port
+
+
+def node_options(userinfo: str, query: str, where: str) -> dict[str, Any]:
+    """The options a URL of several nodes gives every data node's connection: its query as
+    redis-py reads a URL's (``db=``, ``ssl_cert_reqs=``, ...), with the user and password
+    of ``userinfo`` (``user:password``, percent-encoded)."""
+    try:
+        options = {k: v for k, v in parse_url(f"redis://localhost/?{query}").items()
+                   if k != "host"}
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    user, colon, password = userinfo.partition(":")
+    if user:
+        options["username"] = unquote(user)
+    if colon and password:
+        options["password"] = unquote(password)
+    return options

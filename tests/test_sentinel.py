@@ -58,7 +58,7 @@ def test_a_sentinel_url_names_the_sentinels_the_service_the_db_and_both_credenti
     ("redis+sentinel://:pw@h1:26379", "no service name"),
     ("redis+sentinel://:pw@h1:26379/", "no service name"),
     ("redis+sentinel://:pw@/svc", "no sentinel host"),
-    ("redis+sentinel://:pw@h1:port/svc", "bad sentinel address"),
+    ("redis+sentinel://:pw@h1:port/svc", "bad node address"),
     ("redis+sentinel://:pw@h1/svc/zero", "must be a number"),
 ])
 def test_a_bad_sentinel_url_is_one_line_without_the_password(url: str, problem: str) -> None:

@@ -17,6 +17,7 @@ import redis
 from .. import exitcodes
 from ..config import CONFIG_ENV, FLAGS, Config, ConfigError, choices, load_config, value_type
 from ..connection import ServerProblem, check_server, describe_error
+from ..queue import JobQueue
 from ..server import ServerError, resolve_url
 from ..urls import redact
 
@@ -69,6 +70,13 @@ class State:
                                        log_level=self.log_level, log_format=self.log_format,
                                        **overrides)
         return self._config
+
+    def queue(self, name: str | None = None) -> JobQueue:
+        """A :class:`JobQueue` on the server: of queue ``name``, else of the config's first
+        queue. On a Cluster that is the namespace of the config's queue group: what the masters
+        started with this config serve (commands about jobs by id, info, workers, limits)."""
+        config = self.config()
+        return JobQueue(name or config.queues[0], redis_url=self.url(), config=config)
 
     def url(self, *, wait: bool = True) -> str:
         """The server's URL, once it answers as a server jobq can use: one line and exit 3

@@ -8,12 +8,7 @@ import click
 from tabulate import tabulate
 
 from .. import exitcodes
-from ..queue import JobQueue
 from .app import CliError, State, jobq_command, main
-
-
-def _queue(state: State) -> JobQueue:
-    return JobQueue("default", redis_url=state.url(), config=state.config())
 
 
 @main.group("limit")
@@ -33,7 +28,7 @@ def limit_set(state: State, name: str, concurrency: int | None, rate: str | None
               burst: int | None) -> int:
     """Define (or redefine) limit NAME; tasks name it with @task(limits=[NAME]). A master
     writes the config's [limits.NAME] again when it starts or reloads."""
-    limit = _queue(state).set_limit(name, concurrency=concurrency, rate=rate, burst=burst)
+    limit = state.queue().set_limit(name, concurrency=concurrency, rate=rate, burst=burst)
     click.echo(f"limit {name}: {limit.describe()}")
     return exitcodes.OK
 
@@ -42,7 +37,7 @@ def limit_set(state: State, name: str, concurrency: int | None, rate: str | None
 @click.argument("name")
 def limit_delete(state: State, name: str) -> int:
     """Forget limit NAME: the jobs it held back run as if it did not exist."""
-    if not _queue(state).delete_limit(name):
+    if not state.queue().delete_limit(name):
         raise CliError(f"unknown limit {name!r}", exitcodes.NOT_FOUND)
     click.echo(f"deleted limit {name}")
     return exitcodes.OK
@@ -53,7 +48,7 @@ def limit_delete(state: State, name: str) -> int:
 def limit_list(state: State, as_json: bool) -> int:
     """Every limit: its definition, its jobs running now, the starts its rate allows now,
     and the queues where it holds jobs back."""
-    use = _queue(state).limit_use()
+    use = state.queue().limit_use()
     if as_json:
         click.echo(json.dumps(use, indent=2))
         return exitcodes.OK

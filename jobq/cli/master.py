@@ -53,6 +53,7 @@ def master_command(workers: int | None, queues: list[str] | None, imports: tuple
             overrides["imports"] = list(dict.fromkeys([*config.imports, *imports]))
             config = config.replace(imports=overrides["imports"])
         config_schedules(config)  # [[schedule]] tables are checked before anything starts
+        config.namespace()  # on a Cluster, its queues must share a queue group
         if not config.imports:  # every job would fail: say so now, not once per job
             source = config_path or os.environ.get(CONFIG_ENV)
             raise ConfigError(f"{source}: {NO_TASK_MODULE}" if source else NO_TASK_MODULE)

@@ -22,10 +22,10 @@ from ..scheduler import Scheduler
 from .app import CliError, State, jobq_command, main
 
 
-def _queue(state: State, name: str = "default", must_exist: bool = False) -> JobQueue:
-    if not QUEUE_NAME.match(name):
+def _queue(state: State, name: str | None = None, must_exist: bool = False) -> JobQueue:
+    if name is not None and not QUEUE_NAME.match(name):
         raise CliError(f"bad queue name {name!r}: use 1-64 of A-Z a-z 0-9 _ . -", exitcodes.USAGE)
-    queue = JobQueue(name, redis_url=state.url(), config=state.config())
+    queue = state.queue(name)
     if must_exist and not queue.exists():
         known = ", ".join(queue.queues()) or "none"
         raise CliError(f"unknown queue {name!r} (known: {known})", exitcodes.NOT_FOUND)

@@ -8,7 +8,6 @@ import ipaddress
 import click
 
 from .. import exitcodes
-from ..queue import JobQueue
 from ..web.security import new_token
 from .app import CliError, State, jobq_command, main
 
@@ -40,7 +39,7 @@ def web(state: State, host: str, port: int, allow_actions: bool,
         raise CliError(f"jobq web needs the web extra: pip install 'jobq[web]' (no module "
                        f"{exc.name!r})", exitcodes.USAGE) from None
     config = state.config()
-    queue = JobQueue("default", redis_url=state.url(), config=config)
+    queue = state.queue()
     token = config.web_token
     if allow_actions and not token:
         token = new_token()

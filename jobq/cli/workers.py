@@ -7,7 +7,6 @@ import click
 
 from .. import exitcodes
 from ..control import NoMaster, NotApplied, Resize, WhichMaster, pick_master, resize
-from ..queue import JobQueue
 from .app import CliError, State, jobq_command, main
 
 #: How long the command waits for the master to apply the change, by default (seconds).
@@ -31,7 +30,7 @@ def _workers_command(op: str, help: str) -> click.Command:
                   show_default=True, metavar="SECONDS",
                   help="How long to wait for the master to apply it.")
     def command(state: State, n: int, master_id: str | None, timeout: float) -> int:
-        broker = JobQueue(redis_url=state.url(), config=state.config()).broker
+        broker = state.queue().broker
         try:
             master = pick_master(broker, master_id)
         except NoMaster as exc:

@@ -360,6 +360,7 @@ class Master:
         try:
             config = load_config(self.options.config_path, **(self.options.overrides or {}))
             config_schedules(config)
+            namespace = config.namespace()
         except (ConfigError, ScheduleError) as exc:
             self._refuse_reload(str(exc))
             return
@@ -367,6 +368,8 @@ class Master:
             self._refuse_reload(NO_TASK_MODULE)
             return
         fixed = [k for k in FIXED_AT_START if getattr(config, k) != getattr(self.config, k)]
+        if namespace != self.config.namespace():
+            fixed.append("the queue group (Cluster)")
         if fixed:
             self._refuse_reload(f"{', '.join(fixed)} changed: that takes a restart, not a "
                                 f"reload")

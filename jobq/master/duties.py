@@ -100,7 +100,8 @@ class Duties:
         self.config = config
         self.url = url
         self.master_id = master_id
-        self.broker = Broker(connect(url, lease_time=config.lease_time), Keys(config.prefix),
+        keys = Keys(config.namespace())
+        self.broker = Broker(connect(url, lease_time=config.lease_time, route=keys.route), keys,
                              config)
         self.interrupts: queue.SimpleQueue[Interrupt] = queue.SimpleQueue()
         #: control requests for the arbiter, in the order they were sent

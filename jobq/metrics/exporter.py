@@ -236,8 +236,10 @@ class JobqCollector(Collector):
 def scrape_broker(config: Config, url: str) -> Broker:
     """A client of its own for the scrapes, that gives up on the server within
     SCRAPE_TIMEOUT."""
-    client = connect(url, socket_timeout=SCRAPE_TIMEOUT, socket_connect_timeout=SCRAPE_TIMEOUT)
-    return Broker(client, Keys(config.prefix), config)
+    keys = Keys(config.namespace())
+    client = connect(url, socket_timeout=SCRAPE_TIMEOUT, socket_connect_timeout=SCRAPE_TIMEOUT,
+                     route=keys.route)
+    return Broker(client, keys, config)
 
 
 class _Quiet(WSGIRequestHandler):

@@ -115,9 +115,9 @@ class Worker:
         self._name_json = serialization.dumps(self.name)
         # A job's data may be any bytes: surrogateescape keeps bytes that are not UTF-8 (the
         # job then fails as a BadJob) instead of breaking the claim, and gives ids back as is.
-        self.redis = connect(url, lease_time=config.lease_time,
+        self.keys = Keys(config.namespace())
+        self.redis = connect(url, lease_time=config.lease_time, route=self.keys.route,
                              encoding_errors="surrogateescape")
-        self.keys = Keys(config.prefix)
         self.broker = Broker(self.redis, self.keys, config)
         self.jobs_done = 0
         self._buffer: deque[Claimed] = deque()
@@ -464,8 +464,8 @@ class Worker:
     def _start_lease_thread(self) -> threading.Thread:
         """Renew this worker's lease while it holds jobs (used when no master does it)."""
         stop = self._lease_stop
-        broker = Broker(connect(self.url, lease_time=self.config.lease_time), self.keys,
-                        self.config)
+        broker = Broker(connect(self.url, lease_time=self.config.lease_time,
+                                route=self.keys.route), self.keys, self.config)
 
         def renew() -> None:
             period = self.config.lease_time / 3
