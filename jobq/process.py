@@ -85,13 +85,14 @@ class BlockingCall:
         it short. The span opens and closes inside the ``try``: a signal that lands as the
         call returns (between two bytecodes, where Python runs handlers) is caught here
         too, not raised into the caller (a context manager's ``__exit__`` would leave
-        that window open)."""
+        that window open); and it closes when ``fn`` raises (a lost server), or the next
+        signal would raise wherever the loop then is."""
         try:
-            self.active = True
-            result = fn(*args)
-            self.active = False
-            return result
+            try:
+                self.active = True
+                return fn(*args)
+            finally:  # also when ``fn`` fails: a later signal must not raise elsewhere
+                self.active = False
         except Interrupted:
-            self.active = False
             self._on_interrupt()
             return None

@@ -370,6 +370,21 @@ def test_a_stop_signal_as_the_wait_returns_is_never_raised_into_the_loop() -> No
     assert ends["result"] > 0
 
 
+def test_a_wait_that_failed_closes_its_window() -> None:
+    """A blocking wait that fails (the server was lost: a failover, a restart) must close the
+    span in which a signal raises: left open, the TERM that came next raised Interrupted in
+    the scheduler's back-off nap, and the scheduler crashed as it stopped."""
+    waiting = BlockingCall(on_interrupt=lambda: None)
+
+    def lost() -> None:
+        raise redis.ConnectionError("Connection closed by server.")
+
+    with pytest.raises(redis.ConnectionError):
+        waiting.call(lost)
+    assert not waiting.active
+    waiting.interrupt()  # a TERM now: nothing is raised, the loop sees its flag
+
+
 @pytest.mark.parametrize("msetex", [True, False], ids=["msetex", "one-set-each"])
 def test_results_are_kept_with_their_ttl_with_or_without_msetex(
         msetex: bool, config: Config, tmp_path: Path, valkeys: list[Valkey]) -> None:
