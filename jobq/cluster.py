@@ -149,12 +149,14 @@ class SlotConnection(Connection):
         self.slot_map: SlotMap = kwargs.pop("slot_map")
         super().__init__(**kwargs)
 
-    def connect(self) -> None:
+    def connect_check_health(self, check_health: bool = True,
+                             retry_socket_connect: bool = True) -> None:
+        # every way to (re)connect comes here: connect(), and a command sent on a closed one
         if self._sock:
             return
         self.host, self.port = self.slot_map.primary()
         try:
-            super().connect()
+            super().connect_check_health(check_health, retry_socket_connect)
         except (redis.ConnectionError, redis.TimeoutError):
             self.slot_map.forget()  # gone: ask again next time
             raise

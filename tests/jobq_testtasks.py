@@ -531,3 +531,23 @@ def hosts_record(key: str, seconds: float = 0.0) -> str:
     if seconds:
         time.sleep(seconds)
     return host
+
+
+# -- for test_cluster.py -----------------------------------------------------------------------
+
+_routed: dict[tuple[int, str], object] = {}
+
+
+def cluster_mark(key: str) -> str:
+    """RPUSH this job's id to ``test:{<key>}`` (hash-tagged: one slot, also on a Cluster,
+    through a client routed to it); return the id."""
+    import jobq
+
+    ctx = jobq.current_job()
+    job_id = ctx.id if ctx is not None else "?"
+    name = f"test:{{{key}}}"
+    client = _routed.get((os.getpid(), key))
+    if client is None:
+        client = _routed[(os.getpid(), key)] = connect(os.environ["JOBQ_REDIS_URL"], route=name)
+    client.rpush(name, job_id)  # type: ignore[attr-defined]
+    return job_id
