@@ -22,7 +22,7 @@ from jobq import cluster
 from jobq.config import Config, ConfigError, load_config
 from jobq.connection import connect
 from jobq.exceptions import ReplicationTimeout
-from jobq.job import Job
+from jobq.job import Job, JobStatus
 from jobq.keys import Keys
 from jobq.queue import JobQueue
 from jobq.scheduler import Scheduler
@@ -103,6 +103,15 @@ def test_a_master_whose_queues_span_groups_refuses_to_start(tmp_path: Path) -> N
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "must share a queue group" in lines[0]
     assert "s3cret" not in done.stderr
+
+
+def test_the_bench_refuses_a_cluster_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "jobq.cli", "bench", "-s", "noop", "--redis-url",
+         "redis+cluster://:s3cret@127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30, env=subprocess_env())
+    assert done.returncode == 2
+    assert "measures one server" in done.stderr and "s3cret" not in done.stderr
 
 
 def test_a_job_queue_refuses_what_another_group_holds() -> None:
@@ -211,10 +220,11 @@ def test_queues_spread_over_the_shards_and_a_primary_fails_over_with_none_lost(
             handles[q].get_stats()["pending"] == 0 and handles[q].get_stats()["processing"] == 0
             for q in handles), 120, interval=0.2, message="every queue drained")
         total = sum(len(ids) for ids in all_ids.values())
-        finished = {q: Counter(handles[q].get_job(i).status.value for i in ids)
+        finished = {q: Counter(getattr(handles[q].get_job(i), "status", None) for i in ids)
                     for q, ids in all_ids.items()}
-        lost = {q: total_q - n["completed"] for q, n in finished.items()
-                if (total_q := len(all_ids[q])) != n["completed"]}
+        done = JobStatus.COMPLETED
+        lost = {q: total_q - n[done] for q, n in finished.items()
+                if (total_q := len(all_ids[q])) != n[done]}
         assert lost == {}, f"jobs not completed: {lost} ({finished})"
         name = f"test:{{{key}}}"  # every run's id, in one list (one slot)
         runs = Counter(connect(c.url, route=name).lrange(name, 0, -1))

@@ -55,6 +55,9 @@ def bench(state: State, workers: int, scenarios: tuple[str, ...], repeat: int, s
 
     if workers < 1 or repeat < 1 or scale <= 0:
         raise click.UsageError("--workers and --repeat must be >= 1, --scale > 0")
+    if state.config().cluster:  # its references and namespaces live on one server
+        raise click.UsageError("jobq bench measures one server: give it one primary's URL "
+                               "(redis://host:port), not a cluster's")
     names = list(scenarios) or list(HEADLINE)
     results = run(state.url(), workers, names, repeat, scale,
                   log=lambda s: click.echo(s, err=True) if not as_json else None)
