@@ -468,13 +468,16 @@ class Broker:
 
     # -- the worker ------------------------------------------------------------------------------
     def exchange(self, worker: str, acks: Sequence[Any], queues: Sequence[str], want: int, *,
-                 now: float | None = None) -> Exchanged:
+                 now: float | None = None, token: str = "") -> Exchanged:
         """One round trip: settle ``acks`` (flat ack entry fields, see :class:`wire.AckEntry`)
-        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua."""
+        with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua. ``token``
+        names the batch of acks: sent again with the same token (its reply was lost), a
+        batch settled already is skipped, not reported stale."""
         now = time.time() if now is None else now
         calls: list[tuple[str, list[str], list[Any]]] = []
         if acks:
-            calls.append(("ack", [self.keys.jobs], self._ack_head(worker, now) + list(acks)))
+            calls.append(("ack", [self.keys.jobs],
+                          self._ack_head(worker, now) + [token, *acks]))
         if want:
             calls.append(("claim", [self.keys.jobs],
                           [self.keys.base, worker, self.lease_ms, want, *queues]))

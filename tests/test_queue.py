@@ -25,7 +25,7 @@ from jobq.job import Job, JobStatus
 from jobq.queue import JobQueue
 from jobq.registry import TaskResolver
 from jobq.settle import Failed, RetryPolicy, settle
-from jobq.wire import Spec
+from jobq.wire import AckEntry, Spec
 from jobq.worker import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -555,3 +555,22 @@ def test_jobs_given_back_unstarted_keep_their_order(queue: JobQueue, r: redis.Re
     assert back is not None and (back.attempts, back.deliveries) == (0, 0)  # untouched
     assert claim(queue, 10, worker="w2") == [jobs[i].id for i in (0, 2, 4, 5, 1, 3)]
     assert r.exists(queue.keys.held("w1")) == 0
+
+
+def test_a_batch_of_acks_sent_again_is_skipped_not_reported_stale(queue: JobQueue) -> None:
+    """A worker whose connection broke after it sent its acks does not know if they were
+    settled, and sends the same batch again with the same token: settled already, it is
+    skipped. Without the token the jobs, no longer held, came back as stale and the worker
+    said their results were dropped as given back, when they had been settled."""
+    a, b = queue.enqueue(tasks.add, 1, 2), queue.enqueue(tasks.add, 3, 4)
+    assert claim(queue, 2) == [a.id, b.id]
+    acks = [field for job in (a, b)
+            for field in AckEntry("done", job.id, "default", 0, 300, "{}", "")]
+    assert queue.broker.exchange("w1", acks, [], 0, token="7").stale == []
+    assert queue.broker.exchange("w1", acks, [], 0, token="7").stale == []  # the reply was lost
+    assert queue.get_stats()["completed"] == 2
+    # another batch (another token), or none: a job this worker does not hold is stale
+    assert sorted(queue.broker.exchange("w1", acks, [], 0, token="8").stale) == \
+        sorted([a.id, b.id])
+    assert sorted(queue.broker.exchange("w1", acks[:7], [], 0).stale) == [a.id]
+    assert queue.get_stats()["completed"] == 2

@@ -8,7 +8,9 @@
 -- ARGV[5]  how many failed ids to keep per queue in the dead-letter queue {ns}:dlq:<queue>
 -- ARGV[6]  cap on wake tokens per queue
 -- ARGV[7]  how long the records of jobs cancelled because a parent failed are kept (s)
--- ARGV[8..] groups of ACK_FIELDS (7, wire.AckEntry): kind, id, queue, priority, ttl (s) or
+-- ARGV[8]  the batch's token ("" for none): a batch sent again with the token of the last
+--          batch this worker's acks settled is skipped (see below)
+-- ARGV[9..] groups of ACK_FIELDS (7, wire.AckEntry): kind, id, queue, priority, ttl (s) or
 --           due (ms), payload, group id ("" when the job is not part of a queue.map group)
 --   "done"  : payload is the final record, kept ttl seconds (0: not kept)
 --   "fail"  : payload is the final record, kept ttl seconds; the id joins the DLQ
@@ -20,7 +22,13 @@
 -- Only jobs this worker still holds are settled: a job whose lease lapsed was given back to
 -- its queue (and may run again elsewhere: at-least-once), and one deleted with its queue
 -- (delete_queue.lua) is gone, so its late result is dropped.
+--
+-- A worker whose connection broke after it sent a batch does not know whether the batch was
+-- settled (the reply was lost), and sends it again, with the same token: {ns}:acked:<worker>
+-- holds the token of the last batch settled (an hour), so a batch settled already is skipped
+-- instead of its jobs being reported stale, as if given back, when they were not.
 -- Returns the ids that were not held (stale).
+local FIRST = 9  -- the first ack entry's first field in ARGV
 local B = ARGV[1]
 local worker = ARGV[2]
 local now = tonumber(ARGV[3])
@@ -28,9 +36,12 @@ local recent_cap = tonumber(ARGV[4])
 local dlq_cap = tonumber(ARGV[5])
 local wake_cap = tonumber(ARGV[6])
 local dlq_ttl = tonumber(ARGV[7])
+local token = ARGV[8]
 local held = B .. ':held:' .. worker
+local acked = B .. ':acked:' .. worker
+if token ~= '' and redis.call('GET', acked) == token then return {} end  -- settled already
 local ids = {}
-for i = 8, #ARGV, ACK_FIELDS do ids[#ids + 1] = ARGV[i + 1] end
+for i = FIRST, #ARGV, ACK_FIELDS do ids[#ids + 1] = ARGV[i + 1] end
 if #ids == 0 then return {} end
 local is_held = redis.call('HMGET', held, unpack(ids))
 local stale, live, finished, oks = {}, {}, {}, {}
@@ -46,7 +57,7 @@ local function keep(id, record, ttl)
   r[#r + 1] = record
 end
 for k = 1, #ids do
-  local i = 8 + (k - 1) * ACK_FIELDS
+  local i = FIRST + (k - 1) * ACK_FIELDS
   local kind, id, q, prio, ttl, payload, gid =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5],
     ARGV[i + 6]
@@ -130,4 +141,6 @@ for q, c in pairs(delta) do
     redis.call('LTRIM', rk, 0, recent_cap - 1)
   end
 end
+-- last: a batch that failed half way (a bug) is not taken for settled when sent again
+if token ~= '' then redis.call('SET', acked, token, 'EX', ACKED_TTL) end
 return stale

@@ -12,6 +12,8 @@ end
 
 -- An idle worker's registration (idle.lua) older than this (ms) is from a dead worker.
 local IDLE_FRESH = 3000
+-- How long the token of a worker's last settled ack batch is kept (s; see ack.lua).
+local ACKED_TTL = 3600
 
 -- A queue as users know it. The jobs of a task in a script's __main__ go on a route of their
 -- own, "queue~owner", that only the pool that script started claims from (wire.route); they

@@ -123,6 +123,10 @@ class Worker:
         self._buffer: deque[Claimed] = deque()
         self._acks: list[Any] = []  # the fields of the ack entries not sent yet, flat
         self._first_ack_at = 0.0
+        #: the token of the acks not sent yet, kept while the same batch is sent again (see
+        #: ack.lua); a new one when the batch grows
+        self._ack_token: str | None = None
+        self._ack_batches = 0
         self._avg = BATCH_TARGET  # running average of a job's duration (seconds)
         self._stopping = False
         self._waiting = BlockingCall(on_interrupt=self.broker.disconnect)
@@ -198,11 +202,14 @@ class Worker:
             self._stopping = True  # an orphan claims nothing new
             claim = False
         want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
+        if self._acks and self._ack_token is None:
+            self._ack_batches += 1
+            self._ack_token = str(self._ack_batches)
         delay = RECONNECT_FIRST
         while True:
             try:
-                stale, claimed, keep_time = self.broker.exchange(self.name, self._acks,
-                                                                 self.queues, want)
+                stale, claimed, keep_time = self.broker.exchange(
+                    self.name, self._acks, self.queues, want, token=self._ack_token or "")
                 break
             except redis.RedisError as exc:
                 if not unavailable(exc):
@@ -219,6 +226,7 @@ class Worker:
                     # the jobs come back when their lease lapses (at-least-once)
                     self._stopping = True
                     self._acks = []
+                    self._ack_token = None
                     return False
                 if self.slot is not None:
                     self.slot.idle()  # waiting for the server is not hanging: keep beating
@@ -237,6 +245,7 @@ class Worker:
                             "lapsed, or deleted with their queue (%s)", len(stale),
                             ", ".join(stale[:5]))
             self._acks = []
+            self._ack_token = None
             if self.tally is not None:  # counted once the server has their outcome
                 self.tally.publish()
             if self.slot is not None:
@@ -422,6 +431,7 @@ class Worker:
                 self.slot.journal_ack(entry)
             self.slot.end()
         self._acks += entry
+        self._ack_token = None  # another batch: a token of its own
 
     # -- process plumbing --------------------------------------------------------------------
     def _set_title(self, what: str) -> None:
