@@ -274,18 +274,27 @@ class Bench:
         return {"jobs_per_s": round(rate), "server_us_per_job": round(server_us, 2),
                 "startup_s": round(first - started, 3), "jobs": n}
 
-    def bare(self, n: int, task: str) -> benchref.BareRun:
+    def bare(self, n: int, task: str, acks: str = "batch") -> benchref.BareRun:
         """The bare loop (:mod:`jobq.benchref`) on ``n`` jobs with as many processes."""
         self.cleanup()
         return benchref.bare_loop(self.url, self.redis, self.broker.server_cpu, jobs=n,
-                                  workers=self.workers, task=task)
+                                  workers=self.workers, task=task, acks=acks)
 
     def _versus_bare(self, fn: Any, n: int, task: str, **options: Any) -> dict[str, float]:
-        """jobq's throughput with task ``fn`` and the bare loop's with the same work."""
-        result, bare = self._interleave(lambda: self.bare(n, task),
-                                        lambda: self.throughput(fn, n, **options))
+        """jobq's throughput with task ``fn`` and the bare loop's with the same work, its
+        acknowledgements batched (the reference) and one per job (``ackeach_*``, with
+        ``*_vs_ackeach`` ratios)."""
+        result, (bare, each) = self._interleave(
+            lambda: (self.bare(n, task), self.bare(n, task, "each")),
+            lambda: self.throughput(fn, n, **options))
         result["bare_jobs_per_s"] = round(bare.jobs_per_s)
         result["bare_server_us_per_job"] = round(bare.server_us_per_job, 2)
+        result["ackeach_jobs_per_s"] = round(each.jobs_per_s)
+        result["ackeach_server_us_per_job"] = round(each.server_us_per_job, 2)
+        for figure in ("jobs_per_s", "server_us_per_job"):
+            if result[f"ackeach_{figure}"]:
+                result[f"{figure}_vs_ackeach"] = round(
+                    result[figure] / result[f"ackeach_{figure}"], 3)
         return with_ratios(result, "jobs_per_s", "server_us_per_job")
 
     def noop(self) -> dict[str, float]:

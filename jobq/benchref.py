@@ -18,6 +18,11 @@ divided by a reference measured in the same run, on the same server, does. Two r
 
   Timed from the first claim to the last ack, across processes (``time.time()``: one clock
   for every process).
+* **The loop that acknowledges each job** (``acks="each"``): the same, but each job is
+  acknowledged on its own as it ends, one round trip each (ack.lua with one id), the claim
+  alone in its own: what a queue without batched acknowledgements does, and the loop issue
+  13's targets were first set against (18 µs of server CPU per job there; 18.5–20 here,
+  against 4.4 for the batched loop).
 * **Round trips**: PING after PING on one connection, each reply waited for the way jobq's
   single enqueue waits for its own (:data:`jobq.queue.REPLY_SPIN`): the reference for
   single enqueue and for latency.
@@ -60,6 +65,8 @@ PAYLOAD = '{"t":"jobq.bench:noop","a":[],"q":"bench","c":1795944382.395}'
 STALL = 120.0
 #: The tasks of the bare loop: the same work as jobq.bench's noop and incr.
 TASKS = ("empty", "incr")
+#: How the bare loop acknowledges: a batch with its next claim, or each job on its own.
+ACKS = ("batch", "each")
 
 # The shebang: the same script mode as jobq's own scripts (see jobq.scripts).
 CLAIM_LUA = """#!lua
@@ -107,18 +114,22 @@ def fill(client: redis.Redis, jobs: int) -> None:
 
 
 def bare_loop(url: str, client: redis.Redis, server_cpu: Callable[[], float], *, jobs: int,
-              workers: int, task: str) -> BareRun:
+              workers: int, task: str, acks: str = "batch") -> BareRun:
     """Run the bare loop on ``jobs`` jobs with ``workers`` forked processes; ``task`` is
-    "empty" or "incr" (one INCR on the process's own connection, as jobq.bench's incr).
+    "empty" or "incr" (one INCR on the process's own connection, as jobq.bench's incr);
+    ``acks`` "batch" (with the next claim) or "each" (one round trip per job).
     ``server_cpu`` reads the server's CPU time (s) before and after the timed part. Its keys
     are left for the caller to delete (:data:`KEYS`): the counter says what the tasks did."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if acks not in ACKS:
+        raise ValueError(f"acks must be one of {ACKS}, got {acks!r}")
     fill(client, jobs)
     ctx = multiprocessing.get_context("fork")
     reports: Any = ctx.Queue()
     go = ctx.Event()
-    procs = [ctx.Process(target=_worker, args=(url, task, go, reports), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(url, task, acks == "each", go, reports),
+                         daemon=True)
              for _ in range(workers)]
     for p in procs:
         p.start()
@@ -162,7 +173,7 @@ def _report(reports: Any, procs: list[Any]) -> Any:
         return got
 
 
-def _worker(url: str, task: str, go: Any, reports: Any) -> None:
+def _worker(url: str, task: str, each: bool, go: Any, reports: Any) -> None:
     """One forked process of the bare loop; reports (), then (first claim, last ack, jobs)."""
     try:
         conn = connect(url).connection_pool.get_connection()  # its own socket
@@ -174,7 +185,18 @@ def _worker(url: str, task: str, go: Any, reports: Any) -> None:
         acks: list[str] = []
         count = 0
         first = time.time()
-        while True:
+        while each:  # each job acknowledged as it ends, in a round trip of its own
+            conn.send_command("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, BATCH,
+                              int(time.time() * 1000) + LEASE_MS)
+            got = conn.read_response()
+            if not got:
+                break
+            for job_id in got[0::2]:
+                run()
+                conn.send_command("EVALSHA", ack_sha, 2, ACTIVE, PAYLOADS, job_id)
+                conn.read_response()
+                count += 1
+        while not each:
             calls: list[tuple[Any, ...]] = []
             if acks:
                 calls.append(("EVALSHA", ack_sha, 2, ACTIVE, PAYLOADS, *acks))

@@ -19,7 +19,9 @@ from jobq.queue import JobQueue
 
 #: What the bare loop and the jobq scenario measured beside it report.
 VERSUS_BARE = {"jobs_per_s", "server_us_per_job", "bare_jobs_per_s", "bare_server_us_per_job",
-               "jobs_per_s_ratio", "server_us_per_job_ratio"}
+               "jobs_per_s_ratio", "server_us_per_job_ratio", "ackeach_jobs_per_s",
+               "ackeach_server_us_per_job", "jobs_per_s_vs_ackeach",
+               "server_us_per_job_vs_ackeach"}
 KEYS = {
     "noop": VERSUS_BARE | {"startup_s"},
     "noop_ttl0": VERSUS_BARE | {"startup_s"},
@@ -39,7 +41,8 @@ KEYS = {
                 "metrics_server_us_per_job", "plain_server_us_per_job", "scrape_ms"},
 }
 #: Figures that cannot be 0 whatever the machine: a reference, the server's CPU for work.
-POSITIVE = {"bare_jobs_per_s", "bare_server_us_per_job", "server_us_per_job", "rtt_ms",
+POSITIVE = {"bare_jobs_per_s", "bare_server_us_per_job", "ackeach_jobs_per_s",
+            "ackeach_server_us_per_job", "server_us_per_job", "rtt_ms",
             "rtt_per_s", "single_server_us_per_job", "bulk_server_us_per_job"}
 
 
@@ -100,15 +103,21 @@ def test_the_table_shows_figures_beside_their_references(redis_url: str) -> None
     assert set(client.keys("*")) == {"user:data"}  # only the user's key: the bench cleaned up
 
 
-def test_the_bare_loop_runs_every_job_once(redis_url: str) -> None:
+@pytest.mark.parametrize("acks", benchref.ACKS)
+def test_the_bare_loop_runs_every_job_once(redis_url: str, acks: str) -> None:
     client = connect(redis_url)
     queue = JobQueue("bench", redis_url=redis_url)
+    client.delete(*benchref.KEYS)
+    calls = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     got = benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=1234, workers=2,
-                             task="incr")
+                             task="incr", acks=acks)
     assert got.jobs_per_s > 0 and got.server_us_per_job > 0
     assert client.zcard(benchref.PENDING) == 0 and client.zcard(benchref.ACTIVE) == 0
     assert client.hlen(benchref.PAYLOADS) == 0  # acknowledged: claimed and acked, no leftovers
     assert int(client.get(benchref.COUNTER) or 0) == 1234  # each job's task ran once
+    scripts = client.info("commandstats")["cmdstat_evalsha"]["calls"] - calls
+    # claims of 50, then an ack per job, or an ack per batch (with the next claim)
+    assert scripts > 1234 if acks == "each" else scripts < 1234 // 10
     with pytest.raises(ValueError, match="task must be one of"):
         benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=10, workers=1,
                            task="sleep")

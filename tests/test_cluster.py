@@ -4,6 +4,7 @@ replica each) losing a primary while jobs flow, every job counted."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -206,11 +207,20 @@ def test_queues_spread_over_the_shards_and_a_primary_fails_over_with_none_lost(
         for q, q_jobs in jobs.items():
             enqueue_confirmed(handles[q], q_jobs[: len(q_jobs) // 2], deadline)
         wait_until(lambda: completed() >= 2_000, 60, message="2,000 jobs completed")
-        before = completed()
+        others = [h for h in handles.values() if h.keys.prefix != f"jobq:{victim_group}"]
+
+        def others_done() -> int:
+            return sum(h.get_stats()["completed"] for h in others)
+
+        before, others_before = completed(), others_done()
         c.kill(victim)
         killed_at = time.monotonic()
         heir = c.wait_failover(victim)
         failed_over = time.monotonic() - killed_at
+        # the other shards' groups went on meanwhile (they had a backlog: about 2/3 of their
+        # first half was left when the kill came)
+        others_during = others_done() - others_before
+        assert others_during > 0
         c.restart(victim)  # it comes back as the heir's replica: WAIT 1 can succeed again
         tries: Counter[str] = Counter()
         for q, q_jobs in jobs.items():
@@ -232,9 +242,20 @@ def test_queues_spread_over_the_shards_and_a_primary_fails_over_with_none_lost(
         assert set(runs) == {i for ids in all_ids.values() for i in ids}
         assert all(p.poll() is None for p in masters), "a master exited"
         assert heir.port != victim.port and completed() > before
+        # a reload that would move a master's queues to another group (slot) is refused:
+        # its workers would claim where its duties and scheduler do not look
+        first = next(iter(queues))  # masters[0]'s group
+        moved = {("elsewhere" if g == first else g): qs for g, qs in queues.items()}
+        config_path.write_text(MASTER_CONFIG + "queue_groups = { " + ", ".join(
+            f'{g} = ["{qs[0]}", "{qs[1]}"]' for g, qs in moved.items()) + " }\n")
+        masters[0].send_signal(signal.SIGHUP)
+        wait_until(lambda: "the queue group (Cluster) changed: that takes a restart" in
+                   logs[0].read_text(), 10, message="the reload refused")
+        assert masters[0].poll() is None
         figure(f"cluster: {total} jobs over 6 queues in 3 groups on 3 shards, primary of "
                f"{victim_group} killed after {before} completed: replica promoted in "
-               f"{failed_over:.1f} s, none lost, {twice} ran twice, enqueue tries after it "
+               f"{failed_over:.1f} s ({others_during} jobs of the other groups done meanwhile), "
+               f"none lost, {twice} ran twice, enqueue tries after it "
                f"{dict(tries)}")
     except BaseException:
         for log in logs:  # what the masters said, for the failure's report

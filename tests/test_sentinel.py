@@ -71,7 +71,7 @@ def test_the_config_takes_the_sentinel_schemes_and_checks_wait_replicas() -> Non
     for scheme in ("redis", "rediss", "valkey", "valkeys"):
         assert load_config(redis_url=f"{scheme}+sentinel://h/s").redis_url.startswith(scheme)
     with pytest.raises(ConfigError, match="redis_url"):
-        load_config(redis_url="redis+cluster://h/s")
+        load_config(redis_url="redis+shard://h/s")
     assert load_config().wait_replicas == 0
     assert load_config(wait_replicas=2).wait_replicas == 2
     with pytest.raises(ConfigError, match="wait_replicas: expected an integer >= 0"):

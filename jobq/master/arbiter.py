@@ -368,7 +368,7 @@ class Master:
             self._refuse_reload(NO_TASK_MODULE)
             return
         fixed = [k for k in FIXED_AT_START if getattr(config, k) != getattr(self.config, k)]
-        if namespace != self.config.namespace():
+        if namespace != self.config.namespace() and "prefix" not in fixed:
             fixed.append("the queue group (Cluster)")
         if fixed:
             self._refuse_reload(f"{', '.join(fixed)} changed: that takes a restart, not a "
