@@ -574,3 +574,10 @@ def test_a_batch_of_acks_sent_again_is_skipped_not_reported_stale(queue: JobQueu
         sorted([a.id, b.id])
     assert sorted(queue.broker.exchange("w1", acks[:7], [], 0).stale) == [a.id]
     assert queue.get_stats()["completed"] == 2
+    # a batch sent again is answered as it was the first time: what was stale then still is
+    c = queue.enqueue(tasks.add, 5, 6)
+    assert claim(queue, 1) == [c.id]
+    acks = [*acks[:7], *AckEntry("done", c.id, "default", 0, 300, "{}", "")]
+    assert queue.broker.exchange("w1", acks, [], 0, token="9").stale == [a.id]
+    assert queue.broker.exchange("w1", acks, [], 0, token="9").stale == [a.id]
+    assert queue.get_stats()["completed"] == 3

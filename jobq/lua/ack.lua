@@ -25,8 +25,9 @@
 --
 -- A worker whose connection broke after it sent a batch does not know whether the batch was
 -- settled (the reply was lost), and sends it again, with the same token: {ns}:acked:<worker>
--- holds the token of the last batch settled (an hour), so a batch settled already is skipped
--- instead of its jobs being reported stale, as if given back, when they were not.
+-- holds the token of the last batch settled and what it found stale ("token\nid\nid...", an
+-- hour), so a batch settled already is skipped and answered as it was the first time, instead
+-- of all its jobs being reported stale, as if given back, when they were not.
 -- Returns the ids that were not held (stale).
 local FIRST = 9  -- the first ack entry's first field in ARGV
 local B = ARGV[1]
@@ -39,7 +40,14 @@ local dlq_ttl = tonumber(ARGV[7])
 local token = ARGV[8]
 local held = B .. ':held:' .. worker
 local acked = B .. ':acked:' .. worker
-if token ~= '' and redis.call('GET', acked) == token then return {} end  -- settled already
+if token ~= '' then
+  local last = redis.call('GET', acked)
+  if last and (last == token or last:sub(1, #token + 1) == token .. '\n') then
+    local answer = {}  -- settled already: what it found stale then
+    for id in last:sub(#token + 2):gmatch('[^\n]+') do answer[#answer + 1] = id end
+    return answer
+  end
+end
 local ids = {}
 for i = FIRST, #ARGV, ACK_FIELDS do ids[#ids + 1] = ARGV[i + 1] end
 if #ids == 0 then return {} end
@@ -142,5 +150,7 @@ for q, c in pairs(delta) do
   end
 end
 -- last: a batch that failed half way (a bug) is not taken for settled when sent again
-if token ~= '' then redis.call('SET', acked, token, 'EX', ACKED_TTL) end
+if token ~= '' then
+  redis.call('SET', acked, table.concat({token, unpack(stale)}, '\n'), 'EX', ACKED_TTL)
+end
 return stale
