@@ -35,7 +35,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 from redis.retry import Retry
 
-from .urls import host_port, node_options, redact
+from .urls import has_scheme, host_port, node_options, split_nodes_url
 
 #: URL scheme -> whether its connections use TLS.
 SCHEMES = {"redis+cluster": False, "rediss+cluster": True,
@@ -57,31 +57,24 @@ class ClusterTarget:
 
 
 def is_cluster_url(url: str) -> bool:
-    scheme, sep, _ = url.partition("://")
-    return bool(sep) and scheme.lower() in SCHEMES
+    return has_scheme(url, SCHEMES)
 
 
 def parse(url: str) -> ClusterTarget:
     """Read a cluster URL (see the module docstring); ValueError, without the password, if
     it is not one."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SCHEMES:
-        raise ValueError(f"not a cluster URL: {redact(url)!r}")
-    head, _, query = rest.partition("?")
-    userinfo, at, hostpath = head.rpartition("@")
-    hosts, _, path = hostpath.partition("/")
-    where = redact(url)
+    scheme, userinfo, hosts, path, query, where = split_nodes_url(url, SCHEMES, "cluster")
     if path.strip("/"):
         raise ValueError(f"{where}: a cluster has no databases but 0: nothing may follow the "
                          f"nodes but ?options, got /{path}")
     nodes = [host_port(h, where, DEFAULT_PORT) for h in hosts.split(",") if h]
     if not nodes:
         raise ValueError(f"{where}: no node address")
-    options = node_options(userinfo if at else "", query, where)
+    options = node_options(userinfo, query, where)
     if options.get("db"):
         raise ValueError(f"{where}: a cluster has no databases but 0, got db={options['db']}")
     options.pop("db", None)
-    return ClusterTarget(nodes, SCHEMES[scheme.lower()], options)
+    return ClusterTarget(nodes, SCHEMES[scheme], options)
 
 
 class SlotMap:

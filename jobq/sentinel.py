@@ -32,7 +32,7 @@ from redis.connection import SSLConnection
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
-from .urls import host_port, node_options, redact
+from .urls import has_scheme, host_port, node_options, split_nodes_url
 
 #: URL scheme -> whether its connections use TLS.
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True,
@@ -60,28 +60,21 @@ class SentinelTarget:
 
 
 def is_sentinel_url(url: str) -> bool:
-    scheme, sep, _ = url.partition("://")
-    return bool(sep) and scheme.lower() in SCHEMES
+    return has_scheme(url, SCHEMES)
 
 
 def parse(url: str) -> SentinelTarget:
     """Read a sentinel URL (see the module docstring); ValueError, without the password, if
     it is not one."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SCHEMES:
-        raise ValueError(f"not a sentinel URL: {redact(url)!r}")
-    head, _, query = rest.partition("?")
-    userinfo, at, hostpath = head.rpartition("@")
-    hosts, _, path = hostpath.partition("/")
+    scheme, userinfo, hosts, path, query, where = split_nodes_url(url, SCHEMES, "sentinel")
     service, _, db = path.partition("/")
-    where = redact(url)
     if not service:
         raise ValueError(f"{where}: no service name: expected .../SERVICE, the name the "
                          "sentinels monitor (sentinel monitor SERVICE ...)")
     sentinels = [host_port(h, where, DEFAULT_PORT) for h in hosts.split(",") if h]
     if not sentinels:
         raise ValueError(f"{where}: no sentinel host")
-    options = node_options(userinfo if at else "", query, where)
+    options = node_options(userinfo, query, where)
     sentinel_options = {SENTINEL_OPTIONS[k]: options.pop(k) for k in list(options)
                         if k in SENTINEL_OPTIONS}
     if db and "db" not in options:
@@ -89,7 +82,7 @@ def parse(url: str) -> SentinelTarget:
             raise ValueError(f"{where}: the database after the service must be a number, "
                              f"got {db!r}")
         options["db"] = int(db.strip("/"))
-    tls = SCHEMES[scheme.lower()]
+    tls = SCHEMES[scheme]
     return SentinelTarget(sentinels, unquote(service), tls, options, sentinel_options)
 
 

@@ -4,7 +4,8 @@ password can hide in a URL, for logs, process titles and error messages."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Container
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from redis.connection import parse_url
@@ -48,6 +49,35 @@ def _secrets(url: str) -> list[str]:
     found += [unquote(s) for s in found]
     # Replacing a one- or two-letter string would garble the message more than it protects.
     return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+class NodesUrl(NamedTuple):
+    """The parts of a URL naming several nodes: ``scheme://[userinfo@]hosts[/path][?query]``."""
+
+    scheme: str  #: lower case
+    userinfo: str  #: ``user:password``, '' when none
+    hosts: str  #: ``host[:port],...``
+    path: str
+    query: str
+    where: str  #: the URL without its secrets, for messages
+
+
+def has_scheme(url: str, schemes: Container[str]) -> bool:
+    """Whether ``url`` begins with one of ``schemes`` (lower case) and ``://``."""
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower() in schemes
+
+
+def split_nodes_url(url: str, schemes: Container[str], kind: str) -> NodesUrl:
+    """Split a URL naming several nodes (Sentinel's, a Cluster's); ValueError, without the
+    password, if its scheme is not one of ``schemes`` (``kind``: what such a URL is)."""
+    if not has_scheme(url, schemes):
+        raise ValueError(f"not a {kind} URL: {redact(url)!r}")
+    scheme, _, rest = url.partition("://")
+    head, _, query = rest.partition("?")
+    userinfo, at, hostpath = head.rpartition("@")
+    hosts, _, path = hostpath.partition("/")
+    return NodesUrl(scheme.lower(), userinfo if at else "", hosts, path, query, redact(url))
 
 
 def host_port(text: str, where: str, default_port: int) -> tuple[str, int]:
