@@ -134,17 +134,23 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 def kill_processes(procs: list[psutil.Process], *, wait: bool = True) -> None:
     """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait for
-    them (with ``wait``) until each is reaped or a zombie: dead, its sockets and namespaces
-    released, only waiting for its parent, or for init when its parent died too (this VM's
-    init reaps orphans only every second or two)."""
+    them (with ``wait``, see :func:`wait_dead`)."""
     for sig in (signal.SIGCONT, signal.SIGKILL):
         for p in procs:
             try:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
-    deadline = time.monotonic() + 10
-    alive = list(procs) if wait else []
+    if wait:
+        wait_dead(procs)
+
+
+def wait_dead(procs: list[psutil.Process], timeout: float = 10) -> None:
+    """Wait until each process is reaped or a zombie: dead, its sockets and namespaces
+    released, only waiting for its parent, or for init when its parent died too (this VM's
+    init reaps orphans only every second or two)."""
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
     while alive and time.monotonic() < deadline:
         _, alive = psutil.wait_procs(alive, timeout=0.02)  # reaps our own children
         alive = [p for p in alive if not _dead(p)]

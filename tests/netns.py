@@ -184,7 +184,7 @@ class Network:
 
     def kill(self, host: Host) -> list[psutil.Process]:
         """SIGKILL every process of the host at once; returns them, without waiting for
-        them to be reaped (``psutil.wait_procs``)."""
+        them to die (``conftest.wait_dead``)."""
         return _kill_pids(host.pids(), wait=False)
 
     def close(self) -> None:

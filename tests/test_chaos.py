@@ -37,7 +37,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import kill_processes, process_tree, subprocess_env, wait_until
+from conftest import kill_processes, process_tree, subprocess_env, wait_dead, wait_until
 
 from jobq import serialization
 from jobq.connection import connect
@@ -429,7 +429,7 @@ def test_kill_9_the_whole_master_tree_then_a_new_master(
     for p in victims:  # all at once: nobody gets to give anything back
         p.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    psutil.wait_procs(victims, timeout=10)
+    wait_dead(victims)
     first.wait(timeout=10)
     prefix = f"{KEYS.base}:held:"
     mine = f".{first.pid}."

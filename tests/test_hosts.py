@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import jobq_testtasks as tasks
-import psutil
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import figure, process_tree, subprocess_env, wait_until
+from conftest import figure, process_tree, subprocess_env, wait_dead, wait_until
 
 from jobq import serialization
 from jobq.cli import main
@@ -127,7 +126,7 @@ def test_info_shows_every_hosts_master_and_work_then_a_vanished_host_gone_then_f
     for p in procs:  # the whole host at once: nothing gets to say goodbye
         p.send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    psutil.wait_procs(procs, timeout=10)
+    wait_dead(procs)
 
     def shown(state: str) -> bool:
         masters = {m["id"]: m for m in json.loads(jobq_info(redis_url, "--json"))["masters"]}
