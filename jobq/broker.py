@@ -521,11 +521,11 @@ class Broker:
         hand = self.keys.hand(worker)
         keys = [hand, *[self.keys.wake(q) for q in queues]]
         if on_time:
-            self.scripts.run("idle", [], [self.keys.base, worker, self.lease_ms, *queues])
+            self.scripts.run("idle", [hand], [self.keys.base, worker, self.lease_ms, *queues])
             got = blpop_by(self.client, keys, timeout, server_timeout=self._block(timeout))
         else:
             pipe = self._r.pipeline(transaction=False)
-            self.scripts.queue(pipe, "idle", [], [self.keys.base, worker, self.lease_ms,
+            self.scripts.queue(pipe, "idle", [hand], [self.keys.base, worker, self.lease_ms,
                                                   *queues])
             pipe.blpop(keys, timeout=self._block(timeout))
             got = pipe.execute()[-1]

@@ -114,6 +114,8 @@ class SlotMap:
                 node.close()
             if address is not None:
                 self._address = address
+                self.known.remove((host, port))  # asked first next time: it answers
+                self.known.insert(0, (host, port))
                 return address
             problems.append(f"{host}:{port}: no node serves slot {self.slot}")
         raise redis.ConnectionError("no node of the cluster tells where slot "

@@ -93,7 +93,10 @@ class Scheduler:
         """Store a schedule (replacing one of the same name) and wake the leader."""
         d.validate()
         if self.queue.config.cluster:  # it fires into its queue where it is stored
-            self.queue.check_same_slot(d.queue or DEFAULT_QUEUE, f"schedule {d.name!r}")
+            if not d.queue:
+                raise ScheduleError(f"schedule {d.name!r}: queue: required on a Cluster (a "
+                                    "schedule is stored and fires in its queue's group)")
+            self.queue.check_same_slot(d.queue, f"schedule {d.name!r}")
         now = time.time() if now is None else now
         if d.source != "config":  # a config's one-off stays when it has run (reloads)
             refuse_past(d, now)
@@ -220,6 +223,9 @@ def config_schedules(config: Config) -> list[ScheduleDef]:
             raise ScheduleError(f"{where}: unknown key(s) {', '.join(sorted(t))}")
         if "task" not in fields:
             raise ScheduleError(f"{where}: task: required")
+        if config.cluster and not fields.get("queue"):
+            raise ScheduleError(f"{where}: queue: required on a Cluster (a schedule is "
+                                "stored and fires in its queue's group)")
         out.append(ScheduleDef(options=opts, **fields).validate())
     return out
 
@@ -235,7 +241,7 @@ def _config_time(value: Any, where: str) -> float:
 def apply_config_schedules(queue: JobQueue, config: Config) -> None:
     """Make the stored config schedules match the file: add/replace, remove the missing."""
     # on a Cluster, each queue group's schedulers apply the schedules of its queues
-    wanted = [d for d in config_schedules(config)
+    wanted = [d for d in config_schedules(config)  # (a queue each, on a Cluster)
               if config.namespace([d.queue or DEFAULT_QUEUE]) == queue.keys.prefix]
     sched = Scheduler(queue)
     names = {d.name for d in wanted}

@@ -74,8 +74,10 @@ def split_nodes_url(url: str, schemes: Container[str], kind: str) -> NodesUrl:
     if not has_scheme(url, schemes):
         raise ValueError(f"not a {kind} URL: {redact(url)!r}")
     scheme, _, rest = url.partition("://")
-    head, _, query = rest.partition("?")
-    userinfo, at, hostpath = head.rpartition("@")
+    # everything before the last '@' is credentials, as for redact(): a password may hold
+    # an unescaped '?' or '/'
+    userinfo, at, after = rest.rpartition("@")
+    hostpath, _, query = after.partition("?")
     hosts, _, path = hostpath.partition("/")
     return NodesUrl(scheme.lower(), userinfo if at else "", hosts, path, query, redact(url))
 

@@ -26,7 +26,8 @@ from jobq.exceptions import ReplicationTimeout
 from jobq.job import Job, JobStatus
 from jobq.keys import Keys
 from jobq.queue import JobQueue
-from jobq.scheduler import Scheduler
+from jobq.schedule import ScheduleError
+from jobq.scheduler import Scheduler, config_schedules
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, below: not before, or it warns
     from clusterkit import Cluster
@@ -52,6 +53,7 @@ def test_a_cluster_url_names_nodes_credentials_and_tls() -> None:
     ("redis+cluster://:s3cret@h1:port", "bad node address"),
     ("redis+cluster://:s3cret@h1:7000/2", "no databases but 0"),
     ("redis+cluster://:s3cret@h1:7000?db=3", "no databases but 0"),
+    ("redis+cluster://:s3?cret@h1:port", "bad node address 'h1:port'"),  # '?' in a password
 ])
 def test_a_bad_cluster_url_is_one_clear_error_without_its_password(url: str,
                                                                    problem: str) -> None:
@@ -127,6 +129,13 @@ def test_a_job_queue_refuses_what_another_group_holds() -> None:
         extract.enqueue(tasks.add, 1, 2, depends_on=[other])
     with pytest.raises(ValueError, match="schedule 'nightly': queue 'mail'"):
         Scheduler(extract).schedule_interval("nightly", tasks.noop, 60, queue="mail")
+    # a schedule without a queue would fire into the group of whoever applied it
+    with pytest.raises(ScheduleError, match="queue: required on a Cluster"):
+        Scheduler(extract).schedule_interval("nightly", tasks.noop, 60)
+    tables = [{"name": "pull", "task": "jobq_testtasks:noop", "interval": 60}]
+    with pytest.raises(ScheduleError, match="schedule 'pull': queue: required on a Cluster"):
+        config_schedules(config.replace(schedules=tables))
+    assert config_schedules(Config(schedules=tables))  # one server: the task's queue
 
 
 # -- a real cluster ---------------------------------------------------------------------------
@@ -141,6 +150,59 @@ retry_backoff_base = 0.05
 retry_backoff_cap = 0.5
 wait_replicas_timeout = 1.0
 """
+
+
+def test_a_planned_failover_ends_idle_workers_waits_and_they_follow(
+        make_cluster: Any, tmp_path: Path) -> None:
+    """CLUSTER FAILOVER on a replica: the primary, alive, is demoted while the workers wait
+    on it, blocked in BLPOP (Valkey redirects them: MOVED). They find the new primary and
+    take jobs from it, the same processes: none crashes or is restarted."""
+    c: Cluster = make_cluster(1, 1)  # one shard: every slot on one primary, one replica
+    [primary] = c.primaries()
+    [replica] = c.replicas_of(primary)
+    config_path = tmp_path / "jobq.toml"
+    config_path.write_text(MASTER_CONFIG)
+    log = tmp_path / "master.log"
+    master = subprocess.Popen(
+        [sys.executable, "-m", "jobq.master", "-w", "2", "--log-file", str(log)],
+        env=subprocess_env(JOBQ_REDIS_URL=c.url, JOBQ_CONFIG=str(config_path)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        q = JobQueue("default", config=load_config(config_path, redis_url=c.url))
+        first = q.enqueue(tasks.add, 1, 2)
+        assert q.wait(first.id, timeout=30).status == JobStatus.COMPLETED
+        workers = wait_until(lambda: [p.pid for p in psutil.Process(master.pid).children()
+                                      if "worker" in " ".join(p.cmdline())], 10)
+        wait_until(lambda: "idle" in " ".join(
+            " ".join(psutil.Process(pid).cmdline()) for pid in workers), 10,
+            message="the workers idle, blocked on the primary")
+        replica.client.execute_command("CLUSTER", "FAILOVER")
+        wait_until(lambda: replica.role == "primary" and primary.role == "replica", 30,
+                   message="the replica promoted")
+        jobs = enqueue_retrying(q, [Job(tasks.add, (i, 1)) for i in range(50)])
+        for job in jobs:
+            assert q.wait(job.id, timeout=30).status == JobStatus.COMPLETED
+        text = log.read_text()
+        assert "crashed" not in text and "UNBLOCKED" not in text.split("answers again")[-1]
+        still = [p.pid for p in psutil.Process(master.pid).children()
+                 if "worker" in " ".join(p.cmdline())]
+        assert sorted(still) == sorted(workers), text[-3000:]  # the same workers
+    finally:
+        kill_processes([psutil.Process(master.pid), *psutil.Process(master.pid).children(
+            recursive=True)] if master.poll() is None else [])
+        master.wait(10)
+
+
+def enqueue_retrying(queue: JobQueue, jobs: list[Job], timeout: float = 30) -> list[Job]:
+    """Enqueue ``jobs`` (the same ids each time) until the server takes them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return queue.enqueue_many(jobs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def groups_on_every_shard(c: Cluster, prefix: str = "jobq") -> dict[str, int]:
@@ -242,6 +304,13 @@ def test_queues_spread_over_the_shards_and_a_primary_fails_over_with_none_lost(
         assert set(runs) == {i for ids in all_ids.values() for i in ids}
         assert all(p.poll() is None for p in masters), "a master exited"
         assert heir.port != victim.port and completed() > before
+        # the command line goes to the group of the queue it is given
+        other = queues[list(queues)[1]][0]
+        done = subprocess.run(
+            [sys.executable, "-m", "jobq.cli", "enqueue", "jobq_testtasks:add", "[20, 22]",
+             "-q", other, "--force"], capture_output=True, text=True, timeout=30, env=env)
+        assert done.returncode == 0, done.stderr
+        assert handles[other].wait(done.stdout.strip(), timeout=30).result() == 42
         # a reload that would move a master's queues to another group (slot) is refused:
         # its workers would claim where its duties and scheduler do not look
         first = next(iter(queues))  # masters[0]'s group

@@ -581,3 +581,12 @@ def test_a_batch_of_acks_sent_again_is_skipped_not_reported_stale(queue: JobQueu
     assert queue.broker.exchange("w1", acks, [], 0, token="9").stale == [a.id]
     assert queue.broker.exchange("w1", acks, [], 0, token="9").stale == [a.id]
     assert queue.get_stats()["completed"] == 3
+    # the token goes with the worker: kept while its lease lapsed (it may be cut off, and
+    # send the batch again), deleted once it stopped or died
+    acked = f"{queue.keys.base}:acked:w1"
+    queue.redis.zadd(queue.keys.leases, {"w1": 1})  # lapsed long ago
+    assert queue.broker.release("w1", cause="lease lapsed", current=None,
+                                only_if_expired=True) is not None
+    assert queue.redis.exists(acked)
+    queue.broker.release("w1", cause="worker stopped", current="-")
+    assert not queue.redis.exists(acked)

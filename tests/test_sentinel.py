@@ -521,3 +521,36 @@ interval = 0.5
         assert text.count(f"[{pid}] jobq.{name}:") < 40  # not a line per try
     assert "lost its data" not in text  # the new primary has the epoch: nothing was lost
     assert new.port != old.port
+
+
+def test_a_planned_failover_ends_idle_workers_waits_and_they_follow(
+        topology: Topology, spawn: Spawn, tmp_path: Path) -> None:
+    """SENTINEL FAILOVER: the primary, alive, is demoted while both workers wait on it,
+    blocked in BLPOP. They find the new primary and take jobs from it, the same processes:
+    none crashes or is restarted."""
+    topology.wait_ready()
+    log = tmp_path / "master.log"
+    master = spawn("-w", "2", "-I", "jobq_testtasks", "--redis-url", topology.url,
+                   "--log-file", str(log), module="jobq.master")
+    workers = sorted(wait_workers(master, 2))
+    queue = JobQueue("default", redis_url=topology.url)
+    first = queue.enqueue(tasks.add, 1, 2)
+    assert queue.wait(first.id, timeout=30).result() == 3
+    wait_until(lambda: all(t.strip().endswith(": idle") for p, t in _children(master.pid).items()
+                           if p in workers), 10, message="both workers idle, blocked")
+    old = topology.current_primary_port()
+    assert old is not None
+    topology.sentinels[0].client.execute_command("SENTINEL", "FAILOVER", SERVICE)
+    topology.wait_failover(old)
+    jobs = []
+    deadline = time.monotonic() + 30
+    while not jobs:
+        try:
+            jobs = queue.enqueue_many(tasks.add, [(i, 1) for i in range(50)])
+        except redis.RedisError as exc:  # no primary for a moment: the caller tries again
+            assert unavailable(exc) and time.monotonic() < deadline, exc
+            time.sleep(0.05)
+    assert [queue.wait(j.id, timeout=30).result() for j in jobs] == [i + 1 for i in range(50)]
+    assert sorted(p for p, t in _children(master.pid).items() if "worker" in t) == workers, \
+        log.read_text()[-3000:]
+    assert "crashed" not in log.read_text()

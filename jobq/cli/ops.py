@@ -125,7 +125,7 @@ def enqueue(state: State, task: str, args_json: str | None, kwargs_json: str | N
     signature."""
     args = _positional(args_json)
     kwargs = _json_arg(kwargs_json, "--kwargs", dict)
-    queue = _queue(state)
+    queue = _queue(state, queue_name)  # on a Cluster, its queue group's namespace
     given = {"queue": queue_name, "priority": priority, "delay": delay, "timeout": timeout,
              "max_retries": max_retries, "unique_key": unique_key,
              "at": _iso_time(at_, "--at") if at_ is not None else None,
@@ -245,18 +245,20 @@ def cancel(state: State, job_ids: tuple[str, ...]) -> int:
 @jobq_command(main)
 @click.argument("job_ids", nargs=-1)
 @click.option("--failed", is_flag=True, help="Requeue every job of the queue's dead-letter queue.")
-@click.option("-q", "--queue", "queue_name", default="default", show_default=True)
-def requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
+@click.option("-q", "--queue", "queue_name", default=None,
+              help="With --failed, the queue (default: the config's first queue).")
+def requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str | None) -> int:
     """Put failed jobs back in their queue, with fresh attempts (their history is kept)."""
     return _requeue(state, job_ids, failed, queue_name)
 
 
-def _requeue(state: State, job_ids: tuple[str, ...], failed: bool, queue_name: str) -> int:
+def _requeue(state: State, job_ids: tuple[str, ...], failed: bool,
+             queue_name: str | None) -> int:
     if bool(job_ids) == failed:
         raise CliError("give job ids or --failed", exitcodes.USAGE)
     queue = _queue(state, queue_name, must_exist=failed)
     if failed:
-        click.echo(f"requeued {queue.requeue_failed()} job(s) from {queue_name}")
+        click.echo(f"requeued {queue.requeue_failed()} job(s) from {queue.name}")
         return exitcodes.OK
     code = exitcodes.OK
     for job_id in job_ids:
@@ -511,7 +513,7 @@ def schedule_add(state: State, name: str, task: str, args_json: str | None,
         raise CliError("give exactly one of --cron, --interval, --at", exitcodes.USAGE)
     args = _positional(args_json)
     kwargs = _json_arg(kwargs_json, "--kwargs", dict)
-    queue = _queue(state)
+    queue = _queue(state, queue_name)  # on a Cluster, its queue group's namespace
     fields: dict[str, Any] = {}
     if cron is not None:
         fields = {"kind": "cron", "cron": cron}

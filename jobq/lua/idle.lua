@@ -1,6 +1,7 @@
 -- idle.lua: a worker waits idle on its queues: producers may hand it a job straight.
 --
--- KEYS     none
+-- KEYS[1]  its hand list ({ns}:hand:<worker>), unused: declared so that a node that does not
+--          serve the namespace's slot (a Cluster) redirects the call before it runs
 -- ARGV[1]  key base, e.g. "{jobq}"
 -- ARGV[2]  worker id
 -- ARGV[3]  its lease length (ms)

@@ -106,6 +106,9 @@ if current ~= '' and current ~= '-' and redis.call('HEXISTS', jobs, current) == 
 end
 redis.call('DEL', held_key)
 redis.call('DEL', B .. ':hand:' .. worker)  -- what was handed to it is in held_key too
+-- a worker that stopped, or died, sends no batch again; one whose lease lapsed may be alive
+-- (cut off), and its token must still answer a batch it sends again (ack.lua)
+if ARGV[10] == '0' then redis.call('DEL', B .. ':acked:' .. worker) end
 redis.call('ZREM', B .. ':leases', worker)
 for i = 11, #ARGV do redis.call('ZREM', B .. ':idle:' .. ARGV[i], worker) end
 return {requeued, failed}

@@ -62,9 +62,11 @@ class Dashboard:
         self._queues: dict[str, JobQueue] = {queue.name: queue}
 
     def handle(self, name: str) -> JobQueue:
-        """A handle on queue ``name``, sharing this dashboard's connection."""
+        """A handle on queue ``name``, sharing this dashboard's connection and namespace (on a
+        Cluster, the dashboard shows one queue group's)."""
         if name not in self._queues:
             self._queues[name] = JobQueue(name, config=self.queue.config,
+                                          prefix=self.queue.keys.prefix,
                                           connection=self.queue.redis)
         return self._queues[name]
 

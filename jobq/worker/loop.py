@@ -127,6 +127,7 @@ class Worker:
         #: ack.lua); a new one when the batch grows
         self._ack_token: str | None = None
         self._ack_batches = 0
+        self._ack_prefix = os.urandom(4).hex()  # a worker of the same name, later, differs
         self._avg = BATCH_TARGET  # running average of a job's duration (seconds)
         self._stopping = False
         self._waiting = BlockingCall(on_interrupt=self.broker.disconnect)
@@ -204,7 +205,7 @@ class Worker:
         want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
         if self._acks and self._ack_token is None:
             self._ack_batches += 1
-            self._ack_token = str(self._ack_batches)
+            self._ack_token = f"{self._ack_prefix}.{self._ack_batches}"
         delay = RECONNECT_FIRST
         while True:
             try:
