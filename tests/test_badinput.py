@@ -766,7 +766,7 @@ def test_bad_command_lines_are_one_line_with_the_documented_exit_code(
         (["enqueue", "jobq_testtasks:add", "[1, 2]", "--timeout", "-3"], usage,
          "timeout must be > 0"),
         (["enqueue", "jobq_testtasks:add", "[1, 2]", "-q", "bad queue"], usage,
-         "queue name 'bad queue' must be"),
+         "bad queue name 'bad queue': use 1-64 of"),
         (["enqueue"], usage, "Missing argument 'TASK'"),
         (["job"], usage, "Missing argument 'JOB_ID'"),
         (["requeue"], usage, "give job ids or --failed"),
