@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import cluster, sentinel
 from .limits import LimitError, from_config
 from .urls import redact
 
@@ -32,9 +33,8 @@ CONFIG_ENV = "JOBQ_CONFIG"
 #: Environment variable overriding ``redis_url`` from the file.
 REDIS_URL_ENV = "JOBQ_REDIS_URL"
 #: URL schemes :func:`jobq.connection.connect` understands.
-URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+sentinel",
-               "rediss+sentinel", "valkey+sentinel", "valkeys+sentinel", "redis+cluster",
-               "rediss+cluster", "valkey+cluster", "valkeys+cluster")
+URL_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", *sentinel.SCHEMES,
+               *cluster.SCHEMES)
 #: A queue name: it becomes part of Redis key names, so no ':', braces or spaces.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A host name label (``hostname``): it becomes part of master ids and worker names
@@ -121,7 +121,7 @@ class Config:
     @property
     def cluster(self) -> bool:
         """Whether ``redis_url`` names a Redis/Valkey Cluster (``redis+cluster://``)."""
-        return self.redis_url.partition("://")[0].lower().endswith("+cluster")
+        return cluster.is_cluster_url(self.redis_url)
 
     def group_of(self, queue: str) -> str:
         """The queue group of ``queue``: the ``[queue_groups]`` entry listing it, else its own

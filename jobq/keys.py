@@ -59,8 +59,9 @@ key                        type    holds
                                    worker keeping its time wakes (ms); see claim.lua
 {ns}:lim:run:<name>        hash    id -> worker: the jobs holding one of its slots
 {ns}:acked:<worker>        string  the token of the last batch of acknowledgements ack.lua
-                                   settled for a worker (an hour): the same batch sent again
-                                   after a lost reply is skipped
+                                   settled for a worker, and the ids it found stale ("token\n
+                                   id\n..."), an hour: the same batch sent again after a lost
+                                   reply is answered as the first time, not settled twice
 {ns}:limheld:<worker>      hash    id -> the concurrency limits whose slots the job it holds
                                    took ("\n"): what to free when it stops holding it
 {ns}:lim:wait:<name>       set     queues (routes) where it holds jobs back (woken when it

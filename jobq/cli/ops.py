@@ -28,7 +28,7 @@ def _queue(state: State, name: str | None = None, must_exist: bool = False) -> J
     queue = state.queue(name)
     if must_exist and not queue.exists():
         known = ", ".join(queue.queues()) or "none"
-        raise CliError(f"unknown queue {name!r} (known: {known})", exitcodes.NOT_FOUND)
+        raise CliError(f"unknown queue {queue.name!r} (known: {known})", exitcodes.NOT_FOUND)
     return queue
 
 
