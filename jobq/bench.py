@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from . import benchref
+from .benchref import burn
 from .config import Config
 from .connection import connect
 from .metrics import load_exporter
@@ -62,8 +63,8 @@ REFERENCES = {
     "jobs_per_s": "bare_jobs_per_s",  # the bare loop, same task, processes and jobs
     "server_us_per_job": "bare_server_us_per_job",  # the same, on the server's CPU
     "single_per_s": "rtt_per_s",  # unpipelined round trips on one connection
-    "p50_ms": "rtt_ms",  # the time of one of those round trips
-    "p99_ms": "rtt_ms",
+    "p50_ms": "bare_p50_ms",  # the bare hand-off: LPUSH, BLPOP in as many processes
+    "p99_ms": "bare_p99_ms",
     "metrics_jobs_per_s": "plain_jobs_per_s",  # the same empty jobs, metrics off
 }
 
@@ -93,14 +94,6 @@ def incr() -> int:
     if _incr_client is None or _incr_client[0] != os.getpid():
         _incr_client = (os.getpid(), connect(os.environ["JOBQ_BENCH_URL"]))
     return int(_incr_client[1].incr(COUNTER_KEY))
-
-
-def burn(n: int) -> int:
-    """Pure-Python CPU work: about ``n`` loop iterations."""
-    total = 0
-    for i in range(n):
-        total = (total + i * i) % 1000003
-    return total
 
 
 @task(name="jobq.bench:cpu")
@@ -321,23 +314,33 @@ class Bench:
         return self._versus_bare(incr, int(100_000 * self.scale), "incr")
 
     def cpu(self) -> dict[str, float]:
-        """CPU-bound jobs through jobq and through multiprocessing.Pool, on the same work.
+        """CPU-bound jobs through jobq, through multiprocessing.Pool, and through the bare
+        loop one job at a time (:mod:`jobq.benchref`: a round trip to the server between
+        two jobs, as jobq's), on the same work.
 
-        The machines this runs on change speed while it runs (shared hosts), so the two are
-        interleaved in rounds, pool-jobq-jobq-pool, and each side's time is summed over its
-        rounds: a drift of speed then weighs the same on both sides. Nothing of the other
-        side runs during a round (the master is started before and stopped after each)."""
+        The machines this runs on change speed while it runs (shared hosts), so the three are
+        interleaved in rounds, pool-bare-jobq-jobq-bare-pool, and each side's time is summed
+        over its rounds: a drift of speed then weighs the same on every side. Nothing of
+        another side runs during a round (the master is started before and stopped after
+        each)."""
         n_jobs = max(self.workers * 4, int(400 * min(self.scale, 1.0)))
         per_round = max(self.workers * 2, n_jobs // 4)
         size = self._calibrate(0.035)
-        pool_s = jobq_s = server_s = 0.0
-        for side in ("pool", "jobq", "jobq", "pool"):
+        pool_s = bare_s = jobq_s = server_s = 0.0
+        for side in ("pool", "bare", "jobq", "jobq", "bare", "pool"):
             if side == "pool":
                 with multiprocessing.get_context("fork").Pool(self.workers) as pool:
                     pool.map(burn, [1000] * self.workers)  # started and warm
                     t0 = time.perf_counter()
                     pool.map(burn, [size] * per_round, chunksize=1)
                     pool_s += time.perf_counter() - t0
+                continue
+            if side == "bare":
+                self.cleanup()
+                bare = benchref.bare_loop(self.url, self.redis, self.broker.server_cpu,
+                                          jobs=per_round, workers=self.workers, task="cpu",
+                                          batch=1, size=size)
+                bare_s += per_round / bare.jobs_per_s
                 continue
             self.cleanup()
             master = self.start_master()
@@ -358,9 +361,12 @@ class Bench:
             finally:
                 self.stop_master(master)
         total = 2 * per_round
-        return {"jobs_per_s": round(total / jobq_s, 2), "pool_jobs_per_s":
-                round(total / pool_s, 2), "efficiency": round(pool_s / jobq_s, 4),
-                "server_us_per_job": round(server_s * 1e6 / total, 2), "jobs": 2 * total}
+        result = {"jobs_per_s": round(total / jobq_s, 2), "pool_jobs_per_s":
+                  round(total / pool_s, 2), "efficiency": round(pool_s / jobq_s, 4),
+                  "bare_jobs_per_s": round(total / bare_s, 2),
+                  "bare_efficiency": round(pool_s / bare_s, 4),
+                  "server_us_per_job": round(server_s * 1e6 / total, 2), "jobs": 3 * total}
+        return with_ratios(result, "jobs_per_s")
 
     def _calibrate(self, seconds: float) -> int:
         n = 20000
@@ -378,20 +384,26 @@ class Bench:
 
     def latency(self) -> dict[str, float]:
         """Enqueue-to-start on an idle pool, from the first job the master runs (``first_ms``
-        is that one alone); the reference: one round trip (ms), measured with no master
-        running."""
-        delays, rtt = self._interleave(self.round_trips, self._latencies)
-        q = statistics.quantiles(delays, n=100, method="inclusive")  # never beyond the max
-        result = {"p50_ms": round(statistics.median(delays), 3), "p90_ms": round(q[89], 3),
-                  "p99_ms": round(q[98], 3), "max_ms": round(max(delays), 3),
-                  "first_ms": round(delays[0], 3), "rtt_ms": round(1000 / rtt, 4),
+        is that one alone). The reference: the bare hand-off (:func:`benchref.handoff`, the
+        same count and spacing, as many processes), measured with no master running; and
+        one round trip on a busy connection (``rtt_ms``), for scale."""
+        delays, (bare, rtt) = self._interleave(
+            lambda: (benchref.handoff(self.url, self.redis, workers=self.workers,
+                                      count=self._latency_count(), spacing=0.01),
+                     self.round_trips()),
+            self._latencies)
+        result = {**_quantiles("", delays), "first_ms": round(delays[0], 3),
+                  **_quantiles("bare_", bare), "rtt_ms": round(1000 / rtt, 4),
                   "jobs": len(delays)}
         return with_ratios(result, "p50_ms", "p99_ms")
+
+    def _latency_count(self) -> int:
+        return max(50, int(500 * min(self.scale, 1.0)))
 
     def _latencies(self) -> list[float]:
         """Jobs 10 ms apart, the first enqueued as soon as the master reports ready: a fresh
         pool's first job is measured as it comes, not warmed up."""
-        count = max(50, int(500 * min(self.scale, 1.0)))
+        count = self._latency_count()
         self.cleanup()
         master = self.start_master()
         try:
@@ -433,10 +445,7 @@ class Bench:
             self.stop_master(master)
         result: dict[str, float] = {}
         for name, late in (("idle", idle), ("busy", busy)):
-            q = statistics.quantiles(late, n=100, method="inclusive")  # never beyond the max
-            result.update({f"{name}_p50_ms": round(statistics.median(late), 3),
-                           f"{name}_p99_ms": round(q[98], 3),
-                           f"{name}_max_ms": round(max(late), 3)})
+            result.update(_quantiles(f"{name}_", late))
         result["jobs"] = count
         return result
 
@@ -596,6 +605,14 @@ def with_ratios(result: dict[str, float], *figures: str) -> dict[str, float]:
         if ref:
             result[f"{figure}_ratio"] = round(result[figure] / ref, 3)
     return result
+
+
+def _quantiles(prefix: str, delays: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of ``delays`` (ms), as ``<prefix>p50_ms`` & co."""
+    q = statistics.quantiles(delays, n=100, method="inclusive")  # never beyond the max
+    return {f"{prefix}p50_ms": round(statistics.median(delays), 3),
+            f"{prefix}p90_ms": round(q[89], 3), f"{prefix}p99_ms": round(q[98], 3),
+            f"{prefix}max_ms": round(max(delays), 3)}
 
 
 def median(values: list[float]) -> float:

@@ -23,9 +23,17 @@ divided by a reference measured in the same run, on the same server, does. Two r
   alone in its own: what a queue without batched acknowledgements does, and the loop issue
   13's targets were first set against (18 µs of server CPU per job there; 18.5–20 here,
   against 4.4 for the batched loop).
+* **The loop one job at a time** (``task="cpu"``, ``batch=1``): the same, claiming one job per
+  round trip (with the last one's ack), as jobq's workers do with long jobs: the reference
+  for CPU-heavy jobs beside ``multiprocessing.Pool``, which needs no server at all.
+* **The bare hand-off** (:func:`handoff`): a producer LPUSHes its clock's time; as many
+  processes as the pool has wait in BLPOP, and the one woken computes the delay: the least
+  enqueue-to-start any Redis queue has, where every hop costs a process's wake-up (a few
+  hundred microseconds on a virtual machine whose cores were idle). The reference for
+  latency.
 * **Round trips**: PING after PING on one connection, each reply waited for the way jobq's
   single enqueue waits for its own (:data:`jobq.queue.REPLY_SPIN`): the reference for
-  single enqueue and for latency.
+  single enqueue.
 
 The two scripts here are the yardstick, not jobq's protocol (``jobq/lua``, which only
 :mod:`jobq.broker` calls): they live here as strings, on keys of their own (the bench's
@@ -49,12 +57,14 @@ from .connection import connect
 from .queue import REPLY_SPIN
 
 #: The bare loop's keys: ids waiting (score: order), ids claimed (score: lease end, ms),
-#: payloads by id, and the counter its INCR task increments.
+#: payloads by id, and the counter its INCR task increments; then the bare hand-off's.
 PENDING = "jobqbench:{ref}:pending"
 ACTIVE = "jobqbench:{ref}:active"
 PAYLOADS = "jobqbench:{ref}:payloads"
 COUNTER = "jobqbench:{ref}:counter"
-KEYS = (PENDING, ACTIVE, PAYLOADS, COUNTER)
+HANDOFF = "jobqbench:{ref}:handoff"
+HANDOFF_OUT = "jobqbench:{ref}:handoff:out"
+KEYS = (PENDING, ACTIVE, PAYLOADS, COUNTER, HANDOFF, HANDOFF_OUT)
 #: Jobs claimed per round trip.
 BATCH = 50
 #: The claim's lease (ms): recorded, never enforced (nothing reaps in the bare loop).
@@ -63,8 +73,8 @@ LEASE_MS = 15_000
 PAYLOAD = '{"t":"jobq.bench:noop","a":[],"q":"bench","c":1795944382.395}'
 #: The bare loop fails if it has not finished within this long (seconds).
 STALL = 120.0
-#: The tasks of the bare loop: the same work as jobq.bench's noop and incr.
-TASKS = ("empty", "incr")
+#: The tasks of the bare loop: the same work as jobq.bench's noop, incr and cpu.
+TASKS = ("empty", "incr", "cpu")
 #: How the bare loop acknowledges: a batch with its next claim, or each job on its own.
 ACKS = ("batch", "each")
 
@@ -96,6 +106,15 @@ return #ARGV
 """
 
 
+def burn(n: int) -> int:
+    """Pure-Python CPU work: about ``n`` loop iterations (jobq.bench's cpu task, and the bare
+    loop's)."""
+    total = 0
+    for i in range(n):
+        total = (total + i * i) % 1000003
+    return total
+
+
 class BareRun(NamedTuple):
     jobs_per_s: float
     #: the server's CPU (its process, all threads) over the timed part, per job (µs)
@@ -114,21 +133,26 @@ def fill(client: redis.Redis, jobs: int) -> None:
 
 
 def bare_loop(url: str, client: redis.Redis, server_cpu: Callable[[], float], *, jobs: int,
-              workers: int, task: str, acks: str = "batch") -> BareRun:
+              workers: int, task: str, acks: str = "batch", batch: int = BATCH,
+              size: int = 0) -> BareRun:
     """Run the bare loop on ``jobs`` jobs with ``workers`` forked processes; ``task`` is
-    "empty" or "incr" (one INCR on the process's own connection, as jobq.bench's incr);
-    ``acks`` "batch" (with the next claim) or "each" (one round trip per job).
+    "empty", "incr" (one INCR on the process's own connection, as jobq.bench's incr) or
+    "cpu" (:func:`burn` of ``size``); ``acks`` "batch" (with the next claim) or "each" (one
+    round trip per job); ``batch``: the most jobs a claim takes.
     ``server_cpu`` reads the server's CPU time (s) before and after the timed part. Its keys
     are left for the caller to delete (:data:`KEYS`): the counter says what the tasks did."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if acks not in ACKS:
         raise ValueError(f"acks must be one of {ACKS}, got {acks!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be 1 or more, got {batch}")
     fill(client, jobs)
     ctx = multiprocessing.get_context("fork")
     reports: Any = ctx.Queue()
     go = ctx.Event()
-    procs = [ctx.Process(target=_worker, args=(url, task, acks == "each", go, reports),
+    procs = [ctx.Process(target=_worker, args=(url, task, size, batch, acks == "each", go,
+                                                 reports),
                          daemon=True)
              for _ in range(workers)]
     for p in procs:
@@ -173,12 +197,13 @@ def _report(reports: Any, procs: list[Any]) -> Any:
         return got
 
 
-def _worker(url: str, task: str, each: bool, go: Any, reports: Any) -> None:
+def _worker(url: str, task: str, size: int, batch: int, each: bool, go: Any,
+            reports: Any) -> None:
     """One forked process of the bare loop; reports (), then (first claim, last ack, jobs)."""
     try:
         conn = connect(url).connection_pool.get_connection()  # its own socket
         claim_sha, ack_sha = _load(conn, CLAIM_LUA), _load(conn, ACK_LUA)
-        run = _task(url, task)
+        run = _task(url, task, size)
         reports.put(())
         if not go.wait(STALL):  # the bench is gone: do not linger
             raise RuntimeError("never told to start")
@@ -186,7 +211,7 @@ def _worker(url: str, task: str, each: bool, go: Any, reports: Any) -> None:
         count = 0
         first = time.time()
         while each:  # each job acknowledged as it ends, in a round trip of its own
-            conn.send_command("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, BATCH,
+            conn.send_command("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, batch,
                               int(time.time() * 1000) + LEASE_MS)
             got = conn.read_response()
             if not got:
@@ -201,7 +226,7 @@ def _worker(url: str, task: str, each: bool, go: Any, reports: Any) -> None:
             if acks:
                 calls.append(("EVALSHA", ack_sha, 2, ACTIVE, PAYLOADS, *acks))
             lease = int(time.time() * 1000) + LEASE_MS
-            calls.append(("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, BATCH, lease))
+            calls.append(("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, batch, lease))
             conn.send_packed_command(conn.pack_commands(calls))
             got = [conn.read_response() for _ in calls][-1]
             if not got:
@@ -228,9 +253,11 @@ def _empty() -> None:
     return None
 
 
-def _task(url: str, task: str) -> Callable[[], Any]:
+def _task(url: str, task: str, size: int) -> Callable[[], Any]:
     if task == "empty":
         return _empty
+    if task == "cpu":
+        return lambda: burn(size)
     counter = connect(url)  # the task's own connection, as jobq.bench's incr has
 
     def incr() -> int:
@@ -256,3 +283,64 @@ def round_trips(url: str, count: int) -> float:
         return count / (time.perf_counter() - t0)
     finally:
         conn.disconnect()
+
+
+def handoff(url: str, client: redis.Redis, *, workers: int, count: int,
+            spacing: float) -> list[float]:
+    """The bare hand-off: ``count`` timestamps LPUSHed ``spacing`` seconds apart, taken by
+    ``workers`` forked processes blocked in BLPOP; returns each one's delay (ms), from the
+    producer's clock before its push to the taker's after the pop (one clock: ``time.time()``
+    in processes of one machine)."""
+    client.delete(HANDOFF, HANDOFF_OUT)
+    blocked_before = int(client.info("clients")["blocked_clients"])
+    ctx = multiprocessing.get_context("fork")
+    reports: Any = ctx.Queue()
+    procs = [ctx.Process(target=_taker, args=(url, reports), daemon=True)
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(workers):
+            _report(reports, procs)  # connected: about to block
+        # blocked in BLPOP: every taker is, once the server counts them all
+        deadline = time.monotonic() + STALL
+        while int(client.info("clients")["blocked_clients"]) < blocked_before + workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bench: the bare hand-off's processes never blocked")
+            time.sleep(0.005)
+        for _ in range(count):
+            client.lpush(HANDOFF, repr(time.time()))
+            time.sleep(spacing)
+        client.lpush(HANDOFF, *["stop"] * workers)
+        for _ in range(workers):
+            _report(reports, procs)
+        return [float(d) for d in client.lrange(HANDOFF_OUT, 0, -1)]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        client.delete(HANDOFF, HANDOFF_OUT)
+
+
+def _taker(url: str, reports: Any) -> None:
+    """One process of the bare hand-off: pop, take the time, report the delay (ms)."""
+    try:
+        conn = connect(url)
+        conn.ping()
+        parent = os.getppid()
+        reports.put(())
+        while os.getppid() == parent:  # the bench is gone: do not linger
+            got = conn.blpop([HANDOFF], timeout=1)
+            now = time.time()
+            if got is None:
+                continue
+            if got[1] == "stop":
+                break
+            conn.rpush(HANDOFF_OUT, (now - float(got[1])) * 1000)
+        reports.put(())
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        reports.put(f"{type(e).__name__}: {e}")
