@@ -167,11 +167,7 @@ def bare_loop(url: str, client: redis.Redis, server_cpu: Callable[[], float], *,
         done = [_report(reports, procs) for _ in range(workers)]
         cpu_after = server_cpu()
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _join(procs)
     first = min(d[0] for d in done)
     last = max(d[1] for d in done)
     claimed = sum(d[2] for d in done)
@@ -179,6 +175,15 @@ def bare_loop(url: str, client: redis.Redis, server_cpu: Callable[[], float], *,
         raise RuntimeError(f"bench: the bare loop ran {claimed} jobs of {jobs}")
     return BareRun(jobs / (last - first) if last > first else float("inf"),
                    (cpu_after - cpu_before) * 1e6 / jobs)
+
+
+def _join(procs: list[Any]) -> None:
+    """Wait for the processes to end; kill those that do not within 10 s."""
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _report(reports: Any, procs: list[Any]) -> Any:
@@ -316,11 +321,7 @@ def handoff(url: str, client: redis.Redis, *, workers: int, count: int,
             _report(reports, procs)
         return [float(d) for d in client.lrange(HANDOFF_OUT, 0, -1)]
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _join(procs)
         client.delete(HANDOFF, HANDOFF_OUT)
 
 
