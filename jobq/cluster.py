@@ -35,7 +35,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 from redis.retry import Retry
 
-from .urls import has_scheme, host_port, node_options, split_nodes_url
+from .urls import has_scheme, host_ports, node_options, split_nodes_url
 
 #: URL scheme -> whether its connections use TLS.
 SCHEMES = {"redis+cluster": False, "rediss+cluster": True,
@@ -67,9 +67,7 @@ def parse(url: str) -> ClusterTarget:
     if path.strip("/"):
         raise ValueError(f"{where}: a cluster has no databases but 0: nothing may follow the "
                          f"nodes but ?options, got /{path}")
-    nodes = [host_port(h, where, DEFAULT_PORT) for h in hosts.split(",") if h]
-    if not nodes:
-        raise ValueError(f"{where}: no node address")
+    nodes = host_ports(hosts, where, DEFAULT_PORT, "no node address")
     options = node_options(userinfo, query, where)
     if options.get("db"):
         raise ValueError(f"{where}: a cluster has no databases but 0, got db={options['db']}")

@@ -32,7 +32,7 @@ from redis.connection import SSLConnection
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
-from .urls import has_scheme, host_port, node_options, split_nodes_url
+from .urls import has_scheme, host_ports, node_options, split_nodes_url
 
 #: URL scheme -> whether its connections use TLS.
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True,
@@ -71,9 +71,7 @@ def parse(url: str) -> SentinelTarget:
     if not service:
         raise ValueError(f"{where}: no service name: expected .../SERVICE, the name the "
                          "sentinels monitor (sentinel monitor SERVICE ...)")
-    sentinels = [host_port(h, where, DEFAULT_PORT) for h in hosts.split(",") if h]
-    if not sentinels:
-        raise ValueError(f"{where}: no sentinel host")
+    sentinels = host_ports(hosts, where, DEFAULT_PORT, "no sentinel host")
     options = node_options(userinfo, query, where)
     sentinel_options = {SENTINEL_OPTIONS[k]: options.pop(k) for k in list(options)
                         if k in SENTINEL_OPTIONS}

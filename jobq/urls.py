@@ -95,6 +95,15 @@ def host_port(text: str, where: str, default_port: int) -> tuple[str, int]:
     return unquote(host), int(port) if port else default_port
 
 
+def host_ports(hosts: str, where: str, default_port: int, missing: str) -> list[tuple[str, int]]:
+    """The comma-separated ``host[:port]`` list of a URL of several nodes (see
+    :func:`host_port`); ValueError ``missing`` if it names none."""
+    nodes = [host_port(h, where, default_port) for h in hosts.split(",") if h]
+    if not nodes:
+        raise ValueError(f"{where}: {missing}")
+    return nodes
+
+
 def node_options(userinfo: str, query: str, where: str) -> dict[str, Any]:
     """The options a URL of several nodes gives every data node's connection: its query as
     redis-py reads a URL's (``db=``, ``ssl_cert_reqs=``, ...), with the user and password
