@@ -1,8 +1,8 @@
 """Load jobq's Lua scripts (``jobq/lua/*.lua``) and call them by name; only
 :mod:`jobq.broker` calls them.
 
-Each script is sent as the constants :mod:`jobq.wire` shares with Lua, then ``lib.lua``'s
-helpers, then the script itself: one atomic EVALSHA.
+Each script is sent as the constants :mod:`jobq.wire` shares with Lua, then the helpers of
+``lib.lua`` it uses, then the script itself: one atomic EVALSHA.
 
 ``scripts.run("claim", keys, args)`` is the hot path: one EVALSHA on a pooled connection,
 without redis-py's per-command machinery (about a third of a round trip's cost here), and
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from importlib import resources
@@ -44,9 +45,57 @@ def _constants() -> str:
     return "".join(lines)
 
 
+#: A top-level definition in lib.lua: ``local function name(``, ``local name = ...``, the
+#: forward declaration ``local name`` and its later ``name = function(``.
+_DEFINITION = re.compile(r"^(?:local\s+function\s+(\w+)|local\s+(\w+)|(\w+)\s*=\s*function\b)",
+                         re.M)
+#: A Lua string (skipped whole) or a comment (dropped): what is left names what code uses.
+_STRING_OR_COMMENT = re.compile(r"""'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"|--[^\n]*""")
+_WORD = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def used_names(lua: str) -> set[str]:
+    """The identifiers Lua code uses (and any word in its strings): more than it calls,
+    never less."""
+    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("--") else m.group(),
+                                  lua)
+    return set(_WORD.findall(code))
+
+
+def split_lib(lib: str) -> tuple[str, list[tuple[str, str]]]:
+    """lib.lua as its preamble (what comes before its first definition: always sent) and its
+    top-level definitions in order, each (name, text up to the next one)."""
+    starts = list(_DEFINITION.finditer(lib))
+    if not starts:
+        return lib, []
+    units = []
+    for m, end in zip(starts, [n.start() for n in starts[1:]] + [len(lib)], strict=True):
+        units.append((next(g for g in m.groups() if g), lib[m.start():end]))
+    return lib[:starts[0].start()], units
+
+
+def shake(lib: str, script: str) -> str:
+    """lib.lua with only the definitions ``script`` needs, and those they need in turn, in
+    their order. A script run cold (the common case for an idle pool's enqueue, or a long
+    job's acknowledgement) pays for each helper defined: all of lib.lua cost ~25 µs of the
+    server's time per call, against ~4 µs once warm."""
+    preamble, units = split_lib(lib)
+    defined = {name for name, _ in units}
+    needed = used_names(script) & defined
+    uses: dict[str, set[str]] = {}
+    for name, text in units:
+        uses.setdefault(name, set()).update(used_names(text) & defined - {name})
+    todo = list(needed)
+    while todo:
+        for dep in uses[todo.pop()] - needed:
+            needed.add(dep)
+            todo.append(dep)
+    return preamble + "".join(text for name, text in units if name in needed)
+
+
 def _source(name: str) -> str:
-    """A script with the shared constants and the helpers of lib.lua in front (each call
-    stays atomic).
+    """A script with the shared constants and the helpers of lib.lua it needs in front (each
+    call stays atomic).
 
     It opens with ``#!lua`` (Redis 7, Valkey): a script that may write is then refused as a
     whole, before it runs, while the server is out of memory, instead of running until its
@@ -57,8 +106,9 @@ def _source(name: str) -> str:
     lua = resources.files("jobq").joinpath("lua")
     shebang = ("#!lua flags=allow-oom\n" if name in FREE_MEMORY
                else "#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n")
-    return (shebang + _constants() + lua.joinpath("lib.lua").read_text("utf-8")
-            + lua.joinpath(f"{name}.lua").read_text("utf-8"))
+    script = lua.joinpath(f"{name}.lua").read_text("utf-8")
+    return shebang + _constants() + shake(lua.joinpath("lib.lua").read_text("utf-8"), script) \
+        + script
 
 
 #: Every script's source, read from disk once, when jobq is imported: processes forked from a

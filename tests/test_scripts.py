@@ -1,0 +1,66 @@
+"""How jobq's Lua scripts are put together (:mod:`jobq.scripts`): each is sent with the helpers
+of lib.lua it needs, and only those (a script run cold pays for every helper it defines)."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import redis
+
+from jobq import scripts
+
+LIB = resources.files("jobq").joinpath("lua", "lib.lua").read_text("utf-8")
+
+SYNTHETIC = """\
+-- a preamble, sent with every script
+local function a()
+  return 1
+end
+-- b: calls a (but c only in this comment)
+local function b() return a() end
+local function c() return 3 end
+local later
+local function d() return later() end
+later = function() return b() end
+local function e() return 'c' end
+"""
+
+
+def test_a_script_gets_the_helpers_it_calls_and_theirs_in_order() -> None:
+    preamble, units = scripts.split_lib(SYNTHETIC)
+    assert preamble == "-- a preamble, sent with every script\n"
+    assert [name for name, _ in units] == ["a", "b", "c", "later", "d", "later", "e"]
+
+    assert scripts.shake(SYNTHETIC, "return b()") == (
+        preamble + "local function a()\n  return 1\nend\n-- b: calls a (but c only in this "
+        "comment)\nlocal function b() return a() end\n")
+    # the forward declaration and its definition travel together, with what the latter calls
+    shaken = scripts.shake(SYNTHETIC, "return d()")
+    assert [n for n, text in units if text in shaken] == ["a", "b", "later", "d", "later"]
+    # a name in a string may be a key or a field: kept (more than needed, never less)
+    assert "local function c()" in scripts.shake(SYNTHETIC, "return e()")
+    assert "local function c()" not in scripts.shake(SYNTHETIC, "-- c()\nreturn 1")
+    assert scripts.shake(SYNTHETIC, "return 1") == preamble
+
+
+def test_every_script_defines_each_helper_it_uses() -> None:
+    _, units = scripts.split_lib(LIB)
+    defined = {name for name, _ in units}
+    for name, source in scripts.SOURCES.items():
+        kept = {n for n, text in units if text in source}
+        missing = (scripts.used_names(source) & defined) - kept
+        assert not missing, f"{name}.lua uses {missing} without its definition"
+
+
+def test_a_script_leaves_out_the_helpers_it_does_not_use() -> None:
+    assert "local function server_ms()" in scripts.SOURCES["idle"]
+    assert "resolve_children" not in scripts.SOURCES["idle"]
+    assert "resolve_children" in scripts.SOURCES["ack"]
+    # lib.lua's preamble (its comments, and anything before its first helper) goes to all
+    preamble, _ = scripts.split_lib(LIB)
+    assert all(preamble in source for source in scripts.SOURCES.values())
+
+
+def test_every_script_compiles_on_the_server(r: redis.Redis) -> None:
+    for name, source in scripts.SOURCES.items():
+        assert r.script_load(source), name
