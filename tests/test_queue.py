@@ -590,3 +590,21 @@ def test_a_batch_of_acks_sent_again_is_skipped_not_reported_stale(queue: JobQueu
     assert queue.redis.exists(acked)
     queue.broker.release("w1", cause="worker stopped", current="-")
     assert not queue.redis.exists(acked)
+
+
+def test_an_enqueue_skips_a_dead_workers_idle_registration_and_the_next_one_drops_it(
+        queue: JobQueue, r: redis.Redis) -> None:
+    def register(worker: str) -> None:
+        queue.broker.scripts.run("idle", [queue.keys.hand(worker)],
+                                 [queue.keys.base, worker, 15_000, "default"])
+
+    idle = queue.keys.idle("default")
+    register("w9")
+    r.zadd(idle, {"w9": 1})  # registered long ago: a worker that died idle
+    queued = queue.enqueue(tasks.noop)
+    assert r.llen(queue.keys.hand("w9")) == 0  # not handed to the dead one: queued
+    assert queue.get_stats()["pending"] == 1 and queue.broker.active_holder(queued.id) is None
+    register("w8")
+    assert r.zrange(idle, 0, -1) == ["w8"]  # the stale entry went with the next registration
+    handed = queue.enqueue(tasks.noop)
+    assert queue.broker.active_holder(handed.id) == "w8"

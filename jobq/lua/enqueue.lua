@@ -43,16 +43,18 @@ local now = next(ready) and server_ms()
 for q, list in pairs(ready) do
   local handed = 0
   local idle_key = B .. ':idle:' .. q
-  redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', now - IDLE_FRESH)
   local idle = {}
   if redis.call('SISMEMBER', B .. ':suspended', base(q)) == 0 then  -- workers skip a suspended one
-    idle = redis.call('ZRANGE', idle_key, 0, #list - 1)
+    -- the fresh registrations only (idle.lua drops the stale ones, off this path)
+    idle = redis.call('ZRANGEBYSCORE', idle_key, now - IDLE_FRESH, '+inf', 'LIMIT', 0, #list)
   end
   if #idle > 0 then
-    table.sort(list, function(a, b)  -- the best jobs go first: priority, then FIFO
-      if a[1] ~= b[1] then return a[1] < b[1] end
-      return a[5] < b[5]
-    end)
+    if #list > 1 then
+      table.sort(list, function(a, b)  -- the best jobs go first: priority, then FIFO
+        if a[1] ~= b[1] then return a[1] < b[1] end
+        return a[5] < b[5]
+      end)
+    end
     local k = 0  -- the last job looked at: a limited one is never handed (claim.lua
                  -- enforces its limits)
     for _, w in ipairs(idle) do
@@ -70,7 +72,9 @@ for q, list in pairs(ready) do
         redis.call('RPUSH', B .. ':hand:' .. w, job[3] .. '\n' .. q .. '\n' .. job[4])
       end
     end
-    table.sort(list, function(a, b) return a[5] < b[5] end)  -- back to enqueue order
+    if #list > 1 then
+      table.sort(list, function(a, b) return a[5] < b[5] end)  -- back to enqueue order
+    end
   end
   local per_level = {}
   for _, job in ipairs(list) do

@@ -8,7 +8,8 @@
 -- ARGV[4..] its queues
 --
 -- The worker joins {ns}:idle:<queue> of each, scored with the server's now (ms): enqueue.lua
--- hands a job to an idle worker registered recently (a stale entry is from a dead worker).
+-- hands a job to an idle worker registered recently (a stale entry is from a dead worker:
+-- dropped here, so that the enqueue, on the path of a job's latency, only skips them).
 -- Its lease length goes to {ns}:ilease:<worker> for as long as the registration is fresh:
 -- a job handed to it is leased for the worker's lease, not the producer's (a producer
 -- configured with a longer one would otherwise delay the job's return when the worker's
@@ -17,5 +18,9 @@
 local B, worker = ARGV[1], ARGV[2]
 local now = server_ms()
 redis.call('SET', B .. ':ilease:' .. worker, ARGV[3], 'PX', IDLE_FRESH)
-for i = 4, #ARGV do redis.call('ZADD', B .. ':idle:' .. ARGV[i], now, worker) end
+for i = 4, #ARGV do
+  local idle_key = B .. ':idle:' .. ARGV[i]
+  redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', now - IDLE_FRESH)  -- dead workers'
+  redis.call('ZADD', idle_key, now, worker)
+end
 return #ARGV - 3

@@ -63,6 +63,7 @@ end
 
 -- Leave up to n wake tokens for idle workers of queue q (at most cap waiting).
 local function wake(B, q, n, cap)
+  if n <= 0 then return end
   local wk = B .. ':wake:' .. q
   local room = cap - redis.call('LLEN', wk)
   if room > n then room = n end
