@@ -285,6 +285,40 @@ def test_main_task_is_refused_at_enqueue(queue: JobQueue, r: redis.Redis,
     assert r.dbsize() == 0
     monkeypatch.setattr(jobs, "main_tasks_allowed", True)
     assert queue.enqueue(script_task).task == "__main__:script_task"
+    monkeypatch.setattr(jobs, "main_tasks_allowed", False)  # its pool ended: refused again
+    with pytest.raises(TaskNotAllowed):
+        queue.enqueue(script_task)
+
+
+def test_enqueue_of_a_function_and_arguments_builds_the_job_the_full_path_builds(
+        queue: JobQueue, r: redis.Redis) -> None:
+    """``enqueue(func, *args)`` builds a function's job once, then fills in each call's id,
+    arguments and time (JobQueue._plain): the same job, spec and route as the full path."""
+    def without_time(spec: str, job: Job) -> dict[str, Any]:
+        fields = json.loads(spec)
+        assert fields.pop("c") == round(job.created, 3)
+        return fields
+
+    def fields(job: Job) -> dict[str, Any]:
+        return {k: v for k, v in job.__dict__.items() if k not in ("id", "created")}
+
+    for task, args in ((tasks.add, (1, 2)), (tasks.echo, ("x", [1], {"a": None})),
+                       (tasks.declared, (0.5,)), (tasks.registered, (4,))):
+        full = queue._build(task, args, None, {})  # what enqueue did before _plain
+        sent = queue._new_job(full)
+        first, second = queue.enqueue(task, *args), queue.enqueue(task, *args)
+        for job in (first, second):
+            assert without_time(r.hget(queue.keys.jobs, job.id), job) == \
+                without_time(sent.spec, full)
+            assert fields(job) == fields(full)
+        assert first.id != second.id and second.created >= first.created
+        where = queue.keys.level(sent.queue, sent.priority)
+        assert r.lrange(where, -2, -1) == [first.id, second.id]
+        # each job has its own lists and dicts
+        first.errors.append({"type": "X"})
+        first.kwargs["k"] = 1
+        assert second.errors == [] and second.kwargs == {}
+    assert len(queue._plains) == 4
 
 
 # -- cancel ------------------------------------------------------------------------------------
