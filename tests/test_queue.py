@@ -22,7 +22,7 @@ from jobq.config import Config
 from jobq.exceptions import JobFailed, PayloadTooLarge, SerializationError, TaskNotAllowed
 from jobq.groups import Progress
 from jobq.job import Job, JobStatus
-from jobq.queue import JobQueue
+from jobq.queue import REPLY_SPIN, SPIN_WITHIN, JobQueue
 from jobq.registry import TaskResolver
 from jobq.settle import Failed, RetryPolicy, settle
 from jobq.wire import AckEntry, Spec
@@ -642,3 +642,24 @@ def test_an_enqueue_skips_a_dead_workers_idle_registration_and_the_next_one_drop
     assert r.zrange(idle, 0, -1) == ["w8"]  # the stale entry went with the next registration
     handed = queue.enqueue(tasks.noop)
     assert queue.broker.active_holder(handed.id) == "w8"
+
+
+def test_an_enqueue_polls_for_its_reply_only_right_after_another(queue: JobQueue) -> None:
+    # enqueues that follow each other: their replies come fast, polling saves a wake-up; one
+    # that comes alone would poll while the worker that starts its job needs the core
+    assert queue._spin(100.0) == 0.0
+    assert queue._spin(100.0 + SPIN_WITHIN / 2) == REPLY_SPIN
+    assert queue._spin(100.0 + SPIN_WITHIN / 2 + SPIN_WITHIN) == 0.0
+    # both ways of enqueueing one job poll as that says
+    sent: list[float] = []
+    enqueue = queue.broker.enqueue
+
+    def spy(job: Any, *, spin: float = 0.0, replicas: int = 0) -> int:
+        sent.append(spin)
+        return enqueue(job, spin=spin, replicas=replicas)
+
+    queue.broker.enqueue = spy  # type: ignore[method-assign]
+    queue._spin = lambda now: 0.123  # type: ignore[method-assign]
+    queue.enqueue(tasks.add, 1, 2)
+    queue.enqueue(Job(tasks.add, (3, 4)))
+    assert sent == [0.123, 0.123] and queue.size() == 2
