@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import redis
+from redis.exceptions import NoScriptError
 
 from .config import Config
 from .connection import block_limit, blpop_by
@@ -254,11 +255,19 @@ class Broker:
     def job_parts(self, job_id: str) -> JobParts:
         """Everything stored about a job, in one round trip."""
         k = self.keys
-        pipe = self._r.pipeline(transaction=False)
-        pipe.get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
-        self.scripts.queue(pipe, "holder", [k.leases], [k.base, job_id])
-        final, spec, state, holder, due, deps = (
-            pipe.zscore(k.scheduled, job_id).hget(k.deps, job_id).execute())
+        for _ in range(2):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
+            self.scripts.queue_sha(pipe, "holder", [k.leases], [k.base, job_id])
+            replies = pipe.zscore(k.scheduled, job_id).hget(k.deps, job_id).execute(
+                raise_on_error=False)
+            if not isinstance(replies[3], NoScriptError):
+                break
+            self.scripts.load("holder")  # a server that lost its scripts: read again
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        final, spec, state, holder, due, deps = replies
         return JobParts(final, spec, state, _opt_str(holder), due, deps is not None)
 
     def dependents(self, job_id: str) -> list[str]:
@@ -525,10 +534,18 @@ class Broker:
             got = blpop_by(self.client, keys, timeout, server_timeout=self._block(timeout))
         else:
             pipe = self._r.pipeline(transaction=False)
-            self.scripts.queue(pipe, "idle", [hand], [self.keys.base, worker, self.lease_ms,
-                                                  *queues])
+            self.scripts.queue_sha(pipe, "idle", [hand], [self.keys.base, worker,
+                                                      self.lease_ms, *queues])
             pipe.blpop(keys, timeout=self._block(timeout))
-            got = pipe.execute()[-1]
+            idle, got = pipe.execute(raise_on_error=False)
+            if isinstance(idle, NoScriptError):
+                # a server that lost its scripts: this wait goes unregistered (a wake token
+                # ends it, not a hand-off), the next one is registered
+                self.scripts.load("idle")
+            elif isinstance(idle, Exception):
+                raise idle
+            if isinstance(got, Exception):
+                raise got
         if got and got[0] == hand:  # "id\nqueue\nspec"
             job_id, queue, spec = str(got[1]).split("\n", 2)
             return job_id, queue, spec, None

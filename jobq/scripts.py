@@ -227,5 +227,17 @@ class Scripts:
         return self._conn
 
     def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
-        """Add a call to a redis-py pipeline (which loads the script if the server lacks it)."""
+        """Add a call to a redis-py pipeline (which loads the script if the server lacks it:
+        it asks the server, SCRIPT EXISTS, in a round trip of its own before each execute)."""
         self._registered[name](keys=keys, args=args, client=pipe)
+
+    def queue_sha(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Add a call to a redis-py pipeline as a bare EVALSHA, without :meth:`queue`'s round
+        trip: the caller executes it with ``raise_on_error=False``, and where its reply is a
+        ``NoScriptError`` (a server that lost its scripts: nothing ran), calls :meth:`load`
+        and decides what to send again."""
+        pipe.execute_command("EVALSHA", self._sha[name], len(keys), *keys, *args)
+
+    def load(self, name: str) -> None:
+        """SCRIPT LOAD one script, on a connection of the client's pool."""
+        self.client.script_load(self._source[name])

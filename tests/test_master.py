@@ -646,6 +646,39 @@ def test_an_idle_pool_gets_jobs_handed_straight_to_a_worker(
     assert queue.get_job(job.id).worker == name  # type: ignore[union-attr]
 
 
+def test_an_idle_worker_registers_in_one_round_trip_and_after_the_server_lost_its_scripts(
+        spawn: Spawn, queue: JobQueue, r: redis.Redis, tmp_path: Path) -> None:
+    def asked() -> int:  # how often a client asked the server whether it holds a script
+        return int(r.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+
+    def registered() -> float:
+        return r.zscore(queue.keys.idle("default"), name) or 0.0
+
+    master = start_master(spawn, tmp_path, workers=1)
+    pids = wait_workers(master, 1)
+    wait_until(lambda: r.zcard(queue.keys.idle("default")) == 1, message="an idle worker")
+    name = r.zrange(queue.keys.idle("default"), 0, 0)[0]
+    before = asked()
+    for i in range(5):
+        since = registered()
+        assert queue.enqueue(tasks.add, i, 1).result(timeout=10) == i + 1
+        wait_until(lambda: registered() > since, message="idle again")  # noqa: B023
+    # each wait said idle and blocked in one round trip: redis-py's script objects would
+    # have asked the server for the script first (SCRIPT EXISTS), on every wait; nor did
+    # reading a job's result ask
+    assert asked() == before
+
+    r.script_flush()  # the server lost its scripts while the worker waits
+    since = registered()
+    assert queue.enqueue(tasks.add, 2, 2).result(timeout=10) == 4
+    # its next wait found the idle script gone: it loaded it, and the wait after registers
+    assert queue.enqueue(tasks.add, 3, 3).result(timeout=10) == 6
+    wait_until(lambda: registered() > since, message="registered again")
+    assert wait_workers(master, 1) == pids  # the same worker throughout
+    r.script_flush()  # and reading a job: its parts are read again once the script is back
+    assert queue.get_job(queue.enqueue(tasks.add, 4, 4).id) is not None
+
+
 def test_a_job_handed_to_a_worker_that_dies_before_starting_it_runs_once_elsewhere(
         spawn: Spawn, queue: JobQueue, r: redis.Redis, tmp_path: Path) -> None:
     master = start_master(spawn, tmp_path, workers=1)
