@@ -1,7 +1,9 @@
--- lib.lua: helpers shared by jobq's scripts. scripts.py puts this text in front of each
--- script, so every script stays one atomic EVALSHA, after the constants jobq/wire.py
--- defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, MAX_ERRORS_KEPT,
--- ACK_FIELDS).
+-- lib.lua: helpers shared by jobq's scripts. scripts.py puts the ones a script uses (and
+-- those they use) in front of it, so every script stays one atomic EVALSHA, after the
+-- constants jobq/wire.py defines (DEFAULT_QUEUE, DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES,
+-- MAX_ERRORS_KEPT, ACK_FIELDS). Each helper is one top-level definition (local function
+-- name, local NAME = value, or a forward declaration and its later name = function): what
+-- it uses is read from its text. Anything before the first one goes to every script.
 
 -- Now on the server's clock (ms since the epoch). Leases are measured on it, so that a client
 -- whose clock is off, or whose call waited in a frozen server, cannot shorten one.
