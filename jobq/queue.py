@@ -53,6 +53,9 @@ UNIQUE_TTL = 3600
 PLAIN_CACHE = 256
 
 
+_UNSEEN = object()
+
+
 class _Plain(NamedTuple):
     """What ``enqueue(func, *args)`` builds for a function, but for the job's own fields."""
     shared: dict[str, Any]  #: the job's attributes but its id, arguments and time
@@ -91,7 +94,7 @@ class JobQueue:
         #: limit names known to be defined on the server (a producer checks each once)
         self._limits_known: set[str] = set()
         #: function -> what enqueue(function, *args) builds (see _plain)
-        self._plains: dict[Any, _Plain] = {}
+        self._plains: dict[Any, _Plain | None] = {}
         self._last_enqueue = 0.0  # time.monotonic() of the last enqueue (see REPLY_SPIN)
 
     def __repr__(self) -> str:
@@ -143,22 +146,22 @@ class JobQueue:
         job's latency. None for what this does not cover: a task that names limits (each
         enqueue makes sure they are defined), or a function that cannot key a dict."""
         try:
-            plain = self._plains.get(func)
+            plain = self._plains.get(func, _UNSEEN)
         except TypeError:
             return None
-        if plain is None:
+        if plain is _UNSEEN:
             job = self._build(func, (), None, {})
-            if job.limits:
-                return None
-            shared = {k: v for k, v in job.__dict__.items()
-                      if k not in ("id", "args", "created")}
-            spec = spec_json(job)
+            plain = None
+            if not job.limits:
+                shared = {k: v for k, v in job.__dict__.items()
+                          if k not in ("id", "args", "created")}
+                plain = _Plain(shared, [k for k, v in shared.items() if type(v) in (list, dict)],
+                               spec_json(job), route(job.queue or self.name, job.owner),
+                               job.task.startswith("__main__:"))
             if len(self._plains) >= PLAIN_CACHE:  # tasks made anew per call (.options())
                 self._plains.clear()
-            plain = self._plains[func] = _Plain(
-                shared, [k for k, v in shared.items() if type(v) in (list, dict)], spec,
-                route(job.queue or self.name, job.owner), job.task.startswith("__main__:"))
-        return plain
+            self._plains[func] = plain
+        return plain  # type: ignore[return-value]
 
     def _enqueue_plain(self, plain: _Plain, args: tuple[Any, ...], replicas: int) -> Job:
         """``enqueue(func, *args)`` from :meth:`_plain`: the same job, spec and checks as

@@ -319,6 +319,9 @@ def test_enqueue_of_a_function_and_arguments_builds_the_job_the_full_path_builds
         first.kwargs["k"] = 1
         assert second.errors == [] and second.kwargs == {}
     assert len(queue._plains) == 4
+    # a task that names limits takes the full path (each enqueue makes sure they exist)
+    queue.enqueue(tasks.one_at_a_time, "k")
+    assert queue._plains[tasks.one_at_a_time] is None
 
 
 # -- cancel ------------------------------------------------------------------------------------
