@@ -142,7 +142,7 @@ class JobQueue:
         """What every ``enqueue(func, *args)`` of a function builds, but for the job's id,
         arguments and time: built (and checked) in full once per function and producer, so
         that the common call does none of it again. Its Python runs cold when jobs come one
-        at a time (about ten times slower than back to back), and it is on the path of the
+        at a time (several times slower than back to back), and it is on the path of the
         job's latency. None for what this does not cover: a task that names limits (each
         enqueue makes sure they are defined), or a function that cannot key a dict."""
         try:
@@ -184,7 +184,8 @@ class JobQueue:
         except (TypeError, ValueError):
             text = ""
         if not text or len(text) > self.config.max_payload_bytes // 4:
-            text = encode_spec(job, max_bytes=self.config.max_payload_bytes)  # its error
+            # the exact size check, and the error that names what JSON cannot carry
+            text = encode_spec(job, max_bytes=self.config.max_payload_bytes)
         try:
             self.broker.enqueue(tuple.__new__(NewJob, (job.id, plain.route, job.priority, 0,
                                                        text)),

@@ -64,13 +64,26 @@ def used_names(lua: str) -> set[str]:
 
 def split_lib(lib: str) -> tuple[str, list[tuple[str, str]]]:
     """lib.lua as its preamble (what comes before its first definition: always sent) and its
-    top-level definitions in order, each (name, text up to the next one)."""
+    top-level definitions in order, each (name, text up to the next one).
+
+    After the preamble, a line that starts at the margin opens a definition of one name, or
+    is a comment or a function's closing ``end``: anything else (a statement, ``local a, b``)
+    would be sent with a helper only when a script uses it, or define a name this does not
+    see, so it is refused (ValueError)."""
     starts = list(_DEFINITION.finditer(lib))
     if not starts:
         return lib, []
     units = []
     for m, end in zip(starts, [n.start() for n in starts[1:]] + [len(lib)], strict=True):
-        units.append((next(g for g in m.groups() if g), lib[m.start():end]))
+        text = lib[m.start():end]
+        head, *body = text.split("\n")
+        odd = head if re.match(r"local\s+\w+\s*,", head) else next(
+            (line for line in body
+             if line[:1] not in ("", " ", "\t", "-") and line.rstrip() != "end"), None)
+        if odd is not None:
+            raise ValueError(f"lib.lua: {odd.strip()!r} is not one top-level definition "
+                             "(see jobq.scripts.split_lib)")
+        units.append((next(g for g in m.groups() if g), text))
     return lib[:starts[0].start()], units
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+import pytest
 import redis
 
 from jobq import scripts
@@ -41,6 +42,13 @@ def test_a_script_gets_the_helpers_it_calls_and_theirs_in_order() -> None:
     assert "local function c()" in scripts.shake(SYNTHETIC, "return e()")
     assert "local function c()" not in scripts.shake(SYNTHETIC, "-- c()\nreturn 1")
     assert scripts.shake(SYNTHETIC, "return 1") == preamble
+
+
+@pytest.mark.parametrize("odd", ["redis.call('DEL', 'k')", "local x, y = 1, 2", "if a then"])
+def test_lib_lua_holds_definitions_of_one_name_only(odd: str) -> None:
+    # a statement would go only with the helper before it, a second name unseen
+    with pytest.raises(ValueError, match="is not one top-level definition"):
+        scripts.split_lib(SYNTHETIC + odd + "\n")
 
 
 def test_every_script_defines_each_helper_it_uses() -> None:
