@@ -192,15 +192,24 @@ class Broker:
     def enqueue_many(self, jobs: Sequence[NewJob], *, replicas: int = 0) -> None:
         """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`; with
         ``replicas``, then wait for that many replicas to have them."""
-        pipe = self.client.pipeline(transaction=False)
-        for start in range(0, len(jobs), ENQUEUE_CHUNK):
-            argv = self._enqueue_head()
-            for job in jobs[start:start + ENQUEUE_CHUNK]:
-                argv += job
-            self.scripts.queue(pipe, "enqueue", [self.keys.jobs], argv)
-        if replicas and jobs:  # a pipeline is one connection: WAIT follows its writes
-            pipe.execute_command("WAIT", replicas, self._wait_ms)
-        replies = pipe.execute()
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for start in range(0, len(jobs), ENQUEUE_CHUNK):
+                argv = self._enqueue_head()
+                for job in jobs[start:start + ENQUEUE_CHUNK]:
+                    argv += job
+                self.scripts.queue_sha(pipe, "enqueue", [self.keys.jobs], argv)
+            if replicas and jobs:  # a pipeline is one connection: WAIT follows its writes
+                pipe.execute_command("WAIT", replicas, self._wait_ms)
+            replies = pipe.execute(raise_on_error=False)
+            if not any(isinstance(reply, NoScriptError) for reply in replies):
+                break
+            # a server that lost its scripts: the chunks it refused wrote nothing, and sent
+            # again, those it took add nothing (enqueue.lua skips an id already there)
+            self.scripts.load("enqueue")
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         if replicas and jobs:
             self._replicated([j.job_id for j in jobs], replicas, int(replies[-1]))
 

@@ -7,7 +7,7 @@ Each script is sent as the constants :mod:`jobq.wire` shares with Lua, then the 
 ``scripts.run("claim", keys, args)`` is the hot path: one EVALSHA on a pooled connection,
 without redis-py's per-command machinery (about a third of a round trip's cost here), and
 EVAL once when the server does not know the script (a restarted server, a fresh replica).
-:meth:`Scripts.queue` adds a call to a redis-py pipeline instead.
+:meth:`Scripts.queue_sha` adds a call to a redis-py pipeline instead.
 """
 
 from __future__ import annotations
@@ -143,12 +143,10 @@ class Scripts:
         self._loaded: set[str] = set()
         self._source: dict[str, str] = {}
         self._sha: dict[str, str] = {}
-        self._registered: dict[str, Any] = {}
         for name in NAMES:
             source = SOURCES[name]
             self._source[name] = source
             self._sha[name] = hashlib.sha1(source.encode()).hexdigest()
-            self._registered[name] = client.register_script(source)
 
     def run(self, name: str, keys: list[str], args: list[Any], spin: float = 0.0) -> Any:
         """One script call; see :meth:`run_many` for ``spin``."""
@@ -239,16 +237,12 @@ class Scripts:
             self._loaded = set()
         return self._conn
 
-    def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
-        """Add a call to a redis-py pipeline (which loads the script if the server lacks it:
-        it asks the server, SCRIPT EXISTS, in a round trip of its own before each execute)."""
-        self._registered[name](keys=keys, args=args, client=pipe)
-
     def queue_sha(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
-        """Add a call to a redis-py pipeline as a bare EVALSHA, without :meth:`queue`'s round
-        trip: the caller executes it with ``raise_on_error=False``, and where its reply is a
-        ``NoScriptError`` (a server that lost its scripts: nothing ran), calls :meth:`load`
-        and decides what to send again."""
+        """Add a call to a redis-py pipeline as a bare EVALSHA (redis-py's own script objects
+        ask the server whether it holds them, SCRIPT EXISTS, in a round trip of their own
+        before each execute): the caller executes it with ``raise_on_error=False``, and where
+        its reply is a ``NoScriptError`` (a server that lost its scripts: that call did
+        nothing), calls :meth:`load` and decides what to send again."""
         pipe.execute_command("EVALSHA", self._sha[name], len(keys), *keys, *args)
 
     def load(self, name: str) -> None:

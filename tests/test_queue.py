@@ -666,3 +666,17 @@ def test_an_enqueue_polls_for_its_reply_only_right_after_another(queue: JobQueue
     queue.enqueue(tasks.add, 1, 2)
     queue.enqueue(Job(tasks.add, (3, 4)))
     assert sent == [0.123, 0.123] and queue.size() == 2
+
+
+def test_enqueue_many_asks_nothing_first_and_sends_again_to_a_server_that_lost_its_scripts(
+        queue: JobQueue, r: redis.Redis) -> None:
+    def asked() -> int:  # how often a client asked the server whether it holds a script
+        return int(r.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+
+    before = asked()
+    first = queue.enqueue_many(tasks.add, [(i, i) for i in range(3)])
+    r.script_flush()  # a server restarted with its data, without its scripts
+    second = queue.enqueue_many(tasks.add, [(i, i) for i in range(1200)])  # two chunks
+    assert asked() == before
+    assert queue.size() == 1203 and queue.get_stats()["enqueued"] == 1203
+    assert claim(queue, 2000) == [j.id for j in first + second]
