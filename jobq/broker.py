@@ -192,8 +192,7 @@ class Broker:
     def enqueue_many(self, jobs: Sequence[NewJob], *, replicas: int = 0) -> None:
         """Add many jobs in one round trip, in atomic chunks of :data:`ENQUEUE_CHUNK`; with
         ``replicas``, then wait for that many replicas to have them."""
-        for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
+        def fill(pipe: Any) -> None:
             for start in range(0, len(jobs), ENQUEUE_CHUNK):
                 argv = self._enqueue_head()
                 for job in jobs[start:start + ENQUEUE_CHUNK]:
@@ -201,15 +200,8 @@ class Broker:
                 self.scripts.queue_sha(pipe, "enqueue", [self.keys.jobs], argv)
             if replicas and jobs:  # a pipeline is one connection: WAIT follows its writes
                 pipe.execute_command("WAIT", replicas, self._wait_ms)
-            replies = pipe.execute(raise_on_error=False)
-            if not any(isinstance(reply, NoScriptError) for reply in replies):
-                break
-            # a server that lost its scripts: the chunks it refused wrote nothing, and sent
-            # again, those it took add nothing (enqueue.lua skips an id already there)
-            self.scripts.load("enqueue")
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+
+        replies = self.scripts.execute(fill, "enqueue")
         if replicas and jobs:
             self._replicated([j.job_id for j in jobs], replicas, int(replies[-1]))
 
@@ -264,18 +256,12 @@ class Broker:
     def job_parts(self, job_id: str) -> JobParts:
         """Everything stored about a job, in one round trip."""
         k = self.keys
-        for _ in range(2):
-            pipe = self._r.pipeline(transaction=False)
+        def fill(pipe: Any) -> None:
             pipe.get(k.result(job_id)).hget(k.jobs, job_id).hget(k.state, job_id)
             self.scripts.queue_sha(pipe, "holder", [k.leases], [k.base, job_id])
-            replies = pipe.zscore(k.scheduled, job_id).hget(k.deps, job_id).execute(
-                raise_on_error=False)
-            if not isinstance(replies[3], NoScriptError):
-                break
-            self.scripts.load("holder")  # a server that lost its scripts: read again
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+            pipe.zscore(k.scheduled, job_id).hget(k.deps, job_id)
+
+        replies = self.scripts.execute(fill, "holder")
         final, spec, state, holder, due, deps = replies
         return JobParts(final, spec, state, _opt_str(holder), due, deps is not None)
 

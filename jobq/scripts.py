@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -240,10 +241,29 @@ class Scripts:
     def queue_sha(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         """Add a call to a redis-py pipeline as a bare EVALSHA (redis-py's own script objects
         ask the server whether it holds them, SCRIPT EXISTS, in a round trip of their own
-        before each execute): the caller executes it with ``raise_on_error=False``, and where
-        its reply is a ``NoScriptError`` (a server that lost its scripts: that call did
-        nothing), calls :meth:`load` and decides what to send again."""
+        before each execute): :meth:`execute` runs such a pipeline; a caller that runs its
+        own executes it with ``raise_on_error=False``, and where its reply is a
+        ``NoScriptError`` (a server that lost its scripts: that call did nothing), calls
+        :meth:`load` and decides what to send again."""
         pipe.execute_command("EVALSHA", self._sha[name], len(keys), *keys, *args)
+
+    def execute(self, fill: Callable[[Any], None], name: str) -> list[Any]:
+        """A pipeline that ``fill`` fills, its script calls added with :meth:`queue_sha` (all
+        of them ``name``): its replies, or its first error raised. A call refused by a server
+        that lost the script ran nothing: the script is loaded and the whole pipeline sent
+        again, so what ``fill`` adds must be safe to send twice (reads; enqueue.lua, which
+        skips an id already there)."""
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            fill(pipe)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            if not any(isinstance(reply, NoScriptError) for reply in replies):
+                break
+            self.load(name)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def load(self, name: str) -> None:
         """SCRIPT LOAD one script, on a connection of the client's pool."""
