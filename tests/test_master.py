@@ -22,6 +22,7 @@ from conftest import ROOT, kill_processes, process_tree, subprocess_env, wait_un
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
+from jobq.process import USS_EVERY, worker_memory
 from jobq.queue import JobQueue
 from jobq.scheduler import Scheduler
 
@@ -240,6 +241,45 @@ def test_a_worker_over_the_memory_hard_limit_is_killed_and_its_job_retried(
     assert error["msg"].startswith("memory hard limit: worker used ")
     assert "over 150 MB" in error["msg"]
     wait_workers(master, 1, without={worker})
+
+
+def test_a_workers_unique_memory_is_read_when_a_limit_may_be_crossed_or_it_is_old() -> None:
+    """Reading a process's USS walks its page tables; its RSS, a bound of it, is cheap. The
+    master reads the USS again only when the RSS is over the lowest limit, or when the last
+    reading is USS_EVERY old; between them the last one stands, capped by the RSS."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a process that holds 64 MiB of its own (written: resident, not shared)
+        os.close(read)
+        held = bytearray(os.urandom(1024)) * (64 * 1024)
+        os.write(write, b"1")
+        os.read(os.open("/dev/null", os.O_RDONLY), 1)  # returns at once: keep `held` alive
+        signal.sigwait({signal.SIGTERM})
+        os._exit(len(held) and 0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+        rss = psutil.Process(pid).memory_info().rss / 2**20
+        assert rss > 64
+        # the first reading is its USS
+        first, at = worker_memory(pid, None, 0.0, 100.0, None)
+        assert first > 60 and at == 100.0
+        # under every limit, within USS_EVERY: no new reading (a stale 1 MiB stands)
+        assert worker_memory(pid, 1.0, 100.0, 100.0 + USS_EVERY / 2, 10_000.0) == (1.0, 100.0)
+        assert worker_memory(pid, 1.0, 100.0, 101.0, None) == (1.0, 100.0)
+        # capped by the RSS: never more than the process has resident
+        capped, at = worker_memory(pid, 10_000.0, 100.0, 101.0, None)
+        assert capped <= psutil.Process(pid).memory_info().rss / 2**20 and at == 100.0
+        # its RSS is over a limit: read again, the USS decides
+        over, at = worker_memory(pid, 1.0, 100.0, 101.0, 50.0)
+        assert over > 60 and at == 101.0
+        # USS_EVERY passed: read again
+        again, at = worker_memory(pid, 1.0, 100.0, 100.0 + USS_EVERY, None)
+        assert again > 60 and at == 100.0 + USS_EVERY
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.close(read)
 
 
 # -- signals ---------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from ..connection import ServerProblem, check_server
 from ..exceptions import TaskImportError
 from ..log import Repeats
 from ..metrics.tally import TallyTable, Totals
-from ..process import die_with_parent, kill_group, memory_mb, send_signal, set_title
+from ..process import die_with_parent, kill_group, send_signal, set_title, worker_memory
 from ..registry import TaskResolver
 from ..schedule import ScheduleError
 from ..scheduler import config_schedules
@@ -291,7 +291,7 @@ class Master:
         self._read_slots(now)
         if now >= self.next_memory:
             self.next_memory = now + MEMORY_EVERY
-            self._read_memory()
+            self._read_memory(now)
         for action in policy.check_workers(now, list(self.workers.values()), self.limits):
             if isinstance(action, Kill):
                 self._kill(action.pid, action.cause, action.kind)
@@ -645,10 +645,14 @@ class Master:
             if w.ready and w.slot in self.histories:
                 self.histories[w.slot].seen_up(now, w.ready_since)
 
-    def _read_memory(self) -> None:
+    def _read_memory(self, now: float) -> None:
+        """Each worker's memory, as its limits need it (see :func:`worker_memory`)."""
+        set_limits = [mb for mb in (self.limits.memory_soft_mb, self.limits.memory_hard_mb) if mb]
+        bound = min(set_limits) if set_limits else None
         for w in self.workers.values():
             try:
-                w.memory_mb = memory_mb(w.pid)
+                w.memory_mb, w.memory_read_at = worker_memory(
+                    w.pid, w.memory_mb, w.memory_read_at, now, bound)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
 

@@ -64,6 +64,7 @@ class WorkerState:
     deadline: float = 0.0
     heartbeat: float = 0.0
     memory_mb: float | None = None
+    memory_read_at: float = 0.0  # when memory_mb was last read as its USS
     jobs_done: int = 0
     retiring_since: float | None = None  # asked to stop after its current job
     ready_since: float | None = None  # when the master first saw it ready
