@@ -52,15 +52,6 @@ def kill_group(pid: int) -> None:
 USS_EVERY = 10.0
 
 
-def memory_mb(pid: int) -> float:
-    """Current unique memory (USS) of a process, falling back to RSS; in MiB."""
-    proc = psutil.Process(pid)
-    try:
-        return float(proc.memory_full_info().uss) / 2**20
-    except (psutil.AccessDenied, AttributeError):
-        return float(proc.memory_info().rss) / 2**20
-
-
 def worker_memory(pid: int, last_mb: float | None, uss_at: float, now: float,
                   bound_mb: float | None) -> tuple[float, float]:
     """A worker's memory in MiB as its limits need it, and when its USS was last read.
@@ -73,9 +64,13 @@ def worker_memory(pid: int, last_mb: float | None, uss_at: float, now: float,
     lowest memory limit, None without one: the limit may be crossed, and the USS decides), or
     every USS_EVERY seconds; in between the last USS stands, capped by the RSS (still a
     bound, and the limits act only above the RSS)."""
-    rss = float(psutil.Process(pid).memory_info().rss) / 2**20
+    proc = psutil.Process(pid)
+    rss = float(proc.memory_info().rss) / 2**20
     if last_mb is None or now - uss_at >= USS_EVERY or (bound_mb is not None and rss > bound_mb):
-        return memory_mb(pid), now
+        try:
+            return float(proc.memory_full_info().uss) / 2**20, now
+        except (psutil.AccessDenied, AttributeError):  # no USS here: the RSS stands for it
+            return rss, now
     return min(last_mb, rss), uss_at
 
 

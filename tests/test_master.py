@@ -247,18 +247,20 @@ def test_a_workers_unique_memory_is_read_when_a_limit_may_be_crossed_or_it_is_ol
     """Reading a process's USS walks its page tables; its RSS, a bound of it, is cheap. The
     master reads the USS again only when the RSS is over the lowest limit, or when the last
     reading is USS_EVERY old; between them the last one stands, capped by the RSS."""
-    read, write = os.pipe()
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # a process that holds 64 MiB of its own (written: resident, not shared)
-        os.close(read)
+        os.close(ready_r)
+        os.close(stop_w)
         held = bytearray(os.urandom(1024)) * (64 * 1024)
-        os.write(write, b"1")
-        os.read(os.open("/dev/null", os.O_RDONLY), 1)  # returns at once: keep `held` alive
-        signal.sigwait({signal.SIGTERM})
-        os._exit(len(held) and 0)
-    os.close(write)
+        os.write(ready_w, b"1")
+        os.read(stop_r, 1)  # until the test closes its end
+        os._exit(0 if held else 1)
+    os.close(ready_w)
+    os.close(stop_r)
     try:
-        assert os.read(read, 1) == b"1"
+        assert os.read(ready_r, 1) == b"1"
         rss = psutil.Process(pid).memory_info().rss / 2**20
         assert rss > 64
         # the first reading is its USS
@@ -277,9 +279,9 @@ def test_a_workers_unique_memory_is_read_when_a_limit_may_be_crossed_or_it_is_ol
         again, at = worker_memory(pid, 1.0, 100.0, 100.0 + USS_EVERY, None)
         assert again > 60 and at == 100.0 + USS_EVERY
     finally:
-        os.kill(pid, signal.SIGTERM)
+        os.close(stop_w)
         os.waitpid(pid, 0)
-        os.close(read)
+        os.close(ready_r)
 
 
 # -- signals ---------------------------------------------------------------------------------------
