@@ -16,6 +16,15 @@ import setproctitle
 #: ``prctl`` option asking Linux to signal us when our parent dies.
 _PR_SET_PDEATHSIG = 1
 
+#: The death signal a master's workers ask for (see :func:`die_with_parent`): a signal of
+#: their own, so that they never take it for the master's SIGTERM. Linux sends it when the
+#: thread that forked the worker exits, and a master killed whole may lose its main thread
+#: before its other threads: the worker is then the child of one of those for a moment, and
+#: ``getppid()`` still names the dead master (measured: 4 times in 200). A worker that took
+#: the signal for a graceful stop would finish its job and give back the others, as if the
+#: master were there to see to it.
+PARENT_DIED: int = getattr(signal, "SIGRTMIN", signal.SIGTERM)
+
 _T = TypeVar("_T")
 
 
@@ -26,7 +35,8 @@ def set_title(title: str) -> None:
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send us ``sig`` when our parent dies (even by SIGKILL): an orphaned
-    worker stops after its job instead of running on with nobody renewing its lease."""
+    worker dies at once (:data:`PARENT_DIED`), a scheduler or a pool's master stops,
+    instead of running on with nobody renewing their leases or stopping them."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig)

@@ -175,6 +175,16 @@ def start_grandchild_and_hang(key: str, seconds: float = 30) -> str:
     return "hung"
 
 
+def death_signal() -> int:
+    """The signal this process asked Linux for when its parent dies (``PR_GET_PDEATHSIG``;
+    0 for none)."""
+    import ctypes
+
+    sig = ctypes.c_int(0)
+    ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG
+    return sig.value
+
+
 def exit_process(code: int) -> None:
     """End the worker process at once with ``code`` (as a C extension or a careless
     library might)."""

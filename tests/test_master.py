@@ -22,7 +22,7 @@ from conftest import ROOT, kill_processes, process_tree, subprocess_env, wait_un
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
-from jobq.process import USS_EVERY, worker_memory
+from jobq.process import PARENT_DIED, USS_EVERY, worker_memory
 from jobq.queue import JobQueue
 from jobq.scheduler import Scheduler
 
@@ -161,6 +161,44 @@ def test_what_a_job_started_dies_with_its_worker(
 
         wait_until(gone, 10, message="the job's child process to be killed with its worker")
         done = wait_status(queue, job.id, JobStatus.FAILED)
+        assert "killed by signal 9 (SIGKILL)" in done.final_error["msg"]
+        wait_workers(master, 1, without={worker})
+    finally:
+        try:
+            grandchild.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_a_worker_told_its_master_died_dies_at_once_even_while_the_master_seems_alive(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn, tmp_path: Path) -> None:
+    """Linux sends a worker its death signal when the thread that forked it exits. A master
+    killed whole may lose that thread before its others: for that moment the worker is the
+    child of one of them, and getppid() still names the master. The worker must die at once
+    all the same, with what its job started, and not stop gracefully (finish its job, give
+    back the others) as if its master were there to renew its lease."""
+    master = start_master(spawn, tmp_path, workers=1)
+    [worker] = wait_workers(master, 1)
+    asked = wait_status(queue, queue.enqueue(tasks.death_signal).id, JobStatus.COMPLETED)
+    assert asked.return_value == PARENT_DIED != signal.SIGTERM  # its own, not the master's stop
+    k = key()
+    job = queue.enqueue(tasks.start_grandchild_and_hang, k, 30, max_retries=0)
+    grandchild = psutil.Process(int(started(r, k)[0]))
+    try:
+        assert grandchild.ppid() == worker and psutil.Process(worker).ppid() == master.pid
+
+        os.kill(worker, PARENT_DIED)  # as Linux sends it in that moment: the master runs on
+
+        def gone(p: psutil.Process) -> bool:
+            try:
+                return p.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(lambda: gone(grandchild), 10, message="the job's child to be killed")
+        done = wait_status(queue, job.id, JobStatus.FAILED)
+        # the worker killed itself and its group (a graceful stop would still be in the
+        # job's 30 s; the signal's default action would have ended it by that signal)
         assert "killed by signal 9 (SIGKILL)" in done.final_error["msg"]
         wait_workers(master, 1, without={worker})
     finally:

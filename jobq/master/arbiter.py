@@ -65,7 +65,14 @@ from ..connection import ServerProblem, check_server
 from ..exceptions import TaskImportError
 from ..log import Repeats
 from ..metrics.tally import TallyTable, Totals
-from ..process import die_with_parent, kill_group, send_signal, set_title, worker_memory
+from ..process import (
+    PARENT_DIED,
+    die_with_parent,
+    kill_group,
+    send_signal,
+    set_title,
+    worker_memory,
+)
 from ..registry import TaskResolver
 from ..schedule import ScheduleError
 from ..scheduler import config_schedules
@@ -562,12 +569,14 @@ class Master:
         max_jobs = policy.max_jobs_for(self.config.max_jobs_per_worker,
                                        self.config.max_jobs_jitter, self.rng)
         self.slots.clear(slot)
-        pid = self._fork(lambda: self._worker_child(slot, name, max_jobs))
+        pid = self._fork(lambda: self._worker_child(slot, name, max_jobs), PARENT_DIED)
         self.workers[pid] = WorkerState(slot=slot, pid=pid, name=name, born=now,
                                         generation=self.generation, heartbeat=now)
         log.debug("spawned worker %d in slot %d (%s)", pid, slot, name)
 
-    def _fork(self, child: Callable[[], int]) -> int:
+    def _fork(self, child: Callable[[], int], death_signal: int = signal.SIGTERM) -> int:
+        """Fork ``child`` (its return value is the exit code). It is sent ``death_signal``
+        when the master dies (workers: :data:`process.PARENT_DIED`)."""
         # Block the handled signals across fork: the child must not run the master's
         # handlers (or write to its wakeup fd) before it has installed its own.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -589,7 +598,7 @@ class Master:
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.setpgid(0, 0)  # its own group: killing it kills its children too
-                die_with_parent()
+                die_with_parent(death_signal)
                 if os.getppid() != master:
                     os._exit(exitcodes.FAILURE)  # the master died before that took effect
                 random.seed()

@@ -46,7 +46,7 @@ from ..exceptions import JobCancelled, JobTimeout, TaskNotAllowed
 from ..keys import Keys
 from ..log import Trouble
 from ..metrics.tally import INVALID_TASK, Tally
-from ..process import BlockingCall, Interrupted, set_title
+from ..process import PARENT_DIED, BlockingCall, Interrupted, set_title
 from ..registry import TaskResolver
 from ..settle import Completed, Failed, RetryPolicy, Settlement, settle
 from ..slots import Slot
@@ -447,14 +447,21 @@ class Worker:
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.signal(signal.SIGUSR1, self._on_reopen_logs)
         signal.signal(signal.SIGUSR2, self._on_cancel)
+        if self.master_pid is not None and PARENT_DIED != signal.SIGTERM:
+            signal.signal(PARENT_DIED, self._on_master_died)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         if self._orphaned():
-            # our master died (this TERM is its death signal): nobody renews our lease any
-            # more, so the job we hold will run elsewhere; stop now, with whatever we forked
-            os.killpg(os.getpgrp(), signal.SIGKILL)
+            self._on_master_died(signum, frame)
         self._stopping = True
         self._waiting.interrupt()
+
+    def _on_master_died(self, signum: int, frame: Any) -> None:
+        # nobody renews our lease any more, so the jobs we hold will run elsewhere: stop now,
+        # with whatever we forked, and leave them as they are (a graceful stop would finish
+        # this job past a lease nobody renews, and give back the others as if the master
+        # were there)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def _on_alarm(self, signum: int, frame: Any) -> None:
         if self._running is not None:
