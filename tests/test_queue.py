@@ -647,6 +647,38 @@ def test_an_enqueue_skips_a_dead_workers_idle_registration_and_the_next_one_drop
     assert queue.broker.active_holder(handed.id) == "w8"
 
 
+def test_a_worker_that_waits_idle_drops_the_wake_tokens_of_jobs_already_claimed(
+        queue: JobQueue, r: redis.Redis) -> None:
+    """Jobs enqueued while no worker was idle leave a wake token each (up to WAKE_CAP); busy
+    workers claim those jobs without one. The tokens left would wake each idle worker for a
+    claim that finds nothing, once per token, at the end of every drain: the wait drops them
+    when the queue has nothing pending (or is suspended), and keeps them while it has."""
+    wake = queue.keys.wake("default")
+    queue.enqueue_many(tasks.noop, [()] * 5)
+    assert r.llen(wake) == 5
+    assert len(claim(queue, 3)) == 3
+    # jobs still pending: a waiting worker is woken at once, by one token; the rest stay
+    assert queue.broker.wait_for_work("w1", ["default"], 5) is None
+    assert r.llen(wake) == 4
+    assert len(claim(queue, 10)) == 2
+    calls_before = r.info("commandstats")["cmdstat_blpop"]["calls"]
+    # the queue is empty: the wait drops the tokens and blocks until its timeout
+    assert queue.broker.wait_for_work("w1", ["default"], 0.05) is None
+    assert r.llen(wake) == 0
+    assert r.info("commandstats")["cmdstat_blpop"]["calls"] == calls_before + 1
+    # a job enqueued meanwhile still wakes a worker (handed to the idle one, or its token)
+    job = queue.enqueue(tasks.noop)
+    assert queue.broker.active_holder(job.id) == "w1" or r.llen(wake) == 1
+    # a suspended queue: its tokens go too, and its resume puts one back per pending job
+    queue.broker.release("w1", cause="worker stopped", current="-")  # its jobs: pending again
+    queue.broker.suspend("default")
+    assert r.llen(wake) > 0
+    assert queue.broker.wait_for_work("w2", ["default"], 0.05) is None
+    assert r.llen(wake) == 0
+    queue.broker.resume("default")
+    assert r.llen(wake) == queue.get_stats()["pending"] == 6
+
+
 def test_an_enqueue_polls_for_its_reply_only_right_after_another(queue: JobQueue) -> None:
     # enqueues that follow each other: their replies come fast, polling saves a wake-up; one
     # that comes alone would poll while the worker that starts its job needs the core

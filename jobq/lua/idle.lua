@@ -14,6 +14,12 @@
 -- a job handed to it is leased for the worker's lease, not the producer's (a producer
 -- configured with a longer one would otherwise delay the job's return when the worker's
 -- host dies before its master's first renewal).
+-- A queue with no pending job, or suspended, loses its wake tokens ({ns}:wake:<queue>):
+-- they were left by jobs that busy workers claimed without waiting (an enqueue pushes one per
+-- job, up to a cap, when no worker is idle), and each would only wake this worker for a claim
+-- that finds nothing, then another: at the end of every drain, up to the cap of empty round
+-- trips per queue. A job enqueued later pushes its own token (or is handed straight to a
+-- worker), and a queue resumed pushes one per pending job.
 -- Returns the number of queues.
 local B, worker = ARGV[1], ARGV[2]
 local now = server_ms()
@@ -22,5 +28,9 @@ for i = 4, #ARGV do
   local idle_key = B .. ':idle:' .. ARGV[i]
   redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', now - IDLE_FRESH)  -- dead workers'
   redis.call('ZADD', idle_key, now, worker)
+  if redis.call('EXISTS', B .. ':q:' .. ARGV[i]) == 0
+      or redis.call('SISMEMBER', B .. ':suspended', base(ARGV[i])) == 1 then
+    redis.call('DEL', B .. ':wake:' .. ARGV[i])
+  end
 end
 return #ARGV - 3
