@@ -23,7 +23,7 @@ from jobq.config import load_config
 from jobq.connection import connect
 from jobq.queue import JobQueue
 from jobq.server import EmbeddedServer, ServerError, binary_path
-from jobq.worker.loop import Worker
+from jobq.worker_loop import Worker
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

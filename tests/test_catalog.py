@@ -18,7 +18,7 @@ from jobq.config import Config
 from jobq.keys import Keys
 from jobq.registry import TaskResolver
 from jobq.scheduler import Scheduler
-from jobq.worker.loop import Worker
+from jobq.worker_loop import Worker
 
 TASK = "jobq_testtasks:declared"
 

@@ -37,7 +37,7 @@ from jobq.schedule import ScheduleError, local_time
 from jobq.scheduler import Scheduler
 from jobq.scheduler_daemon import SchedulerProcess
 from jobq.server import EmbeddedServer
-from jobq.worker.loop import Worker
+from jobq.worker_loop import Worker
 
 Spawn = Callable[..., subprocess.Popen[str]]
 

@@ -260,7 +260,7 @@ def test_metrics_are_off_by_default_and_prometheus_client_is_not_imported(
     wait_workers(master, 1)
     assert psutil.Process(master.pid).net_connections(kind="inet") == []
     code = ("import sys, jobq, jobq.cli, jobq.cli.master, jobq.master.arbiter, "
-            "jobq.worker.loop, jobq.metrics; assert 'prometheus_client' not in sys.modules")
+            "jobq.worker_loop, jobq.metrics; assert 'prometheus_client' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], env=subprocess_env(), check=True, timeout=30)
 
 

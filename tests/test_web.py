@@ -25,7 +25,7 @@ from jobq.registry import TaskResolver
 from jobq.scheduler import Scheduler
 from jobq.web import security
 from jobq.web.cache import TtlCache
-from jobq.worker.loop import Worker
+from jobq.worker_loop import Worker
 
 flask = pytest.importorskip("flask", reason="the web extra (flask) is not installed")
 

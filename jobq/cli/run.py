@@ -14,7 +14,7 @@ from .. import log as jobq_log
 from ..exceptions import TaskImportError
 from ..registry import TaskResolver
 from ..server import EmbeddedServer, ServerError
-from ..worker.loop import Worker
+from ..worker_loop import Worker
 from .app import CliError, State, config_option, jobq_command, main, run_guarded
 
 

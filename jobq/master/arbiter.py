@@ -80,7 +80,7 @@ from ..scheduler_daemon import scheduler_main
 from ..server import resolve_url
 from ..slots import BUSY, IDLE, SlotTable
 from ..wire import AckEntry, route
-from ..worker.loop import Worker
+from ..worker_loop import Worker
 from . import policy
 from .duties import Duties, Seen
 from .notify import notify

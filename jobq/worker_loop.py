@@ -37,20 +37,20 @@ from typing import Any
 
 import redis
 
-from .. import catalog, context, serialization
-from .. import log as jobq_log
-from ..broker import Broker, Claimed, Released
-from ..config import Config
-from ..connection import connect, describe_error, unavailable
-from ..exceptions import JobCancelled, JobTimeout, TaskNotAllowed
-from ..keys import Keys
-from ..log import Trouble
-from ..metrics.tally import INVALID_TASK, Tally
-from ..process import PARENT_DIED, BlockingCall, Interrupted, set_title
-from ..registry import TaskResolver
-from ..settle import Completed, Failed, RetryPolicy, Settlement, settle
-from ..slots import Slot
-from ..wire import ACK_FIELDS, AckEntry, BadJob, Spec, undecodable
+from . import catalog, context, serialization
+from . import log as jobq_log
+from .broker import Broker, Claimed, Released
+from .config import Config
+from .connection import connect, describe_error, unavailable
+from .exceptions import JobCancelled, JobTimeout, TaskNotAllowed
+from .keys import Keys
+from .log import Trouble
+from .metrics.tally import INVALID_TASK, Tally
+from .process import PARENT_DIED, BlockingCall, Interrupted, set_title
+from .registry import TaskResolver
+from .settle import Completed, Failed, RetryPolicy, Settlement, settle
+from .slots import Slot
+from .wire import ACK_FIELDS, AckEntry, BadJob, Spec, undecodable
 
 log = logging.getLogger("jobq.worker")
 
