@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import pytest
@@ -166,3 +167,19 @@ def test_a_scenario_and_its_reference_alternate_over_runs(redis_url: str) -> Non
         assert got == ("j", "r")
     assert order == ["ref", "jobq", "jobq", "ref", "ref", "jobq"]
     b.close()
+
+
+def test_the_master_runs_in_the_benchs_session_as_the_references_do(redis_url: str) -> None:
+    """A session of its own would be an autogroup of its own for Linux's scheduler, which
+    shares the cores between autogroups first: the bare loop and Pool run in the bench's.
+    A process group of its own, though: a terminal's Ctrl-C is the bench's to handle."""
+    b = bench.Bench(redis_url, workers=1)
+    master = b.start_master()
+    try:
+        b.wait_ready(master)
+        assert os.getsid(master.pid) == os.getsid(0)
+        assert os.getpgid(master.pid) == master.pid != os.getpgid(0)
+    finally:
+        b.stop_master(master)
+        b.cleanup()
+        b.close()
