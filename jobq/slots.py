@@ -1,11 +1,13 @@
 """Shared memory between the master and its workers: what each worker is doing right now.
 
 The master maps one anonymous shared region before it forks; slot ``i`` belongs to the worker
-in pool slot ``i``. A worker writes its state at each job start and end (about a microsecond:
-one ``struct.pack_into``); the master reads every slot on its ticks, without asking Redis.
+in pool slot ``i``. A worker writes its state at each job start and end (about a microsecond);
+the master reads every slot on its ticks, without asking Redis.
 
-A slot is guarded by a sequence number (a seqlock): odd while the worker writes, so the
-master never reads a job id with another job's start time.
+A slot is guarded by a sequence number (a seqlock): the worker makes it odd, writes the
+fields, then makes it even again; the master keeps a copy only when it read the same even
+sequence before and after the fields, so it never reads a job id with another job's start
+time (tests/test_slots.py races a writer against a reader).
 
 Each slot also has an *ack journal*: the worker batches the acknowledgements of short jobs
 (sent to Redis every few milliseconds), and writes each one here first. When a worker dies,
@@ -16,15 +18,23 @@ again: only the job that was running when the worker died is.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: seq, pid, state, jobs done, heartbeat, job started, job deadline, job id (len + bytes),
-#: boot error message (len + bytes)
-_LAYOUT = struct.Struct("<QqiQdddH64sH200s")
-SIZE = _LAYOUT.size
+#: A slot: its sequence (8 bytes, first), then pid, state, jobs done, heartbeat, job started,
+#: job deadline, job id (len + bytes), boot error message (len + bytes). The sequence is
+#: stored and loaded as one aligned 8-byte word (a memoryview's item), never with struct,
+#: whose pack_into zeroes its whole span before it writes the fields one by one: a reader
+#: would see a sequence of 0, or a part of one.
+_FIELDS = struct.Struct("<qiQdddH64sH200s")
+SIZE = 8 + _FIELDS.size
+#: A reader that finds a slot being written tries this many times at once, then yields the
+#: core to the writer for up to READ_PATIENCE seconds before it takes the last copy read.
+READ_SPINS = 100
+READ_PATIENCE = 0.02
 #: A cancel target: length byte + job id.
 CANCEL_SIZE = 65
 #: The ack journal of a slot: header (entry count, bytes used), then length-prefixed entries.
@@ -61,6 +71,8 @@ class SlotTable:
         # one ack journal per slot (pages are only touched, so only resident, when used)
         self.mem = mmap.mmap(-1, (SIZE + CANCEL_SIZE + JOURNAL_SIZE) * capacity,
                              flags=mmap.MAP_SHARED)
+        # the sequences, as words: slot i's is item i * SIZE // 8 (SIZE is a multiple of 8)
+        self._seqs = memoryview(self.mem)[:SIZE * capacity].cast("Q")
 
     def slot(self, index: int) -> Slot:
         if not 0 <= index < self.capacity:
@@ -103,14 +115,26 @@ class SlotTable:
 
     def read(self, index: int) -> SlotView:
         offset = index * SIZE
-        for _ in range(100):
-            before = struct.unpack_from("<Q", self.mem, offset)[0]
-            values = _LAYOUT.unpack_from(self.mem, offset)
-            if before % 2 == 0 and values[0] == before:
-                break
-        # else the writer stopped between its two stores (SIGKILLed, or not scheduled) and the
-        # sequence stays odd: use the last copy read (in practice the state before that write)
-        _, pid, state, done, beat, started, deadline, n, job, m, msg = values
+        seq = offset // 8
+        tries, give_up = 0, 0.0
+        while True:
+            before = self._seqs[seq]
+            values = _FIELDS.unpack_from(self.mem, offset + 8)
+            if before % 2 == 0 and self._seqs[seq] == before:
+                break  # even, and the same after: no write began or ended in between
+            tries += 1
+            if tries >= READ_SPINS:
+                # the writer is not running (not scheduled, or dead between its two stores):
+                # let it run, a while; a dead one leaves the sequence odd for good, and the
+                # last copy read is used (the fields of its last write, or of the one before,
+                # or, for a writer killed within a store, some of each)
+                now = time.monotonic()
+                if not give_up:
+                    give_up = now + READ_PATIENCE
+                elif now > give_up:
+                    break
+                os.sched_yield()
+        pid, state, done, beat, started, deadline, n, job, m, msg = values
         return SlotView(pid, state, done, beat, started, deadline,
                         job[:n].decode(errors="replace") if n else None,
                         msg[:m].decode(errors="replace"))
@@ -125,7 +149,7 @@ class Slot:
     """The worker's end of one slot."""
 
     __slots__ = ("mem", "offset", "cancel_offset", "journal", "pid", "jobs_done", "_seq",
-                 "_count", "_used")
+                 "_seqs", "_count", "_used")
 
     def __init__(self, mem: mmap.mmap, offset: int, cancel_offset: int = -1,
                  journal: int = -1) -> None:
@@ -136,14 +160,16 @@ class Slot:
         self._count = self._used = 0
         self.pid = 0
         self.jobs_done = 0
-        self._seq = struct.unpack_from("<Q", mem, offset)[0] & ~1
+        self._seqs = memoryview(mem)[offset:offset + 8].cast("Q")
+        self._seq = self._seqs[0] & ~1
 
     def write(self, state: int, pid: int, jobs: int, beat: float, started: float,
               deadline: float, job: bytes, message: bytes) -> None:
         seq = self._seq + 1
-        struct.pack_into("<Q", self.mem, self.offset, seq)  # odd: being written
-        _LAYOUT.pack_into(self.mem, self.offset, seq + 1, pid, state, jobs, beat, started,
-                          deadline, len(job), job, len(message), message)
+        self._seqs[0] = seq  # odd: being written
+        _FIELDS.pack_into(self.mem, self.offset + 8, pid, state, jobs, beat, started, deadline,
+                          len(job), job, len(message), message)
+        self._seqs[0] = seq + 1  # even: written whole
         self._seq = seq + 1
 
     def boot(self, pid: int) -> None:
