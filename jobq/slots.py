@@ -34,7 +34,7 @@ SIZE = 8 + _FIELDS.size
 #: A reader that finds a slot being written tries this many times at once, then yields the
 #: core to the writer for up to READ_PATIENCE seconds before it takes the last copy read.
 READ_SPINS = 100
-READ_PATIENCE = 0.02
+READ_PATIENCE = 0.005
 #: A cancel target: length byte + job id.
 CANCEL_SIZE = 65
 #: The ack journal of a slot: header (entry count, bytes used), then length-prefixed entries.
@@ -50,7 +50,9 @@ FREE, BOOTING, IDLE, BUSY, EXITING = range(5)
 
 @dataclass(frozen=True)
 class SlotView:
-    """A consistent copy of one slot."""
+    """A copy of one slot: consistent when ``whole`` (the same even sequence before and after
+    it); else the last copy read of a slot whose writer stopped within a write (dead, or not
+    scheduled for READ_PATIENCE)."""
 
     pid: int
     state: int
@@ -60,6 +62,7 @@ class SlotView:
     deadline: float
     job_id: str | None
     message: str
+    whole: bool = True
 
 
 class SlotTable:
@@ -116,7 +119,7 @@ class SlotTable:
     def read(self, index: int) -> SlotView:
         offset = index * SIZE
         seq = offset // 8
-        tries, give_up = 0, 0.0
+        tries, give_up, whole = 0, 0.0, True
         while True:
             before = self._seqs[seq]
             values = _FIELDS.unpack_from(self.mem, offset + 8)
@@ -132,12 +135,13 @@ class SlotTable:
                 if not give_up:
                     give_up = now + READ_PATIENCE
                 elif now > give_up:
+                    whole = False
                     break
                 os.sched_yield()
         pid, state, done, beat, started, deadline, n, job, m, msg = values
         return SlotView(pid, state, done, beat, started, deadline,
                         job[:n].decode(errors="replace") if n else None,
-                        msg[:m].decode(errors="replace"))
+                        msg[:m].decode(errors="replace"), whole)
 
     def clear(self, index: int) -> None:
         Slot(self.mem, index * SIZE).write(FREE, 0, 0, 0.0, 0.0, 0.0, b"", b"")
