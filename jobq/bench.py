@@ -212,14 +212,17 @@ class Bench:
         return self.queue.broker.counter("bench", "completed")
 
     def drain(self, n: int, before: int = 0, poll: float = 0.002, *,
-              meter: bool = False) -> Drained:
+              meter: bool = False, each: Callable[[], None] | None = None) -> Drained:
         """Wait for ``n`` more completions; return the time of the first and of the last, and
-        with ``meter`` the server's CPU per job between the two. Fails if the master died, or
-        if nothing completes for STALL seconds."""
+        with ``meter`` the server's CPU per job between the two. ``each`` is called at every
+        look at the counter. Fails if the master died, or if nothing completes for STALL
+        seconds."""
         first = None
         cpu_first, done_first = 0.0, 0
         last_progress, last_done = time.perf_counter(), -1
         while True:
+            if each is not None:
+                each()
             done = self.completed() - before
             now = time.perf_counter()
             if done > 0 and first is None:
@@ -501,35 +504,40 @@ class Bench:
     def backlog(self) -> dict[str, float]:
         measured = int(50_000 * self.scale) or 1000
         large = int(1_000_000 * self.scale) or 10_000
-        small_rate, _ = self._rate_with_backlog(1000, measured)
-        large_rate, server_us = self._rate_with_backlog(large, measured)
+        small_rate, _ = self._rate_with_backlog(1000, measured, top_up=True)
+        large_rate, server_us = self._rate_with_backlog(large, measured, top_up=False)
         return {"small_jobs_per_s": round(small_rate), "large_jobs_per_s": round(large_rate),
                 "ratio": round(large_rate / small_rate, 3), "backlog": large,
                 "server_us_per_job": round(server_us, 2)}
 
-    def _rate_with_backlog(self, backlog: int, measured: int) -> tuple[float, float]:
+    def _rate_with_backlog(self, backlog: int, measured: int, *, top_up: bool) -> tuple[
+            float, float]:
         """Throughput over ``measured`` completions while ``backlog`` jobs stay queued, and
-        the server's CPU per job over them: with the large backlog (nothing is enqueued
-        during the measure; the small one is topped up, and the enqueues would count)."""
+        the server's CPU per job over them. With ``top_up`` the backlog is kept at about its
+        size (the enqueues count in the server's CPU); without, it must outlast the measure:
+        if it runs out first, that is an error, not a figure."""
         self.cleanup()
         for start in range(0, backlog, 100_000):
             self.queue.enqueue_many(noop, [()] * min(100_000, backlog - start))
         master = self.start_master()
         try:
-            warm = min(measured // 5, backlog // 2)
-            self.drain(warm)
+            self.drain(min(measured // 5, backlog // 2))
+            # the workers may be far past the warm-up by now (a bench descheduled for a few
+            # milliseconds sees thousands of jobs more): the measure starts here, whatever ran
             base = self.completed()
+            if not top_up and backlog - base < measured:
+                raise RuntimeError(f"bench: {base} of the backlog's {backlog} jobs ran before "
+                                   f"the measure of {measured} began (the bench was late to "
+                                   "start it); try a larger --scale")
+
+            def keep_topped_up() -> None:
+                pending = self.queue.size()
+                if pending < backlog // 2:
+                    self.queue.enqueue_many(noop, [()] * (backlog - pending))
+
             cpu0, t0 = self.broker.server_cpu(), time.perf_counter()
-            done = 0
-            while done < measured:
-                if backlog <= measured:  # keep the small backlog topped up at about its size
-                    pending = self.queue.size()
-                    if pending < backlog // 2:
-                        self.queue.enqueue_many(noop, [()] * (backlog - pending))
-                done = self.completed() - base
-                if master.poll() is not None or time.perf_counter() - t0 > STALL * 5:
-                    raise RuntimeError(f"bench: backlog run stalled at {done} of {measured}")
-                time.sleep(0.002)
+            self.drain(measured, base, each=keep_topped_up if top_up else None)
+            done = self.completed() - base
             rate = done / (time.perf_counter() - t0)
             server_us = (self.broker.server_cpu() - cpu0) * 1e6 / done
         finally:
@@ -651,3 +659,4 @@ def run(url: str, workers: int, scenarios: list[str], repeat: int, scale: float,
         bench.cleanup()
         bench.close()
     return out
+

@@ -183,3 +183,38 @@ def test_the_master_runs_in_the_benchs_session_as_the_references_do(redis_url: s
         b.stop_master(master)
         b.cleanup()
         b.close()
+
+
+class LateBench(bench.Bench):
+    """A bench that looks at the counter only once its workers ran the whole first backlog:
+    what a bench descheduled for a few milliseconds sees (it hung a CI run)."""
+
+    def drain(self, n: int, before: int = 0, *args: Any, **kwargs: Any) -> bench.Drained:
+        if before == 0:  # the warm-up
+            n = self.broker.counter("bench", "enqueued")
+        return super().drain(n, before, *args, **kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_a_late_bench_still_measures_the_small_backlog_kept_topped_up(redis_url: str) -> None:
+    b = LateBench(redis_url, workers=1)
+    try:
+        # a backlog larger than the measure, as at --scale 0.01 (1000 jobs, 500 measured)
+        rate, server_us = b._rate_with_backlog(100, 50, top_up=True)
+        assert rate > 0 and server_us > 0
+    finally:
+        b.cleanup()
+        b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_late_bench_says_its_large_backlog_ran_out_instead_of_waiting(
+        redis_url: str) -> None:
+    b = LateBench(redis_url, workers=1)
+    try:
+        with pytest.raises(RuntimeError, match="100 of the backlog's 100 jobs ran before"):
+            b._rate_with_backlog(100, 50, top_up=False)
+    finally:
+        b.cleanup()
+        b.close()
+
