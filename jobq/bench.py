@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -644,6 +645,10 @@ def run(url: str, workers: int, scenarios: list[str], repeat: int, scale: float,
     """Run the scenarios; each result is the median over ``repeat`` runs of every figure."""
     bench = Bench(url, workers, scale, log)
     out = []
+    # a TERM or HUP stops the bench as Ctrl-C does, through the finally clauses that stop
+    # its masters (in process groups of their own, no signal sent to the bench reaches them)
+    handlers = _stop_on_signals() if threading.current_thread() is threading.main_thread() \
+        else {}
     try:
         for name in scenarios:
             runs = []
@@ -656,7 +661,16 @@ def run(url: str, workers: int, scenarios: list[str], repeat: int, scale: float,
                 result[key] = median([r[key] for r in runs])
             out.append(result)
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         bench.cleanup()
         bench.close()
     return out
 
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Make TERM and HUP raise SystemExit(128 + signal); return the handlers they had."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}

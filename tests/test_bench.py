@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import kill_processes, process_tree, wait_dead, wait_until
 
 from jobq import bench, benchref
 from jobq.cli import main
@@ -218,3 +222,25 @@ def test_a_late_bench_says_its_large_backlog_ran_out_instead_of_waiting(
         b.cleanup()
         b.close()
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_bench_stopped_by_a_signal_stops_its_master(
+        spawn: Callable[..., subprocess.Popen[str]], signum: int) -> None:
+    """Its master runs in a process group of its own, which no signal sent to the bench
+    reaches: a bench that just died would leave it running, its workers taking the next
+    bench's jobs."""
+    proc = spawn("bench", "-s", "tail", "--repeat", "1")  # one master for seconds
+
+    def master_with_workers() -> list[Any]:
+        tree = [p for p in process_tree(proc.pid)[1:] if "jobq" in " ".join(p.cmdline())]
+        return tree if len(tree) >= 1 + 2 else []  # the master, its workers (and scheduler)
+
+    tree = wait_until(master_with_workers, timeout=30, message="the bench's master's workers")
+    try:
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 128 + signum
+        wait_dead(tree)
+        assert [p.pid for p in tree if p.is_running() and p.status() != "zombie"] == []
+    finally:
+        kill_processes(tree)
