@@ -132,6 +132,14 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def title(p: psutil.Process) -> str:
+    """A process's title (its command line, as setproctitle sets it); "" once it is gone."""
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
 def kill_processes(procs: list[psutil.Process], *, wait: bool = True) -> None:
     """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait for
     them (with ``wait``, see :func:`wait_dead`)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import kill_processes, process_tree, wait_dead, wait_until
+from conftest import kill_processes, process_tree, title, wait_dead, wait_until
 
 from jobq import bench, benchref
 from jobq.cli import main
@@ -233,7 +233,7 @@ def test_a_bench_stopped_by_a_signal_stops_its_master(
     proc = spawn("bench", "-s", "tail", "--repeat", "1")  # one master for seconds
 
     def master_with_workers() -> list[Any]:
-        tree = [p for p in process_tree(proc.pid)[1:] if "jobq" in " ".join(p.cmdline())]
+        tree = [p for p in process_tree(proc.pid)[1:] if "jobq" in title(p)]
         return tree if len(tree) >= 1 + 2 else []  # the master, its workers (and scheduler)
 
     tree = wait_until(master_with_workers, timeout=30, message="the bench's master's workers")

@@ -18,7 +18,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import ROOT, kill_processes, process_tree, subprocess_env, wait_until
+from conftest import ROOT, kill_processes, process_tree, subprocess_env, title, wait_until
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
@@ -57,13 +57,6 @@ def start_master(spawn: Spawn, tmp_path: Path, *args: str, workers: int = 2,
     return spawn(*options, "-w", str(workers), *args, env=env, module="jobq.master")
 
 
-def titles(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return ""
-
-
 def workers(master: subprocess.Popen[str] | int, *, ready: bool = False) -> list[int]:
     """Pids of the master's live worker children (``ready``: only those past booting)."""
     pid = master if isinstance(master, int) else master.pid
@@ -73,8 +66,8 @@ def workers(master: subprocess.Popen[str] | int, *, ready: bool = False) -> list
         return []
     found = []
     for child in children:
-        title = titles(child)
-        if "jobq worker" in title and not (ready and "booting" in title):
+        name = title(child)
+        if "jobq worker" in name and not (ready and "booting" in name):
             found.append(child.pid)
     return sorted(found)
 
@@ -332,7 +325,7 @@ def test_hup_reloads_new_code_without_losing_or_failing_a_job(
     assert wait_until(lambda: queue.get_stats()["completed"] == 1001 + len(versions), 10,
                       message="every job to be completed")
     new = wait_workers(master, 2, without=set(old))
-    assert "gen=1" in titles(psutil.Process(master.pid))
+    assert "gen=1" in title(psutil.Process(master.pid))
     assert len(new) == 2
 
 
@@ -376,7 +369,7 @@ def test_usr1_and_hup_reopen_the_log_file_in_the_master_its_workers_and_its_sche
     master = start_master(spawn, tmp_path, workers=1, log_file=str(log_file))
     wait_workers(master, 1)
     [scheduler] = wait_until(lambda: [p.pid for p in psutil.Process(master.pid).children()
-                                      if "jobq scheduler" in titles(p)],
+                                      if "jobq scheduler" in title(p)],
                              message="the scheduler")
 
     for signum, rotated in ((signal.SIGUSR1, "master.log.1"), (signal.SIGHUP, "master.log.2")):
@@ -406,17 +399,17 @@ def test_ttin_and_ttou_change_the_number_of_workers(spawn: Spawn, queue: JobQueu
     os.kill(master.pid, signal.SIGTTIN)
     three = wait_workers(master, 3)
     assert set(first) < set(three)
-    assert "workers=3" in titles(psutil.Process(master.pid))
+    assert "workers=3" in title(psutil.Process(master.pid))
 
     os.kill(master.pid, signal.SIGTTOU)
     two = wait_workers(master, 2)
     assert set(two) < set(three)
-    assert "workers=2" in titles(psutil.Process(master.pid))
+    assert "workers=2" in title(psutil.Process(master.pid))
 
     os.kill(master.pid, signal.SIGTTOU)
     os.kill(master.pid, signal.SIGTTOU)  # never below one
     wait_workers(master, 1)
-    assert "workers=1" in titles(psutil.Process(master.pid))
+    assert "workers=1" in title(psutil.Process(master.pid))
     assert queue.enqueue(tasks.add, 1, 2).result(timeout=15) == 3
 
 
@@ -528,16 +521,16 @@ def test_process_titles(spawn: Spawn, queue: JobQueue, tmp_path: Path) -> None:
 
     def scheduler() -> list[psutil.Process]:
         return [c for c in psutil.Process(master.pid).children()
-                if "jobq scheduler" in titles(c)]
+                if "jobq scheduler" in title(c)]
 
     [sched] = wait_until(scheduler, message="the scheduler's title")
-    title = titles(psutil.Process(master.pid))
-    assert "jobq-master" in title and "high,default" in title and "workers=2" in title
+    name = title(psutil.Process(master.pid))
+    assert "jobq-master" in name and "high,default" in name and "workers=2" in name
     children = psutil.Process(master.pid).children()
     assert sorted(c.pid for c in children) == sorted([*pool, sched.pid])
     for pid in pool:
-        assert titles(psutil.Process(pid)).startswith("jobq worker ")
-    assert sorted(titles(psutil.Process(p)).split(":")[0] for p in pool) == [
+        assert title(psutil.Process(pid)).startswith("jobq worker ")
+    assert sorted(title(psutil.Process(p)).split(":")[0] for p in pool) == [
         "jobq worker 0", "jobq worker 1"]
 
 
@@ -615,7 +608,7 @@ def test_the_seed_main_py_runs_unchanged(redis_url: str, tmp_path: Path) -> None
                     seen.setdefault(p.pid, p.create_time())
                 except psutil.NoSuchProcess:
                     pass
-            names = " ".join(titles(p) for p in family)
+            names = " ".join(title(p) for p in family)
             return proc.poll() is not None or (
                 "jobq-master" in names and names.count("jobq worker") == 2
                 and "jobq scheduler" in names)
@@ -788,13 +781,13 @@ def test_a_worker_pool_dies_with_the_script_that_started_it(
     try:
         master_pid = int(proc.stdout.readline())  # type: ignore[union-attr]
         family = process_tree(master_pid)
-        assert len(family) == 4, [titles(p) for p in family]  # master, 2 workers, scheduler
+        assert len(family) == 4, [title(p) for p in family]  # master, 2 workers, scheduler
         wait_until(lambda: len(runs(r, k)) >= 2, message="the pool's schedule firing")
 
         proc.send_signal(ending)  # what Ctrl-C, a TERM or a kill -9 do to the script
         proc.wait(timeout=30)
         _, still = psutil.wait_procs(family, timeout=20)
-        assert still == [], [titles(p) for p in still]  # nothing left to fire the schedule
+        assert still == [], [title(p) for p in still]  # nothing left to fire the schedule
     finally:
         kill_processes(process_tree(proc.pid))
 
@@ -838,7 +831,7 @@ def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
     assert master.poll() is None
     assert sorted(wait_workers(master, 2)) == sorted(old)  # the very same workers run on
     assert queue.enqueue("hupcheck:version").result(timeout=15) == 1
-    assert "gen=0" in titles(psutil.Process(master.pid))
+    assert "gen=0" in title(psutil.Process(master.pid))
 
 
 #: A script with its own pool of one worker, running a function of its own ``__main__``.
