@@ -1,6 +1,6 @@
 """``jobq bench``: measure jobq on this machine, through its public API and a real master.
 
-Each scenario starts a real ``jobq-master`` (``python -m jobq.master``), drives it, and tears
+Each scenario starts a real ``jobq-master`` (``python -m jobq.cli.master``), drives it, and tears
 it down. Everything runs in its own key namespace (``jobqbench``), which is deleted at the end:
 nothing of the user's data is touched. Figures are medians over ``--repeat`` runs.
 
@@ -167,7 +167,7 @@ class Bench:
         self._drain_notifications()  # what an earlier master said is not this one's
         env = {**os.environ, "JOBQ_REDIS_URL": self.url, "JOBQ_BENCH_URL": self.url,
                "NOTIFY_SOCKET": str(self.notify_path)}
-        cmd = [sys.executable, "-m", "jobq.master", "--workers", str(self.workers), "-q",
+        cmd = [sys.executable, "-m", "jobq.cli.master", "--workers", str(self.workers), "-q",
                "bench", "-I", "jobq.bench", "--config", str(self.config_path),
                "--log-level", "error", *args]
         # A process group of its own (a terminal's Ctrl-C reaches the bench, which stops it),

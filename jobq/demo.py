@@ -87,7 +87,7 @@ def _start_master(url: str, workers: int, tmp: Path) -> subprocess.Popen[bytes]:
     config = tmp / "demo.toml"
     config.write_text(f'prefix = "{PREFIX}"\n')
     env = {**os.environ, "JOBQ_REDIS_URL": url}
-    cmd = [sys.executable, "-m", "jobq.master", "--config", str(config), "--workers",
+    cmd = [sys.executable, "-m", "jobq.cli.master", "--config", str(config), "--workers",
            str(workers), "-q", QUEUE, "-I", __name__, "--log-level", "error"]
     return subprocess.Popen(cmd, env=env)
 

@@ -69,7 +69,7 @@ def run(c: Cluster, groups: dict[str, int], jobs: int, workdir: Path) -> dict[st
     env = dict(os.environ, JOBQ_REDIS_URL=c.url, PYTHONPATH=f"{HERE}:{HERE.parent}")
     t0 = time.monotonic()
     masters = [subprocess.Popen(
-        [sys.executable, "-m", "jobq.master", "-w", "1", "-q", g, "-I", "jobq_testtasks",
+        [sys.executable, "-m", "jobq.cli.master", "-w", "1", "-q", g, "-I", "jobq_testtasks",
          "--log-file", str(workdir / f"{g}.log")], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for g in groups]
     try:

@@ -53,7 +53,7 @@ def start_host(host: netns.Host, url: str, workdir: Path, workers: int) -> subpr
     config = workdir / f"{host.name}.toml"
     config.write_text(f'lease_time = 5.0\nlog_file = "{workdir / host.name}.log"\n'
                       f'log_level = "warning"\n')
-    argv = [sys.executable, "-m", "jobq.master", "-w", str(workers), "-I", "jobq_testtasks",
+    argv = [sys.executable, "-m", "jobq.cli.master", "-w", str(workers), "-I", "jobq_testtasks",
             "--config", str(config), "--hostname", host.name]
     return subprocess.Popen(host.command(argv), env=subprocess_env(JOBQ_REDIS_URL=url),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

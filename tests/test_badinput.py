@@ -707,13 +707,13 @@ def test_bad_config_files_stop_master_and_cli_with_one_line_and_exit_2(
         path.write_text(text)
         runs.append((path, names, says, "jobq-master",
                      spawn("--config", str(path), "-I", "jobq_testtasks", "-w", "1",
-                           "-q", "default", *options, env=env, module="jobq.master")))
+                           "-q", "default", *options, env=env, module="jobq.cli.master")))
         runs.append((path, names, says, "jobq",
                      spawn("--config", str(path), *options, "info", env=env)))
     path = tmp_path / "schedule.toml"
     path.write_text(schedule)
     runs.append((path, "cron:", "field 1 (minute) '61'", "jobq-master",
-                 spawn("--config", str(path), env=env, module="jobq.master")))
+                 spawn("--config", str(path), env=env, module="jobq.cli.master")))
     for path, names, says, prog, proc in runs:
         out, err = proc.communicate(timeout=30)
         where = f"{prog} with {path.read_text()!r}"

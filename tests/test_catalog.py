@@ -195,7 +195,7 @@ def test_a_master_announces_its_tasks_and_every_way_by_name_applies_them(
         spawn: Any, tmp_path: Any, redis_url: str, queue: JobQueue) -> None:
     path = tmp_path / "jobq.toml"
     path.write_text('queues = ["default", "high"]\nlease_time = 2.0\nscheduler_tick = 0.1\n')
-    master = spawn("-I", "jobq_testtasks", "-w", "2", module="jobq.master",
+    master = spawn("-I", "jobq_testtasks", "-w", "2", module="jobq.cli.master",
                    env=subprocess_env(JOBQ_CONFIG=str(path)))
     wait_until(lambda: TASK in queue.tasks(), timeout=30)
     (master_id,) = queue.tasks()[TASK].hosts
@@ -225,7 +225,7 @@ def test_a_reload_announces_the_new_code_and_drops_what_it_removed(
         spawn: Any, tmp_path: Any, queue: JobQueue) -> None:
     module = tmp_path / "reloaded_tasks.py"
     module.write_text("from jobq import task\n\n@task(timeout=5)\ndef old(x): return x\n")
-    master = spawn("-I", "reloaded_tasks", "-w", "1", module="jobq.master",
+    master = spawn("-I", "reloaded_tasks", "-w", "1", module="jobq.cli.master",
                    env=subprocess_env(PYTHONPATH=f"{tmp_path}:{subprocess_env()['PYTHONPATH']}"))
     # only what the module declares: nothing jobq itself registers (the demo's tasks)
     wait_until(lambda: set(queue.tasks()) == {"reloaded_tasks:old"}, timeout=30)

@@ -225,7 +225,7 @@ def _toml(value: Any) -> str:
 
 
 class Masters:
-    """Real ``python -m jobq.master`` processes (log to ``masters.log``); each one's whole tree
+    """Real ``python -m jobq.cli.master`` processes (log to ``masters.log``); each one's whole tree
     is killed at teardown (stopped processes are continued first)."""
 
     def __init__(self, spawn: Spawn, tmp_path: Path) -> None:
@@ -240,7 +240,7 @@ class Masters:
         merged = {**BASE_CONFIG, "log_file": str(self.log_path), **values}
         path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in merged.items()))
         proc = self.spawn("-w", str(workers), "-I", "jobq_testtasks", "--config", str(path),
-                          module="jobq.master", env=env or subprocess_env())
+                          module="jobq.cli.master", env=env or subprocess_env())
         self.procs.append(proc)
         if wait:
             self.wait_ready(proc, workers)

@@ -93,7 +93,7 @@ def start_master(spawn: Spawn, tmp_path: Path, workers: int = 2,
     path = tmp_path / "jobq.toml"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**CONFIG, **config}.items()))
     return spawn("-I", "jobq_testtasks", "-w", str(workers),
-                 env=subprocess_env(JOBQ_CONFIG=str(path)), module="jobq.master")
+                 env=subprocess_env(JOBQ_CONFIG=str(path)), module="jobq.cli.master")
 
 
 def fail_jobs(queue: JobQueue, spawn: Spawn, count: int) -> list[str]:
@@ -884,7 +884,7 @@ def test_a_reader_that_stops_reading_is_no_error(redis_url: str, queue: JobQueue
                                          stdout=write, stderr=subprocess.PIPE, text=True,
                                          env=subprocess_env()))
                  for module, args in [*(("jobq.cli", c) for c in commands),
-                                      ("jobq.master", ["--help"])]]
+                                      ("jobq.cli.master", ["--help"])]]
     finally:
         os.close(write)
     for args, proc in procs:

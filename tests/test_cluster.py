@@ -99,7 +99,7 @@ def test_a_master_whose_queues_span_groups_refuses_to_start(tmp_path: Path) -> N
     config.write_text('queue_groups = { etl = ["extract", "load"] }\n'
                       'imports = ["jobq_testtasks"]\n')
     done = subprocess.run(
-        [sys.executable, "-m", "jobq.master", "--config", str(config), "-q", "extract,mail",
+        [sys.executable, "-m", "jobq.cli.master", "--config", str(config), "-q", "extract,mail",
          "--redis-url", "redis+cluster://:s3cret@127.0.0.1:1"],
         capture_output=True, text=True, timeout=30, env=subprocess_env())
     assert done.returncode == 2
@@ -164,7 +164,7 @@ def test_a_planned_failover_ends_idle_workers_waits_and_they_follow(
     config_path.write_text(MASTER_CONFIG)
     log = tmp_path / "master.log"
     master = subprocess.Popen(
-        [sys.executable, "-m", "jobq.master", "-w", "2", "--log-file", str(log)],
+        [sys.executable, "-m", "jobq.cli.master", "-w", "2", "--log-file", str(log)],
         env=subprocess_env(JOBQ_REDIS_URL=c.url, JOBQ_CONFIG=str(config_path)),
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
@@ -246,7 +246,7 @@ def test_queues_spread_over_the_shards_and_a_primary_fails_over_with_none_lost(
     env = subprocess_env(JOBQ_REDIS_URL=c.url, JOBQ_CONFIG=str(config_path))
     logs = [tmp_path / f"master-{g}.log" for g in queues]
     masters = [subprocess.Popen(
-        [sys.executable, "-m", "jobq.master", "-w", "1", "-q", ",".join(qs), "--log-file",
+        [sys.executable, "-m", "jobq.cli.master", "-w", "1", "-q", ",".join(qs), "--log-file",
          str(log)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         for qs, log in zip(queues.values(), logs, strict=True)]
     victim_group = next(iter(groups))

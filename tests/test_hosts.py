@@ -89,7 +89,7 @@ def start_host(spawn: Spawn, tmp_path: Path, name: str, **config: Any) -> subpro
     path = tmp_path / f"{name}.toml"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
     return spawn("-I", "jobq_testtasks", "-w", "1", "--hostname", name, "--config", str(path),
-                 env=subprocess_env(), module="jobq.master")
+                 env=subprocess_env(), module="jobq.cli.master")
 
 
 def test_info_shows_every_hosts_master_and_work_then_a_vanished_host_gone_then_forgotten(

@@ -301,7 +301,7 @@ def start_master(spawn: Spawn, tmp_path: Path, name: str, workers: int = 2,
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**CONFIG, **values}.items()))
     url_args = ("--redis-url", url) if url else ()
     return spawn("-I", "jobq_testtasks", "-w", str(workers), "--config", str(path), *url_args,
-                 env=subprocess_env(), module="jobq.master")
+                 env=subprocess_env(), module="jobq.cli.master")
 
 
 def spans(r: redis.Redis, key: str) -> list[tuple[float, float, int]]:

@@ -44,7 +44,7 @@ BASE_CONFIG: dict[str, Any] = {
 
 
 class Hosts:
-    """Hosts on one network, each running a ``jobq-master`` (``python -m jobq.master``) in
+    """Hosts on one network, each running a ``jobq-master`` (``python -m jobq.cli.master``) in
     its namespace, named by ``hostname``, logging to ``<name>.log``."""
 
     def __init__(self, net: netns.Network, url: str, tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ class Hosts:
         path = self.tmp_path / f"{name}.toml"
         values = {**BASE_CONFIG, "log_file": str(self.log_path(name)), **config}
         path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))
-        argv = [sys.executable, "-m", "jobq.master", "-w", str(workers), "-I", "jobq_testtasks",
+        argv = [sys.executable, "-m", "jobq.cli.master", "-w", str(workers), "-I", "jobq_testtasks",
                 "--config", str(path), "--hostname", name]
         with open(self.tmp_path / f"{name}.stderr", "wb") as err:
             proc = subprocess.Popen(host.command(argv), stdout=subprocess.DEVNULL, stderr=err,

@@ -1,4 +1,4 @@
-"""The master as a real process (``python -m jobq.master``): it forks real workers and a
+"""The master as a real process (``python -m jobq.cli.master``): it forks real workers and a
 scheduler, and gets real signals. Jobs are counted in Redis (see ``jobq_testtasks``)."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def start_master(spawn: Spawn, tmp_path: Path, *args: str, workers: int = 2,
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env["PYTHONPATH"]])
     options = [opt for module in imports for opt in ("-I", module)]
-    return spawn(*options, "-w", str(workers), *args, env=env, module="jobq.master")
+    return spawn(*options, "-w", str(workers), *args, env=env, module="jobq.cli.master")
 
 
 def workers(master: subprocess.Popen[str] | int, *, ready: bool = False) -> list[int]:
@@ -340,7 +340,7 @@ def test_a_jobq_upgraded_under_a_running_master_waits_for_its_restart(
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert where.stdout.strip() == str(site / "jobq" / "__init__.py")
     master = spawn("-I", "jobq_testtasks", "-w", "1", env=env, cwd=tmp_path,
-                   module="jobq.master")
+                   module="jobq.cli.master")
     old = wait_workers(master, 1)
 
     # "pip install" of a jobq whose scripts the running code cannot use, then a HUP
@@ -461,7 +461,7 @@ def test_quit_stops_at_once_and_requeues_the_running_job(
 def test_a_master_with_no_task_module_refuses_to_start_in_one_line(spawn: Spawn) -> None:
     # the sample config as shipped (what etc/jobq.service starts) names no task module
     sample = ROOT / "etc" / "jobq.toml"
-    refused = spawn("--config", str(sample), module="jobq.master")
+    refused = spawn("--config", str(sample), module="jobq.cli.master")
     _, err = refused.communicate(timeout=30)
     assert refused.returncode == exitcodes.USAGE
     assert err == (f"jobq-master: error: {sample}: imports: no task module: name the modules "
@@ -804,7 +804,7 @@ def test_a_reload_that_would_break_the_pool_is_refused_and_the_pool_runs_on(
     settings = {"imports": ["jobq_testtasks", "hupcheck"], "log_file": str(log_file)}
     env = subprocess_env(JOBQ_CONFIG=str(write_config(tmp_path, **settings)))
     env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])
-    master = spawn("-w", "2", env=env, module="jobq.master")
+    master = spawn("-w", "2", env=env, module="jobq.cli.master")
     old = wait_workers(master, 2)
     assert queue.enqueue("hupcheck:version").result(timeout=15) == 1
 

@@ -1,6 +1,6 @@
 """The scheduler against a real server: the Scheduler API, leadership and fire.lua with
 in-process SchedulerProcess objects (stepped by hand), then real masters (``python -m
-jobq.master``) for delayed jobs, retries and the dead-letter queue, failover after SIGKILL,
+jobq.cli.master``) for delayed jobs, retries and the dead-letter queue, failover after SIGKILL,
 a SIGSTOPped leader, and jobs of a killed master coming back.
 
 Measured figures (lateness, promotion time, failover time) are printed (``-s``) and
@@ -99,7 +99,7 @@ def title(p: psutil.Process) -> str:
 
 
 class Masters:
-    """Real ``python -m jobq.master -w 1`` processes; each one's whole tree is killed at
+    """Real ``python -m jobq.cli.master -w 1`` processes; each one's whole tree is killed at
     teardown (stopped ones are continued first)."""
 
     def __init__(self, spawn: Spawn, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ class Masters:
         for _ in range(count):
             path = self.config(extra, **values)
             proc = self.spawn("-w", "1", "-I", "jobq_testtasks", "--config", str(path),
-                              module="jobq.master")
+                              module="jobq.cli.master")
             self.procs.append(proc)
             started.append(proc)
         for proc in started:
@@ -808,7 +808,7 @@ def test_a_bad_config_schedule_is_refused_and_the_scheduler_keeps_promoting(
     bad = f'\n[[schedule]]\nname = "bad"\n{table}\n'
     # at start: the master refuses the file, naming the schedule
     refused = spawn("-w", "1", "-I", "jobq_testtasks", "--config", str(masters.config(bad)),
-                    module="jobq.master")
+                    module="jobq.cli.master")
     _, err = refused.communicate(timeout=20)
     assert refused.returncode == 2 and "schedule 'bad'" in err, err
 

@@ -83,7 +83,7 @@ def start_master(spawn: Spawn, tmp_path: Path, url: str, *args: str,
                  workers: int = 1) -> subprocess.Popen[str]:
     env = subprocess_env(JOBQ_CONFIG=str(write_config(tmp_path)))
     return spawn("-I", "jobq_testtasks", "-w", str(workers), "--redis-url", url, *args,
-                 env=env, module="jobq.master")
+                 env=env, module="jobq.cli.master")
 
 
 def children(proc: subprocess.Popen[str]) -> list[psutil.Process]:

@@ -469,7 +469,7 @@ args = ["{tick}"]
 interval = 0.5
 """)
     master = spawn("-w", "2", "-I", "jobq_testtasks", "--config", str(config),
-                   "--redis-url", topology.url, module="jobq.master")
+                   "--redis-url", topology.url, module="jobq.cli.master")
     workers_before = sorted(wait_workers(master, 2))
     wait_until(lambda: any("scheduler" in t for t in _children(master.pid).values()), 10,
                message="the scheduler process")
@@ -559,7 +559,7 @@ def test_a_planned_failover_ends_idle_workers_waits_and_they_follow(
     topology.wait_ready()
     log = tmp_path / "master.log"
     master = spawn("-w", "2", "-I", "jobq_testtasks", "--redis-url", topology.url,
-                   "--log-file", str(log), module="jobq.master")
+                   "--log-file", str(log), module="jobq.cli.master")
     workers = sorted(wait_workers(master, 2))
     queue = JobQueue("default", redis_url=topology.url)
     first = queue.enqueue(tasks.add, 1, 2)

@@ -44,7 +44,7 @@ def start_master(spawn: Spawn, tmp_path: Path, url: str, workers: int = 2,
     merged = {**BASE, "log_file": str(log), **values}
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in merged.items()))
     proc = spawn("-w", str(workers), "-I", "jobq_testtasks", "--config", str(path),
-                 "--redis-url", url, module="jobq.master")
+                 "--redis-url", url, module="jobq.cli.master")
     return proc, log
 
 
@@ -230,7 +230,7 @@ def test_an_address_that_is_not_a_redis_server_is_one_line_and_exit_3(
         http_port: int, spawn: Spawn, tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{http_port}"
     for args, module in ((["info"], "jobq.cli"), (["worker", "-I", "jobq_testtasks"], "jobq.cli"),
-                         (["-w", "2", "-I", "jobq_testtasks"], "jobq.master")):
+                         (["-w", "2", "-I", "jobq_testtasks"], "jobq.cli.master")):
         proc = spawn("--redis-url", url, *args, module=module)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == exitcodes.CONNECT, (args, err)
@@ -257,7 +257,7 @@ def test_an_unreachable_server_commands_give_up_the_master_waits_and_is_ready_on
     log = tmp_path / "master.log"
     path = _config(tmp_path, log_file=str(log))
     master = spawn("-w", "2", "-I", "jobq_testtasks", "--config", str(path), "--redis-url", url,
-                   module="jobq.master", env=env)
+                   module="jobq.cli.master", env=env)
     try:
         wait_until(lambda: "waiting for the server" in text_of(log), 10,
                    message="the master to say it waits for the server")

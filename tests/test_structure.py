@@ -102,6 +102,14 @@ def test_nothing_in_jobq_imports_the_worker_package_face() -> None:
     assert users == []
 
 
+def test_the_command_line_sits_above_everything_it_runs() -> None:
+    """jobq.cli imports the master and the rest; nothing outside it imports jobq.cli (the
+    ``python -m`` entry of ``jobq-master`` is jobq.cli.master itself)."""
+    users = sorted(m for m, targets in GRAPH.items() if not m.startswith("jobq.cli")
+                   and any(t == "jobq.cli" or t.startswith("jobq.cli.") for t, _ in targets))
+    assert users == []
+
+
 def test_no_import_cycle() -> None:
     edges = {m: {t for t, _ in targets} for m, targets in GRAPH.items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done

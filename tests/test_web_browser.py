@@ -122,7 +122,7 @@ def dash(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     procs: list[subprocess.Popen[str]] = []
     browsers: list[Any] = []
     try:
-        for module, args in (("jobq.master", ["-w", "2", "-I", "jobq_testtasks",
+        for module, args in (("jobq.cli.master", ["-w", "2", "-I", "jobq_testtasks",
                                               "-q", "default"]),
                              ("jobq.cli", ["web", "--allow-actions", "--port", "0"])):
             procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env,

@@ -46,7 +46,7 @@ def start_master(spawn: Spawn, tmp_path: Path, workers: int = 2) -> subprocess.P
     path = tmp_path / "jobq.toml"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in CONFIG.items()))
     return spawn("-I", "jobq_testtasks", "-w", str(workers),
-                 env=subprocess_env(JOBQ_CONFIG=str(path)), module="jobq.master")
+                 env=subprocess_env(JOBQ_CONFIG=str(path)), module="jobq.cli.master")
 
 
 def ready_workers(master: subprocess.Popen[str], count: int = 2) -> list[int]:

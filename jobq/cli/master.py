@@ -74,5 +74,9 @@ def master_command(workers: int | None, queues: list[str] | None, imports: tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``jobq-master`` (and ``python -m jobq.master``)."""
+    """Entry point of ``jobq-master`` (and ``python -m jobq.cli.master``)."""
     one_line_errors(master_command.main, argv, "jobq-master")
+
+
+if __name__ == "__main__":
+    main()
