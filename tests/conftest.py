@@ -140,6 +140,19 @@ def title(p: psutil.Process) -> str:
         return ""
 
 
+def children(master: int | subprocess.Popen[str], what: str = "jobq worker", *,
+             ready: bool = False) -> list[int]:
+    """Pids of a master's live (not zombie) children whose title has ``what`` (``ready``:
+    only those past booting), sorted."""
+    pid = master if isinstance(master, int) else master.pid
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return sorted(k.pid for k in kids
+                  if what in (name := title(k)) and not (ready and "booting" in name))
+
+
 def kill_processes(procs: list[psutil.Process], *, wait: bool = True) -> None:
     """SIGCONT (a stopped process cannot die otherwise), then SIGKILL, every one; wait for
     them (with ``wait``, see :func:`wait_dead`)."""

@@ -37,7 +37,15 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import kill_processes, process_tree, subprocess_env, title, wait_dead, wait_until
+from conftest import (
+    children,
+    kill_processes,
+    process_tree,
+    subprocess_env,
+    title,
+    wait_dead,
+    wait_until,
+)
 
 from jobq import serialization
 from jobq.connection import connect
@@ -190,23 +198,6 @@ def pid_of_run(r: redis.Redis, key: str, job_id: str) -> int:
 
 
 # -- processes --------------------------------------------------------------------------------
-
-def children(master: int, what: str = "jobq worker", *, ready: bool = False) -> list[int]:
-    """Pids of the master's live (not zombie) children whose title has ``what``."""
-    try:
-        kids = psutil.Process(master).children()
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for child in kids:
-        t = title(child)
-        if what in t and not (ready and "booting" in t):
-            found.append(child.pid)
-    return sorted(found)
-
-
-
-
 
 def gone(pid: int) -> bool:
     """True if ``pid`` no longer runs (a zombie waiting for init to reap it counts as gone)."""

@@ -18,7 +18,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import ROOT, kill_processes, process_tree, subprocess_env, title, wait_until
+from conftest import ROOT, children, kill_processes, process_tree, subprocess_env, title, wait_until
 
 from jobq import exitcodes
 from jobq.job import Job, JobStatus
@@ -57,29 +57,14 @@ def start_master(spawn: Spawn, tmp_path: Path, *args: str, workers: int = 2,
     return spawn(*options, "-w", str(workers), *args, env=env, module="jobq.cli.master")
 
 
-def workers(master: subprocess.Popen[str] | int, *, ready: bool = False) -> list[int]:
-    """Pids of the master's live worker children (``ready``: only those past booting)."""
-    pid = master if isinstance(master, int) else master.pid
-    try:
-        children = psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for child in children:
-        name = title(child)
-        if "jobq worker" in name and not (ready and "booting" in name):
-            found.append(child.pid)
-    return sorted(found)
-
-
 def wait_workers(master: subprocess.Popen[str], count: int, *, without: set[int] = frozenset(),
                  timeout: float = 15) -> list[int]:
     """Wait until the master has exactly ``count`` ready workers, none of them in
     ``without``; return their pids."""
     def check() -> list[int] | None:
         assert master.poll() is None, f"the master exited: {master.communicate()[1]}"
-        pids = workers(master, ready=True)
-        if len(pids) == count and len(workers(master)) == count and not set(pids) & without:
+        pids = children(master, ready=True)
+        if len(pids) == count and len(children(master)) == count and not set(pids) & without:
             return pids
         return None
 
@@ -377,7 +362,7 @@ def test_usr1_and_hup_reopen_the_log_file_in_the_master_its_workers_and_its_sche
         os.kill(master.pid, signum)
 
         def reopened() -> bool:
-            writers = [master.pid, scheduler, *workers(master, ready=True)]
+            writers = [master.pid, scheduler, *children(master, ready=True)]
             return all(open_logs(pid, logs) == {"master.log"} for pid in writers)
 
         wait_until(reopened, 20, message=f"every process to reopen the log after {signum!r}")

@@ -19,7 +19,7 @@ import jobq_testtasks as tasks
 import psutil
 import pytest
 import redis
-from conftest import Valkey, free_port, kill_tree, subprocess_env, wait_until
+from conftest import Valkey, children, free_port, kill_tree, subprocess_env, wait_until
 
 from jobq import exitcodes
 from jobq.connection import connect
@@ -48,23 +48,11 @@ def start_master(spawn: Spawn, tmp_path: Path, url: str, workers: int = 2,
     return proc, log
 
 
-def workers(master: subprocess.Popen[str], ready: bool = True) -> list[int]:
-    out = []
-    for p in psutil.Process(master.pid).children():
-        try:
-            title = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "jobq worker" in title and (not ready or "booting" not in title):
-            out.append(p.pid)
-    return out
-
-
 def wait_workers(master: subprocess.Popen[str], count: int, timeout: float = 20,
                  without: set[int] = frozenset()) -> list[int]:
     def check() -> list[int] | None:
         assert master.poll() is None, master.communicate()[1]
-        pids = workers(master)
+        pids = children(master, ready=True)
         return pids if len(pids) == count and not set(pids) & without else None
 
     return wait_until(check, timeout, interval=0.02, message=f"{count} ready workers")
@@ -107,7 +95,7 @@ def test_a_server_out_of_memory_is_waited_out_no_worker_dies_no_job_runs_twice(
     admin.config_set("maxmemory", max(2**20, admin.info("memory")["used_memory"] - 2**18))
     wait_until(lambda: "refuses writes" in text_of(log), 30,
                message="a worker to find its results refused")
-    held_while_full = workers(master)
+    held_while_full = children(master, ready=True)
 
     admin.config_set("maxmemory", "0")  # the operator makes room
     wait_until(lambda: all(queue.get_status(i) == "completed" for i in accepted), 60,
@@ -119,7 +107,8 @@ def test_a_server_out_of_memory_is_waited_out_no_worker_dies_no_job_runs_twice(
     assert twice == [], text_of(log)[-3000:]  # none ran twice
     stats = queue.get_stats()
     assert (stats["completed"], stats["failed"], stats["retried"]) == (len(accepted), 0, 0)
-    assert sorted(held_while_full) == sorted(before) == sorted(workers(master))  # none died
+    # none died
+    assert sorted(held_while_full) == sorted(before) == children(master, ready=True)
     text = text_of(log)
     assert "Traceback" not in text and "crashed" not in text
     assert text.count("refuses writes") <= 2 * 3  # said once per worker and condition, not per try
@@ -167,7 +156,7 @@ def test_a_frozen_server_stalls_no_supervision_and_takes_no_live_worker_for_dead
         # the job stuck in C is killed at its hard limit: the master does not wait on the server
         wait_until(lambda: _gone(stuck_worker), 5,
                    message="the stuck job's worker killed at its hard limit, server frozen")
-        victim = next(pid for pid in workers(master) if pid != stuck_worker)
+        victim = next(pid for pid in children(master, ready=True) if pid != stuck_worker)
         os.kill(victim, signal.SIGKILL)
         wait_workers(master, 3, timeout=5, without={victim, stuck_worker})  # replaced
         while time.monotonic() - frozen_at < 3 * BASE["lease_time"]:  # the freeze goes on
@@ -262,13 +251,13 @@ def test_an_unreachable_server_commands_give_up_the_master_waits_and_is_ready_on
         wait_until(lambda: "waiting for the server" in text_of(log), 10,
                    message="the master to say it waits for the server")
         assert master.poll() is None
-        assert workers(master, ready=False) == []  # nothing forked
+        assert children(master) == []  # nothing forked
         assert _datagrams(sock) == []  # systemd is not told READY=1
         os.kill(master.pid, signal.SIGTTIN)  # acted on once it runs, not lost meanwhile
         valkeys.append(Valkey(tmp_path / "late", port).start())
         wait_until(lambda: "READY=1" in _datagrams(sock), 20, interval=0,
                    message="READY=1 once the server answers")
-        assert len(workers(master)) == 3
+        assert len(children(master, ready=True)) == 3
         assert text_of(log).count("waiting for the server") == 1  # said once, not per try
     finally:
         sock.close()
