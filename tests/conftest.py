@@ -141,16 +141,20 @@ def title(p: psutil.Process) -> str:
 
 
 def children(master: int | subprocess.Popen[str], what: str = "jobq worker", *,
-             ready: bool = False) -> list[int]:
-    """Pids of a master's live (not zombie) children whose title has ``what`` (``ready``:
-    only those past booting), sorted."""
+             ready: bool = False, up: bool = False) -> list[int]:
+    """Pids of a master's live (not zombie) children whose title has ``what``, sorted.
+    ``ready``: only workers past "booting" (forked, not yet running jobq's worker code).
+    ``up``: past "starting" too (their connections, until their slot first says idle or
+    busy): a worker killed before that is a crash at boot for the master, which backs off
+    from those, not a kill of a worker that was up."""
     pid = master if isinstance(master, int) else master.pid
+    skip = ("booting", "starting") if up else ("booting",) if ready else ()
     try:
         kids = psutil.Process(pid).children()
     except psutil.NoSuchProcess:
         return []
-    return sorted(k.pid for k in kids
-                  if what in (name := title(k)) and not (ready and "booting" in name))
+    return sorted(k.pid for k in kids if what in (name := title(k))
+                  and name.rstrip().rpartition(": ")[2] not in skip)
 
 
 def kill_processes(procs: list[psutil.Process], *, wait: bool = True) -> None:
