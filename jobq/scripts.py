@@ -27,6 +27,11 @@ from redis.exceptions import NoScriptError
 
 from .wire import LUA_CONSTANTS
 
+try:  # the C packer redis-py itself packs with when hiredis is installed (the "fast" extra)
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - the test extra installs it
+    _hiredis_pack = None
+
 #: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
 #: or a whole queue (jobq queue delete) to make room.
 FREE_MEMORY = frozenset({"empty", "delete_queue"})
@@ -132,6 +137,21 @@ def _source(name: str) -> str:
 SOURCES = {name: _source(name) for name in NAMES}
 
 
+def pack(conn: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """``commands`` as one buffer to send on ``conn``: hiredis's packer called straight,
+    without the pass redis-py makes over every argument first (for an exchange that
+    acknowledges 128 empty jobs: 112 µs against 232 here, a worker's largest cost per job
+    after its wait for the server). Arguments are str, bytes, int or float, which both pack
+    alike; anything else (and a str that is not UTF-8) goes through redis-py's own packing,
+    which raises what it always did. Without hiredis, redis-py packs."""
+    if _hiredis_pack is not None:
+        try:
+            return [b"".join([_hiredis_pack(command) for command in commands])]
+        except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+            pass
+    return conn.pack_commands(commands)  # type: ignore[no-any-return]
+
+
 class Scripts:
     """The scripts registered on one client."""
 
@@ -188,7 +208,7 @@ class Scripts:
                             for name, keys, args in calls]
                 if then:
                     commands.append(then)
-                conn.send_packed_command(conn.pack_commands(commands))
+                conn.send_packed_command(pack(conn, commands))
                 if spin:
                     deadline = time.perf_counter() + spin
                     while not conn.can_read(timeout=0) and time.perf_counter() < deadline:

@@ -72,3 +72,36 @@ def test_a_script_leaves_out_the_helpers_it_does_not_use() -> None:
 def test_every_script_compiles_on_the_server(r: redis.Redis) -> None:
     for name, source in scripts.SOURCES.items():
         assert r.script_load(source), name
+
+
+# -- packing -------------------------------------------------------------------------------
+
+#: What jobq's scripts are sent: names, keys, ids (str, and bytes that are not UTF-8), counts,
+#: times (ms as ints, seconds as floats), JSON with non-ASCII text, empty strings.
+ARGS = ("EVALSHA", "0" * 40, 2, "{jobq}:jobs", "{jobq}:q:é", b"id\xff\xfe", -3, 0, 2**62,
+        1764470000123, 1764470000.123456, 0.1, '{"t":"m:f","a":["ü",1.5]}', "")
+
+
+def test_commands_are_packed_as_redis_py_packs_them_in_one_buffer(r: redis.Redis) -> None:
+    conn = r.connection_pool.get_connection()
+    try:
+        commands = [ARGS, ("EVALSHA", "1" * 40, 1, "x" * 10_000), ("PING",)]
+        packed = scripts.pack(conn, commands)
+        assert packed == [b"".join(conn.pack_commands(commands))]
+        # redis-py's own packing sends a value over its buffer size as a piece of its own
+        assert len(conn.pack_commands(commands)) > 1
+    finally:
+        r.connection_pool.release(conn)
+
+
+def test_what_hiredis_does_not_pack_is_packed_by_redis_py(r: redis.Redis) -> None:
+    conn = r.connection_pool.get_connection()
+    try:
+        # a bytearray: redis-py converts it, hiredis refuses it
+        assert scripts.pack(conn, [("SET", "k", bytearray(b"v"))]) == \
+            conn.pack_commands([("SET", "k", b"v")])
+        # a str that is not UTF-8 (a lone surrogate): redis-py's error, as before
+        with pytest.raises(UnicodeEncodeError):
+            scripts.pack(conn, [("SET", "k", "\udcff")])
+    finally:
+        r.connection_pool.release(conn)
