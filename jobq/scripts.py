@@ -30,7 +30,7 @@ from .wire import LUA_CONSTANTS
 try:  # the C packer redis-py itself packs with when hiredis is installed (the "fast" extra)
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # pragma: no cover - the test extra installs it
-    _hiredis_pack = None
+    _hiredis_pack = None  # type: ignore[assignment]
 
 #: Scripts that run on a server out of memory: an operator deletes pending jobs (jobq empty)
 #: or a whole queue (jobq queue delete) to make room.
@@ -149,7 +149,7 @@ def pack(conn: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
             return [b"".join([_hiredis_pack(command) for command in commands])]
         except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
             pass
-    return conn.pack_commands(commands)  # type: ignore[no-any-return]
+    return conn.pack_commands(commands)
 
 
 class Scripts:
