@@ -278,27 +278,38 @@ class Bench:
         return {"jobs_per_s": round(rate), "server_us_per_job": round(server_us, 2),
                 "startup_s": round(first - started, 3), "jobs": n}
 
-    def bare(self, n: int, task: str, acks: str = "batch") -> benchref.BareRun:
-        """The bare loop (:mod:`jobq.benchref`) on ``n`` jobs with as many processes."""
+    def bare(self, n: int, task: str, acks: str = "batch", *, real: bool = False,
+             keep: bool = True) -> benchref.BareRun:
+        """The bare loop (:mod:`jobq.benchref`) on ``n`` jobs with as many processes;
+        ``real``: the least real queue, its results kept with ``keep`` (deleted after)."""
         self.cleanup()
-        return benchref.bare_loop(self.url, self.redis, self.broker.server_cpu, jobs=n,
-                                  workers=self.workers, task=task, acks=acks)
+        try:
+            return benchref.bare_loop(self.url, self.redis, self.broker.server_cpu, jobs=n,
+                                      workers=self.workers, task=task, acks=acks, real=real,
+                                      keep=keep)
+        finally:
+            if real:
+                benchref.clear(self.redis)
 
     def _versus_bare(self, fn: Any, n: int, task: str, **options: Any) -> dict[str, float]:
         """jobq's throughput with task ``fn`` and the bare loop's with the same work, its
-        acknowledgements batched (the reference) and one per job (``ackeach_*``, with
-        ``*_vs_ackeach`` ratios)."""
-        result, (bare, each) = self._interleave(
-            lambda: (self.bare(n, task), self.bare(n, task, "each")),
+        acknowledgements batched (the reference) and one per job (``ackeach_*``); and the
+        least real queue's (``floor_*``), which keeps results as jobq does here. Each with
+        jobq's ratios to it (``*_vs_ackeach``, ``*_vs_floor``)."""
+        keep = options.get("result_ttl") != 0
+        result, (bare, each, floor) = self._interleave(
+            lambda: (self.bare(n, task), self.bare(n, task, "each"),
+                     self.bare(n, task, real=True, keep=keep)),
             lambda: self.throughput(fn, n, **options))
         result["bare_jobs_per_s"] = round(bare.jobs_per_s)
         result["bare_server_us_per_job"] = round(bare.server_us_per_job, 2)
-        result["ackeach_jobs_per_s"] = round(each.jobs_per_s)
-        result["ackeach_server_us_per_job"] = round(each.server_us_per_job, 2)
-        for figure in ("jobs_per_s", "server_us_per_job"):
-            if result[f"ackeach_{figure}"]:
-                result[f"{figure}_vs_ackeach"] = round(
-                    result[figure] / result[f"ackeach_{figure}"], 3)
+        for name, run in (("ackeach", each), ("floor", floor)):
+            result[f"{name}_jobs_per_s"] = round(run.jobs_per_s)
+            result[f"{name}_server_us_per_job"] = round(run.server_us_per_job, 2)
+            for figure in ("jobs_per_s", "server_us_per_job"):
+                if result[f"{name}_{figure}"]:
+                    result[f"{figure}_vs_{name}"] = round(
+                        result[figure] / result[f"{name}_{figure}"], 3)
         return with_ratios(result, "jobs_per_s", "server_us_per_job")
 
     def noop(self) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The bench's bare references: what this machine and server do with no job queue in the way.
 
 Absolute figures do not travel between machines, even of the same kind (2x apart); a figure
-divided by a reference measured in the same run, on the same server, does. Two references:
+divided by a reference measured in the same run, on the same server, does. The references:
 
 * **The bare loop**: the least a Redis job queue does per job, with as many forked worker
   processes as the pool has. Jobs are ids in a sorted set and payloads in a hash. Each
@@ -23,6 +23,13 @@ divided by a reference measured in the same run, on the same server, does. Two r
   alone in its own: what a queue without batched acknowledgements does, and the loop issue
   13's targets were first set against (18 µs of server CPU per job there; 18.5–20 here,
   against 4.4 for the batched loop).
+* **The least real queue** (``real=True``): the bare loop, batched, doing per job what any
+  queue that runs tasks must, and nothing more: decode the payload as JSON, look its task up
+  by name, call it with its arguments, encode what it returned as JSON, and (``keep``) keep
+  that under a key of its own for :data:`RESULT_TTL` seconds, written in the ack (one MSETEX
+  per batch where the server has it, as jobq writes results; else a SET each). No lease
+  checked, no counter, no journal, no timeout, no retry: the most a Python queue can reach,
+  beside the bare loop, which does none of that work.
 * **The loop one job at a time** (``task="cpu"``, ``batch=1``): the same, claiming one job per
   round trip (with the last one's ack), as jobq's workers do with long jobs: the reference
   for CPU-heavy jobs beside ``multiprocessing.Pool``, which needs no server at all.
@@ -44,6 +51,7 @@ share a slot on a Cluster).
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import queue as queues
@@ -71,6 +79,10 @@ BATCH = 50
 LEASE_MS = 15_000
 #: A payload the size of a jobq spec of an empty job (~60 bytes).
 PAYLOAD = '{"t":"jobq.bench:noop","a":[],"q":"bench","c":1795944382.395}'
+#: The least real queue's results: a key each, this prefix and the job's id (the hash tag of
+#: the keys above), kept this long (seconds: the result_ttl of jobq's noop scenario).
+RESULTS = "jobqbench:{ref}:r:"
+RESULT_TTL = 300
 #: The bare loop fails if it has not finished within this long (seconds).
 STALL = 120.0
 #: The tasks of the bare loop: the same work as jobq.bench's noop, incr and cpu.
@@ -105,6 +117,29 @@ redis.call('HDEL', KEYS[2], unpack(ARGV))
 return #ARGV
 """
 
+ACK_KEEP_LUA = """#!lua
+-- ack, results kept: ARGV[1] is n, the ids are ARGV[2..n+1] and their results the n after;
+-- the ids leave the claimed set KEYS[1] and the payload hash KEYS[2], each result is kept
+-- under jobqbench:{ref}:r:<id> for ARGV[2n+2] seconds: one MSETEX where the server has it
+-- (Valkey 9, Redis 8.4), else a SET each
+local n = tonumber(ARGV[1])
+local ids = {unpack(ARGV, 2, n + 1)}
+redis.call('ZREM', KEYS[1], unpack(ids))
+redis.call('HDEL', KEYS[2], unpack(ids))
+local kv = {'MSETEX', n}
+for i = 1, n do
+  kv[#kv + 1] = 'jobqbench:{ref}:r:' .. ids[i]
+  kv[#kv + 1] = ARGV[n + 1 + i]
+end
+kv[#kv + 1] = 'EX'
+kv[#kv + 1] = ARGV[2 * n + 2]
+local reply = redis.pcall(unpack(kv))
+if type(reply) == 'table' and reply.err then
+  for i = 1, n do redis.call('SET', kv[2 * i + 1], kv[2 * i + 2], 'EX', ARGV[2 * n + 2]) end
+end
+return n
+"""
+
 
 def burn(n: int) -> int:
     """Pure-Python CPU work: about ``n`` loop iterations (jobq.bench's cpu task, and the bare
@@ -134,25 +169,29 @@ def fill(client: redis.Redis, jobs: int) -> None:
 
 def bare_loop(url: str, client: redis.Redis, server_cpu: Callable[[], float], *, jobs: int,
               workers: int, task: str, acks: str = "batch", batch: int = BATCH,
-              size: int = 0) -> BareRun:
+              size: int = 0, real: bool = False, keep: bool = True) -> BareRun:
     """Run the bare loop on ``jobs`` jobs with ``workers`` forked processes; ``task`` is
     "empty", "incr" (one INCR on the process's own connection, as jobq.bench's incr) or
     "cpu" (:func:`burn` of ``size``); ``acks`` "batch" (with the next claim) or "each" (one
-    round trip per job); ``batch``: the most jobs a claim takes.
+    round trip per job); ``batch``: the most jobs a claim takes; ``real``: the least real
+    queue (batched acks only), its results kept with ``keep``.
     ``server_cpu`` reads the server's CPU time (s) before and after the timed part. Its keys
-    are left for the caller to delete (:data:`KEYS`): the counter says what the tasks did."""
+    are left for the caller to delete (:data:`KEYS`, and the results: :func:`clear`): the
+    counter says what the tasks did."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if acks not in ACKS:
         raise ValueError(f"acks must be one of {ACKS}, got {acks!r}")
     if batch < 1:
         raise ValueError(f"batch must be 1 or more, got {batch}")
+    if real and acks != "batch":
+        raise ValueError("the least real queue acknowledges in batches (acks='batch')")
     fill(client, jobs)
     ctx = multiprocessing.get_context("fork")
     reports: Any = ctx.Queue()
     go = ctx.Event()
     procs = [ctx.Process(target=_worker, args=(url, task, size, batch, acks == "each", go,
-                                                 reports),
+                                                 reports, real, real and keep),
                          daemon=True)
              for _ in range(workers)]
     for p in procs:
@@ -203,12 +242,14 @@ def _report(reports: Any, procs: list[Any]) -> Any:
 
 
 def _worker(url: str, task: str, size: int, batch: int, each: bool, go: Any,
-            reports: Any) -> None:
+            reports: Any, real: bool = False, keep: bool = False) -> None:
     """One forked process of the bare loop; reports (), then (first claim, last ack, jobs)."""
     try:
         conn = connect(url).connection_pool.get_connection()  # its own socket
         claim_sha, ack_sha = _load(conn, CLAIM_LUA), _load(conn, ACK_LUA)
+        keep_sha = _load(conn, ACK_KEEP_LUA)
         run = _task(url, task, size)
+        tasks = {json.loads(PAYLOAD)["t"]: run}  # the least real queue's: by name
         reports.put(())
         if not go.wait(STALL):  # the bench is gone: do not linger
             raise RuntimeError("never told to start")
@@ -226,9 +267,13 @@ def _worker(url: str, task: str, size: int, batch: int, each: bool, go: Any,
                 conn.send_command("EVALSHA", ack_sha, 2, ACTIVE, PAYLOADS, job_id)
                 conn.read_response()
                 count += 1
+        results: list[str] = []
         while not each:
             calls: list[tuple[Any, ...]] = []
-            if acks:
+            if acks and keep:
+                calls.append(("EVALSHA", keep_sha, 2, ACTIVE, PAYLOADS, len(acks), *acks,
+                              *results, RESULT_TTL))
+            elif acks:
                 calls.append(("EVALSHA", ack_sha, 2, ACTIVE, PAYLOADS, *acks))
             lease = int(time.time() * 1000) + LEASE_MS
             calls.append(("EVALSHA", claim_sha, 3, PENDING, ACTIVE, PAYLOADS, batch, lease))
@@ -237,14 +282,32 @@ def _worker(url: str, task: str, size: int, batch: int, each: bool, go: Any,
             if not got:
                 break
             acks = got[0::2]
-            for _payload in got[1::2]:
-                run()
+            if real:
+                results = []
+                for payload in got[1::2]:
+                    spec = json.loads(payload)
+                    results.append(json.dumps(tasks[spec["t"]](*spec["a"])))
+            else:
+                for _payload in got[1::2]:
+                    run()
             count += len(acks)
         reports.put((first, time.time(), count))
     except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the bench says it
         pass
     except Exception as e:  # the parent says it in one line
         reports.put(f"{type(e).__name__}: {e}")
+
+
+def clear(client: redis.Redis) -> None:
+    """Delete the results the least real queue kept (the rest is in :data:`KEYS`)."""
+    batch = []
+    for key in client.scan_iter(match=RESULTS + "*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            client.unlink(*batch)
+            batch = []
+    if batch:
+        client.unlink(*batch)
 
 
 def _load(conn: Any, source: str) -> str:

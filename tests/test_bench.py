@@ -27,7 +27,8 @@ from jobq.queue import JobQueue
 VERSUS_BARE = {"jobs_per_s", "server_us_per_job", "bare_jobs_per_s", "bare_server_us_per_job",
                "jobs_per_s_ratio", "server_us_per_job_ratio", "ackeach_jobs_per_s",
                "ackeach_server_us_per_job", "jobs_per_s_vs_ackeach",
-               "server_us_per_job_vs_ackeach"}
+               "server_us_per_job_vs_ackeach", "floor_jobs_per_s", "floor_server_us_per_job",
+               "jobs_per_s_vs_floor", "server_us_per_job_vs_floor"}
 KEYS = {
     "noop": VERSUS_BARE | {"startup_s"},
     "noop_ttl0": VERSUS_BARE | {"startup_s"},
@@ -50,8 +51,9 @@ KEYS = {
 }
 #: Figures that cannot be 0 whatever the machine: a reference, the server's CPU for work.
 POSITIVE = {"bare_jobs_per_s", "bare_server_us_per_job", "ackeach_jobs_per_s",
-            "ackeach_server_us_per_job", "server_us_per_job", "rtt_ms", "bare_p50_ms",
-            "rtt_per_s", "single_server_us_per_job", "bulk_server_us_per_job"}
+            "ackeach_server_us_per_job", "floor_jobs_per_s", "floor_server_us_per_job",
+            "server_us_per_job", "rtt_ms", "bare_p50_ms", "rtt_per_s", "single_server_us_per_job",
+            "bulk_server_us_per_job"}
 
 
 @pytest.mark.timeout(150)
@@ -147,6 +149,32 @@ def test_the_bare_loop_takes_one_job_at_a_time_with_batch_1(redis_url: str) -> N
     with pytest.raises(ValueError, match="batch must be 1 or more"):
         benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=10, workers=1,
                            task="cpu", batch=0)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_least_real_queue_runs_every_task_and_keeps_every_result(redis_url: str,
+                                                                     keep: bool) -> None:
+    client = connect(redis_url)
+    queue = JobQueue("bench", redis_url=redis_url)
+    client.delete(*benchref.KEYS)
+    got = benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=1234, workers=2,
+                             task="incr", real=True, keep=keep)
+    assert got.jobs_per_s > 0 and got.server_us_per_job > 0
+    assert client.zcard(benchref.PENDING) == 0 and client.zcard(benchref.ACTIVE) == 0
+    assert client.hlen(benchref.PAYLOADS) == 0
+    assert int(client.get(benchref.COUNTER) or 0) == 1234  # each task called once, by name
+    results = list(client.scan_iter(match=benchref.RESULTS + "*", count=10_000))
+    if keep:  # what each INCR returned, as JSON, for RESULT_TTL: 1 to 1234, once each
+        assert sorted(int(v) for v in client.mget(results)) == list(range(1, 1235))
+        assert 0 < client.ttl(results[0]) <= benchref.RESULT_TTL
+        benchref.clear(client)
+        assert not list(client.scan_iter(match=benchref.RESULTS + "*"))
+    else:
+        assert results == []
+    client.delete(*benchref.KEYS)
+    with pytest.raises(ValueError, match="acknowledges in batches"):
+        benchref.bare_loop(redis_url, client, queue.broker.server_cpu, jobs=10, workers=1,
+                           task="empty", acks="each", real=True)
 
 
 def test_the_bare_handoff_times_every_push(redis_url: str) -> None:
