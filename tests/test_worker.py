@@ -218,6 +218,24 @@ def test_timeout_interrupts_the_job(queue: JobQueue, r: redis.Redis, spawn: Spaw
     assert get(queue, after.id).return_value == 2
 
 
+def test_each_job_of_a_batch_runs_under_its_own_time_limit(
+        queue: JobQueue, r: redis.Redis, spawn: Spawn) -> None:
+    """Each job's limit is its own: a quick job's short one does not cut the longer job
+    after it (whose sleep outlasts it), nor does that long one spare the short one after."""
+    k = key()
+    first = queue.enqueue(tasks.add, 1, 1, timeout=0.3)
+    past = queue.enqueue(tasks.sleep, 1.0, timeout=60)
+    short = queue.enqueue(tasks.spin, 30, k, timeout=0.5, max_retries=0)
+    burst(spawn)
+    assert get(queue, first.id).return_value == 2
+    done = get(queue, past.id)
+    assert (done.status, done.return_value) == (JobStatus.COMPLETED, 1.0)
+    assert runs(r, k) == ["JobTimeout"]
+    failed = get(queue, short.id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.error == "JobTimeout: job exceeded its time limit of 0.5 s"
+
+
 # -- signals and lost workers ------------------------------------------------------------------
 
 def test_sigterm_stops_after_the_current_job(queue: JobQueue, r: redis.Redis,
