@@ -407,17 +407,24 @@ class Bench:
     def latency(self) -> dict[str, float]:
         """Enqueue-to-start on an idle pool, from the first job the master runs (``first_ms``
         is that one alone). The reference: the bare hand-off (:func:`benchref.handoff`, the
-        same count and spacing, as many processes), measured with no master running; and
+        same count and spacing, as many processes), measured with no master running; beside
+        it the least at-least-once hand-off (``floor_*``, :func:`benchref.held_handoff`), and
         one round trip on a busy connection (``rtt_ms``), for scale."""
+        def references() -> tuple[list[float], list[float], float]:
+            count = self._latency_count()
+            return (benchref.handoff(self.url, self.redis, workers=self.workers, count=count,
+                                     spacing=0.01),
+                    benchref.held_handoff(self.url, self.redis, workers=self.workers,
+                                          count=count, spacing=0.01),
+                    self.round_trips())
+
         with settled_heap():
-            delays, (bare, rtt) = self._interleave(
-                lambda: (benchref.handoff(self.url, self.redis, workers=self.workers,
-                                          count=self._latency_count(), spacing=0.01),
-                         self.round_trips()),
-                self._latencies)
+            delays, (bare, floor, rtt) = self._interleave(references, self._latencies)
         result = {**_quantiles("", delays), "first_ms": round(delays[0], 3),
-                  **_quantiles("bare_", bare), "rtt_ms": round(1000 / rtt, 4),
-                  "jobs": len(delays)}
+                  **_quantiles("bare_", bare), **_quantiles("floor_", floor),
+                  "rtt_ms": round(1000 / rtt, 4), "jobs": len(delays)}
+        for q in ("p50", "p99"):
+            result[f"{q}_ms_vs_floor"] = round(result[f"{q}_ms"] / result[f"floor_{q}_ms"], 3)
         return with_ratios(result, "p50_ms", "p99_ms")
 
     def _latency_count(self) -> int:

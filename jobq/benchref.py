@@ -38,6 +38,13 @@ divided by a reference measured in the same run, on the same server, does. The r
   enqueue-to-start any Redis queue has, where every hop costs a process's wake-up (a few
   hundred microseconds on a virtual machine whose cores were idle). The reference for
   latency.
+* **The least at-least-once hand-off** (:func:`held_handoff`): the same, but what a queue that
+  loses no job must do at the least on that path: the producer stamps the time, makes an id
+  and a JSON spec, and runs one script that records the job (HSETNX) and hands it to a
+  process registered idle, recorded as held by it with a lease (HSET, ZADD), on a list of
+  its own; each process registers idle and waits on its list in one round trip, decodes the
+  spec, takes the time, then acknowledges the job. No counters, no priorities, no limits,
+  no timeout, no title: the floor of jobq's own path, beside the bare hand-off's.
 * **Round trips**: PING after PING on one connection, each reply waited for the way jobq's
   single enqueue waits for its own (:data:`jobq.queue.REPLY_SPIN`): the reference for
   single enqueue.
@@ -72,7 +79,16 @@ PAYLOADS = "jobqbench:{ref}:payloads"
 COUNTER = "jobqbench:{ref}:counter"
 HANDOFF = "jobqbench:{ref}:handoff"
 HANDOFF_OUT = "jobqbench:{ref}:handoff:out"
-KEYS = (PENDING, ACTIVE, PAYLOADS, COUNTER, HANDOFF, HANDOFF_OUT)
+#: The least at-least-once hand-off's: jobs by id, the takers registered idle, their leases,
+#: jobs that found nobody idle; a taker's held jobs and hand list are HELD_OF / HAND_OF + name.
+HELD_JOBS = "jobqbench:{ref}:hjobs"
+HELD_IDLE = "jobqbench:{ref}:hidle"
+HELD_LEASES = "jobqbench:{ref}:hleases"
+HELD_QUEUE = "jobqbench:{ref}:hqueue"
+HELD_OF = "jobqbench:{ref}:held:"
+HAND_OF = "jobqbench:{ref}:hand:"
+KEYS = (PENDING, ACTIVE, PAYLOADS, COUNTER, HANDOFF, HANDOFF_OUT, HELD_JOBS, HELD_IDLE,
+        HELD_LEASES, HELD_QUEUE)
 #: Jobs claimed per round trip.
 BATCH = 50
 #: The claim's lease (ms): recorded, never enforced (nothing reaps in the bare loop).
@@ -139,6 +155,48 @@ if type(reply) == 'table' and reply.err then
 end
 return n
 """
+
+# The least at-least-once hand-off's scripts. KEYS: HELD_JOBS, HELD_IDLE, HELD_LEASES,
+# HELD_QUEUE (the same four for each).
+HAND_ENQUEUE_LUA = """#!lua
+-- enqueue: record the job ARGV[1] (spec ARGV[2]) once, and hand it to the first taker
+-- registered idle, held by it with a lease of ARGV[3] ms; nobody idle: it waits in KEYS[4]
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local w = redis.call('LPOP', KEYS[2])
+if not w then
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+  return 1
+end
+redis.call('HSET', 'jobqbench:{ref}:held:' .. w, ARGV[1], 1)
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + tonumber(ARGV[3]), w)
+redis.call('RPUSH', 'jobqbench:{ref}:hand:' .. w, ARGV[1] .. '\\n' .. ARGV[2])
+return 1
+"""
+HAND_IDLE_LUA = """#!lua
+-- taker ARGV[1] waits: a job waiting in KEYS[4] is handed to it at once (held, a lease of
+-- ARGV[2] ms), else it is registered idle (once)
+local w = ARGV[1]
+local id = redis.call('LPOP', KEYS[4])
+if not id then
+  redis.call('LREM', KEYS[2], 0, w)
+  redis.call('RPUSH', KEYS[2], w)
+  return 0
+end
+redis.call('HSET', 'jobqbench:{ref}:held:' .. w, id, 1)
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + tonumber(ARGV[2]), w)
+redis.call('RPUSH', 'jobqbench:{ref}:hand:' .. w, id .. '\\n' .. redis.call('HGET', KEYS[1], id))
+return 1
+"""
+HAND_ACK_LUA = """#!lua
+-- taker ARGV[1] ran job ARGV[2]: it is forgotten, and no longer held
+redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', 'jobqbench:{ref}:held:' .. ARGV[1], ARGV[2])
+return 1
+"""
+#: The four keys of the hand-off's scripts.
+_HELD_KEYS = (HELD_JOBS, HELD_IDLE, HELD_LEASES, HELD_QUEUE)
 
 
 def burn(n: int) -> int:
@@ -403,6 +461,82 @@ def _taker(url: str, reports: Any) -> None:
             if got[1] == "stop":
                 break
             conn.rpush(HANDOFF_OUT, (now - float(got[1])) * 1000)
+        reports.put(())
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        reports.put(f"{type(e).__name__}: {e}")
+
+
+def held_handoff(url: str, client: redis.Redis, *, workers: int, count: int,
+                 spacing: float) -> list[float]:
+    """The least at-least-once hand-off: ``count`` jobs enqueued ``spacing`` seconds apart,
+    each handed to one of ``workers`` forked processes registered idle (see the module's
+    docstring); returns each job's delay (ms), from the producer's clock before it made the
+    job to the taker's once it decoded it."""
+    names = [f"t{i}" for i in range(workers)]
+    mine = [*_HELD_KEYS, HANDOFF_OUT, *(HELD_OF + n for n in names),
+            *(HAND_OF + n for n in names)]
+    client.delete(*mine)
+    ctx = multiprocessing.get_context("fork")
+    reports: Any = ctx.Queue()
+    procs = [ctx.Process(target=_held_taker, args=(url, name, reports), daemon=True)
+             for name in names]
+    for p in procs:
+        p.start()
+    conn = connect(url).connection_pool.get_connection()
+    try:
+        enqueue = _load(conn, HAND_ENQUEUE_LUA)
+        for _ in range(workers):
+            _report(reports, procs)  # connected
+        deadline = time.monotonic() + STALL
+        while client.llen(HELD_IDLE) < workers:  # every taker registered idle
+            if time.monotonic() > deadline:
+                raise RuntimeError("bench: the hand-off's processes never registered")
+            time.sleep(0.005)
+        for _ in range(count):
+            now = time.time()
+            job_id = f"{int(now * 1000):011x}{os.urandom(7).hex()[:13]}"
+            spec = json.dumps({"t": "jobq.bench:latency", "a": [now]}, separators=(",", ":"))
+            conn.send_command("EVALSHA", enqueue, len(_HELD_KEYS), *_HELD_KEYS, job_id, spec,
+                              LEASE_MS)
+            conn.read_response()
+            time.sleep(spacing)
+        for name in names:
+            client.rpush(HAND_OF + name, "-\nstop")
+        for _ in range(workers):
+            _report(reports, procs)
+        return [float(d) for d in client.lrange(HANDOFF_OUT, 0, -1)]
+    finally:
+        conn.disconnect()
+        _join(procs)
+        client.delete(*mine)
+
+
+def _held_taker(url: str, name: str, reports: Any) -> None:
+    """One process of the least at-least-once hand-off."""
+    try:
+        client = connect(url)
+        idle, ack = client.script_load(HAND_IDLE_LUA), client.script_load(HAND_ACK_LUA)
+        hand = HAND_OF + name
+        parent = os.getppid()
+        reports.put(())
+        while os.getppid() == parent:  # the bench is gone: do not linger
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(idle, len(_HELD_KEYS), *_HELD_KEYS, name, LEASE_MS)
+            pipe.blpop([hand], timeout=1)
+            got = pipe.execute()[1]
+            if got is None:
+                continue
+            job_id, spec = got[1].split("\n", 1)
+            if spec == "stop":
+                break
+            sent = json.loads(spec)["a"][0]
+            delay = (time.time() - sent) * 1000
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(ack, len(_HELD_KEYS), *_HELD_KEYS, name, job_id)
+            pipe.rpush(HANDOFF_OUT, delay)
+            pipe.execute()
         reports.put(())
     except KeyboardInterrupt:
         pass

@@ -35,8 +35,10 @@ KEYS = {
     "incr": VERSUS_BARE,
     "cpu": {"jobs_per_s", "pool_jobs_per_s", "efficiency", "server_us_per_job",
             "bare_jobs_per_s", "bare_efficiency", "jobs_per_s_ratio"},
-    "latency": {f"{side}{q}_ms" for side in ("", "bare_") for q in ("p50", "p90", "p99", "max")}
-    | {"first_ms", "rtt_ms", "p50_ms_ratio", "p99_ms_ratio"},
+    "latency": {f"{side}{q}_ms" for side in ("", "bare_", "floor_")
+                for q in ("p50", "p90", "p99", "max")}
+    | {"first_ms", "rtt_ms", "p50_ms_ratio", "p99_ms_ratio", "p50_ms_vs_floor",
+       "p99_ms_vs_floor"},
     "delayed": {f"{phase}_{q}_ms" for phase in ("idle", "busy")
                 for q in ("p50", "p90", "p99", "max")},
     "enqueue": {"single_per_s", "bulk_per_s", "rtt_per_s", "single_per_s_ratio",
@@ -80,7 +82,8 @@ def test_every_scenario_reports_its_figures(redis_url: str) -> None:
     latency = next(r for r in lines if r["scenario"] == "latency")
     assert latency["first_ms"] <= latency["max_ms"]  # the first job is one of those observed
     delayed = next(r for r in lines if r["scenario"] == "delayed")
-    for r, prefix in ((latency, ""), (latency, "bare_"), (delayed, "idle_"), (delayed, "busy_")):
+    for r, prefix in ((latency, ""), (latency, "bare_"), (latency, "floor_"), (delayed, "idle_"),
+                      (delayed, "busy_")):
         p50, p90, p99, most = (r[f"{prefix}{q}_ms"] for q in ("p50", "p90", "p99", "max"))
         assert p50 <= p90 <= p99 <= most, prefix
 
@@ -183,6 +186,18 @@ def test_the_bare_handoff_times_every_push(redis_url: str) -> None:
     delays = benchref.handoff(redis_url, client, workers=2, count=30, spacing=0.002)
     assert len(delays) == 30 and all(d > 0 for d in delays)
     assert set(client.keys("*")) == {"user:data"}  # its lists are gone
+
+
+def test_the_least_at_least_once_handoff_records_hands_and_acknowledges_every_job(
+        redis_url: str) -> None:
+    client = connect(redis_url)
+    client.set("user:data", "kept")
+    calls = client.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0)
+    delays = benchref.held_handoff(redis_url, client, workers=2, count=30, spacing=0.002)
+    assert len(delays) == 30 and all(d > 0 for d in delays)
+    # each job recorded once; its keys are gone after (acknowledged, then deleted)
+    assert client.info("commandstats")["cmdstat_hsetnx"]["calls"] - calls == 30
+    assert set(client.keys("*")) == {"user:data"}
 
 
 def test_round_trips_are_counted(redis_url: str) -> None:
