@@ -477,6 +477,24 @@ class Broker:
         with ack.lua and claim up to ``want`` jobs from ``queues`` with claim.lua. ``token``
         names the batch of acks: sent again with the same token (its reply was lost), a
         batch settled already is skipped, not reported stale."""
+        calls = self._exchange_calls(worker, acks, queues, want, now, token)
+        if not calls:
+            return Exchanged([], [])
+        return self._exchanged(self.scripts.run_many(calls), bool(acks), want)
+
+    def send_exchange(self, worker: str, acks: Sequence[Any], queues: Sequence[str],
+                      want: int, *, token: str = "") -> None:
+        """:meth:`exchange`, sent without waiting for its reply: :meth:`read_exchange`
+        reads it (with the same ``acks`` and ``want``); nothing else may use the scripts'
+        connection in between."""
+        self.scripts.send_many(self._exchange_calls(worker, acks, queues, want, None, token))
+
+    def read_exchange(self, acks: Sequence[Any], want: int) -> Exchanged:
+        return self._exchanged(self.scripts.read_many(), bool(acks), want)
+
+    def _exchange_calls(self, worker: str, acks: Sequence[Any], queues: Sequence[str],
+                        want: int, now: float | None,
+                        token: str) -> list[tuple[str, list[str], list[Any]]]:
         now = time.time() if now is None else now
         calls: list[tuple[str, list[str], list[Any]]] = []
         if acks:
@@ -485,9 +503,10 @@ class Broker:
         if want:
             calls.append(("claim", [self.keys.jobs],
                           [self.keys.base, worker, self.lease_ms, want, *queues]))
-        if not calls:
-            return Exchanged([], [])
-        replies = self.scripts.run_many(calls)
+        return calls
+
+    @staticmethod
+    def _exchanged(replies: list[Any], acks: bool, want: int) -> Exchanged:
         stale = [str(i) for i in replies[0]] if acks else []
         claimed: list[Claimed] = []
         keep_time = None

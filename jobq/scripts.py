@@ -162,6 +162,8 @@ class Scripts:
         self._pid = 0
         #: scripts this connection's server is known to hold (see :meth:`run_many`)
         self._loaded: set[str] = set()
+        #: calls sent by :meth:`send_many` whose replies are not read yet
+        self._pending: list[tuple[str, list[str], list[Any]]] | None = None
         self._source: dict[str, str] = {}
         self._sha: dict[str, str] = {}
         for name in NAMES:
@@ -202,43 +204,83 @@ class Scripts:
         with self._lock:
             conn = self._connection()
             try:
-                if len(calls) > 1:
-                    self._load(conn, {name for name, _, _ in calls} - self._loaded)
-                commands = [("EVALSHA", self._sha[name], len(keys), *keys, *args)
-                            for name, keys, args in calls]
-                if then:
-                    commands.append(then)
-                conn.send_packed_command(pack(conn, commands))
+                self._send(conn, calls, then)
                 if spin:
                     deadline = time.perf_counter() + spin
                     while not conn.can_read(timeout=0) and time.perf_counter() < deadline:
                         # give our core to the server if it is waiting for one (it is, when
                         # the workers keep every core busy): no core is taken from a job
                         os.sched_yield()
-                replies: list[Any] = []
-                unknown = []
-                for i in range(len(calls)):
-                    try:
-                        replies.append(conn.read_response())
-                    except NoScriptError:  # a restarted server: nothing ran, send the source
-                        replies.append(None)
-                        unknown.append(i)
-                if unknown:
-                    self._loaded.clear()  # the server lost its scripts (flushed, restarted)
-                if then:
-                    replies.append(conn.read_response())
-                for i in unknown:
-                    name, keys, args = calls[i]
-                    conn.send_command("EVAL", self._source[name], len(keys), *keys, *args)
-                    replies[i] = conn.read_response()
-                if then and unknown:
-                    conn.send_command(*then)
-                    replies[-1] = conn.read_response()
-                return replies
+                return self._read(conn, calls, then)
             except BaseException:
-                conn.disconnect()  # a reply may be half read: never reuse this socket as is
-                self._loaded.clear()  # it may reconnect to a server that lost its scripts
+                self._lost(conn)
                 raise
+
+    def send_many(self, calls: list[tuple[str, list[str], list[Any]]]) -> None:
+        """Send script calls as :meth:`run_many` does, without waiting for their replies:
+        :meth:`read_many` reads them, and nothing else is sent on this connection until it
+        has. A worker sends its next exchange so while it still runs jobs."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                self._send(conn, calls, ())
+            except BaseException:
+                self._lost(conn)
+                raise
+            self._pending = calls
+
+    def read_many(self) -> list[Any]:
+        """The replies of the calls :meth:`send_many` sent, in order."""
+        with self._lock:
+            calls, self._pending = self._pending, None
+            if calls is None:
+                raise RuntimeError("no script calls were sent to read the replies of")
+            conn = self._connection()
+            try:
+                return self._read(conn, calls, ())
+            except BaseException:
+                self._lost(conn)
+                raise
+
+    def _send(self, conn: Any, calls: list[tuple[str, list[str], list[Any]]],
+              then: tuple[Any, ...]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("the replies of script calls sent before are not read yet")
+        if len(calls) > 1:
+            self._load(conn, {name for name, _, _ in calls} - self._loaded)
+        commands = [("EVALSHA", self._sha[name], len(keys), *keys, *args)
+                    for name, keys, args in calls]
+        if then:
+            commands.append(then)
+        conn.send_packed_command(pack(conn, commands))
+
+    def _read(self, conn: Any, calls: list[tuple[str, list[str], list[Any]]],
+              then: tuple[Any, ...]) -> list[Any]:
+        replies: list[Any] = []
+        unknown = []
+        for i in range(len(calls)):
+            try:
+                replies.append(conn.read_response())
+            except NoScriptError:  # a restarted server: nothing ran, send the source
+                replies.append(None)
+                unknown.append(i)
+        if unknown:
+            self._loaded.clear()  # the server lost its scripts (flushed, restarted)
+        if then:
+            replies.append(conn.read_response())
+        for i in unknown:
+            name, keys, args = calls[i]
+            conn.send_command("EVAL", self._source[name], len(keys), *keys, *args)
+            replies[i] = conn.read_response()
+        if then and unknown:
+            conn.send_command(*then)
+            replies[-1] = conn.read_response()
+        return replies
+
+    def _lost(self, conn: Any) -> None:
+        conn.disconnect()  # a reply may be half read: never reuse this socket as is
+        self._loaded.clear()  # it may reconnect to a server that lost its scripts
+        self._pending = None  # their replies went with the socket
 
     def _load(self, conn: Any, names: set[str]) -> None:
         """SCRIPT LOAD ``names`` in one round trip (a no-op for scripts the server holds)."""
@@ -256,6 +298,7 @@ class Scripts:
             self._conn = self.client.connection_pool.get_connection()  # kept, never released
             self._pid = os.getpid()
             self._loaded = set()
+            self._pending = None
         return self._conn
 
     def queue_sha(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:

@@ -12,7 +12,10 @@ time (tests/test_slots.py races a writer against a reader).
 Each slot also has an *ack journal*: the worker batches the acknowledgements of short jobs
 (sent to Redis every few milliseconds), and writes each one here first. When a worker dies,
 the master sends the acknowledgements it had not sent yet, so a job that finished is not run
-again: only the job that was running when the worker died is.
+again: only the job that was running when the worker died is. The journal has two halves: a
+worker that sends a batch while it goes on running jobs (jobq.worker_loop) journals the new
+acknowledgements in one half while the other holds those sent, until the server confirms
+them; the master sends what both hold (ack.lua skips what was settled already).
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ READ_SPINS = 100
 READ_PATIENCE = 0.005
 #: A cancel target: length byte + job id.
 CANCEL_SIZE = 65
-#: The ack journal of a slot: header (entry count, bytes used), then length-prefixed entries.
+#: The ack journal of a slot: two halves, each a header (entry count and bytes used, in one
+#: aligned 8-byte word, stored at once: a worker killed at any point leaves it whole), then
+#: length-prefixed entries.
 JOURNAL_SIZE = 256 * 1024
-_JOURNAL_HEAD = struct.Struct("<II")
+_HALF = JOURNAL_SIZE // 2
+_HEAD = 8
 _ENTRY_LEN = struct.Struct("<I")
 #: Separates the fields of a journal entry (JSON text never holds a raw one: it escapes it).
 _SEP = "\x1f"
@@ -72,8 +78,7 @@ class SlotTable:
         self.capacity = capacity
         # the workers' slots, one cancel target per slot (written by the master only), then
         # one ack journal per slot (pages are only touched, so only resident, when used)
-        self.mem = mmap.mmap(-1, (SIZE + CANCEL_SIZE + JOURNAL_SIZE) * capacity,
-                             flags=mmap.MAP_SHARED)
+        self.mem = mmap.mmap(-1, self._journal_offset(capacity), flags=mmap.MAP_SHARED)
         # the sequences, as words: slot i's is item i * SIZE // 8 (SIZE is a multiple of 8)
         self._seqs = memoryview(self.mem)[:SIZE * capacity].cast("Q")
 
@@ -87,26 +92,29 @@ class SlotTable:
         return self.capacity * SIZE + index * CANCEL_SIZE
 
     def _journal_offset(self, index: int) -> int:
-        return self.capacity * (SIZE + CANCEL_SIZE) + index * JOURNAL_SIZE
+        base = self.capacity * (SIZE + CANCEL_SIZE)
+        return base + -base % _HEAD + index * JOURNAL_SIZE  # its headers 8-byte aligned
 
     def unsent_acks(self, index: int) -> list[list[str]]:
-        """The acknowledgements a (dead) worker had journaled but not sent to Redis, each as
-        its fields (:meth:`jobq.wire.AckEntry.from_fields` reads them back)."""
-        offset = self._journal_offset(index)
-        count, used = _JOURNAL_HEAD.unpack_from(self.mem, offset)
+        """The acknowledgements a (dead) worker had journaled and the server had not
+        confirmed, both halves, each as its fields (:meth:`jobq.wire.AckEntry.from_fields`
+        reads them back)."""
         entries: list[list[str]] = []
-        pos = offset + _JOURNAL_HEAD.size
-        end = pos + min(used, JOURNAL_SIZE - _JOURNAL_HEAD.size)
-        for _ in range(count):
-            if pos + _ENTRY_LEN.size > end:
-                break
-            (n,) = _ENTRY_LEN.unpack_from(self.mem, pos)
-            pos += _ENTRY_LEN.size
-            if pos + n > end:
-                break
-            fields = bytes(self.mem[pos:pos + n]).decode(errors="replace").split(_SEP)
-            pos += n
-            entries.append(fields)
+        for half in range(2):
+            start = self._journal_offset(index) + half * _HALF
+            count, used = _unhead(memoryview(self.mem)[start:start + _HEAD].cast("Q")[0])
+            pos = start + _HEAD
+            end = pos + min(used, _HALF - _HEAD)
+            for _ in range(count):
+                if pos + _ENTRY_LEN.size > end:
+                    break
+                (n,) = _ENTRY_LEN.unpack_from(self.mem, pos)
+                pos += _ENTRY_LEN.size
+                if pos + n > end:
+                    break
+                entries.append(bytes(self.mem[pos:pos + n]).decode(errors="replace")
+                               .split(_SEP))
+                pos += n
         return entries
 
     def set_cancel(self, index: int, job_id: str) -> None:
@@ -146,14 +154,16 @@ class SlotTable:
     def clear(self, index: int) -> None:
         Slot(self.mem, index * SIZE).write(FREE, 0, 0, 0.0, 0.0, 0.0, b"", b"")
         self.set_cancel(index, "")
-        _JOURNAL_HEAD.pack_into(self.mem, self._journal_offset(index), 0, 0)
+        for half in range(2):
+            start = self._journal_offset(index) + half * _HALF
+            memoryview(self.mem)[start:start + _HEAD].cast("Q")[0] = 0
 
 
 class Slot:
     """The worker's end of one slot."""
 
     __slots__ = ("mem", "offset", "cancel_offset", "journal", "pid", "jobs_done", "_seq",
-                 "_seqs", "_count", "_used")
+                 "_seqs", "_count", "_used", "_half", "_heads")
 
     def __init__(self, mem: mmap.mmap, offset: int, cancel_offset: int = -1,
                  journal: int = -1) -> None:
@@ -161,7 +171,12 @@ class Slot:
         self.offset = offset
         self.cancel_offset = cancel_offset
         self.journal = journal
-        self._count = self._used = 0
+        #: the half new acknowledgements go to; its entries and bytes; the halves' headers
+        self._half = 0
+        self._count = [0, 0]
+        self._used = [0, 0]
+        self._heads = [memoryview(mem)[h:h + _HEAD].cast("Q")
+                       for h in (journal, journal + _HALF)] if journal >= 0 else []
         self.pid = 0
         self.jobs_done = 0
         self._seqs = memoryview(mem)[offset:offset + 8].cast("Q")
@@ -200,28 +215,50 @@ class Slot:
             errors="replace")
 
     def journal_ack(self, fields: Sequence[object]) -> bool:
-        """Record an acknowledgement not yet sent; False when the journal is full (the worker
-        then sends its acknowledgements at once)."""
+        """Record an acknowledgement not yet sent, in the current half; False when it is full
+        (the worker then sends its acknowledgements at once)."""
         if self.journal < 0:
             return True
         data = _SEP.join(map(str, fields)).encode()
-        start = self.journal + _JOURNAL_HEAD.size + self._used
-        if self._used + _ENTRY_LEN.size + len(data) > JOURNAL_SIZE - _JOURNAL_HEAD.size:
+        h = self._half
+        used = self._used[h]
+        if used + _ENTRY_LEN.size + len(data) > _HALF - _HEAD:
             return False
+        start = self.journal + h * _HALF + _HEAD + used
         _ENTRY_LEN.pack_into(self.mem, start, len(data))
         self.mem[start + _ENTRY_LEN.size:start + _ENTRY_LEN.size + len(data)] = data
-        self._used += _ENTRY_LEN.size + len(data)
-        self._count += 1
+        self._used[h] = used = used + _ENTRY_LEN.size + len(data)
+        self._count[h] = count = self._count[h] + 1
         # the entry is complete before the header counts it (one 8-byte store)
-        _JOURNAL_HEAD.pack_into(self.mem, self.journal, self._count, self._used)
+        self._heads[h][0] = count | used << 32
         return True
 
+    def journal_switch(self) -> int:
+        """The current half's acknowledgements are being sent: new ones go to the other half
+        (empty: what it held was confirmed). Returns the half sent, to settle once the server
+        confirms it (:meth:`journal_settled`)."""
+        sent = self._half
+        if self.journal >= 0:
+            assert not self._count[1 - sent], "the other half holds unconfirmed acks"
+        self._half = 1 - sent
+        return sent
+
+    def journal_settled(self, half: int) -> None:
+        """The server confirmed the acknowledgements of ``half``: forget them."""
+        if self.journal >= 0 and self._count[half]:
+            self._heads[half][0] = 0  # one store: the master sees all of them or none
+            self._count[half] = self._used[half] = 0
+
     def journal_sent(self) -> None:
-        """The journaled acknowledgements reached Redis: forget them."""
-        if self.journal >= 0 and self._count:
-            self._count = self._used = 0
-            _JOURNAL_HEAD.pack_into(self.mem, self.journal, 0, 0)
+        """Every journaled acknowledgement reached Redis: forget them all."""
+        self.journal_settled(0)
+        self.journal_settled(1)
 
     def fail_boot(self, message: str) -> None:
         self.write(EXITING, self.pid, 0, time.time(), 0.0, 0.0, b"",
                    message.encode(errors="replace")[:200])
+
+
+def _unhead(word: int) -> tuple[int, int]:
+    """A journal half's header word: (entries, bytes used)."""
+    return word & 0xFFFFFFFF, word >> 32

@@ -13,7 +13,10 @@ The loop, for a worker on queues ``high,default``::
 
 Short jobs are claimed in batches and acknowledged in batches (their results become
 visible within ``FLUSH_INTERVAL``); long jobs one at a time, so that no worker holds
-unstarted jobs while another idles. Under a master the worker reports the job it runs in
+unstarted jobs while another idles. With short jobs the next exchange is sent ahead, once a
+quarter of the batch ran, and its reply read when the batch is done: the server works on it
+while the worker runs the rest (the acks it carries stay in their half of the journal until
+then; new ones go to the other half). Under a master the worker reports the job it runs in
 shared memory (see :mod:`jobq.slots`) and the master renews its lease; alone (``jobq worker``)
 it renews the lease from a small thread.
 
@@ -39,7 +42,7 @@ import redis
 
 from . import catalog, context, serialization
 from . import log as jobq_log
-from .broker import Broker, Claimed, Released
+from .broker import Broker, Claimed, Exchanged, Released
 from .config import Config
 from .connection import connect, describe_error, unavailable
 from .exceptions import JobCancelled, JobTimeout, TaskNotAllowed
@@ -62,6 +65,9 @@ _new = tuple.__new__
 BATCH_TARGET = 0.004
 #: Most jobs claimed in one round trip.
 BATCH_MAX = 128
+#: A claimed batch of at least this many jobs sends its next exchange ahead, once one in
+#: AHEAD_AFTER of its jobs ran (see _send_ahead).
+AHEAD_MIN, AHEAD_AFTER = 8, 4
 #: Results of finished jobs are sent at the latest this long after the job ended (seconds).
 FLUSH_INTERVAL = 0.005
 #: A worker's title names the job it runs when its jobs take this long on average (s).
@@ -135,6 +141,13 @@ class Worker:
         self._title = ""
         self._next_housekeeping = 0.0
         self._resync = False  # look for jobs held by a claim whose reply was lost
+        #: the exchange sent ahead whose reply is not read yet: its acks, their token, their
+        #: journal half, the jobs it claims (see _send_ahead)
+        self._flight: tuple[list[Any], str, int, int] | None = None
+        #: exchanges sent ahead so far
+        self.sent_ahead = 0
+        #: send the next exchange ahead when this many jobs of the batch are left (-1: not)
+        self._ahead_at = -1
         self._lease_stop = threading.Event()
         self._trouble: Trouble | None = None  # the server cannot be used now
         self._epoch: str | None = None
@@ -160,13 +173,18 @@ class Worker:
                     break
                 if self.renew_leases and time.monotonic() >= self._next_housekeeping:
                     self._housekeep()
+                if not self._buffer and self._flight is not None:
+                    self._land()
                 if not self._buffer and not self._exchange():
                     if self.burst and not self._scheduled_work():
                         break
                     self._wait_for_work()
                     continue
                 self._run_one(self._buffer.popleft())
-                if self._acks and time.monotonic() - self._first_ack_at > FLUSH_INTERVAL:
+                if len(self._buffer) == self._ahead_at:
+                    self._send_ahead()
+                elif self._acks and self._flight is None and \
+                        time.monotonic() - self._first_ack_at > FLUSH_INTERVAL:
                     self._exchange(claim=False)
         finally:
             self._shutdown(lease_thread)
@@ -195,22 +213,100 @@ class Worker:
         return self.master_pid is not None and os.getppid() != self.master_pid
 
     def _exchange(self, claim: bool = True) -> bool:
-        """Send pending acks and (with ``claim``) claim the next batch, in one round trip.
+        """Send pending acks and (with ``claim``) claim the next batch, in one round trip,
+        after reading the reply of an exchange sent ahead, if there is one.
 
         A lost connection is retried with back-off until it comes back (or the worker is
         told to stop); acks are kept until they are through, so no result is dropped."""
+        if self._flight is not None:
+            self._land()
         if self._orphaned():
             self._stopping = True  # an orphan claims nothing new
             claim = False
-        want = min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6)))) if claim else 0
+        want = self._want() if claim else 0
+        got = self._call(self._acks, self._token(), want)
+        if got is None:  # see _call
+            self._acks = []
+            self._ack_token = None
+            return False
+        stale, claimed, keep_time = got
+        if self._acks:
+            self._sent(stale, None)
+            self._acks = []
+            self._ack_token = None
+        if not want:
+            return False
+        self._took(claimed, keep_time)
+        return bool(self._buffer)
+
+    def _send_ahead(self) -> None:
+        """Send the acks so far and the claim of the next batch while the rest of this batch
+        runs: the server works on them meanwhile, and the reply is read when the batch is
+        done (:meth:`_land`). The acks' journal entries stay in their half until then, new
+        ones go to the other: a worker killed meanwhile leaves both to its master, which
+        sends them (ack.lua skips what the server settled already)."""
+        self._ahead_at = -1
+        if self._stopping or self._orphaned():
+            return
+        want, token = self._want(), self._token()
+        try:
+            self.broker.send_exchange(self.name, self._acks, self.queues, want, token=token)
+        except redis.RedisError as exc:
+            if not unavailable(exc):
+                raise
+            self._resync = True  # the next exchange, a round trip of its own, waits it out
+            return
+        half = self.slot.journal_switch() if self.slot is not None else 0
+        self._flight = (self._acks, token, half, want)
+        self.sent_ahead += 1
+        self._acks = []
+        self._ack_token = None
+
+    def _land(self) -> None:
+        """Read the reply of the exchange sent ahead. Lost with the connection, whether the
+        server ran it is not known: its acks are sent again, alone and with their token (a
+        batch settled already is skipped, and answered as it was), and jobs that its claim
+        left held by us, unknown to us, are given back after the next claim
+        (:meth:`_give_back_orphans`)."""
+        assert self._flight is not None
+        acks, token, half, want = self._flight
+        self._flight = None
+        try:
+            stale, claimed, keep_time = self.broker.read_exchange(acks, want)
+        except redis.RedisError as exc:
+            if not unavailable(exc):
+                raise
+            self._in_trouble(exc)
+            self._resync = True
+            got = self._call(acks, token, 0)
+            if got is not None and acks:
+                self._sent(got.stale, half)
+            return
+        if acks:
+            self._sent(stale, half)
+        if want:
+            self._took(claimed, keep_time)
+
+    def _want(self) -> int:
+        """How many jobs to claim: about BATCH_TARGET of work, at the recent jobs' pace."""
+        return min(BATCH_MAX, max(1, int(BATCH_TARGET / max(self._avg, 1e-6))))
+
+    def _token(self) -> str:
+        """The token of the acks not sent yet (see ack.lua); "" when there are none."""
         if self._acks and self._ack_token is None:
             self._ack_batches += 1
             self._ack_token = f"{self._ack_prefix}.{self._ack_batches}"
+        return self._ack_token or ""
+
+    def _call(self, acks: list[Any], token: str, want: int) -> Exchanged | None:
+        """One exchange, tried again with back-off while the server cannot be used. None
+        when the worker gives up: told to stop with no acks to send, or orphaned (then it
+        stops: nobody can take its results, and its jobs come back when their lease lapses,
+        at-least-once)."""
         delay = RECONNECT_FIRST
         while True:
             try:
-                stale, claimed, keep_time = self.broker.exchange(
-                    self.name, self._acks, self.queues, want, token=self._ack_token or "")
+                got = self.broker.exchange(self.name, acks, self.queues, want, token=token)
                 break
             except redis.RedisError as exc:
                 if not unavailable(exc):
@@ -220,15 +316,11 @@ class Worker:
                 # are through; nothing new is claimed meanwhile (the call that would claim is
                 # the one that fails).
                 self._in_trouble(exc)
-                if self._stopping and not self._acks:
-                    return False
+                if self._stopping and not acks:
+                    return None
                 if self._orphaned():
-                    # our master is gone and the server too: nobody can take our results;
-                    # the jobs come back when their lease lapses (at-least-once)
                     self._stopping = True
-                    self._acks = []
-                    self._ack_token = None
-                    return False
+                    return None
                 if self.slot is not None:
                     self.slot.idle()  # waiting for the server is not hanging: keep beating
                 time.sleep(delay)
@@ -237,27 +329,35 @@ class Worker:
             self._trouble.over()
             self._trouble = None
             self._resync = True
-        if self._acks:
-            if stale and self._data_lost():
-                log.error("results of %d job(s) dropped: the server lost its data, and those "
-                          "jobs with it (%s)", len(stale), ", ".join(stale[:5]))
-            elif stale:
-                log.warning("results of %d job(s) dropped: given back when their lease "
-                            "lapsed, or deleted with their queue (%s)", len(stale),
-                            ", ".join(stale[:5]))
-            self._acks = []
-            self._ack_token = None
-            if self.tally is not None:  # counted once the server has their outcome
-                self.tally.publish()
-            if self.slot is not None:
+        return got
+
+    def _sent(self, stale: list[str], half: int | None) -> None:
+        """A batch of acks went through: say what it found stale, count it, and forget its
+        journal entries (those of ``half``, or all)."""
+        if stale and self._data_lost():
+            log.error("results of %d job(s) dropped: the server lost its data, and those "
+                      "jobs with it (%s)", len(stale), ", ".join(stale[:5]))
+        elif stale:
+            log.warning("results of %d job(s) dropped: given back when their lease "
+                        "lapsed, or deleted with their queue (%s)", len(stale),
+                        ", ".join(stale[:5]))
+        if self.tally is not None:  # counted once the server has their outcome
+            self.tally.publish()
+        if self.slot is not None:
+            if half is None:
                 self.slot.journal_sent()
-        if not want:
-            return False
+            else:
+                self.slot.journal_settled(half)
+
+    def _took(self, claimed: list[Claimed], keep_time: float | None) -> None:
+        """Jobs claimed: run them in turn; a batch large enough sends its next exchange
+        ahead."""
         self._keep_time = keep_time
         self._buffer.extend(claimed)
+        n = len(claimed)
+        self._ahead_at = n - n // AHEAD_AFTER if n >= AHEAD_MIN else -1
         if self._resync:
             self._give_back_orphans()
-        return bool(self._buffer)
 
     def _in_trouble(self, exc: BaseException) -> None:
         """The server cannot be used now: said once (and once a minute while it lasts), not
@@ -283,6 +383,8 @@ class Worker:
     def _announce(self) -> None:
         """Tell the task catalog what this worker can run (see :mod:`jobq.catalog`); tried
         again on the next pass while the server cannot take it."""
+        if self._flight is not None:
+            self._land()  # the scripts' connection is the exchanges'
         try:
             entries = {name: info.to_json()
                        for name, info in self.resolver.describe(time.time()).items()}
@@ -297,9 +399,11 @@ class Worker:
     def _give_back_orphans(self) -> None:
         """After a lost connection: a claim the server ran but whose reply was lost left jobs
         held by us that we do not know of (redis-py or our loop sent the claim again). They
-        never started: give them back untouched."""
+        never started: give them back untouched. Jobs that ran and whose acks are not sent
+        yet are held too, and known."""
         try:
             known = {job_id for job_id, _, _, _ in self._buffer}
+            known.update(str(job_id) for job_id in self._acks[1::ACK_FIELDS])
             orphans = sorted(self.broker.held_ids(self.name) - known - {self._running or ""})
             if orphans:
                 n = self.broker.give_back(self.name, orphans)
@@ -312,6 +416,7 @@ class Worker:
     def _wait_for_work(self) -> None:
         """Block until a job is enqueued on one of our queues (or IDLE_TICK passes)."""
         signal.setitimer(signal.ITIMER_REAL, 0)  # the last job's alarm: not needed idle
+        self._ahead_at = -1
         if self.slot is not None:
             self.slot.idle()
         self._set_title("idle")
@@ -346,6 +451,8 @@ class Worker:
         """Without a master (so maybe without a scheduler), promote due retries and delayed
         jobs and give back the jobs of workers whose lease lapsed."""
         self._next_housekeeping = time.monotonic() + HOUSEKEEP_EVERY
+        if self._flight is not None:
+            self._land()  # the scripts' connection is the exchanges'
         try:
             self.broker.promote(time.time())
             for worker, released in self.broker.reap(HOUSEKEEP_EVERY):
@@ -509,6 +616,8 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
+            if self._flight is not None:
+                self._land()  # its jobs are given back with the others below
             if self._acks:
                 self._exchange(claim=False)
             # give back what was claimed (or handed to us) but not started: it runs

@@ -474,6 +474,42 @@ def chaos_die_mid_slot_write(key: str) -> str:
     return job_id
 
 
+def chaos_die_in_flight(key: str, when: str = "flight") -> str:
+    """Record the run; the first run at the moment ``when`` then SIGKILLs its worker. Later
+    runs return. "flight": the worker's next exchange is sent and its reply not read yet
+    (jobq.worker_loop: _send_ahead): acks sent but unconfirmed, acks after them, jobs claimed
+    unseen. "landed": an exchange sent ahead was read, and acks journaled while it flew are
+    not sent yet."""
+    from jobq import context
+
+    job_id = _chaos_mark(key)
+    worker = context.worker
+    if worker is None:
+        return job_id
+    now = (worker._flight is not None if when == "flight"
+           else worker.sent_ahead > 0 and worker._flight is None and bool(worker._acks))
+    if now and _redis().set(f"test:{key}:killed", job_id, nx=True):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job_id
+
+
+def chaos_cut_in_flight(key: str) -> str:
+    """Record the run; the first run that finds its worker's next exchange in flight cuts
+    the worker's connection under it (the reply is lost: did the server run it?). Later runs
+    return."""
+    import socket
+
+    from jobq import context
+
+    job_id = _chaos_mark(key)
+    worker = context.worker
+    if worker is not None and worker._flight is not None and \
+            _redis().set(f"test:{key}:cut", job_id, nx=True):
+        conn = worker.broker.scripts._conn
+        conn._sock.shutdown(socket.SHUT_RDWR)
+    return job_id
+
+
 # -- for test_limits.py ----------------------------------------------------------------------
 
 

@@ -396,6 +396,46 @@ def test_a_worker_killed_in_the_middle_of_writing_its_slot(
     assert t.lost == 0 and t.failed == 0 and t.twice_interrupted == 1, str(t)
 
 
+@pytest.mark.parametrize("when", ["flight", "landed"])
+def test_a_worker_killed_around_an_exchange_sent_ahead(
+        queue: JobQueue, r: redis.Redis, masters: Masters, when: str) -> None:
+    """Short jobs: a worker sends its next exchange (acks, and the claim of the next batch)
+    while it runs the rest of a batch. SIGKILLed while it flies, it leaves acks sent but
+    unconfirmed (one half of its journal), acks after them (the other half), jobs it claimed
+    unstarted, and jobs the exchange's claim may have taken unseen; SIGKILLed after its
+    reply was read, the acks journaled meanwhile. Every job runs, and only the one the
+    worker was running runs twice."""
+    master = masters.start(workers=1)
+    k = new_key()
+    ids = [j.id for j in queue.enqueue_many(tasks.chaos_die_in_flight, [(k, when)] * 600)]
+    finished = wait_finished(r, ids, 60)
+    t = tally(r, ids, k)
+    killed = r.get(f"test:{k}:killed")
+    report(f"worker SIGKILLed around an exchange sent ahead ({when}; 600 short jobs)", 1, t,
+           None)
+    assert killed, "no job ran with an exchange in flight: nothing was tested"
+    assert finished and master.poll() is None, masters.log()[-3000:]
+    assert t.lost == 0 and t.failed == 0, str(t)
+    assert t.twice_ids == [killed] and t.twice_interrupted == 1, str(t)
+    assert "Traceback" not in masters.log(), masters.log()[-3000:]
+
+
+def test_a_connection_cut_with_the_next_exchange_in_flight(
+        queue: JobQueue, r: redis.Redis, masters: Masters) -> None:
+    """The reply of an exchange sent ahead is lost with the connection: its acks are sent
+    again with their token, and what its claim took unseen is given back. Every job runs once."""
+    master = masters.start(workers=1)
+    k = new_key()
+    ids = [j.id for j in queue.enqueue_many(tasks.chaos_cut_in_flight, [(k,)] * 600)]
+    finished = wait_finished(r, ids, 60)
+    t = tally(r, ids, k)
+    report("connection cut with the next exchange in flight (600 short jobs)", 0, t, None)
+    assert r.get(f"test:{k}:cut"), "no job ran with an exchange in flight: nothing was tested"
+    assert finished and master.poll() is None, masters.log()[-3000:]
+    assert t.lost == 0 and t.failed == 0 and t.twice == 0, str(t)
+    assert "Traceback" not in masters.log(), masters.log()[-3000:]
+
+
 # == 2. kill -9 the whole master tree, start a new master ======================================
 
 def test_kill_9_the_whole_master_tree_then_a_new_master(

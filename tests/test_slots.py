@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from jobq.slots import BUSY, IDLE, SlotTable, SlotView
 
 
@@ -61,3 +63,39 @@ def test_a_slot_read_while_its_worker_writes_is_always_one_whole_write() -> None
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(ready_r)
+
+
+def test_the_ack_journal_keeps_the_half_sent_until_it_is_settled() -> None:
+    """A worker sends the acks of one half while it journals new ones in the other: its
+    master reads both until the server confirmed the half sent."""
+    table = SlotTable(2)
+    slot = table.slot(1)
+    assert slot.journal_ack(["done", "a", "q", 0, 300, "{}", ""])
+    sent = slot.journal_switch()  # "a" is on its way to the server
+    assert slot.journal_ack(["done", "b", "q", 0, 300, "{}", ""])
+    assert sorted(e[1] for e in table.unsent_acks(1)) == ["a", "b"]
+    assert table.unsent_acks(0) == []  # another slot's journal is its own
+    slot.journal_settled(sent)  # confirmed: only what came after is left
+    assert [e[1] for e in table.unsent_acks(1)] == ["b"]
+    sent = slot.journal_switch()
+    assert slot.journal_ack(["fail", "c", "q", 0, 300, "{}", ""])
+    # the half sent is settled before the next switch: never two batches in flight
+    with pytest.raises(AssertionError):
+        slot.journal_switch()
+    slot.journal_sent()  # everything confirmed (a round trip of its own)
+    assert table.unsent_acks(1) == []
+    assert slot.journal_ack(["done", "d", "q", 0, 300, "{}", ""])
+    table.clear(1)
+    assert table.unsent_acks(1) == []
+
+
+def test_a_full_half_refuses_an_ack() -> None:
+    table = SlotTable(1)
+    slot = table.slot(0)
+    big = "x" * 60_000
+    assert slot.journal_ack(["done", "a", "q", 0, 300, big, ""])
+    assert slot.journal_ack(["done", "b", "q", 0, 300, big, ""])
+    assert not slot.journal_ack(["done", "c", "q", 0, 300, big, ""])  # the worker sends
+    slot.journal_switch()
+    assert slot.journal_ack(["done", "c", "q", 0, 300, big, ""])  # the other half is empty
+    assert [e[1] for e in table.unsent_acks(0)] == ["a", "b", "c"]

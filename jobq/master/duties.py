@@ -210,9 +210,10 @@ class Duties:
                 continue
             try:
                 if gone.acks:
-                    self.broker.send_acks(gone.name, gone.acks)
-                    log.info("sent %d acknowledgement(s) worker %s had not sent",
-                             len(gone.acks), gone.name)
+                    stale = self.broker.send_acks(gone.name, gone.acks)
+                    log.info("sent %d acknowledgement(s) worker %s had not seen settled "
+                             "(%d of them settled already, or no longer its)",
+                             len(gone.acks), gone.name, len(stale))
                     gone.acks = []
                 released = self.broker.release(gone.name, cause=gone.cause,
                                                current=gone.current, queues=gone.queues)
