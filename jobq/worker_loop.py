@@ -183,8 +183,10 @@ class Worker:
                 self._run_one(self._buffer.popleft())
                 if len(self._buffer) == self._ahead_at:
                     self._send_ahead()
-                elif self._acks and self._flight is None and \
+                elif self._acks and self._flight is None and self._ahead_at < 0 and \
                         time.monotonic() - self._first_ack_at > FLUSH_INTERVAL:
+                    # (with an exchange in flight, or one to send ahead in this batch, the
+                    # acks go with that one, a quarter of a batch later at the most)
                     self._exchange(claim=False)
         finally:
             self._shutdown(lease_thread)
