@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 import redis
 
 from .connection import connect
+from .job import new_id
 from .queue import REPLY_SPIN
 
 #: The bare loop's keys: ids waiting (score: order), ids claimed (score: lease end, ms),
@@ -157,37 +158,39 @@ return n
 """
 
 # The least at-least-once hand-off's scripts. KEYS: HELD_JOBS, HELD_IDLE, HELD_LEASES,
-# HELD_QUEUE (the same four for each).
-HAND_ENQUEUE_LUA = """#!lua
+# HELD_QUEUE (the same four for each). Both that hand a job over start with this:
+_HAND_LUA = """#!lua
+-- hand job id (spec) to taker w: held by it, with a lease of lease_ms, on its own list
+local function hand(w, id, spec, lease_ms)
+  redis.call('HSET', 'jobqbench:{ref}:held:' .. w, id, 1)
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + tonumber(lease_ms), w)
+  redis.call('RPUSH', 'jobqbench:{ref}:hand:' .. w, id .. '\\n' .. spec)
+end
+"""
+HAND_ENQUEUE_LUA = _HAND_LUA + """
 -- enqueue: record the job ARGV[1] (spec ARGV[2]) once, and hand it to the first taker
--- registered idle, held by it with a lease of ARGV[3] ms; nobody idle: it waits in KEYS[4]
+-- registered idle, with a lease of ARGV[3] ms; nobody idle: it waits in KEYS[4]
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local w = redis.call('LPOP', KEYS[2])
-if not w then
+if w then
+  hand(w, ARGV[1], ARGV[2], ARGV[3])
+else
   redis.call('RPUSH', KEYS[4], ARGV[1])
-  return 1
 end
-redis.call('HSET', 'jobqbench:{ref}:held:' .. w, ARGV[1], 1)
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + tonumber(ARGV[3]), w)
-redis.call('RPUSH', 'jobqbench:{ref}:hand:' .. w, ARGV[1] .. '\\n' .. ARGV[2])
 return 1
 """
-HAND_IDLE_LUA = """#!lua
--- taker ARGV[1] waits: a job waiting in KEYS[4] is handed to it at once (held, a lease of
--- ARGV[2] ms), else it is registered idle (once)
-local w = ARGV[1]
+HAND_IDLE_LUA = _HAND_LUA + """
+-- taker ARGV[1] waits: a job waiting in KEYS[4] is handed to it at once (a lease of ARGV[2]
+-- ms), else it is registered idle (once)
 local id = redis.call('LPOP', KEYS[4])
-if not id then
-  redis.call('LREM', KEYS[2], 0, w)
-  redis.call('RPUSH', KEYS[2], w)
-  return 0
+if id then
+  hand(ARGV[1], id, redis.call('HGET', KEYS[1], id), ARGV[2])
+  return 1
 end
-redis.call('HSET', 'jobqbench:{ref}:held:' .. w, id, 1)
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + tonumber(ARGV[2]), w)
-redis.call('RPUSH', 'jobqbench:{ref}:hand:' .. w, id .. '\\n' .. redis.call('HGET', KEYS[1], id))
-return 1
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 0
 """
 HAND_ACK_LUA = """#!lua
 -- taker ARGV[1] ran job ARGV[2]: it is forgotten, and no longer held
@@ -305,7 +308,7 @@ def _worker(url: str, task: str, size: int, batch: int, each: bool, go: Any,
     try:
         conn = connect(url).connection_pool.get_connection()  # its own socket
         claim_sha, ack_sha = _load(conn, CLAIM_LUA), _load(conn, ACK_LUA)
-        keep_sha = _load(conn, ACK_KEEP_LUA)
+        keep_sha = _load(conn, ACK_KEEP_LUA) if keep else ""
         run = _task(url, task, size)
         tasks = {json.loads(PAYLOAD)["t"]: run}  # the least real queue's: by name
         reports.put(())
@@ -496,7 +499,7 @@ def held_handoff(url: str, client: redis.Redis, *, workers: int, count: int,
             time.sleep(0.005)
         for _ in range(count):
             now = time.time()
-            job_id = f"{int(now * 1000):011x}{os.urandom(7).hex()[:13]}"
+            job_id = new_id()
             spec = json.dumps({"t": "jobq.bench:latency", "a": [now]}, separators=(",", ":"))
             conn.send_command("EVALSHA", enqueue, len(_HELD_KEYS), *_HELD_KEYS, job_id, spec,
                               LEASE_MS)
